@@ -1,0 +1,399 @@
+//! The local gRPC API on the agent's unix socket. This is the edge where wire messages are
+//! parsed into weft's types and [`ApiError`]s become gRPC statuses with an error reason.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::{Code, Request, Response, Status};
+use tracing::{debug, error};
+use weft_api::v1::{self, ErrorReason, agent_server::AgentServer};
+
+use crate::addr::AddrRequest;
+use crate::daemon::Agent;
+use crate::endpoints::record::{EndpointRecord, Kind, PodRef};
+use crate::endpoints::state::{AttachReserve, CniReserve};
+use crate::endpoints::{CniAdd, CniAdded};
+use crate::error::ApiError;
+use crate::ipam::IpamError;
+
+/// Serves the API until the agent shuts down.
+pub async fn serve(agent: Arc<Agent>, listener: UnixListener) {
+    let shutdown = agent.shutdown.clone();
+    let svc = AgentServer::new(Service { agent }).max_decoding_message_size(4 << 20);
+    let result = tonic::transport::Server::builder()
+        .add_service(svc)
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown.cancelled())
+        .await;
+    if let Err(e) = result {
+        error!(error = %e, "local API server failed");
+        shutdown.cancel();
+    }
+}
+
+#[derive(Debug)]
+struct Service {
+    agent: Arc<Agent>,
+}
+
+fn status(code: Code, reason: ErrorReason, field: &str, e: &ApiError) -> Status {
+    weft_api::status_with_reason(code, e.to_string(), reason, field)
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Status {
+        use ErrorReason as R;
+        match &e {
+            ApiError::Ipam(IpamError::Exhausted(_)) => {
+                status(Code::ResourceExhausted, R::AddressExhausted, "addresses", &e)
+            }
+            ApiError::Ipam(IpamError::Conflict { .. } | IpamError::NotOwned(_)) => {
+                status(Code::AlreadyExists, R::AddressConflict, "addresses", &e)
+            }
+            ApiError::Ipam(_) => status(Code::InvalidArgument, R::InvalidRequest, "addresses", &e),
+            ApiError::Netns(_) => status(Code::InvalidArgument, R::NetnsInvalid, "netns", &e),
+            ApiError::Invalid { field, .. } => {
+                status(Code::InvalidArgument, R::InvalidRequest, field, &e)
+            }
+            ApiError::NotReady(_) => status(Code::Unavailable, R::NotReady, "", &e),
+            ApiError::Unknown(_) => status(Code::NotFound, R::EndpointUnknown, "", &e),
+            ApiError::CheckFailed(_) => status(Code::FailedPrecondition, R::CheckFailed, "", &e),
+            ApiError::InterfaceExists(_) => {
+                status(Code::AlreadyExists, R::InterfaceExists, "ifname", &e)
+            }
+            ApiError::Kernel(_) | ApiError::Store(_) => status(Code::Internal, R::Kernel, "", &e),
+            ApiError::Stopped => status(Code::Unavailable, R::NotReady, "", &e),
+        }
+    }
+}
+
+fn bad(field: &'static str, e: impl std::fmt::Display) -> ApiError {
+    ApiError::invalid(field, e.to_string())
+}
+
+fn parse_request(r: &v1::AddressRequest) -> Result<AddrRequest, ApiError> {
+    use v1::address_request::Kind as K;
+    match &r.kind {
+        None | Some(K::DefaultSubnet(_)) => Ok(AddrRequest::Default),
+        Some(K::Subnet(n)) => {
+            Ok(AddrRequest::Subnet(IpNet::try_from(n).map_err(|e| bad("addresses", e))?))
+        }
+        Some(K::StaticAddress(n)) => {
+            // Prefix 0 means "the prefix of its subnet"; IpNet allows /0 so the conversion works.
+            Ok(AddrRequest::Static(IpNet::try_from(n).map_err(|e| bad("addresses", e))?))
+        }
+    }
+}
+
+fn parse_requests(rs: &[v1::AddressRequest]) -> Result<Vec<AddrRequest>, ApiError> {
+    rs.iter().map(parse_request).collect()
+}
+
+fn path(field: &'static str, s: &str) -> Result<PathBuf, ApiError> {
+    if s.is_empty() {
+        return Err(bad(field, "is empty"));
+    }
+    let p = PathBuf::from(s);
+    if !p.is_absolute() {
+        return Err(bad(field, format!("{s} is not an absolute path")));
+    }
+    Ok(p)
+}
+
+fn endpoint_to_wire(r: &EndpointRecord) -> v1::Endpoint {
+    v1::Endpoint {
+        id: r.id.clone(),
+        kind: match r.kind {
+            Kind::Cni => v1::EndpointKind::Cni,
+            Kind::Attach => v1::EndpointKind::Attach,
+            Kind::Expose => v1::EndpointKind::Expose,
+        } as i32,
+        netns: r.netns.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+        ifname: r.ifname.clone(),
+        host_ifname: r.host_ifname.clone(),
+        mac: r.mac.map(|m| m.to_string()).unwrap_or_default(),
+        addresses: r.addresses.iter().map(|a| (*a).into()).collect(),
+        network: r.network.clone().unwrap_or_default(),
+        pod: r.pod.as_ref().map(|p| v1::PodRef {
+            namespace: p.namespace.clone(),
+            name: p.name.clone(),
+            uid: p.uid.clone(),
+        }),
+        hostname: r.hostname.clone().unwrap_or_default(),
+    }
+}
+
+fn add_reply(a: &CniAdded) -> v1::CniAddReply {
+    let rec = &a.record;
+    let gateway_for = |net: &IpNet| -> Option<IpAddr> {
+        rec.routes.iter().filter_map(|r| r.gateway).find(|gw| gw.is_ipv4() == net.addr().is_ipv4())
+    };
+    v1::CniAddReply {
+        host_ifname: rec.host_ifname.clone(),
+        host_mac: a.kernel.host_mac.to_string(),
+        container_ifname: rec.ifname.clone(),
+        container_mac: a.kernel.container_mac.to_string(),
+        mtu: rec.mtu,
+        ips: rec
+            .addresses
+            .iter()
+            .map(|n| v1::IpConfig {
+                address: Some((*n).into()),
+                gateway: gateway_for(n).map(Into::into),
+            })
+            .collect(),
+        routes: rec
+            .routes
+            .iter()
+            .map(|r| v1::Route {
+                destination: Some(r.destination.into()),
+                gateway: r.gateway.map(Into::into),
+            })
+            .collect(),
+    }
+}
+
+fn not_yet<T>(what: &str) -> Result<Response<T>, Status> {
+    Err(Status::unimplemented(format!("{what} is not available in this version of weft")))
+}
+
+impl Service {
+    /// Times a CNI command and counts its result.
+    async fn timed<T>(
+        &self,
+        command: &str,
+        f: impl Future<Output = Result<T, ApiError>>,
+    ) -> Result<T, Status> {
+        let start = Instant::now();
+        let r = f.await;
+        self.agent.metrics.observe_cni(command, r.is_ok(), start.elapsed().as_secs_f64());
+        if let Err(e) = &r {
+            debug!(command, error = %e, "CNI command failed");
+        }
+        r.map_err(Status::from)
+    }
+}
+
+#[tonic::async_trait]
+impl v1::agent_server::Agent for Service {
+    async fn hello(
+        &self,
+        _: Request<v1::HelloRequest>,
+    ) -> Result<Response<v1::HelloReply>, Status> {
+        let r = self.agent.ready.borrow().clone();
+        Ok(Response::new(v1::HelloReply {
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            api_revision: weft_api::API_REVISION,
+            ready: r.ready,
+            not_ready_reason: r.reason,
+            peer_name: self.agent.identity.name.to_string(),
+            nickname: self.agent.identity.nickname.clone(),
+            pid: std::process::id(),
+        }))
+    }
+
+    async fn cni_add(
+        &self,
+        req: Request<v1::CniAddRequest>,
+    ) -> Result<Response<v1::CniAddReply>, Status> {
+        let req = req.into_inner();
+        let work = async {
+            let options = req.options.unwrap_or_default();
+            let reserve = CniReserve {
+                container_id: req.container_id.clone(),
+                ifname: req.ifname.clone(),
+                netns: path("netns", &req.netns)?,
+                network: req.network.clone(),
+                mtu: (options.mtu > 0).then_some(options.mtu),
+                hairpin: options.hairpin,
+                pod: req.pod.map(|p| PodRef { namespace: p.namespace, name: p.name, uid: p.uid }),
+                requests: parse_requests(&req.addresses)?,
+            };
+            if reserve.container_id.is_empty() {
+                return Err(bad("container_id", "is empty"));
+            }
+            let wait_ready = Duration::from_millis(u64::from(req.wait_ready_ms));
+            self.agent.endpoints.cni_add(CniAdd { reserve, wait_ready }).await
+        };
+        let added = self.timed("ADD", work).await?;
+        Ok(Response::new(add_reply(&added)))
+    }
+
+    async fn cni_del(
+        &self,
+        req: Request<v1::CniDelRequest>,
+    ) -> Result<Response<v1::CniDelReply>, Status> {
+        let req = req.into_inner();
+        let found =
+            self.timed("DEL", self.agent.endpoints.cni_del(&req.container_id, &req.ifname)).await?;
+        Ok(Response::new(v1::CniDelReply { found }))
+    }
+
+    async fn cni_check(
+        &self,
+        req: Request<v1::CniCheckRequest>,
+    ) -> Result<Response<v1::CniCheckReply>, Status> {
+        let req = req.into_inner();
+        let work = async {
+            let netns = path("netns", &req.netns)?;
+            let expected = req
+                .expected
+                .iter()
+                .map(IpNet::try_from)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| bad("expected", e))?;
+            self.agent.endpoints.cni_check(&req.container_id, &req.ifname, &netns, expected).await
+        };
+        self.timed("CHECK", work).await?;
+        Ok(Response::new(v1::CniCheckReply {}))
+    }
+
+    async fn cni_status(
+        &self,
+        _: Request<v1::CniStatusRequest>,
+    ) -> Result<Response<v1::CniStatusReply>, Status> {
+        let r = self.agent.ready.borrow().clone();
+        self.agent.metrics.observe_cni("STATUS", r.ready, 0.0);
+        Ok(Response::new(v1::CniStatusReply { ready: r.ready, reason: r.reason }))
+    }
+
+    async fn cni_gc(
+        &self,
+        req: Request<v1::CniGcRequest>,
+    ) -> Result<Response<v1::CniGcReply>, Status> {
+        let req = req.into_inner();
+        let valid: Vec<(String, String)> =
+            req.valid.into_iter().map(|a| (a.container_id, a.ifname)).collect();
+        let released = self.timed("GC", self.agent.endpoints.cni_gc(&req.network, &valid)).await?;
+        Ok(Response::new(v1::CniGcReply { released }))
+    }
+
+    async fn attach(
+        &self,
+        req: Request<v1::AttachRequest>,
+    ) -> Result<Response<v1::AttachReply>, Status> {
+        let req = req.into_inner();
+        let netns = path("netns", &req.netns).map_err(Status::from)?;
+        let reserve = AttachReserve {
+            id: if req.id.is_empty() { req.netns.clone() } else { req.id },
+            netns,
+            ifname: if req.ifname.is_empty() { "ethwe".to_owned() } else { req.ifname },
+            requests: parse_requests(&req.addresses).map_err(Status::from)?,
+            hostname: (!req.hostname.is_empty()).then_some(req.hostname),
+        };
+        let (rec, added) = self.agent.endpoints.attach(reserve).await?;
+        Ok(Response::new(v1::AttachReply {
+            endpoint: Some(endpoint_to_wire(&rec)),
+            added: added.into_iter().map(Into::into).collect(),
+        }))
+    }
+
+    async fn detach(
+        &self,
+        req: Request<v1::DetachRequest>,
+    ) -> Result<Response<v1::DetachReply>, Status> {
+        let req = req.into_inner();
+        let reqs = parse_requests(&req.addresses).map_err(Status::from)?;
+        let removed = self.agent.endpoints.detach(&req.id, reqs).await?;
+        Ok(Response::new(v1::DetachReply {
+            found: removed.is_some(),
+            removed: removed.unwrap_or_default().into_iter().map(Into::into).collect(),
+        }))
+    }
+
+    async fn list_endpoints(
+        &self,
+        _: Request<v1::ListEndpointsRequest>,
+    ) -> Result<Response<v1::ListEndpointsReply>, Status> {
+        let list = self.agent.endpoints.list().await?;
+        Ok(Response::new(v1::ListEndpointsReply {
+            endpoints: list.iter().map(endpoint_to_wire).collect(),
+        }))
+    }
+
+    async fn expose(
+        &self,
+        req: Request<v1::ExposeRequest>,
+    ) -> Result<Response<v1::ExposeReply>, Status> {
+        let reqs = parse_requests(&req.into_inner().addresses).map_err(Status::from)?;
+        let addrs = self.agent.endpoints.expose(reqs).await?;
+        Ok(Response::new(v1::ExposeReply {
+            addresses: addrs.into_iter().map(Into::into).collect(),
+        }))
+    }
+
+    async fn hide(&self, req: Request<v1::HideRequest>) -> Result<Response<v1::HideReply>, Status> {
+        let reqs = parse_requests(&req.into_inner().addresses).map_err(Status::from)?;
+        let removed = self.agent.endpoints.hide(reqs).await?;
+        Ok(Response::new(v1::HideReply { removed: removed.into_iter().map(Into::into).collect() }))
+    }
+
+    async fn connect(
+        &self,
+        _: Request<v1::ConnectRequest>,
+    ) -> Result<Response<v1::ConnectReply>, Status> {
+        not_yet("connect")
+    }
+
+    async fn forget(
+        &self,
+        _: Request<v1::ForgetRequest>,
+    ) -> Result<Response<v1::ForgetReply>, Status> {
+        not_yet("forget")
+    }
+
+    async fn rm_peer(
+        &self,
+        _: Request<v1::RmPeerRequest>,
+    ) -> Result<Response<v1::RmPeerReply>, Status> {
+        not_yet("rmpeer")
+    }
+
+    async fn prime(
+        &self,
+        _: Request<v1::PrimeRequest>,
+    ) -> Result<Response<v1::PrimeReply>, Status> {
+        Ok(Response::new(v1::PrimeReply {}))
+    }
+
+    async fn dns_add(
+        &self,
+        _: Request<v1::DnsAddRequest>,
+    ) -> Result<Response<v1::DnsAddReply>, Status> {
+        not_yet("dns-add")
+    }
+
+    async fn dns_remove(
+        &self,
+        _: Request<v1::DnsRemoveRequest>,
+    ) -> Result<Response<v1::DnsRemoveReply>, Status> {
+        not_yet("dns-remove")
+    }
+
+    async fn dns_lookup(
+        &self,
+        _: Request<v1::DnsLookupRequest>,
+    ) -> Result<Response<v1::DnsLookupReply>, Status> {
+        not_yet("dns-lookup")
+    }
+
+    async fn status(
+        &self,
+        _: Request<v1::StatusRequest>,
+    ) -> Result<Response<v1::StatusReply>, Status> {
+        let report = self.agent.report().await;
+        let json = serde_json::to_vec(&report).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(v1::StatusReply { report_json: json }))
+    }
+
+    async fn stop(&self, _: Request<v1::StopRequest>) -> Result<Response<v1::StopReply>, Status> {
+        tracing::info!("stop requested through the API");
+        // The server shuts down gracefully: this reply, already in flight, is still sent.
+        self.agent.shutdown.cancel();
+        Ok(Response::new(v1::StopReply {}))
+    }
+}

@@ -1,0 +1,212 @@
+//! The client verbs: each opens the agent's socket, makes one call, and prints the answer
+//! (a table for people, JSON with --json). Errors say what to do; their exit codes are
+//! assigned once, in `main`.
+
+use std::io::Write;
+use std::path::Path;
+
+use ipnet::IpNet;
+use weft_api::v1;
+use weft_api::{AgentClient, ConnectError};
+
+use super::render;
+use crate::addr::AddrRequest;
+use crate::status::report::Report;
+
+type Client = AgentClient<tonic::transport::Channel>;
+
+/// Why a verb failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("{0}")]
+    AgentDown(String),
+    #[error("{0}")]
+    Failed(String),
+    #[error("{0}")]
+    Usage(String),
+}
+
+impl CliError {
+    /// The process exit code: 1 failure, 2 usage, 3 agent not running.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Failed(_) => 1,
+            CliError::Usage(_) => 2,
+            CliError::AgentDown(_) => 3,
+        }
+    }
+}
+
+impl From<tonic::Status> for CliError {
+    fn from(s: tonic::Status) -> CliError {
+        CliError::Failed(s.message().to_owned())
+    }
+}
+
+fn io_err(e: std::io::Error) -> CliError {
+    CliError::Failed(format!("writing output: {e}"))
+}
+
+pub async fn connect(socket: &Path) -> Result<Client, CliError> {
+    weft_api::connect(socket).await.map_err(|e| match e {
+        ConnectError::AgentDown { path, .. } => CliError::AgentDown(format!(
+            "the weft agent is not running (nothing listens on {}); start it with `weft launch`",
+            path.display()
+        )),
+        other => CliError::Failed(other.to_string()),
+    })
+}
+
+fn to_wire(reqs: &[AddrRequest]) -> Vec<v1::AddressRequest> {
+    use v1::address_request::Kind;
+    reqs.iter()
+        .map(|r| v1::AddressRequest {
+            kind: Some(match r {
+                AddrRequest::Default => Kind::DefaultSubnet(v1::Empty {}),
+                AddrRequest::Subnet(n) => Kind::Subnet((*n).into()),
+                AddrRequest::Static(n) => Kind::StaticAddress((*n).into()),
+            }),
+        })
+        .collect()
+}
+
+fn nets(ns: &[v1::IpNetwork]) -> Vec<IpNet> {
+    ns.iter().filter_map(|n| IpNet::try_from(n).ok()).collect()
+}
+
+fn print_json(v: &impl serde::Serialize) -> Result<(), CliError> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, v).map_err(|e| CliError::Failed(e.to_string()))?;
+    writeln!(out).map_err(io_err)
+}
+
+fn print_lines(lines: impl IntoIterator<Item = String>) -> Result<(), CliError> {
+    let mut out = std::io::stdout().lock();
+    for l in lines {
+        writeln!(out, "{l}").map_err(io_err)?;
+    }
+    Ok(())
+}
+
+pub async fn report(socket: &Path) -> Result<Report, CliError> {
+    let mut c = connect(socket).await?;
+    let reply = c.status(v1::StatusRequest {}).await?.into_inner();
+    serde_json::from_slice(&reply.report_json)
+        .map_err(|e| CliError::Failed(format!("the agent sent an unreadable report: {e}")))
+}
+
+pub async fn status(socket: &Path, json: bool) -> Result<(), CliError> {
+    let r = report(socket).await?;
+    if json { print_json(&r) } else { print_lines(render::status(&r)) }
+}
+
+pub async fn ps(socket: &Path, json: bool) -> Result<(), CliError> {
+    let mut c = connect(socket).await?;
+    let list = c.list_endpoints(v1::ListEndpointsRequest {}).await?.into_inner().endpoints;
+    let rows: Vec<render::EndpointRow> = list
+        .iter()
+        .map(|e| render::EndpointRow {
+            id: e.id.clone(),
+            kind: match v1::EndpointKind::try_from(e.kind).unwrap_or_default() {
+                v1::EndpointKind::Cni => "cni",
+                v1::EndpointKind::Attach => "attach",
+                v1::EndpointKind::Expose => "expose",
+                v1::EndpointKind::Unspecified => "unknown",
+            }
+            .to_owned(),
+            mac: e.mac.clone(),
+            addresses: nets(&e.addresses),
+            netns: e.netns.clone(),
+            pod: e.pod.as_ref().map(|p| format!("{}/{}", p.namespace, p.name)),
+        })
+        .collect();
+    if json { print_json(&rows) } else { print_lines(render::ps(&rows)) }
+}
+
+#[derive(Debug)]
+pub struct AttachArgs<'a> {
+    pub addrs: &'a [AddrRequest],
+    pub netns: &'a Path,
+    pub ifname: &'a str,
+    pub id: Option<&'a str>,
+    pub name: Option<&'a str>,
+    pub json: bool,
+}
+
+pub async fn attach(socket: &Path, a: AttachArgs<'_>) -> Result<(), CliError> {
+    let netns =
+        std::path::absolute(a.netns).map_err(|e| CliError::Usage(format!("--netns: {e}")))?;
+    let mut c = connect(socket).await?;
+    let reply = c
+        .attach(v1::AttachRequest {
+            netns: netns.display().to_string(),
+            id: a.id.unwrap_or_default().to_owned(),
+            ifname: a.ifname.to_owned(),
+            addresses: to_wire(a.addrs),
+            hostname: a.name.unwrap_or_default().to_owned(),
+            multicast_route: false,
+        })
+        .await?
+        .into_inner();
+    let ep = reply.endpoint.unwrap_or_default();
+    let addrs = nets(&ep.addresses);
+    if a.json {
+        print_json(&addrs)
+    } else {
+        print_lines([addrs.iter().map(IpNet::to_string).collect::<Vec<_>>().join(" ")])
+    }
+}
+
+pub async fn detach(socket: &Path, id: String, addrs: &[AddrRequest]) -> Result<(), CliError> {
+    let mut c = connect(socket).await?;
+    let reply = c
+        .detach(v1::DetachRequest { id: id.clone(), addresses: to_wire(addrs) })
+        .await?
+        .into_inner();
+    if !reply.found {
+        return Err(CliError::Failed(format!("nothing is attached as {id}")));
+    }
+    print_lines(nets(&reply.removed).iter().map(IpNet::to_string))
+}
+
+pub async fn expose(socket: &Path, addrs: &[AddrRequest], json: bool) -> Result<(), CliError> {
+    let mut c = connect(socket).await?;
+    let reply = c
+        .expose(v1::ExposeRequest {
+            addresses: to_wire(addrs),
+            hostname: String::new(),
+            skip_masquerade: false,
+        })
+        .await?
+        .into_inner();
+    let exposed = nets(&reply.addresses);
+    if json { print_json(&exposed) } else { print_lines(exposed.iter().map(IpNet::to_string)) }
+}
+
+pub async fn hide(socket: &Path, addrs: &[AddrRequest]) -> Result<(), CliError> {
+    let mut c = connect(socket).await?;
+    let reply = c.hide(v1::HideRequest { addresses: to_wire(addrs) }).await?.into_inner();
+    print_lines(nets(&reply.removed).iter().map(IpNet::to_string))
+}
+
+pub async fn version(socket: &Path, json: bool) -> Result<(), CliError> {
+    let agent = match connect(socket).await {
+        Ok(mut c) => c.hello(v1::HelloRequest {}).await.ok().map(|r| r.into_inner()),
+        Err(_) => None,
+    };
+    let ours = env!("CARGO_PKG_VERSION");
+    if json {
+        let v = serde_json::json!({
+            "cli": ours,
+            "api_revision": weft_api::API_REVISION,
+            "agent": agent.as_ref().map(|a| a.agent_version.clone()),
+        });
+        return print_json(&v);
+    }
+    let mut lines = vec![format!("weft {ours} (local API revision {})", weft_api::API_REVISION)];
+    lines.push(match agent {
+        Some(a) => format!("agent {} (pid {}, peer {})", a.agent_version, a.pid, a.peer_name),
+        None => "agent not running".to_owned(),
+    });
+    print_lines(lines)
+}

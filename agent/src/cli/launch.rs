@@ -1,0 +1,176 @@
+//! `weft launch` and `weft stop`: run the agent as a background process of this host, with its
+//! pid and log in the state directory, and wait (bounded) for it to be ready or gone.
+
+use std::fs::OpenOptions;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use weft_api::v1;
+
+use super::client::{CliError, connect};
+
+pub const PID_FILE: &str = "weft.pid";
+pub const LOG_FILE: &str = "weft.log";
+
+fn failed(msg: impl Into<String>) -> CliError {
+    CliError::Failed(msg.into())
+}
+
+/// The argv of the agent: this invocation with `launch` replaced by `agent` and the
+/// launch-only flag removed.
+fn agent_argv(argv: &[String]) -> Vec<String> {
+    let mut out = Vec::with_capacity(argv.len());
+    let mut replaced = false;
+    let mut skip_next = false;
+    for a in argv.iter().skip(1) {
+        if skip_next {
+            skip_next = false;
+            continue;
+        }
+        if !replaced && a == "launch" {
+            out.push("agent".to_owned());
+            replaced = true;
+        } else if a == "--wait-seconds" {
+            skip_next = true;
+        } else if !a.starts_with("--wait-seconds=") {
+            out.push(a.clone());
+        }
+    }
+    out
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+fn alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks for existence and permission.
+    unsafe { libc::kill(pid, 0) == 0 }
+}
+
+/// Starts the agent in the background and waits until it answers ready.
+pub async fn launch(socket: &Path, state_dir: &Path, wait: Duration) -> Result<(), CliError> {
+    if let Ok(mut c) = connect(socket).await {
+        if let Ok(h) = c.hello(v1::HelloRequest {}).await {
+            let h = h.into_inner();
+            return Err(failed(format!(
+                "a weft agent is already running (pid {}, peer {}) on {}; `weft stop` first",
+                h.pid,
+                h.peer_name,
+                socket.display()
+            )));
+        }
+    }
+    std::fs::create_dir_all(state_dir)
+        .map_err(|e| failed(format!("creating {}: {e}", state_dir.display())))?;
+    let log_path = state_dir.join(LOG_FILE);
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| failed(format!("opening {}: {e}", log_path.display())))?;
+    let log2 = log.try_clone().map_err(|e| failed(e.to_string()))?;
+    let exe =
+        std::env::current_exe().map_err(|e| failed(format!("finding the weft binary: {e}")))?;
+    let argv: Vec<String> = std::env::args().collect();
+    let mut cmd = Command::new(exe);
+    cmd.args(agent_argv(&argv)).stdin(Stdio::null()).stdout(log).stderr(log2);
+    // SAFETY: setsid is async-signal-safe; it detaches the agent from our terminal/session.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| failed(format!("starting the agent: {e}")))?;
+    let pid = child.id();
+    let pid_path = state_dir.join(PID_FILE);
+    std::fs::write(&pid_path, format!("{pid}\n"))
+        .map_err(|e| failed(format!("writing {}: {e}", pid_path.display())))?;
+
+    let deadline = Instant::now() + wait;
+    let mut last_reason = String::from("starting");
+    while Instant::now() < deadline {
+        if let Ok(Some(exit)) = child.try_wait() {
+            return Err(failed(format!(
+                "the agent exited during start-up ({exit}); last lines of {}:\n{}",
+                log_path.display(),
+                tail(&log_path, 15)
+            )));
+        }
+        if let Ok(mut c) = connect(socket).await {
+            if let Ok(h) = c.hello(v1::HelloRequest {}).await {
+                let h = h.into_inner();
+                if h.ready {
+                    println_out(&h.peer_name);
+                    return Ok(());
+                }
+                last_reason = h.not_ready_reason;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(failed(format!(
+        "the agent (pid {pid}) is not ready after {}s ({last_reason}); see {}",
+        wait.as_secs(),
+        log_path.display()
+    )))
+}
+
+fn println_out(s: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout(), "{s}");
+}
+
+fn read_pid(state_dir: &Path) -> Option<i32> {
+    std::fs::read_to_string(state_dir.join(PID_FILE)).ok()?.trim().parse().ok()
+}
+
+/// Asks the agent to stop and waits until it is gone.
+pub async fn stop(socket: &Path, state_dir: &Path) -> Result<(), CliError> {
+    let mut c = match connect(socket).await {
+        Ok(c) => c,
+        Err(CliError::AgentDown(_)) => {
+            eprintln_out("weft agent is not running");
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    let pid = c.hello(v1::HelloRequest {}).await?.into_inner().pid as i32;
+    c.stop(v1::StopRequest { leave: false }).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if !alive(pid) {
+            if read_pid(state_dir) == Some(pid) {
+                let _ = std::fs::remove_file(state_dir.join(PID_FILE));
+            }
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(failed(format!("the agent (pid {pid}) did not stop within 30s")))
+}
+
+fn eprintln_out(s: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{s}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn launch_becomes_agent() {
+        let argv: Vec<String> =
+            ["weft", "--socket", "/x", "launch", "--wait-seconds", "5", "--bridge", "b", "launch"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+        assert_eq!(agent_argv(&argv), ["--socket", "/x", "agent", "--bridge", "b", "launch"]);
+    }
+}

@@ -1,0 +1,106 @@
+//! The `weft` command line: `weft agent` runs the daemon in the foreground, every other verb
+//! is a client of the running agent's unix socket (Weave's verbs, with the same meaning).
+
+pub mod client;
+pub mod launch;
+pub mod render;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::addr::AddrRequest;
+use crate::config::AgentArgs;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "weft",
+    version,
+    about = "weft: one flat virtual network for containers on many hosts (a successor to Weave Net)",
+    long_about = "weft connects containers and pods on many hosts into one virtual Ethernet network.\n\
+                  `weft launch` starts the per-host agent in the background (`weft agent` runs it in the\n\
+                  foreground); the other verbs talk to the running agent over its unix socket.",
+    after_help = "Addresses (ADDR) use Weave's syntax: 10.2.1.1/24 or ip:10.2.1.1/24 (exactly this address),\n\
+                  net:10.2.3.0/24 (any free address in that subnet), net:default (the default subnet)."
+)]
+pub struct Cli {
+    /// The agent's unix socket.
+    #[arg(long, global = true, env = "WEFT_SOCKET", default_value = weft_api::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the agent in the foreground (for systemd, Kubernetes, or debugging).
+    Agent(AgentArgs),
+    /// Start the agent in the background and wait until it is ready.
+    Launch {
+        #[command(flatten)]
+        args: AgentArgs,
+        /// How long to wait for the agent to become ready.
+        #[arg(long, default_value = "60")]
+        wait_seconds: u64,
+    },
+    /// Stop the agent (the network of running pods stays in place).
+    Stop {
+        /// The agent's state directory (to clean up its pid file).
+        #[arg(long, env = "WEFT_STATE_DIR", default_value = "/var/lib/weft")]
+        state_dir: PathBuf,
+    },
+    /// Show the agent's status.
+    Status {
+        /// Print the full report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the endpoints attached on this host with their addresses.
+    Ps {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Attach a network namespace (e.g. of a plain process) to the weft network.
+    Attach {
+        /// Addresses to give it; none means one address in the default subnet.
+        addrs: Vec<AddrRequest>,
+        /// Path of the network namespace (e.g. /run/netns/NAME or /proc/PID/ns/net).
+        #[arg(long)]
+        netns: PathBuf,
+        /// Interface name inside the namespace.
+        #[arg(long, default_value = "ethwe")]
+        ifname: String,
+        /// Endpoint id (default: the namespace path).
+        #[arg(long)]
+        id: Option<String>,
+        /// DNS name for the endpoint.
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove addresses from an attached namespace (all of them, and its interface, by default).
+    Detach {
+        addrs: Vec<AddrRequest>,
+        /// The namespace given to attach.
+        #[arg(long, conflicts_with = "id", required_unless_present = "id")]
+        netns: Option<PathBuf>,
+        /// The endpoint id given to attach.
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Give the host an address on the weft network (idempotent).
+    Expose {
+        addrs: Vec<AddrRequest>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove the host's addresses from the weft network (all by default).
+    Hide { addrs: Vec<AddrRequest> },
+    /// Print the versions of this binary and of the running agent.
+    Version {
+        #[arg(long)]
+        json: bool,
+    },
+}

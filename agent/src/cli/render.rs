@@ -1,0 +1,94 @@
+//! Human-readable output: the status summary and the endpoint table. Pure functions of the
+//! data, so their layout is tested without an agent.
+
+use ipnet::IpNet;
+use serde::Serialize;
+
+use crate::status::report::Report;
+
+/// One line of `weft ps`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct EndpointRow {
+    pub id: String,
+    pub kind: String,
+    pub mac: String,
+    pub addresses: Vec<IpNet>,
+    pub netns: String,
+    pub pod: Option<String>,
+}
+
+fn field(name: &str, value: impl std::fmt::Display) -> String {
+    format!("{name:>15}: {value}")
+}
+
+fn join(nets: &[IpNet]) -> String {
+    if nets.is_empty() {
+        "none".to_owned()
+    } else {
+        nets.iter().map(IpNet::to_string).collect::<Vec<_>>().join(", ")
+    }
+}
+
+/// `weft status`.
+pub fn status(r: &Report) -> Vec<String> {
+    let state =
+        if r.ready { "ready".to_owned() } else { format!("not ready ({})", r.not_ready_reason) };
+    let mut lines = vec![
+        field("Version", &r.version),
+        field("Peer", format!("{} ({})", r.peer.name, r.peer.nickname)),
+        field("Status", state),
+        String::new(),
+        field("Bridge", format!("{} mtu {} mac {}", r.bridge.name, r.bridge.mtu, r.bridge.mac)),
+        field("Host addresses", join(&r.bridge.addresses)),
+        String::new(),
+        field("Range", r.ipam.range),
+        field("Default subnet", r.ipam.default_subnet),
+        field("Addresses", format!("{} used, {} free", r.ipam.used, r.ipam.free)),
+        field("Endpoints", format!("{} pods, {} attached", r.endpoints.cni, r.endpoints.attached)),
+    ];
+    if !r.bridge.last_repairs.is_empty() {
+        lines.insert(6, field("Last repair", r.bridge.last_repairs.join(", ")));
+    }
+    lines
+}
+
+/// `weft ps`: `ID MAC ADDRESS...` like Weave, plus kind and pod.
+pub fn ps(rows: &[EndpointRow]) -> Vec<String> {
+    rows.iter()
+        .map(|r| {
+            let addrs = r.addresses.iter().map(IpNet::to_string).collect::<Vec<_>>().join(" ");
+            let mac = if r.mac.is_empty() { "-" } else { &r.mac };
+            let who = r.pod.clone().unwrap_or_else(|| r.kind.clone());
+            format!("{} {} {} {}", r.id, mac, addrs, who).trim_end().to_owned()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_shows_the_essentials() {
+        let mut r = Report { ready: true, ..Report::default() };
+        r.peer.name = "8a:3e:3e:3e:3e:3e".into();
+        r.bridge.addresses = vec!["10.32.0.1/12".parse().unwrap()];
+        let text = status(&r).join("\n");
+        assert!(text.contains("Status: ready"));
+        assert!(text.contains("8a:3e:3e:3e:3e:3e"));
+        assert!(text.contains("10.32.0.1/12"));
+    }
+
+    #[test]
+    fn ps_lines() {
+        let rows = vec![EndpointRow {
+            id: "c1/eth0".into(),
+            kind: "cni".into(),
+            mac: "0a:58:0a:20:00:02".into(),
+            addresses: vec!["10.32.0.2/12".parse().unwrap()],
+            netns: "/run/netns/x".into(),
+            pod: Some("default/web".into()),
+        }];
+        assert_eq!(ps(&rows), vec!["c1/eth0 0a:58:0a:20:00:02 10.32.0.2/12 default/web"]);
+    }
+}

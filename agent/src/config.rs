@@ -1,0 +1,148 @@
+//! The agent's command-line flags (shared by `weft agent` and `weft launch`) and their
+//! validation into an [`AgentConfig`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Args;
+use ipnet::IpNet;
+
+use crate::identity::PeerName;
+
+/// Flags of `weft agent` / `weft launch`.
+#[derive(Args, Clone, Debug)]
+pub struct AgentArgs {
+    /// Directory for persistent state (peer name, allocations, ring, targets).
+    #[arg(long, env = "WEFT_STATE_DIR", default_value = "/var/lib/weft")]
+    pub state_dir: PathBuf,
+
+    /// Name of the Linux bridge that endpoints attach to.
+    #[arg(long, default_value = "weft")]
+    pub bridge: String,
+
+    /// The address range all endpoints get addresses from (Weave's --ipalloc-range).
+    #[arg(long, env = "WEFT_IPALLOC_RANGE", default_value = "10.32.0.0/12")]
+    pub ipalloc_range: IpNet,
+
+    /// The subnet used when an endpoint asks for none; defaults to the whole range.
+    #[arg(long)]
+    pub ipalloc_default_subnet: Option<IpNet>,
+
+    /// Read-only HTTP listener for /healthz, /status and /metrics ("off" to disable).
+    #[arg(long, default_value = "127.0.0.1:6782")]
+    pub status_addr: StatusAddr,
+
+    /// MTU of endpoint interfaces; by default the underlay's MTU minus the overlay overhead.
+    #[arg(long, env = "WEFT_MTU")]
+    pub mtu: Option<u32>,
+
+    /// Peer name (six hex bytes, e.g. 8a:3e:3e:3e:3e:3e); by default a random name
+    /// generated once and kept in the state directory.
+    #[arg(long)]
+    pub name: Option<PeerName>,
+
+    /// Human-readable name of this peer (default: the hostname).
+    #[arg(long)]
+    pub nickname: Option<String>,
+
+    /// Name of weft's own nftables table.
+    #[arg(long, default_value = "weft")]
+    pub nft_table: String,
+
+    /// Log filter, e.g. "info", "debug", "weft=debug,tonic=info" (or RUST_LOG).
+    #[arg(long, env = "WEFT_LOG", default_value = "info")]
+    pub log_level: String,
+}
+
+/// `--status-addr`: an address, or off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StatusAddr(pub Option<SocketAddr>);
+
+impl std::str::FromStr for StatusAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<StatusAddr, String> {
+        if s.is_empty() || s == "off" {
+            return Ok(StatusAddr(None));
+        }
+        s.parse()
+            .map(|a| StatusAddr(Some(a)))
+            .map_err(|_| format!("{s:?} is not HOST:PORT (or \"off\")"))
+    }
+}
+
+/// Validated agent settings.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub bridge: String,
+    pub range: IpNet,
+    pub default_subnet: IpNet,
+    pub status_addr: Option<SocketAddr>,
+    pub mtu: Option<u32>,
+    pub name: Option<PeerName>,
+    pub nickname: String,
+    pub nft_table: String,
+}
+
+/// A flag value that cannot work.
+#[derive(Debug, thiserror::Error)]
+#[error("--{flag}: {message}")]
+pub struct ConfigError {
+    pub flag: &'static str,
+    pub message: String,
+}
+
+fn err(flag: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError { flag, message: message.into() }
+}
+
+impl AgentArgs {
+    pub fn validate(&self, socket: PathBuf) -> Result<AgentConfig, ConfigError> {
+        let range = self.ipalloc_range;
+        if range.trunc() != range {
+            return Err(err(
+                "ipalloc-range",
+                format!("{range} is not a network address (did you mean {}?)", range.trunc()),
+            ));
+        }
+        let max = if range.addr().is_ipv4() { 30 } else { 126 };
+        if range.prefix_len() > max {
+            return Err(err("ipalloc-range", format!("{range} is too small")));
+        }
+        let default_subnet = self.ipalloc_default_subnet.unwrap_or(range);
+        if default_subnet.trunc() != default_subnet || !range.contains(&default_subnet) {
+            return Err(err(
+                "ipalloc-default-subnet",
+                format!("{default_subnet} must be a network inside the range {range}"),
+            ));
+        }
+        if let Some(mtu) = self.mtu {
+            if !(576..=65535).contains(&mtu) {
+                return Err(err("mtu", format!("{mtu} is outside 576..=65535")));
+            }
+        }
+        let bridge_ok = !self.bridge.is_empty()
+            && self.bridge.len() <= 15
+            && !self.bridge.contains(['/', ':', ' '])
+            && !self.bridge.starts_with(crate::dataplane::HOST_IFNAME_PREFIX);
+        if !bridge_ok {
+            return Err(err("bridge", format!("{:?} is not a usable interface name", self.bridge)));
+        }
+        if !socket.is_absolute() {
+            return Err(err("socket", format!("{} must be an absolute path", socket.display())));
+        }
+        Ok(AgentConfig {
+            socket,
+            state_dir: self.state_dir.clone(),
+            bridge: self.bridge.clone(),
+            range,
+            default_subnet,
+            status_addr: self.status_addr.0,
+            mtu: self.mtu,
+            name: self.name,
+            nickname: self.nickname.clone().unwrap_or_else(crate::identity::hostname),
+            nft_table: self.nft_table.clone(),
+        })
+    }
+}

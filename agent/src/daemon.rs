@@ -1,0 +1,265 @@
+//! `weft agent`: opens the state, starts the subsystems, serves the local API and the status
+//! listener, brings the host to the desired state, and shuts down cleanly on SIGTERM, SIGINT
+//! or a Stop request (the kernel state stays, so pods keep their network).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::net::UnixListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::AgentConfig;
+use crate::dataplane::linux::LinuxDataplane;
+use crate::dataplane::{Dataplane, VXLAN_OVERHEAD};
+use crate::endpoints::record::Kind;
+use crate::endpoints::state::{State, StateConfig, StateHandle};
+use crate::endpoints::{Endpoints, Readiness};
+use crate::identity::{self, Identity};
+use crate::ipam::Allocator;
+use crate::metrics::Metrics;
+use crate::status::report::{EndpointCounts, PeerReport, Report};
+use crate::store::Store;
+
+/// Everything the API and status servers need.
+#[derive(Debug)]
+pub struct Agent {
+    pub cfg: AgentConfig,
+    pub identity: Identity,
+    pub endpoints: Endpoints,
+    pub metrics: Metrics,
+    pub ready: watch::Receiver<Readiness>,
+    pub shutdown: CancellationToken,
+    pub started: Instant,
+}
+
+impl Agent {
+    /// The status report.
+    pub async fn report(&self) -> Report {
+        let readiness = self.ready.borrow().clone();
+        let state = self
+            .endpoints
+            .state()
+            .call(|s| {
+                let records = s.records();
+                let count = |k: Kind| records.iter().filter(|r| r.kind == k).count() as u32;
+                (
+                    s.bridge_report(),
+                    s.ipam_report(),
+                    EndpointCounts { cni: count(Kind::Cni), attached: count(Kind::Attach) },
+                )
+            })
+            .await;
+        let (bridge, ipam, endpoints) = state.unwrap_or_default();
+        Report {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            peer: PeerReport {
+                name: self.identity.name.to_string(),
+                nickname: self.identity.nickname.clone(),
+            },
+            ready: readiness.ready,
+            not_ready_reason: readiness.reason,
+            bridge,
+            ipam,
+            endpoints,
+        }
+    }
+}
+
+fn init_logging(filter: &str) {
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| filter.to_owned());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// Binds the API socket, refusing to steal it from a running agent.
+async fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            anyhow::bail!(
+                "another weft agent is already serving {}; stop it first (weft stop)",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("restricting {}", path.display()))?;
+    Ok(listener)
+}
+
+/// The MTU of endpoint interfaces.
+fn endpoint_mtu(cfg: &AgentConfig, dp: &dyn Dataplane) -> u32 {
+    if let Some(mtu) = cfg.mtu {
+        return mtu;
+    }
+    match dp.underlay_mtu(&cfg.bridge) {
+        Ok(Some(under)) => under.saturating_sub(VXLAN_OVERHEAD).max(576),
+        Ok(None) => {
+            warn!("no underlay interface found; assuming MTU 1500 (set --mtu to override)");
+            1500 - VXLAN_OVERHEAD
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot read the underlay MTU; assuming 1500 (set --mtu to override)");
+            1500 - VXLAN_OVERHEAD
+        }
+    }
+}
+
+/// Runs the agent until it is asked to stop.
+pub async fn run(cfg: AgentConfig, log_filter: &str) -> anyhow::Result<()> {
+    init_logging(log_filter);
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("creating --state-dir {}", cfg.state_dir.display()))?;
+    let store = Store::open(&cfg.state_dir)?;
+    let (name, renamed) = identity::load_or_create(&store, cfg.name)?;
+    if renamed {
+        warn!(peer = %name, "peer name changed by --name; this peer starts with a new identity");
+    }
+    let identity = Identity { name, nickname: cfg.nickname.clone() };
+    let dp: Arc<dyn Dataplane> = Arc::new(LinuxDataplane);
+    let mtu = endpoint_mtu(&cfg, dp.as_ref());
+    info!(
+        peer = %identity.name, nickname = %identity.nickname, version = env!("CARGO_PKG_VERSION"),
+        range = %cfg.range, bridge = %cfg.bridge, mtu, socket = %cfg.socket.display(),
+        "weft agent starting"
+    );
+
+    let mut alloc = Allocator::new(cfg.range, cfg.default_subnet);
+    alloc.own_everything();
+    let state_cfg = StateConfig {
+        bridge: cfg.bridge.clone(),
+        bridge_mac: identity.name.mac(),
+        mtu,
+        firewall_table: cfg.nft_table.clone(),
+    };
+    let state = State::load(store, dp.clone(), state_cfg, alloc)?;
+    let (state_handle, state_thread) = StateHandle::spawn(state)?;
+    let (ready_tx, ready_rx) = watch::channel(Readiness::starting("setting up the bridge"));
+    let endpoints = Endpoints::new(state_handle, dp.clone(), ready_rx.clone(), cfg.bridge.clone());
+
+    let shutdown = CancellationToken::new();
+    let agent = Arc::new(Agent {
+        cfg: cfg.clone(),
+        identity,
+        endpoints: endpoints.clone(),
+        metrics: Metrics::new(),
+        ready: ready_rx,
+        shutdown: shutdown.clone(),
+        started: Instant::now(),
+    });
+
+    let listener = bind_socket(&cfg.socket).await?;
+    let api = tokio::spawn(crate::api::server::serve(agent.clone(), listener));
+    let status = match cfg.status_addr {
+        Some(addr) => Some(tokio::spawn(crate::status::http::serve(agent.clone(), addr).await?)),
+        None => None,
+    };
+    tokio::spawn(watch_signals(shutdown.clone()));
+    tokio::spawn(bring_up(endpoints.clone(), dp.clone(), ready_tx, cfg.clone(), shutdown.clone()));
+
+    shutdown.cancelled().await;
+    info!("weft agent stopping; the kernel state stays in place");
+    if let Err(e) = api.await {
+        error!(error = %e, "API server task failed");
+    }
+    if let Some(s) = status {
+        let _ = s.await;
+    }
+    drop(endpoints);
+    drop(agent);
+    // The state thread ends once the last handle is gone; waiting makes sure the final
+    // writes are on disk before the process exits.
+    let _ = tokio::task::spawn_blocking(move || state_thread.join()).await;
+    let _ = std::fs::remove_file(&cfg.socket);
+    info!("weft agent stopped");
+    Ok(())
+}
+
+async fn watch_signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) =
+        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = int.recv() => info!("SIGINT received"),
+        _ = shutdown.cancelled() => return,
+    }
+    shutdown.cancel();
+}
+
+/// Brings the host to the desired state, marks the agent ready, then keeps it there.
+async fn bring_up(
+    endpoints: Endpoints,
+    dp: Arc<dyn Dataplane>,
+    ready: watch::Sender<Readiness>,
+    cfg: AgentConfig,
+    shutdown: CancellationToken,
+) {
+    if let Err(e) = dp.set_sysctl("net/ipv4/ip_forward", "1") {
+        warn!(error = %e, "cannot enable IPv4 forwarding; pods will not reach other networks");
+    }
+    let queue = weft_api::del_queue_dir(&cfg.socket);
+    let mut pause = Duration::from_millis(200);
+    loop {
+        match startup_pass(&endpoints, &queue).await {
+            Ok(()) => break,
+            Err(e) => {
+                warn!(error = %e, "start-up not complete; retrying");
+                let _ = ready.send(Readiness::starting(e.to_string()));
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        pause = (pause * 2).min(Duration::from_secs(5));
+    }
+    let _ = ready.send(Readiness { ready: true, reason: String::new() });
+    info!("weft agent ready");
+
+    let mut fast = tokio::time::interval(Duration::from_secs(5));
+    let mut slow = tokio::time::interval(Duration::from_secs(60));
+    fast.tick().await;
+    slow.tick().await;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = fast.tick() => {
+                if let Err(e) = endpoints.reconcile_bridge().await {
+                    warn!(error = %e, "bridge reconciliation failed");
+                }
+                endpoints.drain_del_queue(&queue).await;
+            }
+            _ = slow.tick() => {
+                if let Err(e) = endpoints.reconcile(false).await {
+                    warn!(error = %e, "endpoint reconciliation failed");
+                }
+            }
+        }
+    }
+}
+
+async fn startup_pass(endpoints: &Endpoints, queue: &Path) -> Result<(), crate::error::ApiError> {
+    endpoints.reconcile_bridge().await?;
+    endpoints.reconcile(true).await?;
+    endpoints.drain_del_queue(queue).await;
+    Ok(())
+}

@@ -1,0 +1,207 @@
+//! The host's kernel state for the overlay: the bridge, the endpoints' veth pairs with their
+//! addresses and routes, and weft's nftables table. Callers describe the desired state with the
+//! types below and the [`Dataplane`] trait makes the kernel match it; every operation is
+//! idempotent ("ensure"), so the same calls serve first setup, retries and repair after restart.
+//! The trait names only weft's own types; [`linux::LinuxDataplane`] implements it with netlink.
+
+pub mod linux;
+pub mod netlink;
+pub mod netns;
+pub mod nft;
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+
+use self::netns::NetnsError;
+
+/// A MAC address.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Mac(pub [u8; 6]);
+
+impl std::fmt::Display for Mac {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let m = self.0;
+        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
+    }
+}
+
+impl std::str::FromStr for Mac {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Mac, String> {
+        let parts: Vec<&str> = s.split(':').collect();
+        if parts.len() != 6 {
+            return Err(format!("{s:?} is not a MAC address"));
+        }
+        let mut m = [0u8; 6];
+        for (i, p) in parts.iter().enumerate() {
+            m[i] = u8::from_str_radix(p, 16).map_err(|_| format!("{s:?} is not a MAC address"))?;
+        }
+        Ok(Mac(m))
+    }
+}
+
+impl Mac {
+    /// A locally administered unicast MAC derived from an IPv4 address (`0a:58:a:b:c:d`), so a
+    /// reused address keeps its MAC and neighbours' ARP caches stay valid.
+    pub fn for_ipv4(ip: std::net::Ipv4Addr) -> Mac {
+        let o = ip.octets();
+        Mac([0x0a, 0x58, o[0], o[1], o[2], o[3]])
+    }
+}
+
+/// The desired bridge.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BridgeSpec {
+    pub name: String,
+    pub mtu: u32,
+    pub mac: Mac,
+    /// The host's own addresses on the bridge (exposed subnets).
+    pub addresses: Vec<IpNet>,
+}
+
+/// What the bridge looks like after `ensure_bridge`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BridgeReport {
+    pub index: u32,
+    /// What had to be fixed ("created", "set up", "mtu 1500 -> 1450", ...); empty if nothing.
+    pub repairs: Vec<String>,
+}
+
+/// A route inside an endpoint's namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteSpec {
+    pub destination: IpNet,
+    pub gateway: Option<IpAddr>,
+}
+
+/// The desired state of one endpoint: a veth pair between the bridge and a namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointSpec {
+    pub bridge: String,
+    pub host_ifname: String,
+    pub netns: PathBuf,
+    pub ifname: String,
+    pub mtu: u32,
+    pub mac: Option<Mac>,
+    pub addresses: Vec<IpNet>,
+    pub routes: Vec<RouteSpec>,
+    pub hairpin: bool,
+}
+
+/// What `setup_endpoint` reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointState {
+    pub host_mac: Mac,
+    pub container_mac: Mac,
+}
+
+/// Kernel failures, by what the caller can do about them.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("network namespace: {0}")]
+    Netns(#[from] NetnsError),
+    #[error("interface {0} already exists in the namespace and is not weft's")]
+    InterfaceExists(String),
+    #[error("the bridge {0} does not exist")]
+    NoBridge(String),
+    #[error("{what}: {source}")]
+    Netlink { what: String, source: netlink::NlError },
+    #[error("nftables: {0}")]
+    Nft(#[from] nft::NftError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// CHECK: the kernel state differs from the desired state.
+    #[error("{0}")]
+    Mismatch(String),
+}
+
+/// Adds context to netlink errors.
+pub(crate) trait NlContext<T> {
+    fn ctx(self, what: impl FnOnce() -> String) -> Result<T, KernelError>;
+}
+
+impl<T> NlContext<T> for Result<T, netlink::NlError> {
+    fn ctx(self, what: impl FnOnce() -> String) -> Result<T, KernelError> {
+        self.map_err(|source| KernelError::Netlink { what: what(), source })
+    }
+}
+
+/// The kernel operations weft needs. Implementations block; async callers use
+/// `spawn_blocking`.
+pub trait Dataplane: Send + Sync + 'static {
+    /// Creates or repairs the bridge (existence, MAC, MTU, up, addresses).
+    fn ensure_bridge(&self, spec: &BridgeSpec) -> Result<BridgeReport, KernelError>;
+    /// Creates or repairs an endpoint. On error the caller tears it down.
+    fn setup_endpoint(&self, spec: &EndpointSpec) -> Result<EndpointState, KernelError>;
+    /// Removes addresses from an endpoint's interface (detach of some addresses).
+    fn remove_addresses(&self, spec: &EndpointSpec, addresses: &[IpNet])
+    -> Result<(), KernelError>;
+    /// Removes an endpoint's veth pair. Succeeds when it is already gone.
+    fn teardown_endpoint(&self, host_ifname: &str) -> Result<(), KernelError>;
+    /// Verifies an endpoint against its spec; `Mismatch` says what differs.
+    fn check_endpoint(&self, spec: &EndpointSpec) -> Result<(), KernelError>;
+    /// Names of host interfaces that look like weft endpoints (for leak detection).
+    fn endpoint_links(&self) -> Result<Vec<String>, KernelError>;
+    /// Installs or replaces weft's nftables table.
+    fn apply_firewall(&self, table: &nft::Table) -> Result<(), KernelError>;
+    /// Whether weft's nftables table is present with the expected number of rules.
+    fn firewall_intact(&self, table: &nft::Table) -> Result<bool, KernelError>;
+    /// Sets a sysctl in the agent's namespace (e.g. net/ipv4/ip_forward).
+    fn set_sysctl(&self, key: &str, value: &str) -> Result<(), KernelError>;
+    /// MTU of the underlay: the default route's interface, else the smallest MTU among
+    /// interfaces with a global address (never `exclude`, the bridge, or weft's veths).
+    fn underlay_mtu(&self, exclude: &str) -> Result<Option<u32>, KernelError>;
+}
+
+/// Bytes the kernel's VXLAN encapsulation adds over IPv4 (outer IP 20, UDP 8, VXLAN 8,
+/// inner Ethernet 14).
+pub const VXLAN_OVERHEAD: u32 = 50;
+
+impl std::fmt::Debug for dyn Dataplane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Dataplane")
+    }
+}
+
+/// Host-side veth names: `PREFIX` + 12 hex digits of a hash of the endpoint id, so the name is
+/// stable (found again after a restart) and fits IFNAMSIZ.
+pub const HOST_IFNAME_PREFIX: &str = "vwf";
+
+pub fn host_ifname_for(endpoint_id: &str) -> String {
+    // FNV-1a: stable across builds and platforms, unlike std's SipHash keys.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in endpoint_id.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{HOST_IFNAME_PREFIX}{:012x}", h & 0xffff_ffff_ffff)
+}
+
+/// Whether `path` still exists (a namespace that vanished means its endpoint is gone).
+pub fn netns_exists(path: &Path) -> bool {
+    netns::Netns::open(path).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_ifnames_are_stable_and_short() {
+        let a = host_ifname_for("c1/eth0");
+        assert_eq!(a, host_ifname_for("c1/eth0"));
+        assert_ne!(a, host_ifname_for("c1/eth1"));
+        assert_eq!(a.len(), 16 - 1, "IFNAMSIZ - 1");
+    }
+
+    #[test]
+    fn macs_parse_and_print() {
+        let m: Mac = "0a:58:0a:20:00:02".parse().unwrap();
+        assert_eq!(m.to_string(), "0a:58:0a:20:00:02");
+        assert_eq!(Mac::for_ipv4("10.32.0.2".parse().unwrap()), m);
+        assert!("0a:58".parse::<Mac>().is_err());
+        assert!("zz:58:0a:20:00:02".parse::<Mac>().is_err());
+    }
+}

@@ -1,0 +1,681 @@
+//! nftables through netlink (NETLINK_NETFILTER), without the `nft` binary. weft keeps its rules
+//! in tables of its own and replaces a table as a whole in one atomic batch (create, delete,
+//! re-create), so the kernel never holds half a ruleset. Only the handful of expressions weft
+//! needs are encoded; the encoding follows include/uapi/linux/netfilter/nf_tables.h.
+
+use std::io;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use ipnet::Ipv4Net;
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
+
+// ---- constants from the kernel's uapi headers ----
+const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
+const NFNL_MSG_BATCH_END: u16 = 0x11;
+const NFT_MSG_NEWTABLE: u16 = 0;
+const NFT_MSG_GETTABLE: u16 = 1;
+const NFT_MSG_DELTABLE: u16 = 2;
+const NFT_MSG_NEWCHAIN: u16 = 3;
+const NFT_MSG_NEWRULE: u16 = 6;
+const NFT_MSG_GETRULE: u16 = 7;
+
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_DUMP: u16 = 0x300;
+const NLM_F_CREATE: u16 = 0x400;
+const NLM_F_APPEND: u16 = 0x800;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLA_F_NESTED: u16 = 0x8000;
+
+const NFTA_TABLE_NAME: u16 = 1;
+const NFTA_CHAIN_TABLE: u16 = 1;
+const NFTA_CHAIN_NAME: u16 = 3;
+const NFTA_CHAIN_HOOK: u16 = 4;
+const NFTA_CHAIN_POLICY: u16 = 5;
+const NFTA_CHAIN_TYPE: u16 = 7;
+const NFTA_HOOK_HOOKNUM: u16 = 1;
+const NFTA_HOOK_PRIORITY: u16 = 2;
+const NFTA_RULE_TABLE: u16 = 1;
+const NFTA_RULE_CHAIN: u16 = 2;
+const NFTA_RULE_EXPRESSIONS: u16 = 4;
+const NFTA_LIST_ELEM: u16 = 1;
+const NFTA_EXPR_NAME: u16 = 1;
+const NFTA_EXPR_DATA: u16 = 2;
+const NFTA_DATA_VALUE: u16 = 1;
+const NFTA_DATA_VERDICT: u16 = 2;
+const NFTA_VERDICT_CODE: u16 = 1;
+
+const NFT_REG_VERDICT: u32 = 0;
+const NFT_REG_1: u32 = 1;
+
+/// Address families of nftables tables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    Inet = 1,
+    Ip = 2,
+    Bridge = 7,
+    Ip6 = 10,
+}
+
+/// Netfilter hooks of the inet families.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    Prerouting = 0,
+    Input = 1,
+    Forward = 2,
+    Output = 3,
+    Postrouting = 4,
+}
+
+/// Chain types.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChainType {
+    Filter,
+    Nat,
+}
+
+impl ChainType {
+    fn name(self) -> &'static str {
+        match self {
+            ChainType::Filter => "filter",
+            ChainType::Nat => "nat",
+        }
+    }
+}
+
+/// Comparison operators.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CmpOp {
+    Eq = 0,
+    Neq = 1,
+}
+
+/// Rule verdicts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Accept,
+    Drop,
+    Return,
+}
+
+impl Verdict {
+    fn code(self) -> i32 {
+        match self {
+            Verdict::Accept => 1,
+            Verdict::Drop => 0,
+            Verdict::Return => -5,
+        }
+    }
+}
+
+/// One match or action of a rule, at the level `nft` rules are written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Match {
+    /// `ip saddr [!=] NET`
+    IpSaddr(CmpOp, Ipv4Net),
+    /// `ip daddr [!=] NET`
+    IpDaddr(CmpOp, Ipv4Net),
+    /// `oifname [!=] NAME`
+    Oifname(CmpOp, String),
+}
+
+/// The final statement of a rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    Verdict(Verdict),
+    /// `masquerade random-fully`
+    Masquerade,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    pub matches: Vec<Match>,
+    pub action: Action,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chain {
+    pub name: String,
+    pub kind: ChainType,
+    pub hook: Hook,
+    pub priority: i32,
+    pub rules: Vec<Rule>,
+}
+
+/// A whole table, the unit weft installs and replaces.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Table {
+    pub family: Family,
+    pub name: String,
+    pub chains: Vec<Chain>,
+}
+
+impl Table {
+    pub fn rule_count(&self) -> usize {
+        self.chains.iter().map(|c| c.rules.len()).sum()
+    }
+}
+
+// ---- attribute encoding ----
+
+/// A netlink attribute stream under construction.
+#[derive(Default)]
+struct Attrs(Vec<u8>);
+
+impl Attrs {
+    fn raw(&mut self, kind: u16, value: &[u8]) -> &mut Self {
+        let len = u16::try_from(4 + value.len()).unwrap_or(u16::MAX);
+        self.0.extend_from_slice(&len.to_ne_bytes());
+        self.0.extend_from_slice(&kind.to_ne_bytes());
+        self.0.extend_from_slice(value);
+        while self.0.len() % 4 != 0 {
+            self.0.push(0);
+        }
+        self
+    }
+    fn str(&mut self, kind: u16, s: &str) -> &mut Self {
+        let mut v = s.as_bytes().to_vec();
+        v.push(0);
+        self.raw(kind, &v)
+    }
+    fn u32(&mut self, kind: u16, v: u32) -> &mut Self {
+        self.raw(kind, &v.to_be_bytes())
+    }
+    fn nested(&mut self, kind: u16, inner: &Attrs) -> &mut Self {
+        self.raw(kind | NLA_F_NESTED, &inner.0)
+    }
+    fn data_value(&mut self, kind: u16, value: &[u8]) -> &mut Self {
+        let mut d = Attrs::default();
+        d.raw(NFTA_DATA_VALUE, value);
+        self.nested(kind, &d)
+    }
+}
+
+/// One low-level expression: its name and its attributes.
+struct Expr {
+    name: &'static str,
+    data: Attrs,
+}
+
+fn payload_load(base: u32, offset: u32, len: u32) -> Expr {
+    let mut a = Attrs::default();
+    a.u32(1, NFT_REG_1).u32(2, base).u32(3, offset).u32(4, len);
+    Expr { name: "payload", data: a }
+}
+
+fn bitwise(mask: &[u8]) -> Expr {
+    let mut a = Attrs::default();
+    a.u32(1, NFT_REG_1).u32(2, NFT_REG_1).u32(3, mask.len() as u32);
+    a.data_value(4, mask).data_value(5, &vec![0; mask.len()]);
+    Expr { name: "bitwise", data: a }
+}
+
+fn cmp(op: CmpOp, value: &[u8]) -> Expr {
+    let mut a = Attrs::default();
+    a.u32(1, NFT_REG_1).u32(2, op as u32).data_value(3, value);
+    Expr { name: "cmp", data: a }
+}
+
+fn meta_load(key: u32) -> Expr {
+    let mut a = Attrs::default();
+    a.u32(1, NFT_REG_1).u32(2, key);
+    Expr { name: "meta", data: a }
+}
+
+fn verdict(v: Verdict) -> Expr {
+    let mut code = Attrs::default();
+    code.raw(NFTA_VERDICT_CODE, &v.code().to_be_bytes());
+    let mut data = Attrs::default();
+    data.nested(NFTA_DATA_VERDICT, &code);
+    let mut a = Attrs::default();
+    a.u32(1, NFT_REG_VERDICT).nested(2, &data);
+    Expr { name: "immediate", data: a }
+}
+
+const PAYLOAD_NETWORK: u32 = 1;
+const META_OIFNAME: u32 = 7;
+/// NF_NAT_RANGE_PROTO_RANDOM_FULLY: avoids the SNAT port race behind 5 s DNS timeouts.
+const NAT_RANDOM_FULLY: u32 = 1 << 4;
+
+fn prefix_match(offset: u32, op: CmpOp, net: Ipv4Net) -> Vec<Expr> {
+    let mut v = vec![payload_load(PAYLOAD_NETWORK, offset, 4)];
+    if net.prefix_len() < 32 {
+        v.push(bitwise(&net.netmask().octets()));
+    }
+    v.push(cmp(op, &net.network().octets()));
+    v
+}
+
+fn ifname_bytes(name: &str) -> Vec<u8> {
+    let mut v = name.as_bytes().to_vec();
+    v.push(0);
+    v
+}
+
+impl Match {
+    fn exprs(&self) -> Vec<Expr> {
+        match self {
+            Match::IpSaddr(op, net) => prefix_match(12, *op, *net),
+            Match::IpDaddr(op, net) => prefix_match(16, *op, *net),
+            Match::Oifname(op, n) => vec![meta_load(META_OIFNAME), cmp(*op, &ifname_bytes(n))],
+        }
+    }
+}
+
+impl Action {
+    fn exprs(&self) -> Vec<Expr> {
+        match self {
+            Action::Verdict(v) => vec![verdict(*v)],
+            Action::Masquerade => {
+                let mut a = Attrs::default();
+                a.u32(1, NAT_RANDOM_FULLY);
+                vec![Expr { name: "masq", data: a }]
+            }
+        }
+    }
+}
+
+fn rule_attrs(table: &str, chain: &str, rule: &Rule) -> Attrs {
+    let mut list = Attrs::default();
+    let exprs = rule.matches.iter().flat_map(Match::exprs).chain(rule.action.exprs());
+    for e in exprs {
+        let mut elem = Attrs::default();
+        elem.str(NFTA_EXPR_NAME, e.name);
+        if !e.data.0.is_empty() {
+            elem.nested(NFTA_EXPR_DATA, &e.data);
+        }
+        list.nested(NFTA_LIST_ELEM, &elem);
+    }
+    let mut a = Attrs::default();
+    a.str(NFTA_RULE_TABLE, table).str(NFTA_RULE_CHAIN, chain).nested(NFTA_RULE_EXPRESSIONS, &list);
+    a
+}
+
+fn chain_attrs(table: &str, chain: &Chain) -> Attrs {
+    let mut hook = Attrs::default();
+    hook.u32(NFTA_HOOK_HOOKNUM, chain.hook as u32)
+        .raw(NFTA_HOOK_PRIORITY, &chain.priority.to_be_bytes());
+    let mut a = Attrs::default();
+    a.str(NFTA_CHAIN_TABLE, table)
+        .str(NFTA_CHAIN_NAME, &chain.name)
+        .nested(NFTA_CHAIN_HOOK, &hook)
+        .u32(NFTA_CHAIN_POLICY, 1) // NF_ACCEPT: weft's chains never drop by default
+        .str(NFTA_CHAIN_TYPE, chain.kind.name());
+    a
+}
+
+fn table_attrs(name: &str) -> Attrs {
+    let mut a = Attrs::default();
+    a.str(NFTA_TABLE_NAME, name);
+    a
+}
+
+// ---- messages and the socket ----
+
+/// Appends one nfnetlink message (header, nfgenmsg, attributes) to `buf`.
+fn push_message(
+    buf: &mut Vec<u8>,
+    kind: u16,
+    flags: u16,
+    seq: u32,
+    family: u8,
+    res_id: u16,
+    attrs: &[u8],
+) {
+    let len = 16 + 4 + attrs.len();
+    buf.extend_from_slice(&(len as u32).to_ne_bytes());
+    buf.extend_from_slice(&kind.to_ne_bytes());
+    buf.extend_from_slice(&flags.to_ne_bytes());
+    buf.extend_from_slice(&seq.to_ne_bytes());
+    buf.extend_from_slice(&0u32.to_ne_bytes());
+    buf.push(family);
+    buf.push(0); // NFNETLINK_V0
+    buf.extend_from_slice(&res_id.to_be_bytes());
+    buf.extend_from_slice(attrs);
+}
+
+fn nft_type(msg: u16) -> u16 {
+    (NFNL_SUBSYS_NFTABLES << 8) | msg
+}
+
+/// Failure talking to nf_tables.
+#[derive(Debug, thiserror::Error)]
+pub enum NftError {
+    #[error("nftables netlink socket: {0}")]
+    Io(#[from] io::Error),
+    #[error("nftables rejected message {index} of the batch: {source}")]
+    Rejected { index: usize, source: io::Error },
+    #[error("nftables did not answer")]
+    NoAnswer,
+}
+
+/// A NETLINK_NETFILTER socket in the agent's own namespace.
+#[derive(Debug)]
+pub struct NftSocket {
+    sock: Socket,
+    seq: u32,
+}
+
+impl NftSocket {
+    pub fn open() -> Result<NftSocket, NftError> {
+        let mut sock = Socket::new(NETLINK_NETFILTER)?;
+        sock.bind_auto()?;
+        sock.connect(&SocketAddr::new(0, 0))?;
+        set_recv_timeout(&sock, Duration::from_secs(2))?;
+        Ok(NftSocket { sock, seq: 0 })
+    }
+
+    fn next_seq(&mut self) -> u32 {
+        self.seq = self.seq.wrapping_add(1);
+        self.seq
+    }
+
+    /// Replaces `table` atomically: create (so the delete cannot fail), delete, create, fill.
+    pub fn replace_table(&mut self, table: &Table) -> Result<(), NftError> {
+        let fam = table.family as u8;
+        let mut inner: Vec<(u16, u16, Attrs)> = vec![
+            (NFT_MSG_NEWTABLE, NLM_F_CREATE, table_attrs(&table.name)),
+            (NFT_MSG_DELTABLE, 0, table_attrs(&table.name)),
+            (NFT_MSG_NEWTABLE, NLM_F_CREATE, table_attrs(&table.name)),
+        ];
+        for chain in &table.chains {
+            inner.push((NFT_MSG_NEWCHAIN, NLM_F_CREATE, chain_attrs(&table.name, chain)));
+            for rule in &chain.rules {
+                inner.push((
+                    NFT_MSG_NEWRULE,
+                    NLM_F_CREATE | NLM_F_APPEND,
+                    rule_attrs(&table.name, &chain.name, rule),
+                ));
+            }
+        }
+        self.send_batch(fam, &inner)
+    }
+
+    /// Deletes a table if it exists.
+    pub fn delete_table(&mut self, family: Family, name: &str) -> Result<(), NftError> {
+        let inner = vec![
+            (NFT_MSG_NEWTABLE, NLM_F_CREATE, table_attrs(name)),
+            (NFT_MSG_DELTABLE, 0, table_attrs(name)),
+        ];
+        self.send_batch(family as u8, &inner)
+    }
+
+    fn send_batch(&mut self, family: u8, inner: &[(u16, u16, Attrs)]) -> Result<(), NftError> {
+        let mut buf = Vec::new();
+        let begin = self.next_seq();
+        push_message(
+            &mut buf,
+            NFNL_MSG_BATCH_BEGIN,
+            NLM_F_REQUEST,
+            begin,
+            0,
+            NFNL_SUBSYS_NFTABLES,
+            &[],
+        );
+        let first = self.seq.wrapping_add(1);
+        for (kind, flags, attrs) in inner {
+            let seq = self.next_seq();
+            push_message(
+                &mut buf,
+                nft_type(*kind),
+                NLM_F_REQUEST | NLM_F_ACK | flags,
+                seq,
+                family,
+                0,
+                &attrs.0,
+            );
+        }
+        let end = self.next_seq();
+        push_message(
+            &mut buf,
+            NFNL_MSG_BATCH_END,
+            NLM_F_REQUEST,
+            end,
+            0,
+            NFNL_SUBSYS_NFTABLES,
+            &[],
+        );
+        self.sock.send(&buf, 0)?;
+        // Every message asked for an acknowledgement: wait for all of them, so that no stale
+        // answer is left on the socket, and report the first rejection.
+        let mut pending = inner.len();
+        let mut first_error = None;
+        let mut rbuf = vec![0u8; 64 * 1024];
+        while pending > 0 {
+            let n = match self.sock.recv(&mut &mut rbuf[..], 0) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(NftError::NoAnswer),
+                Err(e) => return Err(e.into()),
+            };
+            for (kind, seq, payload) in messages(&rbuf[..n]) {
+                if kind != NLMSG_ERROR || payload.len() < 4 {
+                    continue;
+                }
+                pending = pending.saturating_sub(1);
+                let code = i32::from_ne_bytes([payload[0], payload[1], payload[2], payload[3]]);
+                if code != 0 && first_error.is_none() {
+                    first_error = Some(NftError::Rejected {
+                        index: seq.wrapping_sub(first) as usize,
+                        source: io::Error::from_raw_os_error(-code),
+                    });
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Whether a table exists.
+    pub fn table_exists(&mut self, family: Family, name: &str) -> Result<bool, NftError> {
+        let seq = self.next_seq();
+        let mut buf = Vec::new();
+        push_message(
+            &mut buf,
+            nft_type(NFT_MSG_GETTABLE),
+            NLM_F_REQUEST | NLM_F_ACK,
+            seq,
+            family as u8,
+            0,
+            &table_attrs(name).0,
+        );
+        self.sock.send(&buf, 0)?;
+        let mut found = false;
+        let mut rbuf = vec![0u8; 16 * 1024];
+        loop {
+            let n = self.sock.recv(&mut &mut rbuf[..], 0)?;
+            for (kind, s, payload) in messages(&rbuf[..n]) {
+                if s != seq {
+                    continue;
+                }
+                if kind == NLMSG_ERROR && payload.len() >= 4 {
+                    let code = i32::from_ne_bytes([payload[0], payload[1], payload[2], payload[3]]);
+                    return match code {
+                        0 => Ok(found),
+                        c if -c == libc::ENOENT => Ok(false),
+                        c => Err(io::Error::from_raw_os_error(-c).into()),
+                    };
+                }
+                if kind == nft_type(NFT_MSG_NEWTABLE) {
+                    found = true;
+                }
+            }
+        }
+    }
+
+    /// Number of rules in a table (all chains).
+    pub fn rule_count(&mut self, family: Family, table: &str) -> Result<usize, NftError> {
+        let seq = self.next_seq();
+        let mut attrs = Attrs::default();
+        attrs.str(NFTA_RULE_TABLE, table);
+        let mut buf = Vec::new();
+        push_message(
+            &mut buf,
+            nft_type(NFT_MSG_GETRULE),
+            NLM_F_REQUEST | NLM_F_DUMP,
+            seq,
+            family as u8,
+            0,
+            &attrs.0,
+        );
+        self.sock.send(&buf, 0)?;
+        let mut count = 0;
+        let mut rbuf = vec![0u8; 64 * 1024];
+        loop {
+            let n = self.sock.recv(&mut &mut rbuf[..], 0)?;
+            for (kind, s, payload) in messages(&rbuf[..n]) {
+                if s != seq {
+                    continue;
+                }
+                match kind {
+                    NLMSG_DONE => return Ok(count),
+                    NLMSG_ERROR if payload.len() >= 4 => {
+                        let code =
+                            i32::from_ne_bytes([payload[0], payload[1], payload[2], payload[3]]);
+                        if -code == libc::ENOENT {
+                            return Ok(0);
+                        }
+                        return Err(io::Error::from_raw_os_error(-code).into());
+                    }
+                    k if k == nft_type(NFT_MSG_NEWRULE) => count += 1,
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+/// Splits a datagram into (type, sequence, payload) of each netlink message.
+fn messages(buf: &[u8]) -> Vec<(u16, u32, &[u8])> {
+    let mut out = Vec::new();
+    let mut off = 0;
+    while off + 16 <= buf.len() {
+        let len = u32::from_ne_bytes([buf[off], buf[off + 1], buf[off + 2], buf[off + 3]]) as usize;
+        if len < 16 || off + len > buf.len() {
+            break;
+        }
+        let kind = u16::from_ne_bytes([buf[off + 4], buf[off + 5]]);
+        let seq = u32::from_ne_bytes([buf[off + 8], buf[off + 9], buf[off + 10], buf[off + 11]]);
+        out.push((kind, seq, &buf[off + 16..off + len]));
+        off += (len + 3) & !3;
+    }
+    out
+}
+
+fn set_recv_timeout(sock: &Socket, t: Duration) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let tv = libc::timeval { tv_sec: t.as_secs() as libc::time_t, tv_usec: 0 };
+    // SAFETY: a valid socket descriptor and a correctly sized timeval.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+/// The NAT and filter table weft installs for the overlay, `ip weft`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OverlayFirewall {
+    pub table: String,
+    pub bridge: String,
+    /// The allocation range: traffic from it to elsewhere is masqueraded.
+    pub range: Ipv4Net,
+    /// Exposed subnets: traffic into them from outside is masqueraded (so replies return here).
+    pub exposed: Vec<Ipv4Net>,
+}
+
+const MULTICAST: Ipv4Net = match Ipv4Net::new(Ipv4Addr::new(224, 0, 0, 0), 4) {
+    Ok(n) => n,
+    Err(_) => panic!("constant network"),
+};
+
+impl OverlayFirewall {
+    pub fn table(&self) -> Table {
+        let mut post = vec![
+            Rule {
+                matches: vec![
+                    Match::IpSaddr(CmpOp::Eq, self.range),
+                    Match::IpDaddr(CmpOp::Eq, MULTICAST),
+                ],
+                action: Action::Verdict(Verdict::Return),
+            },
+            Rule {
+                matches: vec![
+                    Match::IpSaddr(CmpOp::Eq, self.range),
+                    Match::IpDaddr(CmpOp::Neq, self.range),
+                ],
+                action: Action::Masquerade,
+            },
+        ];
+        for net in &self.exposed {
+            post.push(Rule {
+                matches: vec![Match::IpSaddr(CmpOp::Neq, *net), Match::IpDaddr(CmpOp::Eq, *net)],
+                action: Action::Masquerade,
+            });
+        }
+        Table {
+            family: Family::Ip,
+            name: self.table.clone(),
+            chains: vec![Chain {
+                name: "postrouting".into(),
+                kind: ChainType::Nat,
+                hook: Hook::Postrouting,
+                priority: 100,
+                rules: post,
+            }],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attributes_are_padded_and_big_endian() {
+        let mut a = Attrs::default();
+        a.str(1, "weft").u32(2, 1);
+        // "weft\0" = 5 bytes + 4 header = 9, padded to 12; then 8 for the u32.
+        assert_eq!(a.0.len(), 20);
+        assert_eq!(&a.0[16..20], &[0, 0, 0, 1]);
+        assert_eq!(u16::from_ne_bytes([a.0[0], a.0[1]]), 9);
+    }
+
+    #[test]
+    fn prefix_matches_skip_the_mask_for_host_addresses() {
+        let host: Ipv4Net = "10.0.0.1/32".parse().unwrap();
+        assert_eq!(prefix_match(12, CmpOp::Eq, host).len(), 2);
+        let net: Ipv4Net = "10.32.0.0/12".parse().unwrap();
+        let e = prefix_match(16, CmpOp::Neq, net);
+        assert_eq!(e.iter().map(|e| e.name).collect::<Vec<_>>(), ["payload", "bitwise", "cmp"]);
+    }
+
+    #[test]
+    fn message_splitting_stops_at_truncation() {
+        let mut buf = Vec::new();
+        push_message(&mut buf, 2, 0, 7, 0, 0, &[0, 0, 0, 0]);
+        push_message(&mut buf, 3, 0, 8, 0, 0, &[]);
+        let m = messages(&buf);
+        assert_eq!(m.iter().map(|(k, s, _)| (*k, *s)).collect::<Vec<_>>(), [(2, 7), (3, 8)]);
+        assert_eq!(messages(&buf[..buf.len() - 1]).len(), 1);
+    }
+
+    #[test]
+    fn overlay_table_has_the_expected_rules() {
+        let fw = OverlayFirewall {
+            table: "weft".into(),
+            bridge: "weft".into(),
+            range: "10.32.0.0/12".parse().unwrap(),
+            exposed: vec!["10.2.2.0/24".parse().unwrap()],
+        };
+        let t = fw.table();
+        assert_eq!(t.rule_count(), 3);
+        assert_eq!(t.chains[0].rules[1].action, Action::Masquerade);
+    }
+}

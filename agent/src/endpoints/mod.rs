@@ -1,0 +1,416 @@
+//! Endpoints: pods set up through CNI, namespaces attached with `weft attach`, and the host's
+//! own bridge addresses. [`Endpoints`] orders the work of one operation: allocate and persist
+//! (in the state owner), then do the kernel work (in parallel with other endpoints), and undo
+//! the allocation if the kernel work fails, so a failed ADD leaves nothing behind. Operations
+//! on the same endpoint are serialized by a per-endpoint lock.
+
+pub mod record;
+pub mod state;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use tokio::sync::{OwnedMutexGuard, watch};
+use tracing::{info, warn};
+
+use self::record::{EndpointRecord, Kind, cni_id};
+use self::state::{AttachReserve, CniReserve, StateHandle};
+use crate::addr::AddrRequest;
+use crate::dataplane::netns::Netns;
+use crate::dataplane::{Dataplane, EndpointState, KernelError, host_ifname_for};
+use crate::error::ApiError;
+
+/// Whether the agent serves ADD, and why not.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Readiness {
+    pub ready: bool,
+    pub reason: String,
+}
+
+impl Readiness {
+    pub fn starting(reason: impl Into<String>) -> Readiness {
+        Readiness { ready: false, reason: reason.into() }
+    }
+}
+
+/// One lock per key, removed when nobody holds or waits for it.
+#[derive(Debug, Default)]
+struct KeyedLocks {
+    map: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+struct KeyGuard<'a> {
+    locks: &'a KeyedLocks,
+    key: String,
+    guard: Option<OwnedMutexGuard<()>>,
+}
+
+impl Drop for KeyGuard<'_> {
+    fn drop(&mut self) {
+        self.guard.take();
+        let mut map = self.locks.map.lock().unwrap_or_else(|p| p.into_inner());
+        if map.get(&self.key).is_some_and(|m| Arc::strong_count(m) == 1) {
+            map.remove(&self.key);
+        }
+    }
+}
+
+impl KeyedLocks {
+    async fn lock(&self, key: &str) -> KeyGuard<'_> {
+        let m = {
+            let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+            map.entry(key.to_owned()).or_default().clone()
+        };
+        let guard = m.lock_owned().await;
+        KeyGuard { locks: self, key: key.to_owned(), guard: Some(guard) }
+    }
+}
+
+/// A CNI ADD.
+#[derive(Clone, Debug)]
+pub struct CniAdd {
+    pub reserve: CniReserve,
+    pub wait_ready: Duration,
+}
+
+/// The outcome of an ADD.
+#[derive(Clone, Debug)]
+pub struct CniAdded {
+    pub record: EndpointRecord,
+    pub kernel: EndpointState,
+}
+
+#[derive(Debug)]
+struct Inner {
+    state: StateHandle,
+    dp: Arc<dyn Dataplane>,
+    locks: KeyedLocks,
+    ready: watch::Receiver<Readiness>,
+    bridge: String,
+}
+
+/// The endpoint service (cheap to clone).
+#[derive(Clone, Debug)]
+pub struct Endpoints {
+    inner: Arc<Inner>,
+}
+
+async fn blocking<R: Send + 'static>(
+    f: impl FnOnce() -> Result<R, KernelError> + Send + 'static,
+) -> Result<R, ApiError> {
+    tokio::task::spawn_blocking(f).await.map_err(|_| ApiError::Stopped)?.map_err(ApiError::from)
+}
+
+fn validate_ifname(name: &str) -> Result<(), ApiError> {
+    let ok = !name.is_empty()
+        && name.len() <= 15
+        && name != "."
+        && name != ".."
+        && !name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace());
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::invalid("ifname", format!("{name:?} is not a valid interface name")))
+    }
+}
+
+fn check_netns(path: &Path) -> Result<(), ApiError> {
+    Netns::open(path).map(drop).map_err(|e| ApiError::Netns(e.to_string()))
+}
+
+impl Endpoints {
+    pub fn new(
+        state: StateHandle,
+        dp: Arc<dyn Dataplane>,
+        ready: watch::Receiver<Readiness>,
+        bridge: String,
+    ) -> Endpoints {
+        Endpoints {
+            inner: Arc::new(Inner { state, dp, locks: KeyedLocks::default(), ready, bridge }),
+        }
+    }
+
+    pub fn state(&self) -> &StateHandle {
+        &self.inner.state
+    }
+
+    /// Waits until the agent is ready, at most `budget`.
+    async fn wait_ready(&self, budget: Duration) -> Result<(), ApiError> {
+        let mut rx = self.inner.ready.clone();
+        let waited = tokio::time::timeout(budget, rx.wait_for(|r| r.ready)).await;
+        match waited {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(ApiError::Stopped),
+            Err(_) => Err(ApiError::NotReady(self.inner.ready.borrow().reason.clone())),
+        }
+    }
+
+    /// Sets up the kernel side of `rec`; on failure removes the interface and the record.
+    async fn realize(&self, rec: EndpointRecord) -> Result<EndpointState, ApiError> {
+        let spec = rec
+            .spec(&self.inner.bridge)
+            .ok_or_else(|| ApiError::invalid("netns", "endpoint without namespace"))?;
+        let dp = self.inner.dp.clone();
+        match blocking(move || dp.setup_endpoint(&spec)).await {
+            Ok(st) => {
+                let (id, host_mac, mac) = (rec.id.clone(), st.host_mac, st.container_mac);
+                self.inner.state.call(move |s| s.note_macs(&id, host_mac, mac)).await?;
+                Ok(st)
+            }
+            Err(e) => {
+                warn!(endpoint = %rec.id, error = %e, "endpoint setup failed; rolling back");
+                self.discard(&rec.id, &rec.host_ifname).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Removes an endpoint's interface and record, logging (not returning) failures: used on
+    /// paths that already report another error.
+    async fn discard(&self, id: &str, host_ifname: &str) {
+        let dp = self.inner.dp.clone();
+        let ifname = host_ifname.to_owned();
+        if let Err(e) = blocking(move || dp.teardown_endpoint(&ifname)).await {
+            warn!(endpoint = %id, error = %e, "could not remove the interface");
+        }
+        let id2 = id.to_owned();
+        if let Err(e) = self.inner.state.call(move |s| s.remove(&id2)).await.and_then(|r| r) {
+            warn!(endpoint = %id, error = %e, "could not release the endpoint");
+        }
+    }
+
+    pub async fn cni_add(&self, req: CniAdd) -> Result<CniAdded, ApiError> {
+        validate_ifname(&req.reserve.ifname)?;
+        check_netns(&req.reserve.netns)?;
+        self.wait_ready(req.wait_ready).await?;
+        let id = cni_id(&req.reserve.container_id, &req.reserve.ifname);
+        let _guard = self.inner.locks.lock(&id).await;
+        let reserve = req.reserve;
+        let record = self.inner.state.call(move |s| s.reserve_cni(reserve)).await??;
+        let kernel = self.realize(record.clone()).await?;
+        Ok(CniAdded { record, kernel })
+    }
+
+    /// Removes an attachment; `Ok(false)` when nothing was known about it.
+    pub async fn cni_del(&self, container_id: &str, ifname: &str) -> Result<bool, ApiError> {
+        let id = cni_id(container_id, ifname);
+        self.remove_endpoint(&id).await
+    }
+
+    async fn remove_endpoint(&self, id: &str) -> Result<bool, ApiError> {
+        let _guard = self.inner.locks.lock(id).await;
+        let id_owned = id.to_owned();
+        let rec = self.inner.state.call(move |s| s.record(&id_owned)).await?;
+        // The interface name is derived from the id, so an interface left over by a crash is
+        // found even when no record exists.
+        let host_ifname =
+            rec.as_ref().map(|r| r.host_ifname.clone()).unwrap_or_else(|| host_ifname_for(id));
+        let dp = self.inner.dp.clone();
+        blocking(move || dp.teardown_endpoint(&host_ifname)).await?;
+        let id_owned = id.to_owned();
+        let removed = self.inner.state.call(move |s| s.remove(&id_owned)).await??;
+        Ok(removed.is_some())
+    }
+
+    pub async fn cni_check(
+        &self,
+        container_id: &str,
+        ifname: &str,
+        netns: &Path,
+        expected: Vec<IpNet>,
+    ) -> Result<(), ApiError> {
+        check_netns(netns)?;
+        let id = cni_id(container_id, ifname);
+        let id2 = id.clone();
+        let rec =
+            self.inner.state.call(move |s| s.record(&id2)).await?.ok_or(ApiError::Unknown(id))?;
+        if rec.netns.as_deref() != Some(netns) {
+            return Err(ApiError::CheckFailed(format!(
+                "the attachment lives in {}, not {}",
+                rec.netns.as_deref().map(|p| p.display().to_string()).unwrap_or_default(),
+                netns.display()
+            )));
+        }
+        if let Some(missing) = expected.iter().find(|e| !rec.addresses.contains(e)) {
+            return Err(ApiError::CheckFailed(format!(
+                "{missing} from prevResult is not allocated to this attachment"
+            )));
+        }
+        let spec = rec
+            .spec(&self.inner.bridge)
+            .ok_or_else(|| ApiError::CheckFailed("no namespace".into()))?;
+        let dp = self.inner.dp.clone();
+        blocking(move || dp.check_endpoint(&spec)).await
+    }
+
+    /// Releases every CNI attachment of `network` not in `valid`.
+    pub async fn cni_gc(&self, network: &str, valid: &[(String, String)]) -> Result<u32, ApiError> {
+        let keep: std::collections::HashSet<String> =
+            valid.iter().map(|(c, i)| cni_id(c, i)).collect();
+        let network = network.to_owned();
+        let stale: Vec<String> = self
+            .inner
+            .state
+            .call(move |s| {
+                s.records()
+                    .into_iter()
+                    .filter(|r| {
+                        r.kind == Kind::Cni && r.network.as_deref() == Some(network.as_str())
+                    })
+                    .map(|r| r.id)
+                    .collect()
+            })
+            .await?;
+        let mut released = 0;
+        for id in stale.into_iter().filter(|id| !keep.contains(id)) {
+            info!(endpoint = %id, "GC: releasing an attachment the runtime no longer knows");
+            if self.remove_endpoint(&id).await? {
+                released += 1;
+            }
+        }
+        Ok(released)
+    }
+
+    /// `weft attach`: returns the record and the addresses this call added.
+    pub async fn attach(
+        &self,
+        req: AttachReserve,
+    ) -> Result<(EndpointRecord, Vec<IpNet>), ApiError> {
+        validate_ifname(&req.ifname)?;
+        check_netns(&req.netns)?;
+        let _guard = self.inner.locks.lock(&req.id).await;
+        let (record, added) = self.inner.state.call(move |s| s.reserve_attach(req)).await??;
+        self.realize(record.clone()).await?;
+        Ok((record, added))
+    }
+
+    /// `weft detach`: removes the named addresses (all when `reqs` is empty), and the
+    /// interface once none is left. Returns the removed addresses, `None` if unknown.
+    pub async fn detach(
+        &self,
+        id: &str,
+        reqs: Vec<AddrRequest>,
+    ) -> Result<Option<Vec<IpNet>>, ApiError> {
+        let _guard = self.inner.locks.lock(id).await;
+        let id_owned = id.to_owned();
+        let Some((rec, removed)) =
+            self.inner.state.call(move |s| s.detach_selection(&id_owned, &reqs)).await?
+        else {
+            return Ok(None);
+        };
+        if removed.len() == rec.addresses.len() {
+            drop(_guard);
+            self.remove_endpoint(id).await?;
+            return Ok(Some(removed));
+        }
+        if let Some(spec) = rec.spec(&self.inner.bridge) {
+            let dp = self.inner.dp.clone();
+            let addrs = removed.clone();
+            // A namespace that is gone has no addresses left to remove.
+            match blocking(move || dp.remove_addresses(&spec, &addrs)).await {
+                Ok(()) | Err(ApiError::Netns(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let (id_owned, addrs) = (id.to_owned(), removed.clone());
+        self.inner.state.call(move |s| s.drop_addresses(&id_owned, &addrs)).await??;
+        Ok(Some(removed))
+    }
+
+    pub async fn expose(&self, reqs: Vec<AddrRequest>) -> Result<Vec<IpNet>, ApiError> {
+        let (named, _) = self.inner.state.call(move |s| s.expose(&reqs)).await??;
+        Ok(named)
+    }
+
+    pub async fn hide(&self, reqs: Vec<AddrRequest>) -> Result<Vec<IpNet>, ApiError> {
+        self.inner.state.call(move |s| s.hide(&reqs)).await?
+    }
+
+    pub async fn list(&self) -> Result<Vec<EndpointRecord>, ApiError> {
+        self.inner.state.call(|s| s.records()).await
+    }
+
+    /// Start-up and periodic repair: endpoints whose namespace is gone are released, the
+    /// others are set up again if anything was lost; host interfaces that belong to no
+    /// endpoint are removed.
+    pub async fn reconcile(&self, remove_orphans: bool) -> Result<(), ApiError> {
+        let records = self.list().await?;
+        for rec in records.iter().filter(|r| r.netns.is_some()) {
+            let netns = rec.netns.clone().unwrap_or_default();
+            if !crate::dataplane::netns_exists(&netns) {
+                info!(endpoint = %rec.id, netns = %netns.display(), "namespace is gone; releasing the endpoint");
+                let _guard = self.inner.locks.lock(&rec.id).await;
+                self.discard(&rec.id, &rec.host_ifname).await;
+                continue;
+            }
+            let Some(spec) = rec.spec(&self.inner.bridge) else { continue };
+            let dp = self.inner.dp.clone();
+            let _guard = self.inner.locks.lock(&rec.id).await;
+            let spec2 = spec.clone();
+            if blocking(move || dp.check_endpoint(&spec2)).await.is_err() {
+                let dp = self.inner.dp.clone();
+                match blocking(move || dp.setup_endpoint(&spec)).await {
+                    Ok(_) => info!(endpoint = %rec.id, "endpoint repaired"),
+                    Err(e) => {
+                        warn!(endpoint = %rec.id, error = %e, "endpoint could not be repaired")
+                    }
+                }
+            }
+        }
+        if remove_orphans {
+            let known: std::collections::HashSet<String> =
+                records.iter().map(|r| r.host_ifname.clone()).collect();
+            let dp = self.inner.dp.clone();
+            let links = blocking(move || dp.endpoint_links()).await?;
+            for link in links.into_iter().filter(|l| !known.contains(l)) {
+                info!(interface = %link, "removing an interface that belongs to no endpoint");
+                let dp = self.inner.dp.clone();
+                let l2 = link.clone();
+                if let Err(e) = blocking(move || dp.teardown_endpoint(&l2)).await {
+                    warn!(interface = %link, error = %e, "could not remove interface");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reprograms the bridge and firewall if they drifted.
+    pub async fn reconcile_bridge(&self) -> Result<(), ApiError> {
+        self.inner.state.call(|s| s.program_bridge(false)).await?
+    }
+
+    /// Carries out DEL requests that `weft-cni` queued while the agent was down.
+    pub async fn drain_del_queue(&self, dir: &Path) -> usize {
+        let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+        let mut done = 0;
+        let files: Vec<PathBuf> = entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "del"))
+            .collect();
+        for path in files {
+            let parsed = std::fs::read(&path).ok().and_then(|b| {
+                <weft_api::v1::CniDelRequest as prost::Message>::decode(b.as_slice()).ok()
+            });
+            let Some(req) = parsed else {
+                warn!(file = %path.display(), "unreadable queued DEL; removing it");
+                let _ = std::fs::remove_file(&path);
+                continue;
+            };
+            match self.cni_del(&req.container_id, &req.ifname).await {
+                Ok(found) => {
+                    info!(container = %req.container_id, ifname = %req.ifname, found, "queued DEL carried out");
+                    let _ = std::fs::remove_file(&path);
+                    done += 1;
+                }
+                Err(e) => {
+                    warn!(container = %req.container_id, error = %e, "queued DEL failed; will retry")
+                }
+            }
+        }
+        done
+    }
+}

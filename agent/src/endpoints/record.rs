@@ -1,0 +1,166 @@
+//! The persisted description of an endpoint: enough to set it up again, check it, release it
+//! and show it, after any restart.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::dataplane::{EndpointSpec, Mac, RouteSpec};
+
+/// The id of the host's own bridge addresses (Weave's `weave:expose`).
+pub const EXPOSE_ID: &str = "weft:expose";
+
+/// How the endpoint came to be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// A pod set up through CNI ADD.
+    Cni,
+    /// A namespace attached with `weft attach`.
+    Attach,
+    /// The host's own addresses on the bridge (`weft expose`).
+    Expose,
+}
+
+/// Kubernetes identity of a pod endpoint.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+    #[serde(default)]
+    pub uid: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Route {
+    pub destination: IpNet,
+    #[serde(default)]
+    pub gateway: Option<IpAddr>,
+}
+
+/// One endpoint, as persisted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointRecord {
+    pub id: String,
+    pub kind: Kind,
+    /// Namespace path; `None` for the expose pseudo-endpoint.
+    #[serde(default)]
+    pub netns: Option<PathBuf>,
+    #[serde(default)]
+    pub ifname: String,
+    #[serde(default)]
+    pub host_ifname: String,
+    pub addresses: Vec<IpNet>,
+    #[serde(default)]
+    pub routes: Vec<Route>,
+    #[serde(default)]
+    pub mtu: u32,
+    #[serde(default)]
+    pub hairpin: bool,
+    /// CNI network name (GC scope).
+    #[serde(default)]
+    pub network: Option<String>,
+    #[serde(default)]
+    pub container_id: Option<String>,
+    #[serde(default)]
+    pub pod: Option<PodRef>,
+    /// DNS name registered for the endpoint.
+    #[serde(default)]
+    pub hostname: Option<String>,
+    #[serde(default, with = "mac_opt")]
+    pub mac: Option<Mac>,
+    #[serde(default, with = "mac_opt")]
+    pub host_mac: Option<Mac>,
+    /// Unix time of creation.
+    #[serde(default)]
+    pub created: u64,
+}
+
+impl EndpointRecord {
+    /// The kernel state this record asks for (endpoints with a namespace only).
+    pub fn spec(&self, bridge: &str) -> Option<EndpointSpec> {
+        Some(EndpointSpec {
+            bridge: bridge.to_owned(),
+            host_ifname: self.host_ifname.clone(),
+            netns: self.netns.clone()?,
+            ifname: self.ifname.clone(),
+            mtu: self.mtu,
+            mac: self.mac,
+            addresses: self.addresses.clone(),
+            routes: self
+                .routes
+                .iter()
+                .map(|r| RouteSpec { destination: r.destination, gateway: r.gateway })
+                .collect(),
+            hairpin: self.hairpin,
+        })
+    }
+}
+
+mod mac_opt {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::dataplane::Mac;
+
+    pub fn serialize<S: Serializer>(m: &Option<Mac>, s: S) -> Result<S::Ok, S::Error> {
+        match m {
+            Some(m) => s.serialize_some(&m.to_string()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Mac>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|s| s.parse().map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+/// The CNI attachment id: container id and interface name (the pair CNI identifies attachments by).
+pub fn cni_id(container_id: &str, ifname: &str) -> String {
+    format!("{container_id}/{ifname}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_tolerate_missing_fields() {
+        let r = EndpointRecord {
+            id: cni_id("c1", "eth0"),
+            kind: Kind::Cni,
+            netns: Some("/run/netns/x".into()),
+            ifname: "eth0".into(),
+            host_ifname: "vweft0".into(),
+            addresses: vec!["10.32.0.2/12".parse().unwrap()],
+            routes: vec![Route {
+                destination: "0.0.0.0/0".parse().unwrap(),
+                gateway: "10.32.0.1".parse().ok(),
+            }],
+            mtu: 1450,
+            hairpin: true,
+            network: Some("weft".into()),
+            container_id: Some("c1".into()),
+            pod: Some(PodRef {
+                namespace: "default".into(),
+                name: "web".into(),
+                uid: String::new(),
+            }),
+            hostname: None,
+            mac: Some("0a:58:0a:20:00:02".parse().unwrap()),
+            host_mac: None,
+            created: 1,
+        };
+        let json = serde_json::to_string(&r).unwrap();
+        assert_eq!(serde_json::from_str::<EndpointRecord>(&json).unwrap(), r);
+        let minimal: EndpointRecord = serde_json::from_str(
+            r#"{"id":"weft:expose","kind":"expose","addresses":["10.32.0.1/12"]}"#,
+        )
+        .unwrap();
+        assert_eq!(minimal.kind, Kind::Expose);
+        assert!(minimal.spec("weft").is_none());
+    }
+}

@@ -1,0 +1,589 @@
+//! The owner of the endpoint records, the allocator and the bridge's own addresses. It runs on
+//! one dedicated thread and is reached only through [`StateHandle::call`], so every change is
+//! serialized, and every change is persisted before the caller hears about it. The bridge and
+//! the firewall table are derived from this state, so they are (re)programmed from here too:
+//! nobody can apply an older picture over a newer one.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+
+use super::record::{EXPOSE_ID, EndpointRecord, Kind, PodRef, Route};
+use crate::addr::AddrRequest;
+use crate::dataplane::nft::{OverlayFirewall, Table as NftTable};
+use crate::dataplane::{BridgeSpec, Dataplane, Mac, host_ifname_for};
+use crate::error::ApiError;
+use crate::ipam::Allocator;
+use crate::status::report::{BridgeReport, IpamReport};
+use crate::store::{Op, Store, Table};
+
+/// Fixed settings of the state owner.
+#[derive(Clone, Debug)]
+pub struct StateConfig {
+    pub bridge: String,
+    pub bridge_mac: Mac,
+    pub mtu: u32,
+    pub firewall_table: String,
+}
+
+/// A CNI ADD as the state needs it.
+#[derive(Clone, Debug)]
+pub struct CniReserve {
+    pub container_id: String,
+    pub ifname: String,
+    pub netns: PathBuf,
+    pub network: String,
+    pub mtu: Option<u32>,
+    pub hairpin: bool,
+    pub pod: Option<PodRef>,
+    pub requests: Vec<AddrRequest>,
+}
+
+/// A `weft attach`.
+#[derive(Clone, Debug)]
+pub struct AttachReserve {
+    pub id: String,
+    pub netns: PathBuf,
+    pub ifname: String,
+    pub requests: Vec<AddrRequest>,
+    pub hostname: Option<String>,
+}
+
+/// The state owner.
+pub struct State {
+    store: Store,
+    dp: Arc<dyn Dataplane>,
+    cfg: StateConfig,
+    records: BTreeMap<String, EndpointRecord>,
+    alloc: Allocator,
+    last_bridge_repairs: Vec<String>,
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State").field("records", &self.records.len()).finish_non_exhaustive()
+    }
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl State {
+    /// Loads the records and rebuilds the allocator from them.
+    pub fn load(
+        store: Store,
+        dp: Arc<dyn Dataplane>,
+        cfg: StateConfig,
+        mut alloc: Allocator,
+    ) -> Result<State, ApiError> {
+        let loaded: Vec<(String, EndpointRecord)> = store.all(Table::Endpoints)?;
+        let mut records = BTreeMap::new();
+        for (id, rec) in loaded {
+            for a in &rec.addresses {
+                if let Err(e) = alloc.claim(&id, *a) {
+                    warn!(endpoint = %id, address = %a, error = %e, "persisted address could not be reclaimed");
+                }
+            }
+            records.insert(id, rec);
+        }
+        info!(endpoints = records.len(), used = alloc.used_count(), "loaded persisted endpoints");
+        Ok(State { store, dp, cfg, records, alloc, last_bridge_repairs: Vec::new() })
+    }
+
+    pub fn record(&self, id: &str) -> Option<EndpointRecord> {
+        self.records.get(id).cloned()
+    }
+
+    pub fn records(&self) -> Vec<EndpointRecord> {
+        self.records.values().cloned().collect()
+    }
+
+    fn persist(&self, recs: &[&EndpointRecord], deleted: &[&str]) -> Result<(), ApiError> {
+        let mut ops = Vec::new();
+        for r in recs {
+            ops.push(Op::put(Table::Endpoints, r.id.clone(), *r)?);
+        }
+        for id in deleted {
+            ops.push(Op::Delete(Table::Endpoints, (*id).to_owned()));
+        }
+        Ok(self.store.write(&ops)?)
+    }
+
+    /// Resolves a static address without prefix to the prefix of its subnet.
+    fn with_prefix(&self, net: IpNet) -> IpNet {
+        if net.prefix_len() != 0 {
+            return net;
+        }
+        let ip = net.addr();
+        let len = if self.alloc.default_subnet().contains(&ip) {
+            self.alloc.default_subnet().prefix_len()
+        } else if self.alloc.range().contains(&ip) {
+            self.alloc.range().prefix_len()
+        } else {
+            IpNet::from(ip).prefix_len()
+        };
+        IpNet::new(ip, len).unwrap_or_else(|_| IpNet::from(ip))
+    }
+
+    /// Gives `id` an address for `req`, reusing one it already has in the same subnet.
+    fn assign(
+        &mut self,
+        id: &str,
+        have: &[IpNet],
+        req: AddrRequest,
+    ) -> Result<(IpNet, bool), ApiError> {
+        let subnet = match req {
+            AddrRequest::Default => self.alloc.default_subnet(),
+            AddrRequest::Subnet(n) => n,
+            AddrRequest::Static(n) => {
+                let n = self.with_prefix(n);
+                if have.iter().any(|h| h.addr() == n.addr()) {
+                    return Ok((n, false));
+                }
+                self.alloc.claim(id, n)?;
+                return Ok((n, true));
+            }
+        };
+        if let Some(h) = have
+            .iter()
+            .find(|h| subnet.contains(&h.addr()) && h.prefix_len() == subnet.prefix_len())
+        {
+            return Ok((*h, false));
+        }
+        Ok((self.alloc.allocate(id, subnet)?, true))
+    }
+
+    /// Assigns all requests or none.
+    fn assign_all(
+        &mut self,
+        id: &str,
+        have: &[IpNet],
+        reqs: &[AddrRequest],
+    ) -> Result<Vec<(IpNet, bool)>, ApiError> {
+        let mut out: Vec<(IpNet, bool)> = Vec::new();
+        for r in reqs {
+            let mut known: Vec<IpNet> = have.to_vec();
+            known.extend(out.iter().map(|(n, _)| *n));
+            match self.assign(id, &known, *r) {
+                Ok(a) => out.push(a),
+                Err(e) => {
+                    for (n, new) in &out {
+                        if *new {
+                            self.alloc.release(n.addr());
+                        }
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The subnet an address request allocates in.
+    fn subnet_of(&self, req: AddrRequest) -> Option<IpNet> {
+        match req {
+            AddrRequest::Default => Some(self.alloc.default_subnet()),
+            AddrRequest::Subnet(n) => Some(n),
+            AddrRequest::Static(n) => Some(self.with_prefix(n).trunc()),
+        }
+    }
+
+    /// The bridge address that serves as gateway in `subnet`, exposing one if needed.
+    fn gateway_for(&mut self, subnet: IpNet) -> Result<Option<IpAddr>, ApiError> {
+        let exposed = self.records.get(EXPOSE_ID).map(|r| r.addresses.clone()).unwrap_or_default();
+        if let Some(gw) = exposed.iter().find(|e| e.trunc() == subnet) {
+            return Ok(Some(gw.addr()));
+        }
+        if self.alloc.validate_subnet(subnet).is_err() {
+            return Ok(None); // outside the range: weft cannot pick a gateway there
+        }
+        let (added, _) = self.expose(&[AddrRequest::Subnet(subnet)])?;
+        Ok(added.first().map(IpNet::addr))
+    }
+
+    /// CNI ADD, allocation half: the record to set up (existing one if the ADD is repeated).
+    pub fn reserve_cni(&mut self, req: CniReserve) -> Result<EndpointRecord, ApiError> {
+        let id = super::record::cni_id(&req.container_id, &req.ifname);
+        if let Some(existing) = self.records.get(&id) {
+            if existing.netns.as_ref() == Some(&req.netns) {
+                return Ok(existing.clone());
+            }
+            // Same attachment, new namespace (the runtime re-created the sandbox): keep the
+            // addresses, move the interface.
+            let mut moved = existing.clone();
+            moved.netns = Some(req.netns);
+            self.persist(&[&moved], &[])?;
+            self.records.insert(id, moved.clone());
+            return Ok(moved);
+        }
+        let reqs =
+            if req.requests.is_empty() { vec![AddrRequest::Default] } else { req.requests.clone() };
+        // The gateway first, so that the bridge gets the first address of a fresh subnet.
+        let gateway = match self.subnet_of(reqs[0]) {
+            Some(subnet) if subnet.addr().is_ipv4() => self.gateway_for(subnet)?,
+            _ => None,
+        };
+        let assigned = self.assign_all(&id, &[], &reqs)?;
+        let addresses: Vec<IpNet> = assigned.iter().map(|(n, _)| *n).collect();
+        let first_v4 = addresses.iter().find(|a| a.addr().is_ipv4()).copied();
+        let routes = gateway
+            .map(|gw| {
+                vec![Route {
+                    destination: IpNet::new(IpAddr::from([0u8; 4]), 0).unwrap_or_default(),
+                    gateway: Some(gw),
+                }]
+            })
+            .unwrap_or_default();
+        let rec = EndpointRecord {
+            id: id.clone(),
+            kind: Kind::Cni,
+            netns: Some(req.netns),
+            ifname: req.ifname,
+            host_ifname: host_ifname_for(&id),
+            addresses,
+            routes,
+            mtu: req.mtu.unwrap_or(self.cfg.mtu),
+            hairpin: req.hairpin,
+            network: Some(req.network),
+            container_id: Some(req.container_id),
+            pod: req.pod,
+            hostname: None,
+            mac: first_v4.and_then(|a| match a.addr() {
+                IpAddr::V4(v4) => Some(Mac::for_ipv4(v4)),
+                IpAddr::V6(_) => None,
+            }),
+            host_mac: None,
+            created: now_secs(),
+        };
+        if let Err(e) = self.persist(&[&rec], &[]) {
+            self.alloc.release_owner(&id);
+            return Err(e);
+        }
+        self.records.insert(id, rec.clone());
+        Ok(rec)
+    }
+
+    /// Remembers the MACs the kernel reported (shown by `weft ps`; not needed for recovery,
+    /// so written without forcing an extra sync ordering on anyone).
+    pub fn note_macs(&mut self, id: &str, host_mac: Mac, mac: Mac) {
+        if let Some(r) = self.records.get_mut(id) {
+            if r.host_mac != Some(host_mac) || r.mac != Some(mac) {
+                r.host_mac = Some(host_mac);
+                r.mac = Some(mac);
+                let r = r.clone();
+                if let Err(e) = self.persist(&[&r], &[]) {
+                    warn!(endpoint = %id, error = %e, "could not persist MAC addresses");
+                }
+            }
+        }
+    }
+
+    /// Forgets an endpoint and releases its addresses. The caller has removed its interface.
+    pub fn remove(&mut self, id: &str) -> Result<Option<EndpointRecord>, ApiError> {
+        if !self.records.contains_key(id) {
+            return Ok(None);
+        }
+        self.persist(&[], &[id])?;
+        self.alloc.release_owner(id);
+        Ok(self.records.remove(id))
+    }
+
+    /// `weft attach`, allocation half: the record with every requested address, and which
+    /// of them are new.
+    pub fn reserve_attach(
+        &mut self,
+        req: AttachReserve,
+    ) -> Result<(EndpointRecord, Vec<IpNet>), ApiError> {
+        let have = self.records.get(&req.id).map(|r| r.addresses.clone()).unwrap_or_default();
+        let reqs =
+            if req.requests.is_empty() { vec![AddrRequest::Default] } else { req.requests.clone() };
+        let assigned = self.assign_all(&req.id, &have, &reqs)?;
+        let added: Vec<IpNet> =
+            assigned.iter().filter(|(n, _)| !have.contains(n)).map(|(n, _)| *n).collect();
+        let mut rec = self.records.get(&req.id).cloned().unwrap_or_else(|| EndpointRecord {
+            id: req.id.clone(),
+            kind: Kind::Attach,
+            netns: Some(req.netns.clone()),
+            ifname: req.ifname.clone(),
+            host_ifname: host_ifname_for(&req.id),
+            addresses: Vec::new(),
+            routes: Vec::new(),
+            mtu: self.cfg.mtu,
+            hairpin: false,
+            network: None,
+            container_id: None,
+            pod: None,
+            hostname: None,
+            mac: None,
+            host_mac: None,
+            created: now_secs(),
+        });
+        rec.addresses.extend(added.iter().copied());
+        if rec.mac.is_none() {
+            rec.mac = rec.addresses.iter().find_map(|a| match a.addr() {
+                IpAddr::V4(v4) => Some(Mac::for_ipv4(v4)),
+                IpAddr::V6(_) => None,
+            });
+        }
+        if req.hostname.is_some() {
+            rec.hostname = req.hostname;
+        }
+        if let Err(e) = self.persist(&[&rec], &[]) {
+            for a in &added {
+                self.alloc.release(a.addr());
+            }
+            return Err(e);
+        }
+        self.records.insert(req.id, rec.clone());
+        Ok((rec, added))
+    }
+
+    /// Which of `id`'s addresses `reqs` name (all when empty). No IPAM interaction: detaching
+    /// must work even when allocation is impossible.
+    fn select(&self, rec: &EndpointRecord, reqs: &[AddrRequest]) -> Vec<IpNet> {
+        if reqs.is_empty() {
+            return rec.addresses.clone();
+        }
+        rec.addresses
+            .iter()
+            .filter(|a| {
+                reqs.iter().any(|r| match r {
+                    AddrRequest::Default => self.alloc.default_subnet().contains(&a.addr()),
+                    AddrRequest::Subnet(n) => n.contains(&a.addr()),
+                    AddrRequest::Static(n) => n.addr() == a.addr(),
+                })
+            })
+            .copied()
+            .collect()
+    }
+
+    /// Addresses of `id` that a detach of `reqs` would remove.
+    pub fn detach_selection(
+        &self,
+        id: &str,
+        reqs: &[AddrRequest],
+    ) -> Option<(EndpointRecord, Vec<IpNet>)> {
+        let rec = self.records.get(id)?;
+        Some((rec.clone(), self.select(rec, reqs)))
+    }
+
+    /// Drops `addrs` from `id` (the caller removed them from the interface).
+    pub fn drop_addresses(&mut self, id: &str, addrs: &[IpNet]) -> Result<(), ApiError> {
+        let Some(mut rec) = self.records.get(id).cloned() else { return Ok(()) };
+        rec.addresses.retain(|a| !addrs.contains(a));
+        self.persist(&[&rec], &[])?;
+        for a in addrs {
+            self.alloc.release(a.addr());
+        }
+        self.records.insert(id.to_owned(), rec);
+        Ok(())
+    }
+
+    /// Puts addresses on the bridge (`weft expose`); idempotent. Returns the addresses the
+    /// request names and the full exposed list.
+    pub fn expose(&mut self, reqs: &[AddrRequest]) -> Result<(Vec<IpNet>, Vec<IpNet>), ApiError> {
+        let have = self.records.get(EXPOSE_ID).map(|r| r.addresses.clone()).unwrap_or_default();
+        let reqs = if reqs.is_empty() { vec![AddrRequest::Default] } else { reqs.to_vec() };
+        let assigned = self.assign_all(EXPOSE_ID, &have, &reqs)?;
+        let named: Vec<IpNet> = assigned.iter().map(|(n, _)| *n).collect();
+        let mut rec = self.records.get(EXPOSE_ID).cloned().unwrap_or_else(|| EndpointRecord {
+            id: EXPOSE_ID.to_owned(),
+            kind: Kind::Expose,
+            netns: None,
+            ifname: self.cfg.bridge.clone(),
+            host_ifname: String::new(),
+            addresses: Vec::new(),
+            routes: Vec::new(),
+            mtu: self.cfg.mtu,
+            hairpin: false,
+            network: None,
+            container_id: None,
+            pod: None,
+            hostname: None,
+            mac: Some(self.cfg.bridge_mac),
+            host_mac: None,
+            created: now_secs(),
+        });
+        let before = rec.addresses.len();
+        for n in &named {
+            if !rec.addresses.contains(n) {
+                rec.addresses.push(*n);
+            }
+        }
+        if rec.addresses.len() != before {
+            if let Err(e) = self.persist(&[&rec], &[]) {
+                for (n, new) in &assigned {
+                    if *new {
+                        self.alloc.release(n.addr());
+                    }
+                }
+                return Err(e);
+            }
+            self.records.insert(EXPOSE_ID.to_owned(), rec.clone());
+            self.reprogram_bridge();
+        }
+        Ok((named, rec.addresses))
+    }
+
+    /// Removes addresses from the bridge (`weft hide`); all when `reqs` is empty.
+    pub fn hide(&mut self, reqs: &[AddrRequest]) -> Result<Vec<IpNet>, ApiError> {
+        let Some(rec) = self.records.get(EXPOSE_ID) else { return Ok(Vec::new()) };
+        let removed = self.select(rec, reqs);
+        if removed.is_empty() {
+            return Ok(removed);
+        }
+        let mut rec = rec.clone();
+        rec.addresses.retain(|a| !removed.contains(a));
+        if rec.addresses.is_empty() {
+            self.persist(&[], &[EXPOSE_ID])?;
+            self.records.remove(EXPOSE_ID);
+        } else {
+            self.persist(&[&rec], &[])?;
+            self.records.insert(EXPOSE_ID.to_owned(), rec);
+        }
+        for a in &removed {
+            self.alloc.release(a.addr());
+        }
+        self.reprogram_bridge();
+        Ok(removed)
+    }
+
+    pub fn exposed(&self) -> Vec<IpNet> {
+        self.records.get(EXPOSE_ID).map(|r| r.addresses.clone()).unwrap_or_default()
+    }
+
+    pub fn bridge_spec(&self) -> BridgeSpec {
+        BridgeSpec {
+            name: self.cfg.bridge.clone(),
+            mtu: self.cfg.mtu,
+            mac: self.cfg.bridge_mac,
+            addresses: self.exposed(),
+        }
+    }
+
+    /// weft's nftables table for the current range and exposed subnets (IPv4).
+    pub fn firewall(&self) -> Option<NftTable> {
+        let IpNet::V4(range) = self.alloc.range() else { return None };
+        let exposed = self
+            .exposed()
+            .into_iter()
+            .filter_map(|n| match n.trunc() {
+                IpNet::V4(v4) => Some(v4),
+                IpNet::V6(_) => None,
+            })
+            .collect();
+        Some(
+            OverlayFirewall {
+                table: self.cfg.firewall_table.clone(),
+                bridge: self.cfg.bridge.clone(),
+                range,
+                exposed,
+            }
+            .table(),
+        )
+    }
+
+    /// Makes the bridge and the firewall match the state; logs what had to be repaired.
+    /// `force` rewrites the firewall table even when it looks intact (its content changed).
+    pub fn program_bridge(&mut self, force: bool) -> Result<(), ApiError> {
+        let report = self.dp.ensure_bridge(&self.bridge_spec())?;
+        if !report.repairs.is_empty() {
+            info!(bridge = %self.cfg.bridge, repairs = ?report.repairs, "bridge reconciled");
+            self.last_bridge_repairs = report.repairs;
+        }
+        if let Some(table) = self.firewall() {
+            if force || !self.dp.firewall_intact(&table)? {
+                self.dp.apply_firewall(&table)?;
+                info!(table = %table.name, rules = table.rule_count(), "nftables table programmed");
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Self::program_bridge`] after a change of exposed addresses; failures are retried by
+    /// the periodic reconciliation, so they are only logged here.
+    fn reprogram_bridge(&mut self) {
+        if let Err(e) = self.program_bridge(true) {
+            warn!(error = %e, "cannot program the bridge or firewall; will retry");
+        }
+    }
+
+    pub fn ipam_report(&self) -> IpamReport {
+        IpamReport {
+            range: self.alloc.range(),
+            default_subnet: self.alloc.default_subnet(),
+            used: self.alloc.used_count() as u64,
+            free: u64::try_from(self.alloc.free_count()).unwrap_or(u64::MAX),
+            owned: self
+                .alloc
+                .owned()
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{}-{}",
+                        crate::ipam::space::addr(r.start),
+                        crate::ipam::space::addr(r.end - 1)
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    pub fn bridge_report(&self) -> BridgeReport {
+        BridgeReport {
+            name: self.cfg.bridge.clone(),
+            mtu: self.cfg.mtu,
+            mac: self.cfg.bridge_mac.to_string(),
+            addresses: self.exposed(),
+            last_repairs: self.last_bridge_repairs.clone(),
+        }
+    }
+
+    pub fn allocator(&self) -> &Allocator {
+        &self.alloc
+    }
+}
+
+type Job = Box<dyn FnOnce(&mut State) + Send>;
+
+/// The way to the state owner's thread.
+#[derive(Clone, Debug)]
+pub struct StateHandle {
+    tx: mpsc::UnboundedSender<Job>,
+}
+
+impl StateHandle {
+    /// Starts the owner thread.
+    pub fn spawn(mut state: State) -> std::io::Result<(StateHandle, std::thread::JoinHandle<()>)> {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
+        let thread = std::thread::Builder::new().name("weft-state".into()).spawn(move || {
+            while let Some(job) = rx.blocking_recv() {
+                job(&mut state);
+            }
+        })?;
+        Ok((StateHandle { tx }, thread))
+    }
+
+    /// Runs `f` on the state and returns its result.
+    pub async fn call<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut State) -> R + Send + 'static,
+    ) -> Result<R, ApiError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Box::new(move |s| {
+                let _ = tx.send(f(s));
+            }))
+            .map_err(|_| ApiError::Stopped)?;
+        rx.await.map_err(|_| ApiError::Stopped)
+    }
+}

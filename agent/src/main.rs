@@ -1,0 +1,80 @@
+//! `weft`: the agent and its command line. Errors become exit codes here and only here:
+//! 0 success, 1 failure, 2 usage error, 3 the agent is not running.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use weft::cli::client::{self, AttachArgs, CliError};
+use weft::cli::{Cli, Command, launch};
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
+}
+
+async fn run_verb(cli: Cli) -> Result<(), CliError> {
+    let s = &cli.socket;
+    match cli.command {
+        Command::Agent(_) => unreachable!("handled in main"),
+        Command::Launch { args, wait_seconds } => {
+            args.validate(s.clone()).map_err(|e| CliError::Usage(e.to_string()))?;
+            launch::launch(s, &args.state_dir, Duration::from_secs(wait_seconds)).await
+        }
+        Command::Stop { state_dir } => launch::stop(s, &state_dir).await,
+        Command::Status { json } => client::status(s, json).await,
+        Command::Ps { json } => client::ps(s, json).await,
+        Command::Attach { addrs, netns, ifname, id, name, json } => {
+            let args = AttachArgs {
+                addrs: &addrs,
+                netns: &netns,
+                ifname: &ifname,
+                id: id.as_deref(),
+                name: name.as_deref(),
+                json,
+            };
+            client::attach(s, args).await
+        }
+        Command::Detach { addrs, netns, id } => {
+            let id = match (id, netns) {
+                (Some(id), _) => id,
+                (None, Some(p)) => std::path::absolute(&p)
+                    .map_err(|e| CliError::Usage(e.to_string()))?
+                    .display()
+                    .to_string(),
+                (None, None) => return Err(CliError::Usage("give --netns or --id".into())),
+            };
+            client::detach(s, id, &addrs).await
+        }
+        Command::Expose { addrs, json } => client::expose(s, &addrs, json).await,
+        Command::Hide { addrs } => client::hide(s, &addrs).await,
+        Command::Version { json } => client::version(s, json).await,
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Command::Agent(args) = &cli.command {
+        let result = args
+            .validate(cli.socket.clone())
+            .map_err(anyhow::Error::from)
+            .and_then(|cfg| runtime()?.block_on(weft::daemon::run(cfg, &args.log_level)));
+        return match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("weft agent: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let result = match runtime() {
+        Ok(rt) => rt.block_on(run_verb(cli)),
+        Err(e) => Err(CliError::Failed(e.to_string())),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weft: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! Prometheus metrics. Counters and histograms are updated where things happen; gauges that
+//! describe state are refreshed from the status report when `/metrics` is scraped.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::status::report::Report;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CommandLabel {
+    pub command: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CommandResult {
+    pub command: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    pub state: String,
+}
+
+/// All of the agent's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub cni_duration: Family<CommandLabel, Histogram>,
+    pub cni_requests: Family<CommandResult, Counter>,
+    ready: Gauge,
+    ips: Family<StateLabel, Gauge>,
+    endpoints: Family<StateLabel, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("weft");
+        let cni_duration = Family::<CommandLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0005, 2.0, 14))
+        });
+        registry.register(
+            "cni_request_duration_seconds",
+            "Time the agent took to serve a CNI command",
+            cni_duration.clone(),
+        );
+        let cni_requests = Family::<CommandResult, Counter>::default();
+        registry.register("cni_requests", "CNI commands served, by result", cni_requests.clone());
+        let ready = Gauge::default();
+        registry.register("ready", "1 when the agent serves CNI ADD", ready.clone());
+        let ips = Family::<StateLabel, Gauge>::default();
+        registry.register(
+            "ipam_addresses",
+            "Addresses of this peer's space, by state (used, free)",
+            ips.clone(),
+        );
+        let endpoints = Family::<StateLabel, Gauge>::default();
+        registry.register("endpoints", "Endpoints on this host, by kind", endpoints.clone());
+        Metrics { registry, cni_duration, cni_requests, ready, ips, endpoints }
+    }
+
+    /// Records one CNI command.
+    pub fn observe_cni(&self, command: &str, ok: bool, seconds: f64) {
+        self.cni_duration
+            .get_or_create(&CommandLabel { command: command.to_owned() })
+            .observe(seconds);
+        let result = if ok { "ok" } else { "error" }.to_owned();
+        self.cni_requests
+            .get_or_create(&CommandResult { command: command.to_owned(), result })
+            .inc();
+    }
+
+    /// The text exposition, with state gauges taken from `report`.
+    pub fn render(&self, report: &Report) -> String {
+        let set = |f: &Family<StateLabel, Gauge>, state: &str, v: u64| {
+            f.get_or_create(&StateLabel { state: state.to_owned() })
+                .set(i64::try_from(v).unwrap_or(i64::MAX));
+        };
+        self.ready.set(i64::from(report.ready));
+        set(&self.ips, "used", report.ipam.used);
+        set(&self.ips, "free", report.ipam.free);
+        set(&self.endpoints, "cni", u64::from(report.endpoints.cni));
+        set(&self.endpoints, "attached", u64::from(report.endpoints.attached));
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_names_with_the_weft_prefix() {
+        let m = Metrics::new();
+        m.observe_cni("ADD", true, 0.003);
+        let text = m.render(&Report::default());
+        assert!(text.contains("weft_cni_request_duration_seconds_bucket{le="), "{text}");
+        assert!(
+            text.contains("weft_cni_requests_total{command=\"ADD\",result=\"ok\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("weft_ipam_addresses{state=\"used\"} 0"), "{text}");
+    }
+}

@@ -1,0 +1,223 @@
+//! Crash-safe persistence of the agent's state in one redb file in the state directory
+//! (`weft.db`). Every write is one transaction, committed and synced before the caller answers
+//! anyone, so what a client was told survives a crash. Values are JSON with defaulted fields,
+//! so a newer agent reads an older file. Only the owner of each piece of state writes it.
+
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// Named tables. Keys are strings; values are JSON documents.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Table {
+    /// Small singletons: peer name, schema version, configured range...
+    Meta,
+    /// Endpoint records by endpoint id.
+    Endpoints,
+    /// The IP allocation ring and related IPAM state.
+    Ipam,
+    /// Mesh targets and related mesh state.
+    Mesh,
+    /// DNS records owned by this peer.
+    Dns,
+}
+
+impl Table {
+    fn definition(self) -> TableDefinition<'static, &'static str, &'static [u8]> {
+        TableDefinition::new(match self {
+            Table::Meta => "meta",
+            Table::Endpoints => "endpoints",
+            Table::Ipam => "ipam",
+            Table::Mesh => "mesh",
+            Table::Dns => "dns",
+        })
+    }
+
+    const ALL: [Table; 5] = [Table::Meta, Table::Endpoints, Table::Ipam, Table::Mesh, Table::Dns];
+}
+
+/// One change in a write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    Put(Table, String, Vec<u8>),
+    Delete(Table, String),
+}
+
+impl Op {
+    /// A put of `value` encoded as JSON.
+    pub fn put(
+        table: Table,
+        key: impl Into<String>,
+        value: &impl Serialize,
+    ) -> Result<Op, StoreError> {
+        Ok(Op::Put(table, key.into(), serde_json::to_vec(value).map_err(StoreError::Encode)?))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the state file {0} is in use by another weft agent (one agent per --state-dir)")]
+    InUse(PathBuf),
+    #[error("state file {path}: {source}")]
+    Open { path: PathBuf, source: redb::Error },
+    #[error("state file: {0}")]
+    Db(#[from] redb::Error),
+    #[error("encoding a record: {0}")]
+    Encode(serde_json::Error),
+    #[error("decoding record {key} of {table:?}: {source}")]
+    Decode { table: Table, key: String, source: serde_json::Error },
+}
+
+fn db_err(e: impl Into<redb::Error>) -> StoreError {
+    StoreError::Db(e.into())
+}
+
+/// The agent's state file.
+#[derive(Debug)]
+pub struct Store {
+    db: Database,
+}
+
+pub const STATE_FILE: &str = "weft.db";
+
+impl Store {
+    /// Opens (creating if needed) the state file in `dir`.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        let path = dir.join(STATE_FILE);
+        let db = Database::create(&path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse(path.clone()),
+            other => StoreError::Open { path: path.clone(), source: other.into() },
+        })?;
+        let txn = db.begin_write().map_err(db_err)?;
+        for t in Table::ALL {
+            txn.open_table(t.definition()).map_err(db_err)?;
+        }
+        txn.commit().map_err(db_err)?;
+        Ok(Store { db })
+    }
+
+    /// Applies `ops` atomically and durably.
+    pub fn write(&self, ops: &[Op]) -> Result<(), StoreError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let txn = self.db.begin_write().map_err(db_err)?;
+        for op in ops {
+            match op {
+                Op::Put(t, k, v) => {
+                    txn.open_table(t.definition())
+                        .map_err(db_err)?
+                        .insert(k.as_str(), v.as_slice())
+                        .map_err(db_err)?;
+                }
+                Op::Delete(t, k) => {
+                    txn.open_table(t.definition())
+                        .map_err(db_err)?
+                        .remove(k.as_str())
+                        .map_err(db_err)?;
+                }
+            }
+        }
+        txn.commit().map_err(db_err)
+    }
+
+    /// Raw value of one key.
+    pub fn get_raw(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let t = txn.open_table(table.definition()).map_err(db_err)?;
+        Ok(t.get(key).map_err(db_err)?.map(|v| v.value().to_vec()))
+    }
+
+    /// Decoded value of one key.
+    pub fn get<T: DeserializeOwned>(
+        &self,
+        table: Table,
+        key: &str,
+    ) -> Result<Option<T>, StoreError> {
+        self.get_raw(table, key)?
+            .map(|v| {
+                serde_json::from_slice(&v).map_err(|source| StoreError::Decode {
+                    table,
+                    key: key.to_owned(),
+                    source,
+                })
+            })
+            .transpose()
+    }
+
+    /// Every record of a table, decoded. Records that do not decode are reported, not skipped.
+    pub fn all<T: DeserializeOwned>(&self, table: Table) -> Result<Vec<(String, T)>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let t = txn.open_table(table.definition()).map_err(db_err)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(db_err)? {
+            let (k, v) = row.map_err(db_err)?;
+            let key = k.value().to_owned();
+            let val = serde_json::from_slice(v.value()).map_err(|source| StoreError::Decode {
+                table,
+                key: key.clone(),
+                source,
+            })?;
+            out.push((key, val));
+        }
+        Ok(out)
+    }
+
+    /// Removes every record of a table (e.g. a ring for a range that changed).
+    pub fn clear(&self, table: Table) -> Result<(), StoreError> {
+        let keys: Vec<String> = {
+            let txn = self.db.begin_read().map_err(db_err)?;
+            let t = txn.open_table(table.definition()).map_err(db_err)?;
+            let mut keys = Vec::new();
+            for row in t.iter().map_err(db_err)? {
+                keys.push(row.map_err(db_err)?.0.value().to_owned());
+            }
+            keys
+        };
+        let ops: Vec<Op> = keys.into_iter().map(|k| Op::Delete(table, k)).collect();
+        self.write(&ops)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            s.write(&[
+                Op::put(Table::Endpoints, "a", &vec![1, 2]).unwrap(),
+                Op::put(Table::Endpoints, "b", &vec![3]).unwrap(),
+                Op::put(Table::Meta, "peer", &"aa:bb").unwrap(),
+            ])
+            .unwrap();
+            s.write(&[Op::Delete(Table::Endpoints, "a".into())]).unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        let all: Vec<(String, Vec<i32>)> = s.all(Table::Endpoints).unwrap();
+        assert_eq!(all, vec![("b".to_owned(), vec![3])]);
+        assert_eq!(s.get::<String>(Table::Meta, "peer").unwrap().as_deref(), Some("aa:bb"));
+        s.clear(Table::Endpoints).unwrap();
+        assert!(s.all::<Vec<i32>>(Table::Endpoints).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_second_agent_on_the_same_dir_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = Store::open(dir.path()).unwrap();
+        assert!(matches!(Store::open(dir.path()), Err(StoreError::InUse(_))));
+    }
+
+    #[test]
+    fn undecodable_records_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.write(&[Op::Put(Table::Meta, "x".into(), b"not json".to_vec())]).unwrap();
+        assert!(matches!(s.get::<u32>(Table::Meta, "x"), Err(StoreError::Decode { .. })));
+    }
+}
