@@ -40,12 +40,13 @@ impl SocketAgent {
         loop {
             match weft_api::connect(&self.socket).await {
                 Ok(c) => return Ok(c),
-                Err(ConnectError::AgentDown { .. }) if Instant::now() + pause < deadline => {
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(500));
-                }
                 Err(ConnectError::AgentDown { .. }) => {
-                    return Err(CniError::TryAgainLater(self.down_message()));
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(CniError::TryAgainLater(self.down_message()));
+                    }
+                    tokio::time::sleep(pause.min(left)).await;
+                    pause = (pause * 2).min(Duration::from_millis(500));
                 }
                 Err(e @ ConnectError::Other { .. }) => return Err(CniError::Io(e.to_string())),
             }

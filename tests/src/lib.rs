@@ -1,1 +1,449 @@
+//! End-to-end test harness: network namespaces as hosts and pods, real `weft` agents and the
+//! real `weft-cni` binary. Everything a test creates is named with a per-process prefix and
+//! removed when its owner is dropped, also when the test fails.
+//!
+//! These tests need root. Without it they fail with a message saying so; they never pass
+//! without having run.
 
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub use serde_json::Value;
+
+pub mod containerd;
+pub mod cri;
+pub mod oci;
+
+/// Fails the test unless it runs as root.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "this test creates network namespaces and must run as root (try: sudo -E cargo test)"
+    );
+}
+
+/// The binaries under test.
+#[derive(Clone, Debug)]
+pub struct Bins {
+    pub weft: PathBuf,
+    pub cni: PathBuf,
+}
+
+/// Finds `weft` and `weft-cni` next to the test executable (target/<profile>/), or in
+/// `WEFT_BIN_DIR`.
+pub fn bins() -> Bins {
+    let dir = std::env::var_os("WEFT_BIN_DIR").map(PathBuf::from).unwrap_or_else(|| {
+        let exe = std::env::current_exe().expect("test executable path");
+        exe.parent().and_then(Path::parent).expect("target/<profile>").to_path_buf()
+    });
+    let b = Bins { weft: dir.join("weft"), cni: dir.join("weft-cni") };
+    for p in [&b.weft, &b.cni] {
+        assert!(
+            p.exists(),
+            "{} is missing: build the binaries first (cargo build --bins, same profile)",
+            p.display()
+        );
+    }
+    b
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A name unique to this process and call, short enough for interface names when suffixed.
+pub fn unique(tag: &str) -> String {
+    format!("wte{}{}{}", std::process::id() % 100_000, tag, COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Runs a command; panics with its output if it cannot be started.
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+/// Runs a command and requires success.
+pub fn must(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn sh(script: &str) -> Output {
+    run(Command::new("sh").arg("-c").arg(script))
+}
+
+/// Polls `cond` until it holds or `timeout` passes; panics naming `what` on timeout.
+pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// A network namespace, deleted on drop.
+#[derive(Debug)]
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Netns {
+        let name = unique(tag);
+        must(Command::new("ip").args(["netns", "add", &name]));
+        must(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]));
+        Netns { name }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// A command that runs inside the namespace.
+    pub fn cmd(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+
+    pub fn sh(&self, script: &str) -> Output {
+        run(self.cmd("sh").arg("-c").arg(script))
+    }
+
+    /// Whether `ping -c1` to `ip` succeeds within 2 s.
+    pub fn ping(&self, ip: &str) -> bool {
+        run(self.cmd("ping").args(["-c1", "-W2", ip])).status.success()
+    }
+
+    /// Interface names in the namespace.
+    pub fn links(&self) -> Vec<String> {
+        let out = must(Command::new("ip").args(["-n", &self.name, "-o", "link", "show"]));
+        out.lines()
+            .filter_map(|l| l.split(':').nth(1))
+            .map(|n| n.trim().split('@').next().unwrap_or("").to_owned())
+            .collect()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "pids", &self.name]).output().map(|o| {
+            for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                let _ = Command::new("kill").args(["-9", pid]).status();
+            }
+        });
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// How to start an agent.
+#[derive(Clone, Debug)]
+pub struct AgentOpts {
+    pub range: String,
+    pub extra: Vec<String>,
+}
+
+impl Default for AgentOpts {
+    fn default() -> Self {
+        AgentOpts { range: "10.32.0.0/12".into(), extra: Vec::new() }
+    }
+}
+
+/// A `weft agent` running in a host namespace (or the root namespace), with its own socket
+/// and state directory.
+#[derive(Debug)]
+pub struct Agent {
+    pub bins: Bins,
+    /// The host namespace; `None` for an agent in the root namespace (runtime tests).
+    pub netns: Option<Netns>,
+    pub name: String,
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    opts: AgentOpts,
+    child: Option<Child>,
+}
+
+impl Agent {
+    /// Starts an agent in a new host namespace and waits until it is ready.
+    pub fn start(opts: AgentOpts) -> Agent {
+        require_root();
+        let netns = Netns::new("h");
+        let name = netns.name.clone();
+        Agent::launch(Some(netns), name, opts)
+    }
+
+    /// Starts an agent in the root namespace (where container runtimes run). Give it its own
+    /// bridge and nftables table names in `opts.extra`.
+    pub fn start_in_root(opts: AgentOpts) -> Agent {
+        require_root();
+        Agent::launch(None, unique("root"), opts)
+    }
+
+    fn launch(netns: Option<Netns>, name: String, opts: AgentOpts) -> Agent {
+        let bins = bins();
+        let dir = PathBuf::from("/run/wte").join(&name);
+        std::fs::create_dir_all(&dir).expect("creating the test directory");
+        let socket = dir.join("weft.sock");
+        let mut a = Agent { bins, netns, name, dir, socket, opts, child: None };
+        a.spawn();
+        a.wait_ready();
+        a
+    }
+
+    /// A command run where the agent runs.
+    pub fn cmd(&self, program: &str) -> Command {
+        match &self.netns {
+            Some(ns) => ns.cmd(program),
+            None => Command::new(program),
+        }
+    }
+
+    /// The host namespace (panics for a root-namespace agent).
+    pub fn host(&self) -> &Netns {
+        self.netns.as_ref().expect("this agent runs in the root namespace")
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("agent.log"))
+            .expect("agent log");
+        let mut cmd = self.cmd(self.bins.weft.to_str().unwrap_or_default());
+        cmd.arg("--socket").arg(&self.socket).arg("agent").arg("--state-dir").arg(self.state_dir());
+        cmd.args([
+            "--status-addr",
+            "off",
+            "--ipalloc-range",
+            &self.opts.range,
+            "--log-level",
+            "debug",
+        ]);
+        cmd.args(&self.opts.extra);
+        cmd.stdin(Stdio::null()).stdout(log.try_clone().expect("log")).stderr(log);
+        self.child = Some(cmd.spawn().expect("starting the agent"));
+    }
+
+    /// The agent's log so far (for assertion messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    pub fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    panic!("the agent exited ({status}) during start-up:\n{}", self.log());
+                }
+            }
+            if self.status().is_some_and(|s| s["ready"] == true) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "agent not ready after 30 s:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// The status report, if the agent answers.
+    pub fn status(&self) -> Option<Value> {
+        let out = run(self.weft().args(["status", "--json"]));
+        out.status.success().then(|| serde_json::from_slice(&out.stdout).ok()).flatten()
+    }
+
+    /// A `weft` CLI command aimed at this agent.
+    pub fn weft(&self) -> Command {
+        let mut c = self.cmd(self.bins.weft.to_str().unwrap_or_default());
+        c.arg("--socket").arg(&self.socket);
+        c
+    }
+
+    /// `weft ps --json`.
+    pub fn endpoints(&self) -> Vec<Value> {
+        let out = must(self.weft().args(["ps", "--json"]));
+        serde_json::from_str::<Value>(&out)
+            .ok()
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default()
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops the agent and waits for the process to end.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = run(self.weft().arg("stop").arg("--state-dir").arg(self.state_dir()));
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+            panic!("the agent did not stop within 20 s:\n{}", self.log());
+        }
+    }
+
+    /// Starts the agent again with the same state, without waiting for readiness.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "the agent is still running");
+        self.spawn();
+    }
+
+    pub fn restart(&mut self) {
+        self.start_again();
+        self.wait_ready();
+    }
+
+    /// A CNI network configuration for this agent.
+    pub fn conf(&self, version: &str) -> String {
+        serde_json::json!({
+            "cniVersion": version, "name": "weft", "type": "weft-cni",
+            "socket": self.socket, "readyTimeoutSeconds": 20
+        })
+        .to_string()
+    }
+
+    /// Runs weft-cni against this agent.
+    pub fn cni(&self, command: &str, container: &str, netns: Option<&Path>, conf: &str) -> CniOut {
+        cni(&self.bins, command, container, "eth0", netns, conf)
+    }
+
+    /// Host-side veths of endpoints.
+    pub fn endpoint_links(&self) -> Vec<String> {
+        let out = must(self.cmd("ip").args(["-o", "link", "show"]));
+        out.lines()
+            .filter_map(|l| l.split(':').nth(1))
+            .map(|n| n.trim().split('@').next().unwrap_or("").to_owned())
+            .filter(|l| l.starts_with("vwf"))
+            .collect()
+    }
+}
+
+impl Agent {
+    fn flag(&self, name: &str) -> Option<&str> {
+        let i = self.opts.extra.iter().position(|a| a == name)?;
+        self.opts.extra.get(i + 1).map(String::as_str)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+        if self.netns.is_none() {
+            // A root-namespace agent leaves its bridge and table behind on purpose (pods keep
+            // their network); the test removes them.
+            if let Some(bridge) = self.flag("--bridge") {
+                let _ = Command::new("ip").args(["link", "del", bridge]).status();
+            }
+            if let Some(table) = self.flag("--nft-table") {
+                let _ = Command::new("nft").args(["delete", "table", "ip", table]).status();
+            }
+        }
+        if std::thread::panicking() {
+            eprintln!("--- agent log ({}) ---\n{}", self.name, self.log());
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The outcome of one plugin run.
+#[derive(Debug)]
+pub struct CniOut {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CniOut {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("plugin output is not JSON ({e}): {self:?}"))
+    }
+
+    /// Requires success and returns the result.
+    pub fn ok(&self) -> Value {
+        assert_eq!(self.code, 0, "plugin failed: {self:?}");
+        if self.stdout.trim().is_empty() { Value::Null } else { self.json() }
+    }
+
+    /// Requires a CNI error with `code` and returns its message.
+    pub fn error(&self, code: u64) -> String {
+        assert_ne!(self.code, 0, "plugin succeeded where it should fail: {self:?}");
+        let j = self.json();
+        assert_eq!(j["code"], code, "wrong CNI error code: {self:?}");
+        j["msg"].as_str().unwrap_or_default().to_owned()
+    }
+
+    /// The first IP address of an ADD result, without prefix.
+    pub fn ip(&self) -> String {
+        let j = self.ok();
+        let addr = j["ips"][0]["address"].as_str().unwrap_or_else(|| panic!("no address in {j}"));
+        addr.split('/').next().unwrap_or_default().to_owned()
+    }
+}
+
+/// Runs the plugin with the given command and environment.
+pub fn cni(
+    bins: &Bins,
+    command: &str,
+    container: &str,
+    ifname: &str,
+    netns: Option<&Path>,
+    conf: &str,
+) -> CniOut {
+    let mut cmd = Command::new(&bins.cni);
+    cmd.env_clear()
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", container)
+        .env("CNI_IFNAME", ifname)
+        .env("CNI_PATH", "/opt/cni/bin")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(ns) = netns {
+        cmd.env("CNI_NETNS", ns);
+    }
+    let mut child = cmd.spawn().expect("starting weft-cni");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(conf.as_bytes())
+        .expect("writing the configuration");
+    let out = child.wait_with_output().expect("waiting for weft-cni");
+    CniOut {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Adds `prevResult` to a configuration (for CHECK and DEL as runtimes send them).
+pub fn with_prev(conf: &str, prev: &Value) -> String {
+    let mut c: Value = serde_json::from_str(conf).expect("configuration JSON");
+    c["prevResult"] = prev.clone();
+    c.to_string()
+}

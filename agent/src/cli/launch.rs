@@ -47,9 +47,16 @@ fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// Whether `pid` is a running process (a zombie, exited but not yet reaped by its parent,
+/// counts as gone).
 fn alive(pid: i32) -> bool {
     // SAFETY: signal 0 only checks for existence and permission.
-    unsafe { libc::kill(pid, 0) == 0 }
+    if unsafe { libc::kill(pid, 0) } != 0 {
+        return false;
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
+    state != Some('Z')
 }
 
 /// Starts the agent in the background and waits until it answers ready.
@@ -142,6 +149,8 @@ pub async fn stop(socket: &Path, state_dir: &Path) -> Result<(), CliError> {
     };
     let pid = c.hello(v1::HelloRequest {}).await?.into_inner().pid as i32;
     c.stop(v1::StopRequest { leave: false }).await?;
+    // Close our connection: the agent's graceful shutdown waits for open connections.
+    drop(c);
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         if !alive(pid) {
