@@ -31,7 +31,10 @@ impl NetnsProbe for LinuxNetns {
                 std::io::Error::last_os_error()
             )));
         }
-        if i64::from(buf.f_type) != NSFS_MAGIC {
+        // f_type's width differs between architectures.
+        #[allow(clippy::useless_conversion)]
+        let fs_type = i64::from(buf.f_type);
+        if fs_type != NSFS_MAGIC {
             return Err(invalid(format!("{} is not a network namespace", path.display())));
         }
         use std::os::unix::fs::MetadataExt;

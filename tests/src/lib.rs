@@ -247,10 +247,8 @@ impl Agent {
     pub fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Some(c) = self.child.as_mut() {
-                if let Ok(Some(status)) = c.try_wait() {
-                    panic!("the agent exited ({status}) during start-up:\n{}", self.log());
-                }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                panic!("the agent exited ({status}) during start-up:\n{}", self.log());
             }
             if self.status().is_some_and(|s| s["ready"] == true) {
                 return;

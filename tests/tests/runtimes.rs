@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use weft_e2e::containerd::Containerd;
 use weft_e2e::cri::{self, v1};
+use weft_e2e::oci;
 use weft_e2e::*;
 
 /// The runtimes share runc and the root namespace: one test at a time.
@@ -209,7 +210,7 @@ fn podman_runs_a_container_on_the_weft_network() {
             .env("CONTAINERS_STORAGE_CONF", dir.join("storage.conf"));
         c
     };
-    let image = weft_e2e::oci::busybox_image(&dir, "localhost/wte/busybox:1", &[]);
+    let image = oci::busybox_image(&dir, "localhost/wte/busybox:1", &[]);
     must(podman().args(["load", "-q", "-i"]).arg(&image));
     let out = run(podman().args([
         "run",

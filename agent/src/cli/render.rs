@@ -47,7 +47,7 @@ pub fn status(r: &Report) -> Vec<String> {
         field("Endpoints", format!("{} pods, {} attached", r.endpoints.cni, r.endpoints.attached)),
     ];
     if !r.bridge.last_repairs.is_empty() {
-        lines.insert(6, field("Last repair", r.bridge.last_repairs.join(", ")));
+        lines.insert(6, field("Last change", r.bridge.last_repairs.join(", ")));
     }
     lines
 }

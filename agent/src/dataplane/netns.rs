@@ -93,6 +93,8 @@ fn fs_magic(file: &File) -> io::Result<i64> {
     if unsafe { libc::fstatfs(file.as_raw_fd(), &mut buf) } != 0 {
         return Err(io::Error::last_os_error());
     }
+    // f_type's width differs between architectures.
+    #[allow(clippy::useless_conversion)]
     Ok(i64::from(buf.f_type))
 }
 

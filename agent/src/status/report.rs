@@ -35,7 +35,7 @@ pub struct BridgeReport {
     pub last_repairs: Vec<String>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IpamReport {
     pub range: IpNet,
     pub default_subnet: IpNet,
@@ -45,18 +45,6 @@ pub struct IpamReport {
     pub free: u64,
     /// The address ranges this peer owns, as "first-last".
     pub owned: Vec<String>,
-}
-
-impl Default for IpamReport {
-    fn default() -> Self {
-        IpamReport {
-            range: IpNet::default(),
-            default_subnet: IpNet::default(),
-            used: 0,
-            free: 0,
-            owned: Vec::new(),
-        }
-    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,0 +1,21 @@
+#!/bin/sh
+# The whole test suite: formatting, lints, unit and property tests, and the end-to-end tests in
+# network namespaces with real agents, containerd's CRI and podman. Installs what it needs.
+# Run as root on a Debian/Ubuntu machine:   ./scripts/test.sh
+set -eu
+cd "$(dirname "$0")/.."
+. scripts/deps.sh
+need_root
+install_packages $TEST_PACKAGES
+need_rust
+export CARGO_TERM_COLOR=never RUST_BACKTRACE=1
+
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+echo "==> cargo clippy"
+cargo clippy --locked --workspace --all-targets -- -D warnings
+echo "==> build (release)"
+cargo build --locked --release --workspace --bins
+echo "==> tests (unit, property, end-to-end)"
+cargo test --locked --release --workspace -- --test-threads=2
+echo "==> all tests passed"
