@@ -52,6 +52,41 @@ pub struct AgentArgs {
     /// Log filter, e.g. "info", "debug", "weft=debug,tonic=info" (or RUST_LOG).
     #[arg(long, env = "WEFT_LOG", default_value = "info")]
     pub log_level: String,
+
+    /// Peers to connect to (host or host:port). Without any, the targets of the previous run
+    /// are used; with some, they replace them.
+    #[arg(value_name = "PEER")]
+    pub peers: Vec<String>,
+
+    /// TCP port of the mesh (and UDP port of sleeve).
+    #[arg(long, default_value_t = crate::mesh::DEFAULT_PORT)]
+    pub port: u16,
+
+    /// Address to accept mesh connections on.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub mesh_bind: std::net::IpAddr,
+
+    /// Shared password: mesh connections are authenticated and encrypted, and so is data-plane
+    /// traffic to peers outside --trusted-subnets. Every peer needs the same password.
+    #[arg(long, env = "WEFT_PASSWORD", hide_env_values = true, conflicts_with = "password_file")]
+    pub password: Option<String>,
+
+    /// File holding the password (e.g. a mounted Kubernetes secret); trailing newlines are ignored.
+    #[arg(long, env = "WEFT_PASSWORD_FILE")]
+    pub password_file: Option<PathBuf>,
+
+    /// Peers in these subnets may exchange data-plane traffic unencrypted, if they trust us too
+    /// (comma-separated CIDRs).
+    #[arg(long, value_delimiter = ',')]
+    pub trusted_subnets: Vec<IpNet>,
+
+    /// Only connect to the peers given, not to the peers of peers.
+    #[arg(long)]
+    pub no_discovery: bool,
+
+    /// Most mesh connections this peer keeps; beyond it, traffic is relayed.
+    #[arg(long, default_value_t = 200)]
+    pub conn_limit: usize,
 }
 
 /// `--status-addr`: an address, or off.
@@ -83,6 +118,20 @@ pub struct AgentConfig {
     pub name: Option<PeerName>,
     pub nickname: String,
     pub nft_table: String,
+    pub mesh: MeshSettings,
+}
+
+/// Mesh settings after validation.
+#[derive(Clone, Debug)]
+pub struct MeshSettings {
+    /// Targets from the command line; `None` resumes the persisted ones.
+    pub peers: Option<Vec<String>>,
+    pub port: u16,
+    pub bind: std::net::IpAddr,
+    pub password: Option<Vec<u8>>,
+    pub trusted_subnets: Vec<IpNet>,
+    pub discovery: bool,
+    pub conn_limit: usize,
 }
 
 /// A flag value that cannot work.
@@ -132,6 +181,33 @@ impl AgentArgs {
         if !socket.is_absolute() {
             return Err(err("socket", format!("{} must be an absolute path", socket.display())));
         }
+        let password = match (&self.password, &self.password_file) {
+            (Some(p), _) => Some(p.as_bytes().to_vec()),
+            (None, Some(path)) => {
+                let mut bytes = std::fs::read(path)
+                    .map_err(|e| err("password-file", format!("{}: {e}", path.display())))?;
+                while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                    bytes.pop();
+                }
+                Some(bytes)
+            }
+            (None, None) => None,
+        };
+        if password.as_ref().is_some_and(Vec::is_empty) {
+            return Err(err("password", "is empty"));
+        }
+        if self.conn_limit == 0 {
+            return Err(err("conn-limit", "must be at least 1"));
+        }
+        let mesh = MeshSettings {
+            peers: (!self.peers.is_empty()).then(|| self.peers.clone()),
+            port: self.port,
+            bind: self.mesh_bind,
+            password,
+            trusted_subnets: self.trusted_subnets.clone(),
+            discovery: !self.no_discovery,
+            conn_limit: self.conn_limit,
+        };
         Ok(AgentConfig {
             socket,
             state_dir: self.state_dir.clone(),
@@ -143,6 +219,7 @@ impl AgentArgs {
             name: self.name,
             nickname: self.nickname.clone().unwrap_or_else(crate::identity::hostname),
             nft_table: self.nft_table.clone(),
+            mesh,
         })
     }
 }

@@ -20,6 +20,10 @@ use crate::endpoints::state::{State, StateConfig, StateHandle};
 use crate::endpoints::{Endpoints, Readiness};
 use crate::identity::{self, Identity};
 use crate::ipam::Allocator;
+use crate::mesh::Mesh;
+use crate::mesh::connection::Setup;
+use crate::mesh::router::{self, RouterConfig};
+use crate::mesh::secure;
 use crate::metrics::Metrics;
 use crate::status::report::{EndpointCounts, PeerReport, Report};
 use crate::store::Store;
@@ -30,7 +34,8 @@ pub struct Agent {
     pub cfg: AgentConfig,
     pub identity: Identity,
     pub endpoints: Endpoints,
-    pub metrics: Metrics,
+    pub mesh: Mesh,
+    pub metrics: Arc<Metrics>,
     pub ready: watch::Receiver<Readiness>,
     pub shutdown: CancellationToken,
     pub started: Instant,
@@ -65,6 +70,7 @@ impl Agent {
             bridge,
             ipam,
             endpoints,
+            mesh: self.mesh.report(),
         }
     }
 }
@@ -125,8 +131,9 @@ pub async fn run(cfg: AgentConfig, log_filter: &str) -> anyhow::Result<()> {
     init_logging(log_filter);
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("creating --state-dir {}", cfg.state_dir.display()))?;
-    let store = Store::open(&cfg.state_dir)?;
+    let store = Arc::new(Store::open(&cfg.state_dir)?);
     let (name, renamed) = identity::load_or_create(&store, cfg.name)?;
+    // A different name is a different peer: nothing tied to the old one may be reused.
     if renamed {
         warn!(peer = %name, "peer name changed by --name; this peer starts with a new identity");
     }
@@ -147,17 +154,21 @@ pub async fn run(cfg: AgentConfig, log_filter: &str) -> anyhow::Result<()> {
         mtu,
         firewall_table: cfg.nft_table.clone(),
     };
-    let state = State::load(store, dp.clone(), state_cfg, alloc)?;
+    let state = State::load(store.clone(), dp.clone(), state_cfg, alloc)?;
     let (state_handle, state_thread) = StateHandle::spawn(state)?;
     let (ready_tx, ready_rx) = watch::channel(Readiness::starting("setting up the bridge"));
     let endpoints = Endpoints::new(state_handle, dp.clone(), ready_rx.clone(), cfg.bridge.clone());
 
     let shutdown = CancellationToken::new();
+    let metrics = Arc::new(Metrics::new());
+    let mesh =
+        start_mesh(&cfg, &identity, store.clone(), metrics.clone(), shutdown.clone()).await?;
     let agent = Arc::new(Agent {
         cfg: cfg.clone(),
         identity,
         endpoints: endpoints.clone(),
-        metrics: Metrics::new(),
+        mesh,
+        metrics,
         ready: ready_rx,
         shutdown: shutdown.clone(),
         started: Instant::now(),
@@ -188,6 +199,52 @@ pub async fn run(cfg: AgentConfig, log_filter: &str) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&cfg.socket);
     info!("weft agent stopped");
     Ok(())
+}
+
+/// Derives the key from the password (slow on purpose, so off the async threads) and starts
+/// the mesh.
+async fn start_mesh(
+    cfg: &AgentConfig,
+    identity: &Identity,
+    store: Arc<Store>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Mesh> {
+    let m = &cfg.mesh;
+    let psk = match m.password.clone() {
+        Some(pw) => Some(
+            tokio::task::spawn_blocking(move || secure::psk_from_password(&pw))
+                .await?
+                .map_err(|e| anyhow::anyhow!("deriving the key from the password: {e}"))?,
+        ),
+        None => None,
+    };
+    let setup = Setup {
+        me: identity.name,
+        uid: router::new_uid(),
+        nickname: identity.nickname.clone(),
+        listen_port: m.port,
+        psk,
+        trusted: m.trusted_subnets.clone(),
+        overlays: Vec::new(),
+        fastdp_port: 0,
+        sleeve_port: 0,
+    };
+    let rcfg = RouterConfig {
+        setup,
+        port: m.port,
+        discovery: m.discovery,
+        conn_limit: m.conn_limit,
+        initial_targets: m.peers.clone(),
+    };
+    let bind = std::net::SocketAddr::new(m.bind, m.port);
+    info!(
+        port = m.port,
+        encryption = m.password.is_some(),
+        discovery = m.discovery,
+        "starting the mesh"
+    );
+    Ok(Mesh::start(rcfg, bind, store, metrics, shutdown).await?)
 }
 
 async fn watch_signals(shutdown: CancellationToken) {

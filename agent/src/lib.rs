@@ -1,7 +1,8 @@
 //! The weft agent and CLI. The binary `weft` runs the per-host agent (`weft agent`, or in the
 //! background `weft launch`) and is the command-line client of a running agent.
 //!
-//! Layout by concern: `api` (local gRPC), `endpoints` (pods and attached namespaces),
+//! Layout by concern: `api` (local gRPC), `mesh` (peers, topology, gossip), `endpoints`
+//! (pods and attached namespaces),
 //! `dataplane` (kernel: bridge, veth, nftables), `ipam` (address allocation), `store`
 //! (persistence), `status` and `metrics` (reporting), `cli` (the verbs), `daemon` (wiring).
 
@@ -15,6 +16,7 @@ pub mod endpoints;
 pub mod error;
 pub mod identity;
 pub mod ipam;
+pub mod mesh;
 pub mod metrics;
 pub mod status;
 pub mod store;

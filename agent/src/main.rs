@@ -21,7 +21,9 @@ async fn run_verb(cli: Cli) -> Result<(), CliError> {
             launch::launch(s, &args.state_dir, Duration::from_secs(wait_seconds)).await
         }
         Command::Stop { state_dir } => launch::stop(s, &state_dir).await,
-        Command::Status { json } => client::status(s, json).await,
+        Command::Status { what, json } => client::status(s, what, json).await,
+        Command::Connect { peers, replace } => client::connect_peers(s, peers, replace).await,
+        Command::Forget { peers } => client::forget_peers(s, peers).await,
         Command::Ps { json } => client::ps(s, json).await,
         Command::Attach { addrs, netns, ifname, id, name, json } => {
             let args = AttachArgs {

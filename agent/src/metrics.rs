@@ -26,6 +26,18 @@ pub struct StateLabel {
     pub state: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ChannelDirection {
+    pub channel: String,
+    pub direction: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabels {
+    pub state: String,
+    pub encryption: String,
+}
+
 /// All of the agent's metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -35,6 +47,9 @@ pub struct Metrics {
     ready: Gauge,
     ips: Family<StateLabel, Gauge>,
     endpoints: Family<StateLabel, Gauge>,
+    gossip: Family<ChannelDirection, Counter>,
+    connections: Family<ConnectionLabels, Gauge>,
+    peers: Gauge,
 }
 
 impl Default for Metrics {
@@ -66,7 +81,41 @@ impl Metrics {
         );
         let endpoints = Family::<StateLabel, Gauge>::default();
         registry.register("endpoints", "Endpoints on this host, by kind", endpoints.clone());
-        Metrics { registry, cni_duration, cni_requests, ready, ips, endpoints }
+        let gossip = Family::<ChannelDirection, Counter>::default();
+        registry.register(
+            "gossip_bytes",
+            "Mesh gossip bytes by channel and direction (sent, received)",
+            gossip.clone(),
+        );
+        let connections = Family::<ConnectionLabels, Gauge>::default();
+        registry.register(
+            "connections",
+            "Mesh connections by state (established, connecting, failed) and encryption (yes, no)",
+            connections.clone(),
+        );
+        let peers = Gauge::default();
+        registry.register("peers", "Peers in the mesh topology, this one included", peers.clone());
+        Metrics {
+            registry,
+            cni_duration,
+            cni_requests,
+            ready,
+            ips,
+            endpoints,
+            gossip,
+            connections,
+            peers,
+        }
+    }
+
+    /// Counts mesh bytes of a gossip channel.
+    pub fn gossip_bytes(&self, channel: &str, direction: &str, bytes: u64) {
+        self.gossip
+            .get_or_create(&ChannelDirection {
+                channel: channel.to_owned(),
+                direction: direction.to_owned(),
+            })
+            .inc_by(bytes);
     }
 
     /// Records one CNI command.
@@ -91,6 +140,24 @@ impl Metrics {
         set(&self.ips, "free", report.ipam.free);
         set(&self.endpoints, "cni", u64::from(report.endpoints.cni));
         set(&self.endpoints, "attached", u64::from(report.endpoints.attached));
+        self.connections.clear();
+        for state in ["established", "connecting", "failed"] {
+            for (encryption, enc) in [("yes", true), ("no", false)] {
+                let n = report
+                    .mesh
+                    .connections
+                    .iter()
+                    .filter(|c| c.state == state && c.encrypted == enc)
+                    .count();
+                self.connections
+                    .get_or_create(&ConnectionLabels {
+                        state: state.to_owned(),
+                        encryption: encryption.to_owned(),
+                    })
+                    .set(n as i64);
+            }
+        }
+        self.peers.set(report.mesh.peers.len() as i64);
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

@@ -183,6 +183,13 @@ impl Agent {
         Agent::launch(Some(netns), name, opts)
     }
 
+    /// Starts an agent in a given host namespace (e.g. a lab host).
+    pub fn start_in(netns: Netns, opts: AgentOpts) -> Agent {
+        require_root();
+        let name = netns.name.clone();
+        Agent::launch(Some(netns), name, opts)
+    }
+
     /// Starts an agent in the root namespace (where container runtimes run). Give it its own
     /// bridge and nftables table names in `opts.extra`.
     pub fn start_in_root(opts: AgentOpts) -> Agent {
@@ -310,6 +317,13 @@ impl Agent {
         self.spawn();
     }
 
+    /// Stops the agent and starts it again with other options (same namespace and state).
+    pub fn restart_with(&mut self, opts: AgentOpts) {
+        self.stop();
+        self.opts = opts;
+        self.restart();
+    }
+
     pub fn restart(&mut self) {
         self.start_again();
         self.wait_ready();
@@ -364,6 +378,113 @@ impl Drop for Agent {
             eprintln!("--- agent log ({}) ---\n{}", self.name, self.log());
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Hosts on a shared underlay: namespace `ul` with bridge `br0`, and per host a namespace
+/// whose `eth0` (10.99.0.I/24) is plugged into it.
+#[derive(Debug)]
+pub struct Lab {
+    pub underlay: Netns,
+    pub ips: Vec<String>,
+    cuts: std::sync::Mutex<Vec<(usize, usize)>>,
+}
+
+impl Lab {
+    /// Builds the underlay and `n` hosts; returns the host namespaces for agents to run in.
+    pub fn new(n: usize, mtu: u32) -> (Lab, Vec<Netns>) {
+        require_root();
+        let underlay = Netns::new("ul");
+        let ul = underlay.name.clone();
+        must(Command::new("ip").args(["-n", &ul, "link", "add", "br0", "type", "bridge"]));
+        must(Command::new("ip").args(["-n", &ul, "link", "set", "br0", "up"]));
+        let mut hosts = Vec::new();
+        let mut ips = Vec::new();
+        for i in 1..=n {
+            let h = Netns::new("h");
+            let ip = format!("10.99.0.{i}");
+            let port = format!("h{i}");
+            must(Command::new("ip").args([
+                "link",
+                "add",
+                "eth0",
+                "netns",
+                &h.name,
+                "mtu",
+                &mtu.to_string(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &port,
+                "netns",
+                &ul,
+            ]));
+            must(Command::new("ip").args([
+                "-n",
+                &ul,
+                "link",
+                "set",
+                &port,
+                "mtu",
+                &mtu.to_string(),
+                "master",
+                "br0",
+                "up",
+            ]));
+            must(Command::new("ip").args([
+                "-n",
+                &h.name,
+                "addr",
+                "add",
+                &format!("{ip}/24"),
+                "dev",
+                "eth0",
+            ]));
+            must(Command::new("ip").args(["-n", &h.name, "link", "set", "eth0", "up"]));
+            hosts.push(h);
+            ips.push(ip);
+        }
+        (Lab { underlay, ips, cuts: std::sync::Mutex::new(Vec::new()) }, hosts)
+    }
+
+    /// The underlay address of host `i` (1-based).
+    pub fn ip(&self, i: usize) -> &str {
+        &self.ips[i - 1]
+    }
+
+    fn apply_cuts(&self, cuts: &[(usize, usize)]) {
+        let _ = run(self.underlay.cmd("nft").args(["delete", "table", "bridge", "wtecut"]));
+        if cuts.is_empty() {
+            return;
+        }
+        let mut rules = String::new();
+        for (a, b) in cuts {
+            rules.push_str(&format!(
+                "iifname \"h{a}\" oifname \"h{b}\" drop\niifname \"h{b}\" oifname \"h{a}\" drop\n"
+            ));
+        }
+        let script = format!(
+            "table bridge wtecut {{\nchain cut {{\ntype filter hook forward priority 0; policy accept;\n{rules}}}\n}}\n"
+        );
+        let mut child =
+            self.underlay.cmd("nft").args(["-f", "-"]).stdin(Stdio::piped()).spawn().expect("nft");
+        child.stdin.take().expect("stdin").write_all(script.as_bytes()).expect("nft script");
+        assert!(child.wait().expect("nft").success(), "nft rejected {script}");
+    }
+
+    /// Drops all underlay traffic between hosts `a` and `b`.
+    pub fn cut(&self, a: usize, b: usize) {
+        let mut cuts = self.cuts.lock().unwrap_or_else(|p| p.into_inner());
+        cuts.push((a, b));
+        self.apply_cuts(&cuts);
+    }
+
+    /// Lets hosts `a` and `b` talk again.
+    pub fn heal(&self, a: usize, b: usize) {
+        let mut cuts = self.cuts.lock().unwrap_or_else(|p| p.into_inner());
+        cuts.retain(|c| *c != (a, b) && *c != (b, a));
+        self.apply_cuts(&cuts);
     }
 }
 

@@ -334,16 +334,26 @@ impl v1::agent_server::Agent for Service {
 
     async fn connect(
         &self,
-        _: Request<v1::ConnectRequest>,
+        req: Request<v1::ConnectRequest>,
     ) -> Result<Response<v1::ConnectReply>, Status> {
-        not_yet("connect")
+        let req = req.into_inner();
+        if let Some(bad) =
+            req.peers.iter().find(|p| p.trim().is_empty() || p.contains(char::is_whitespace))
+        {
+            return Err(
+                ApiError::invalid("peers", format!("{bad:?} is not HOST or HOST:PORT")).into()
+            );
+        }
+        let targets = self.agent.mesh.connect(req.peers, req.replace).await;
+        Ok(Response::new(v1::ConnectReply { targets }))
     }
 
     async fn forget(
         &self,
-        _: Request<v1::ForgetRequest>,
+        req: Request<v1::ForgetRequest>,
     ) -> Result<Response<v1::ForgetReply>, Status> {
-        not_yet("forget")
+        let targets = self.agent.mesh.forget(req.into_inner().peers).await;
+        Ok(Response::new(v1::ForgetReply { targets }))
     }
 
     async fn rm_peer(

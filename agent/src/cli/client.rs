@@ -9,7 +9,7 @@ use ipnet::IpNet;
 use weft_api::v1;
 use weft_api::{AgentClient, ConnectError};
 
-use super::render;
+use super::{StatusView, render};
 use crate::addr::AddrRequest;
 use crate::status::report::Report;
 
@@ -95,9 +95,36 @@ pub async fn report(socket: &Path) -> Result<Report, CliError> {
         .map_err(|e| CliError::Failed(format!("the agent sent an unreadable report: {e}")))
 }
 
-pub async fn status(socket: &Path, json: bool) -> Result<(), CliError> {
+pub async fn status(socket: &Path, what: Option<StatusView>, json: bool) -> Result<(), CliError> {
     let r = report(socket).await?;
-    if json { print_json(&r) } else { print_lines(render::status(&r)) }
+    match (what, json) {
+        (None, true) => print_json(&r),
+        (None, false) => print_lines(render::status(&r)),
+        (Some(StatusView::Peers), true) => print_json(&r.mesh.peers),
+        (Some(StatusView::Peers), false) => print_lines(render::peers(&r.mesh)),
+        (Some(StatusView::Connections), true) => print_json(&r.mesh.connections),
+        (Some(StatusView::Connections), false) => print_lines(render::connections(&r.mesh)),
+        (Some(StatusView::Targets), true) => print_json(&r.mesh.targets),
+        (Some(StatusView::Targets), false) => {
+            print_lines(r.mesh.targets.iter().filter(|t| !t.discovered).map(|t| t.target.clone()))
+        }
+    }
+}
+
+pub async fn connect_peers(
+    socket: &Path,
+    peers: Vec<String>,
+    replace: bool,
+) -> Result<(), CliError> {
+    let mut c = connect(socket).await?;
+    c.connect(v1::ConnectRequest { peers, replace }).await?;
+    Ok(())
+}
+
+pub async fn forget_peers(socket: &Path, peers: Vec<String>) -> Result<(), CliError> {
+    let mut c = connect(socket).await?;
+    c.forget(v1::ForgetRequest { peers }).await?;
+    Ok(())
 }
 
 pub async fn ps(socket: &Path, json: bool) -> Result<(), CliError> {

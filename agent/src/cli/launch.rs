@@ -18,27 +18,29 @@ fn failed(msg: impl Into<String>) -> CliError {
     CliError::Failed(msg.into())
 }
 
-/// The argv of the agent: this invocation with `launch` replaced by `agent` and the
-/// launch-only flag removed.
-fn agent_argv(argv: &[String]) -> Vec<String> {
+/// The argv and environment of the agent: this invocation with `launch` replaced by `agent`,
+/// the launch-only flag removed, and a password moved from the command line (where `ps`
+/// shows it) to the environment.
+fn agent_argv(argv: &[String]) -> (Vec<String>, Option<String>) {
     let mut out = Vec::with_capacity(argv.len());
+    let mut password = None;
     let mut replaced = false;
-    let mut skip_next = false;
-    for a in argv.iter().skip(1) {
-        if skip_next {
-            skip_next = false;
-            continue;
-        }
+    let mut args = argv.iter().skip(1);
+    while let Some(a) = args.next() {
         if !replaced && a == "launch" {
             out.push("agent".to_owned());
             replaced = true;
         } else if a == "--wait-seconds" {
-            skip_next = true;
+            args.next();
+        } else if a == "--password" {
+            password = args.next().cloned();
+        } else if let Some(p) = a.strip_prefix("--password=") {
+            password = Some(p.to_owned());
         } else if !a.starts_with("--wait-seconds=") {
             out.push(a.clone());
         }
     }
-    out
+    (out, password)
 }
 
 fn tail(path: &Path, lines: usize) -> String {
@@ -84,8 +86,12 @@ pub async fn launch(socket: &Path, state_dir: &Path, wait: Duration) -> Result<(
     let exe =
         std::env::current_exe().map_err(|e| failed(format!("finding the weft binary: {e}")))?;
     let argv: Vec<String> = std::env::args().collect();
+    let (args, password) = agent_argv(&argv);
     let mut cmd = Command::new(exe);
-    cmd.args(agent_argv(&argv)).stdin(Stdio::null()).stdout(log).stderr(log2);
+    cmd.args(args).stdin(Stdio::null()).stdout(log).stderr(log2);
+    if let Some(p) = password {
+        cmd.env("WEFT_PASSWORD", p);
+    }
     // SAFETY: setsid is async-signal-safe; it detaches the agent from our terminal/session.
     unsafe {
         cmd.pre_exec(|| {
@@ -175,11 +181,24 @@ mod tests {
 
     #[test]
     fn launch_becomes_agent() {
-        let argv: Vec<String> =
-            ["weft", "--socket", "/x", "launch", "--wait-seconds", "5", "--bridge", "b", "launch"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
-        assert_eq!(agent_argv(&argv), ["--socket", "/x", "agent", "--bridge", "b", "launch"]);
+        let argv: Vec<String> = [
+            "weft",
+            "--socket",
+            "/x",
+            "launch",
+            "--wait-seconds",
+            "5",
+            "--password",
+            "pw",
+            "--bridge",
+            "b",
+            "launch",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let (args, password) = agent_argv(&argv);
+        assert_eq!(args, ["--socket", "/x", "agent", "--bridge", "b", "launch"]);
+        assert_eq!(password.as_deref(), Some("pw"));
     }
 }

@@ -32,6 +32,14 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// Parts of `weft status`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatusView {
+    Peers,
+    Connections,
+    Targets,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the agent in the foreground (for systemd, Kubernetes, or debugging).
@@ -50,11 +58,25 @@ pub enum Command {
         #[arg(long, env = "WEFT_STATE_DIR", default_value = "/var/lib/weft")]
         state_dir: PathBuf,
     },
-    /// Show the agent's status.
+    /// Show the agent's status: a summary, or one aspect of it.
     Status {
-        /// Print the full report as JSON.
+        #[arg(value_enum)]
+        what: Option<StatusView>,
+        /// Print the report (or the chosen part) as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Connect to more peers (or, with --replace, to exactly these); they are remembered.
+    Connect {
+        #[arg(value_name = "PEER", required = true)]
+        peers: Vec<String>,
+        #[arg(long)]
+        replace: bool,
+    },
+    /// Stop connecting to peers given earlier.
+    Forget {
+        #[arg(value_name = "PEER", required = true)]
+        peers: Vec<String>,
     },
     /// List the endpoints attached on this host with their addresses.
     Ps {

@@ -4,6 +4,7 @@
 use ipnet::IpNet;
 use serde::Serialize;
 
+use crate::mesh::report::MeshReport;
 use crate::status::report::Report;
 
 /// One line of `weft ps`.
@@ -45,11 +46,80 @@ pub fn status(r: &Report) -> Vec<String> {
         field("Default subnet", r.ipam.default_subnet),
         field("Addresses", format!("{} used, {} free", r.ipam.used, r.ipam.free)),
         field("Endpoints", format!("{} pods, {} attached", r.endpoints.cni, r.endpoints.attached)),
+        String::new(),
+        field("Encryption", if r.mesh.encryption { "enabled" } else { "disabled" }),
+        field("Peer discovery", if r.mesh.discovery { "enabled" } else { "disabled" }),
+        field("Targets", r.mesh.targets.iter().filter(|t| !t.discovered).count()),
+        field("Connections", connection_summary(&r.mesh)),
+        field("Peers", peer_summary(&r.mesh)),
+        field("Trusted subnets", join(&r.mesh.trusted_subnets)),
     ];
     if !r.bridge.last_repairs.is_empty() {
         lines.insert(6, field("Last change", r.bridge.last_repairs.join(", ")));
     }
     lines
+}
+
+fn connection_summary(m: &MeshReport) -> String {
+    let total = m.connections.len();
+    let parts: Vec<String> = ["established", "connecting", "failed"]
+        .iter()
+        .map(|s| (s, m.count(s)))
+        .filter(|(_, n)| *n > 0)
+        .map(|(s, n)| format!("{n} {s}"))
+        .collect();
+    if parts.is_empty() { "0".into() } else { format!("{total} ({})", parts.join(", ")) }
+}
+
+fn peer_summary(m: &MeshReport) -> String {
+    let established: usize =
+        m.peers.iter().map(|p| p.connections.iter().filter(|c| c.established).count()).sum();
+    format!("{} (with {} established connections)", m.peers.len(), established)
+}
+
+fn nick(name: &str, nickname: &str) -> String {
+    if nickname.is_empty() { name.to_owned() } else { format!("{name}({nickname})") }
+}
+
+/// `weft status peers`: each peer and the connections it reports.
+pub fn peers(m: &MeshReport) -> Vec<String> {
+    let nicknames: std::collections::HashMap<&str, &str> =
+        m.peers.iter().map(|p| (p.name.as_str(), p.nickname.as_str())).collect();
+    let mut out = Vec::new();
+    for p in &m.peers {
+        out.push(nick(&p.name, &p.nickname));
+        for c in &p.connections {
+            let dir = if c.outbound { "->" } else { "<-" };
+            let state = if c.established { "established" } else { "pending" };
+            let other = nick(&c.peer, nicknames.get(c.peer.as_str()).copied().unwrap_or(""));
+            out.push(format!("   {dir} {:<22} {other:<32} {state}", c.address));
+        }
+    }
+    out
+}
+
+/// `weft status connections`: our connections, as Weave prints them.
+pub fn connections(m: &MeshReport) -> Vec<String> {
+    m.connections
+        .iter()
+        .map(|c| {
+            let dir = if c.outbound { "->" } else { "<-" };
+            let info = match c.state.as_str() {
+                "failed" => c.info.clone(),
+                _ => {
+                    let enc = if c.data_encrypted {
+                        "encrypted"
+                    } else if c.encrypted {
+                        "encrypted (data in the clear: trusted subnet)"
+                    } else {
+                        "unencrypted"
+                    };
+                    format!("{enc:<12} {}", nick(&c.peer, &c.nickname))
+                }
+            };
+            format!("{dir} {:<22} {:<12} {info}", c.address, c.state).trim_end().to_owned()
+        })
+        .collect()
 }
 
 /// `weft ps`: `ID MAC ADDRESS...` like Weave, plus kind and pod.

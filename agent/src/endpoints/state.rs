@@ -56,7 +56,7 @@ pub struct AttachReserve {
 
 /// The state owner.
 pub struct State {
-    store: Store,
+    store: Arc<Store>,
     dp: Arc<dyn Dataplane>,
     cfg: StateConfig,
     records: BTreeMap<String, EndpointRecord>,
@@ -80,7 +80,7 @@ fn now_secs() -> u64 {
 impl State {
     /// Loads the records and rebuilds the allocator from them.
     pub fn load(
-        store: Store,
+        store: Arc<Store>,
         dp: Arc<dyn Dataplane>,
         cfg: StateConfig,
         mut alloc: Allocator,

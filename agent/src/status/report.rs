@@ -15,6 +15,8 @@ pub struct Report {
     pub bridge: BridgeReport,
     pub ipam: IpamReport,
     pub endpoints: EndpointCounts,
+    #[serde(default)]
+    pub mesh: crate::mesh::report::MeshReport,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

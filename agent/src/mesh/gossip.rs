@@ -1,0 +1,195 @@
+//! The gossip API other subsystems (IP allocation, DNS, MAC tables) use: a named channel
+//! with three ways to send — `gossip` to a few neighbours (who pass on what is new to them),
+//! `broadcast` down the sender's broadcast tree to every peer, `unicast` along routes to one
+//! peer — and a stream of [`GossipEvent`]s. A subsystem whose state is a CRDT implements
+//! [`GossipData`] (its merge function) and lets [`GossipChannel::handle`] do the rest.
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use crate::identity::PeerName;
+
+/// What arrives on a channel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GossipEvent {
+    /// State gossiped by a neighbour.
+    Gossip { src: PeerName, payload: Vec<u8> },
+    /// A broadcast from `src` (already passed on by the mesh).
+    Broadcast { src: PeerName, payload: Vec<u8> },
+    /// A message for this peer only.
+    Unicast { src: PeerName, payload: Vec<u8> },
+    /// A new connection to `peer` (or a new incarnation of it): a chance to send it everything.
+    PeerUp(PeerName),
+    /// Peers no longer reachable, dropped from the topology.
+    PeersGone(Vec<PeerName>),
+}
+
+/// How a message travels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SendKind {
+    /// To a few random neighbours (`exclude` is skipped).
+    Gossip { exclude: Option<PeerName> },
+    /// To every peer, down our broadcast tree.
+    Broadcast,
+    /// To one peer.
+    Unicast(PeerName),
+}
+
+/// A message from a subsystem to the mesh.
+#[derive(Clone, Debug)]
+pub struct Outgoing {
+    pub channel: Arc<str>,
+    pub kind: SendKind,
+    pub payload: Vec<u8>,
+}
+
+/// A subsystem's end of a named channel.
+#[derive(Debug)]
+pub struct GossipChannel {
+    name: Arc<str>,
+    me: PeerName,
+    events: mpsc::Receiver<GossipEvent>,
+    out: mpsc::UnboundedSender<Outgoing>,
+}
+
+/// State that can be gossiped: merging must be commutative, associative and idempotent.
+pub trait GossipData {
+    /// Merges state received from a peer; returns the encoded part that was new here, if any.
+    fn merge_encoded(&mut self, src: PeerName, bytes: &[u8]) -> Result<Option<Vec<u8>>, String>;
+    /// The whole state, encoded.
+    fn encode_all(&self) -> Vec<u8>;
+}
+
+impl GossipChannel {
+    pub(crate) fn new(
+        name: Arc<str>,
+        me: PeerName,
+        events: mpsc::Receiver<GossipEvent>,
+        out: mpsc::UnboundedSender<Outgoing>,
+    ) -> GossipChannel {
+        GossipChannel { name, me, events, out }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// This peer's name.
+    pub fn me(&self) -> PeerName {
+        self.me
+    }
+
+    /// The next event; `None` once the mesh has stopped.
+    pub async fn recv(&mut self) -> Option<GossipEvent> {
+        self.events.recv().await
+    }
+
+    fn send(&self, kind: SendKind, payload: Vec<u8>) {
+        // A stopped mesh drops messages; the subsystem sees `recv` end.
+        let _ = self.out.send(Outgoing { channel: self.name.clone(), kind, payload });
+    }
+
+    pub fn gossip(&self, payload: Vec<u8>) {
+        self.send(SendKind::Gossip { exclude: None }, payload);
+    }
+
+    pub fn broadcast(&self, payload: Vec<u8>) {
+        self.send(SendKind::Broadcast, payload);
+    }
+
+    pub fn unicast(&self, dst: PeerName, payload: Vec<u8>) {
+        self.send(SendKind::Unicast(dst), payload);
+    }
+
+    /// The standard handling of an event for CRDT state: merge gossip and broadcasts (and
+    /// gossip on what was new, except back to the sender), send everything to a new peer.
+    /// Returns whether `data` changed; unicasts and departures are left to the caller
+    /// (returned as `Err(event)`).
+    pub fn handle<D: GossipData>(
+        &self,
+        data: &mut D,
+        event: GossipEvent,
+    ) -> Result<bool, GossipEvent> {
+        match event {
+            GossipEvent::Gossip { src, payload } => Ok(self.merge(data, src, &payload, true)),
+            GossipEvent::Broadcast { src, payload } => Ok(self.merge(data, src, &payload, false)),
+            GossipEvent::PeerUp(peer) => {
+                self.unicast(peer, data.encode_all());
+                Ok(false)
+            }
+            other => Err(other),
+        }
+    }
+
+    fn merge<D: GossipData>(
+        &self,
+        data: &mut D,
+        src: PeerName,
+        payload: &[u8],
+        pass_on: bool,
+    ) -> bool {
+        match data.merge_encoded(src, payload) {
+            Ok(Some(delta)) => {
+                if pass_on {
+                    self.send(SendKind::Gossip { exclude: Some(src) }, delta);
+                }
+                true
+            }
+            Ok(None) => false,
+            Err(e) => {
+                tracing::warn!(channel = %self.name, from = %src, error = %e, "ignoring undecodable gossip");
+                false
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    /// A grow-only set of numbers, the smallest CRDT.
+    #[derive(Default)]
+    struct Numbers(BTreeSet<u8>);
+
+    impl GossipData for Numbers {
+        fn merge_encoded(&mut self, _: PeerName, bytes: &[u8]) -> Result<Option<Vec<u8>>, String> {
+            let new: Vec<u8> = bytes.iter().copied().filter(|b| self.0.insert(*b)).collect();
+            Ok((!new.is_empty()).then_some(new))
+        }
+        fn encode_all(&self) -> Vec<u8> {
+            self.0.iter().copied().collect()
+        }
+    }
+
+    #[test]
+    fn handle_merges_and_passes_on_only_news() {
+        let me = PeerName::new(1).unwrap();
+        let peer = PeerName::new(2).unwrap();
+        let (_tx, rx) = mpsc::channel(1);
+        let (out, mut sent) = mpsc::unbounded_channel();
+        let ch = GossipChannel::new("numbers".into(), me, rx, out);
+        let mut data = Numbers::default();
+        assert_eq!(
+            ch.handle(&mut data, GossipEvent::Gossip { src: peer, payload: vec![1, 2] }),
+            Ok(true)
+        );
+        let o = sent.try_recv().unwrap();
+        assert_eq!((o.kind, o.payload), (SendKind::Gossip { exclude: Some(peer) }, vec![1, 2]));
+        assert_eq!(
+            ch.handle(&mut data, GossipEvent::Gossip { src: peer, payload: vec![2] }),
+            Ok(false)
+        );
+        assert!(sent.try_recv().is_err(), "nothing new, nothing passed on");
+        assert_eq!(
+            ch.handle(&mut data, GossipEvent::Broadcast { src: peer, payload: vec![3] }),
+            Ok(true)
+        );
+        assert!(sent.try_recv().is_err(), "broadcasts are passed on by the mesh itself");
+        ch.handle(&mut data, GossipEvent::PeerUp(peer)).unwrap();
+        assert_eq!(sent.try_recv().unwrap().payload, vec![1, 2, 3]);
+        assert!(ch.handle(&mut data, GossipEvent::PeersGone(vec![peer])).is_err());
+    }
+}

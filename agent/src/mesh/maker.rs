@@ -1,0 +1,291 @@
+//! Which peers to dial and when: the direct targets (`weft launch PEER...`, `weft connect`),
+//! and, with discovery, the peers of our peers. Failed attempts back off exponentially with
+//! jitter; a target that turned out to be ourselves is not retried. Pure: time and randomness
+//! are passed in.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use crate::identity::PeerName;
+
+/// First retry delay; each failure multiplies it by 1.5, up to [`MAX_BACKOFF`].
+pub const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+/// Cap of the retry delay: a healed partition reconnects within this (plus a connect timeout).
+pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// A target: a direct one as the user wrote it (`host` or `host:port`), or a discovered peer.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum TargetKey {
+    Direct(String),
+    Discovered(PeerName),
+}
+
+impl std::fmt::Display for TargetKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TargetKey::Direct(s) => f.write_str(s),
+            TargetKey::Discovered(p) => write!(f, "{p} (discovered)"),
+        }
+    }
+}
+
+/// What we know about dialling one target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TargetState {
+    /// Where to dial: the spec for direct targets, the learned address for discovered ones.
+    pub address: String,
+    pub attempts: u32,
+    pub next_try: Instant,
+    pub dialing: bool,
+    pub last_error: Option<String>,
+    /// The peer this target led to, once connected.
+    pub peer: Option<PeerName>,
+    /// Set for errors that retrying cannot fix (the target is ourselves).
+    pub give_up: bool,
+}
+
+impl TargetState {
+    fn new(address: String, now: Instant) -> TargetState {
+        TargetState {
+            address,
+            attempts: 0,
+            next_try: now,
+            dialing: false,
+            last_error: None,
+            peer: None,
+            give_up: false,
+        }
+    }
+}
+
+/// The outcome of a dial.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DialOutcome {
+    Connected(PeerName),
+    Failed { error: String, give_up: bool },
+}
+
+/// The connection maker's state.
+#[derive(Clone, Debug)]
+pub struct Maker {
+    pub targets: BTreeMap<TargetKey, TargetState>,
+    pub discovery: bool,
+}
+
+/// Adds jitter: a delay drawn uniformly from [d/2, 3d/2).
+pub fn jittered(d: Duration, unit: f64) -> Duration {
+    d.mul_f64(0.5 + unit.clamp(0.0, 1.0))
+}
+
+impl Maker {
+    pub fn new(discovery: bool) -> Maker {
+        Maker { targets: BTreeMap::new(), discovery }
+    }
+
+    /// The direct targets, in order.
+    pub fn direct(&self) -> Vec<String> {
+        self.targets
+            .keys()
+            .filter_map(|k| match k {
+                TargetKey::Direct(s) => Some(s.clone()),
+                TargetKey::Discovered(_) => None,
+            })
+            .collect()
+    }
+
+    /// Adds direct targets (or replaces them all).
+    pub fn add_direct(&mut self, specs: &[String], replace: bool, now: Instant) {
+        if replace {
+            self.targets.retain(|k, _| !matches!(k, TargetKey::Direct(_)));
+        }
+        for s in specs {
+            self.targets
+                .entry(TargetKey::Direct(s.clone()))
+                .or_insert_with(|| TargetState::new(s.clone(), now));
+        }
+    }
+
+    pub fn forget(&mut self, specs: &[String]) {
+        for s in specs {
+            self.targets.remove(&TargetKey::Direct(s.clone()));
+        }
+    }
+
+    /// Replaces the discovered targets with `candidates` (peer, address), keeping the state of
+    /// those that stay. Peers we are connected to, or that a direct target already leads to,
+    /// need no discovered target.
+    pub fn set_discovered(
+        &mut self,
+        candidates: &BTreeMap<PeerName, SocketAddr>,
+        connected: &[PeerName],
+        now: Instant,
+    ) {
+        let direct_peers: Vec<PeerName> = self
+            .targets
+            .iter()
+            .filter(|(k, _)| matches!(k, TargetKey::Direct(_)))
+            .filter_map(|(_, s)| s.peer)
+            .collect();
+        let wanted: BTreeMap<PeerName, SocketAddr> = if self.discovery {
+            candidates
+                .iter()
+                .filter(|(p, _)| !connected.contains(p) && !direct_peers.contains(p))
+                .map(|(p, a)| (*p, *a))
+                .collect()
+        } else {
+            BTreeMap::new()
+        };
+        self.targets.retain(|k, s| match k {
+            TargetKey::Discovered(p) => wanted.contains_key(p) || s.dialing,
+            TargetKey::Direct(_) => true,
+        });
+        for (p, addr) in wanted {
+            let st = self
+                .targets
+                .entry(TargetKey::Discovered(p))
+                .or_insert_with(|| TargetState::new(addr.to_string(), now));
+            if !st.dialing {
+                st.address = addr.to_string();
+            }
+        }
+    }
+
+    /// Targets to dial now: not connected, not being dialled, due, and within the connection
+    /// limit (counting connections and dials in progress).
+    pub fn due(
+        &mut self,
+        now: Instant,
+        connected: &[PeerName],
+        live: usize,
+        limit: usize,
+    ) -> Vec<(TargetKey, String)> {
+        let mut busy = live + self.targets.values().filter(|s| s.dialing).count();
+        let mut out = Vec::new();
+        for (k, s) in self.targets.iter_mut() {
+            if busy >= limit {
+                break;
+            }
+            let connected_already = s.peer.is_some_and(|p| connected.contains(&p));
+            if s.dialing || s.give_up || connected_already || s.next_try > now {
+                continue;
+            }
+            s.dialing = true;
+            busy += 1;
+            out.push((k.clone(), s.address.clone()));
+        }
+        out
+    }
+
+    /// Records the result of a dial. `unit` in [0, 1) supplies the jitter.
+    pub fn on_result(&mut self, key: &TargetKey, outcome: DialOutcome, now: Instant, unit: f64) {
+        let Some(s) = self.targets.get_mut(key) else { return };
+        s.dialing = false;
+        match outcome {
+            DialOutcome::Connected(peer) => {
+                s.peer = Some(peer);
+                s.attempts = 0;
+                s.last_error = None;
+            }
+            DialOutcome::Failed { error, give_up } => {
+                s.attempts = s.attempts.saturating_add(1);
+                s.last_error = Some(error);
+                s.give_up = give_up;
+                let base = FIRST_BACKOFF
+                    .mul_f64(1.5f64.powi(s.attempts.min(30) as i32 - 1))
+                    .min(MAX_BACKOFF);
+                s.next_try = now + jittered(base, unit);
+            }
+        }
+    }
+
+    /// A connection that a target led to ended: retry soon (after the first back-off).
+    pub fn on_disconnect(&mut self, peer: PeerName, now: Instant, unit: f64) {
+        for s in self.targets.values_mut().filter(|s| s.peer == Some(peer)) {
+            s.next_try = now + jittered(FIRST_BACKOFF, unit);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(i: u64) -> PeerName {
+        PeerName::new(i).unwrap()
+    }
+
+    #[test]
+    fn backoff_grows_with_jitter_and_caps() {
+        let t0 = Instant::now();
+        let mut m = Maker::new(true);
+        m.add_direct(&["10.0.0.2".into()], false, t0);
+        let key = TargetKey::Direct("10.0.0.2".into());
+        let mut now = t0;
+        let mut delays = Vec::new();
+        for _ in 0..12 {
+            assert_eq!(m.due(now, &[], 0, 10).len(), 1);
+            m.on_result(
+                &key,
+                DialOutcome::Failed { error: "refused".into(), give_up: false },
+                now,
+                0.5,
+            );
+            let next = m.targets[&key].next_try;
+            delays.push(next - now);
+            assert!(m.due(now, &[], 0, 10).is_empty(), "not due before its time");
+            now = next;
+        }
+        assert_eq!(delays[0], FIRST_BACKOFF);
+        assert!(delays.windows(2).all(|w| w[1] >= w[0]));
+        assert_eq!(*delays.last().unwrap(), MAX_BACKOFF);
+        assert_eq!(jittered(Duration::from_secs(2), 0.0), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn self_is_never_retried_and_the_limit_holds() {
+        let t0 = Instant::now();
+        let mut m = Maker::new(true);
+        m.add_direct(&["a".into(), "b".into(), "c".into()], false, t0);
+        let due = m.due(t0, &[], 1, 3);
+        assert_eq!(due.len(), 2, "limit 3 with one live connection");
+        m.on_result(
+            &due[0].0,
+            DialOutcome::Failed { error: "that is us".into(), give_up: true },
+            t0,
+            0.0,
+        );
+        assert!(m.due(t0 + MAX_BACKOFF * 2, &[], 0, 10).iter().all(|(k, _)| *k != due[0].0));
+    }
+
+    #[test]
+    fn discovery_adds_and_drops_peers_of_peers() {
+        let t0 = Instant::now();
+        let mut m = Maker::new(true);
+        let cands = BTreeMap::from([
+            (p(3), "10.0.0.3:6783".parse().unwrap()),
+            (p(4), "10.0.0.4:6783".parse().unwrap()),
+        ]);
+        m.set_discovered(&cands, &[p(4)], t0);
+        assert_eq!(
+            m.targets.keys().cloned().collect::<Vec<_>>(),
+            vec![TargetKey::Discovered(p(3))]
+        );
+        m.set_discovered(&BTreeMap::new(), &[], t0);
+        assert!(m.targets.is_empty());
+        let mut off = Maker::new(false);
+        off.set_discovered(&cands, &[], t0);
+        assert!(off.targets.is_empty(), "--no-discovery");
+    }
+
+    #[test]
+    fn replace_and_forget() {
+        let t0 = Instant::now();
+        let mut m = Maker::new(true);
+        m.add_direct(&["a".into(), "b".into()], false, t0);
+        m.add_direct(&["c".into()], true, t0);
+        assert_eq!(m.direct(), vec!["c".to_owned()]);
+        m.forget(&["c".into()]);
+        assert!(m.direct().is_empty());
+    }
+}

@@ -1,0 +1,838 @@
+//! The mesh router: the one owner of the topology, the live connections, the routes, the
+//! connection maker and the registered gossip channels. Connections, the listener, dial
+//! tasks, subsystems and the API reach it through channels; it publishes a [`MeshReport`]
+//! snapshot after every change.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use rand::Rng;
+use rand::seq::IteratorRandom;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::connection::{self, ConnError, ConnEvent, Established, Handle, Setup};
+use super::frame::frame_of;
+use super::gossip::{GossipEvent, Outgoing, SendKind};
+use super::maker::{DialOutcome, Maker, TargetKey};
+use super::proto;
+use super::report::{ConnectionReport, MeshReport, PeerEntryReport, TargetReport};
+use super::routes::{self, Graph, Routes};
+use super::topology::{ConnInfo, Entries, PeerInfo, Topology};
+use crate::identity::PeerName;
+use crate::metrics::Metrics;
+use crate::store::{Op, Store, Table};
+
+/// The topology's own channel name.
+pub const TOPOLOGY: &str = "topology";
+const TARGETS_KEY: &str = "targets";
+/// Full-state gossip to a few neighbours at this interval.
+pub const ANTI_ENTROPY: Duration = Duration::from_secs(30);
+/// Topology changes are passed on, and routes recomputed, at most once per tick.
+pub const TICK: Duration = Duration::from_millis(100);
+/// Events queued for a subsystem before further ones are dropped.
+pub const CHANNEL_QUEUE: usize = 1024;
+const RECENT_FAILURES: usize = 32;
+
+/// Requests from the API and from subsystems.
+#[derive(Debug)]
+pub enum Command {
+    Connect { peers: Vec<String>, replace: bool, reply: oneshot::Sender<Vec<String>> },
+    Forget { peers: Vec<String>, reply: oneshot::Sender<Vec<String>> },
+    Register { name: String, events: mpsc::Sender<GossipEvent> },
+}
+
+/// Results of dialling and accepting.
+#[derive(Debug)]
+pub enum SetupEvent {
+    Ready { est: Box<Established>, target: Option<TargetKey> },
+    DialFailed { target: TargetKey, address: String, error: ConnError },
+    InboundFailed { remote: SocketAddr, error: ConnError },
+}
+
+struct Conn {
+    handle: Handle,
+    peer_uid: u64,
+    conn_uid: u64,
+    remote: SocketAddr,
+    outbound: bool,
+    encrypted: bool,
+    data_encrypted: bool,
+    nickname: String,
+    since: Instant,
+}
+
+/// Router settings.
+#[derive(Clone, Debug)]
+pub struct RouterConfig {
+    pub setup: Setup,
+    pub port: u16,
+    pub discovery: bool,
+    pub conn_limit: usize,
+    /// Targets given on the command line; `None` resumes the persisted ones.
+    pub initial_targets: Option<Vec<String>>,
+}
+
+pub struct Router {
+    cfg: RouterConfig,
+    topology: Topology,
+    routes: Routes,
+    conns: BTreeMap<PeerName, Conn>,
+    channels: HashMap<String, mpsc::Sender<GossipEvent>>,
+    surrogate_seen: HashMap<u64, Instant>,
+    maker: Maker,
+    failures: Vec<ConnectionReport>,
+    next_id: u64,
+    store: Arc<Store>,
+    metrics: Arc<Metrics>,
+    report: watch::Sender<MeshReport>,
+    setup_tx: mpsc::UnboundedSender<SetupEvent>,
+    conn_tx: mpsc::UnboundedSender<ConnEvent>,
+    last_anti_entropy: Instant,
+    /// Entries learnt or changed since the last tick, to pass on (coalesced per tick).
+    pending: std::collections::BTreeSet<PeerName>,
+    /// The topology changed since routes were computed.
+    dirty: bool,
+    /// Broadcast children per source, valid until the routes are recomputed.
+    trees: HashMap<PeerName, Vec<PeerName>>,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router")
+            .field("me", &self.topology.me())
+            .field("connections", &self.conns.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The channels the router listens on.
+#[derive(Debug)]
+pub struct Inputs {
+    pub commands: mpsc::UnboundedReceiver<Command>,
+    pub outgoing: mpsc::UnboundedReceiver<Outgoing>,
+    pub setup: mpsc::UnboundedReceiver<SetupEvent>,
+    pub conns: mpsc::UnboundedReceiver<ConnEvent>,
+}
+
+fn now_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(1)
+}
+
+impl Router {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        cfg: RouterConfig,
+        store: Arc<Store>,
+        metrics: Arc<Metrics>,
+        report: watch::Sender<MeshReport>,
+        setup_tx: mpsc::UnboundedSender<SetupEvent>,
+        conn_tx: mpsc::UnboundedSender<ConnEvent>,
+    ) -> Router {
+        let s = &cfg.setup;
+        // Starting at the clock keeps our versions above those of earlier incarnations.
+        let topology = Topology::new(s.me, s.nickname.clone(), s.uid, now_millis());
+        let mut maker = Maker::new(cfg.discovery);
+        let persisted: Vec<String> =
+            store.get(Table::Mesh, TARGETS_KEY).ok().flatten().unwrap_or_default();
+        let targets = cfg.initial_targets.clone().unwrap_or(persisted);
+        maker.add_direct(&targets, true, Instant::now());
+        let routes = Routes::compute(&topology);
+        let r = Router {
+            cfg,
+            topology,
+            routes,
+            conns: BTreeMap::new(),
+            channels: HashMap::new(),
+            surrogate_seen: HashMap::new(),
+            maker,
+            failures: Vec::new(),
+            next_id: 1,
+            store,
+            metrics,
+            report,
+            setup_tx,
+            conn_tx,
+            last_anti_entropy: Instant::now(),
+            pending: std::collections::BTreeSet::new(),
+            dirty: false,
+            trees: HashMap::new(),
+        };
+        r.persist_targets();
+        r.publish();
+        r
+    }
+
+    /// Runs until `shutdown`.
+    pub async fn run(
+        mut self,
+        mut inputs: Inputs,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) {
+        tokio::spawn(accept_loop(
+            listener,
+            self.cfg.setup.clone(),
+            self.setup_tx.clone(),
+            shutdown.clone(),
+        ));
+        let mut tick = tokio::time::interval(TICK);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                Some(c) = inputs.commands.recv() => self.on_command(c),
+                Some(o) = inputs.outgoing.recv() => self.on_outgoing(o),
+                Some(s) = inputs.setup.recv() => self.on_setup(s),
+                Some(e) = inputs.conns.recv() => self.on_conn_event(e),
+                _ = tick.tick() => self.on_tick(),
+            }
+        }
+        for c in self.conns.values() {
+            c.handle.cancel.cancel();
+        }
+    }
+
+    // ---- commands ----
+
+    fn on_command(&mut self, c: Command) {
+        match c {
+            Command::Connect { peers, replace, reply } => {
+                self.maker.add_direct(&peers, replace, Instant::now());
+                self.persist_targets();
+                self.publish();
+                let _ = reply.send(self.maker.direct());
+            }
+            Command::Forget { peers, reply } => {
+                self.maker.forget(&peers);
+                self.persist_targets();
+                self.publish();
+                let _ = reply.send(self.maker.direct());
+            }
+            Command::Register { name, events } => {
+                self.channels.insert(name, events);
+            }
+        }
+    }
+
+    fn persist_targets(&self) {
+        let targets = self.maker.direct();
+        let store = self.store.clone();
+        // A blocking write: rare, and must not stall the router's event loop.
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) =
+                Op::put(Table::Mesh, TARGETS_KEY, &targets).and_then(|op| store.write(&[op]))
+            {
+                warn!(error = %e, "cannot persist mesh targets");
+            }
+        });
+    }
+
+    // ---- dialling and accepting ----
+
+    fn on_tick(&mut self) {
+        let now = Instant::now();
+        if !self.pending.is_empty() {
+            let names: Vec<PeerName> = std::mem::take(&mut self.pending).into_iter().collect();
+            let delta = self.topology.entries().subset(&names);
+            self.send_topology(SendKind::Gossip { exclude: None }, &delta);
+        }
+        if std::mem::take(&mut self.dirty) {
+            self.recompute();
+        }
+        let connected: Vec<PeerName> = self.conns.keys().copied().collect();
+        for (key, address) in self.maker.due(now, &connected, self.conns.len(), self.cfg.conn_limit)
+        {
+            let (setup, tx, port) = (self.cfg.setup.clone(), self.setup_tx.clone(), self.cfg.port);
+            debug!(target = %key, %address, "dialling");
+            tokio::spawn(async move {
+                let ev = match connection::dial(&address, port, &setup).await {
+                    Ok(est) => SetupEvent::Ready { est: Box::new(est), target: Some(key) },
+                    Err(error) => SetupEvent::DialFailed { target: key, address, error },
+                };
+                let _ = tx.send(ev);
+            });
+        }
+        if now.duration_since(self.last_anti_entropy) >= ANTI_ENTROPY {
+            self.last_anti_entropy = now;
+            let full = self.topology.entries().clone();
+            self.send_topology(SendKind::Gossip { exclude: None }, &full);
+            self.surrogate_seen.retain(|_, t| now.duration_since(*t) < ANTI_ENTROPY);
+        }
+    }
+
+    fn on_setup(&mut self, ev: SetupEvent) {
+        match ev {
+            SetupEvent::Ready { est, target } => self.register(*est, target),
+            SetupEvent::DialFailed { target, address, error } => {
+                let give_up = error.is_permanent();
+                if give_up {
+                    info!(target = %target, "not retrying: {error}");
+                } else {
+                    debug!(target = %target, error = %error, "dial failed");
+                }
+                self.note_failure(address, None, true, error.to_string());
+                self.maker.on_result(
+                    &target,
+                    DialOutcome::Failed { error: error.to_string(), give_up },
+                    Instant::now(),
+                    rand::random(),
+                );
+                self.publish();
+            }
+            SetupEvent::InboundFailed { remote, error } => {
+                // Keyed by IP: a peer retrying from new ports is one failing peer, logged once.
+                let address = remote.ip().to_string();
+                let reason = error.to_string();
+                if self.failures.iter().any(|f| f.address == address && f.info == reason) {
+                    debug!(%remote, "refused inbound mesh connection again: {reason}");
+                } else {
+                    warn!(%remote, "refused inbound mesh connection: {reason}");
+                }
+                self.note_failure(address, None, false, reason);
+                self.publish();
+            }
+        }
+    }
+
+    fn note_failure(
+        &mut self,
+        address: String,
+        peer: Option<PeerName>,
+        outbound: bool,
+        reason: String,
+    ) {
+        self.failures.retain(|f| f.address != address);
+        self.failures.push(ConnectionReport {
+            peer: peer.map(|p| p.to_string()).unwrap_or_default(),
+            nickname: String::new(),
+            address,
+            outbound,
+            state: "failed".into(),
+            info: reason,
+            encrypted: false,
+            data_encrypted: false,
+        });
+        if self.failures.len() > RECENT_FAILURES {
+            self.failures.remove(0);
+        }
+    }
+
+    fn register(&mut self, est: Established, target: Option<TargetKey>) {
+        let Some(peer) = est.peer() else { return };
+        let now = Instant::now();
+        if let Some(existing) = self.conns.get(&peer) {
+            let keep_existing =
+                existing.peer_uid == est.hello.uid && existing.conn_uid <= est.conn_uid;
+            if keep_existing {
+                // Both sides dialled at once: both keep the connection with the lower id.
+                debug!(%peer, "dropping a duplicate connection");
+                if let Some(t) = target {
+                    self.maker.on_result(&t, DialOutcome::Connected(peer), now, 0.0);
+                }
+                return;
+            }
+            let reason = if existing.peer_uid == est.hello.uid {
+                "replaced by a duplicate connection"
+            } else {
+                "the peer restarted"
+            };
+            self.drop_conn(peer, reason);
+        }
+        if !est.outbound && self.conns.len() >= self.cfg.conn_limit {
+            warn!(%peer, remote = %est.remote, limit = self.cfg.conn_limit, "refusing connection: --conn-limit reached");
+            return;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let data_encrypted = est.encrypted && !(est.we_trust && est.hello.trusts_you);
+        let conn = Conn {
+            peer_uid: est.hello.uid,
+            conn_uid: est.conn_uid,
+            remote: est.remote,
+            outbound: est.outbound,
+            encrypted: est.encrypted,
+            data_encrypted,
+            nickname: est.hello.nickname.clone(),
+            since: now,
+            handle: connection::start(est, id, self.conn_tx.clone()),
+        };
+        info!(%peer, nickname = %conn.nickname, remote = %conn.remote, outbound = conn.outbound, encrypted = conn.encrypted, "connection established");
+        let info = ConnInfo {
+            address: conn.remote.to_string(),
+            outbound: conn.outbound,
+            established: true,
+        };
+        self.conns.insert(peer, conn);
+        if let Some(t) = target {
+            self.maker.on_result(&t, DialOutcome::Connected(peer), now, 0.0);
+        }
+        self.failures.retain(|f| f.peer != peer.to_string());
+        self.topology.set_connection(peer, info);
+        self.on_local_change();
+        // Everything we know, to the new neighbour at once (directly: routes are recomputed
+        // only at the next tick).
+        let full = entries_to_wire(self.topology.entries()).encode_to_vec();
+        let msg = proto::GossipMessage {
+            channel: TOPOLOGY.into(),
+            src: self.topology.me().get(),
+            dst: peer.get(),
+            payload: full,
+        };
+        self.send_frame(
+            peer,
+            TOPOLOGY,
+            &proto::Frame { kind: Some(proto::frame::Kind::Unicast(msg)) },
+        );
+        for ch in self.channels.values() {
+            let _ = ch.try_send(GossipEvent::PeerUp(peer));
+        }
+    }
+
+    fn drop_conn(&mut self, peer: PeerName, reason: &str) {
+        if let Some(c) = self.conns.remove(&peer) {
+            c.handle.cancel.cancel();
+            info!(%peer, remote = %c.remote, reason, "connection closed");
+            if c.since.elapsed() < Duration::from_secs(5) || reason != "closed" {
+                self.note_failure(c.remote.to_string(), Some(peer), c.outbound, reason.to_owned());
+            }
+            self.maker.on_disconnect(peer, Instant::now(), rand::random());
+            self.topology.remove_connection(peer);
+            self.on_local_change();
+        }
+    }
+
+    // ---- frames ----
+
+    fn peer_of(&self, id: u64) -> Option<PeerName> {
+        self.conns.iter().find(|(_, c)| c.handle.id == id).map(|(p, _)| *p)
+    }
+
+    fn on_conn_event(&mut self, ev: ConnEvent) {
+        match ev {
+            ConnEvent::Closed { id, reason } => {
+                if let Some(peer) = self.peer_of(id) {
+                    self.drop_conn(peer, &reason);
+                }
+            }
+            ConnEvent::Frame { id, frame, bytes } => {
+                let Some(from) = self.peer_of(id) else { return };
+                self.on_frame(from, frame, bytes);
+            }
+        }
+    }
+
+    fn count(&self, channel: &str, direction: &str, bytes: usize) {
+        self.metrics.gossip_bytes(channel, direction, bytes as u64);
+    }
+
+    fn on_frame(&mut self, from: PeerName, frame: proto::Frame, bytes: usize) {
+        use proto::frame::Kind;
+        match frame.kind {
+            Some(Kind::Gossip(m)) => {
+                self.count(&m.channel, "received", bytes);
+                if m.channel == TOPOLOGY {
+                    self.on_topology(from, &m.payload);
+                } else if !self.deliver(
+                    &m.channel,
+                    GossipEvent::Gossip { src: from, payload: m.payload.clone() },
+                ) {
+                    self.surrogate(from, m);
+                }
+            }
+            Some(Kind::Broadcast(m)) => {
+                self.count(&m.channel, "received", bytes);
+                let Some(src) = PeerName::new(m.src) else { return };
+                let fwd = frame_of(&proto::Frame { kind: Some(Kind::Broadcast(m.clone())) });
+                for child in self.children(src) {
+                    if child != from {
+                        self.send_bytes(child, &m.channel, fwd.clone());
+                    }
+                }
+                if m.channel == TOPOLOGY {
+                    self.on_topology(from, &m.payload);
+                } else {
+                    self.deliver(&m.channel, GossipEvent::Broadcast { src, payload: m.payload });
+                }
+            }
+            Some(Kind::Unicast(m)) => {
+                self.count(&m.channel, "received", bytes);
+                let (Some(src), Some(dst)) = (PeerName::new(m.src), PeerName::new(m.dst)) else {
+                    return;
+                };
+                if dst == self.topology.me() {
+                    if m.channel == TOPOLOGY {
+                        self.on_topology(from, &m.payload);
+                    } else {
+                        self.deliver(&m.channel, GossipEvent::Unicast { src, payload: m.payload });
+                    }
+                } else if let Some(hop) = self.routes.next_hop(dst, Graph::Control) {
+                    let channel = m.channel.clone();
+                    self.send_frame(hop, &channel, &proto::Frame { kind: Some(Kind::Unicast(m)) });
+                }
+            }
+            Some(Kind::Heartbeat(_)) | Some(Kind::Overlay(_)) | None => {}
+        }
+    }
+
+    /// Hands an event to a registered channel; false if nobody registered it.
+    fn deliver(&mut self, channel: &str, ev: GossipEvent) -> bool {
+        match self.channels.get(channel) {
+            Some(tx) => {
+                if tx.try_send(ev).is_err() {
+                    warn!(
+                        channel,
+                        "subsystem is not keeping up; dropping gossip (anti-entropy will repair)"
+                    );
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Gossip for a channel this peer does not run: pass it on once, so subsystems still reach
+    /// peers behind us.
+    fn surrogate(&mut self, from: PeerName, m: proto::GossipMessage) {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        m.channel.hash(&mut h);
+        m.payload.hash(&mut h);
+        let key = h.finish();
+        if self.surrogate_seen.insert(key, Instant::now()).is_some() {
+            return;
+        }
+        let channel = m.channel.clone();
+        let bytes = frame_of(&proto::Frame { kind: Some(proto::frame::Kind::Gossip(m)) });
+        for n in self.gossip_targets(Some(from)) {
+            self.send_bytes(n, &channel, bytes.clone());
+        }
+    }
+
+    fn on_topology(&mut self, from: PeerName, payload: &[u8]) {
+        let Ok(t) = proto::Topology::decode(payload) else {
+            warn!(%from, "undecodable topology gossip");
+            return;
+        };
+        let changed = self.topology.merge_wire(&t);
+        if !changed.is_empty() {
+            // What is new here is passed on at the next tick, with whatever else arrives
+            // meanwhile; a raised entry of ours is among it when someone held a stale one.
+            self.pending.extend(changed);
+            self.dirty = true;
+        }
+    }
+
+    /// Our own entry changed.
+    fn on_local_change(&mut self) {
+        self.pending.insert(self.topology.me());
+        self.dirty = true;
+    }
+
+    fn recompute(&mut self) {
+        let gone = self.topology.garbage_collect();
+        self.routes = Routes::compute(&self.topology);
+        self.trees.clear();
+        if !gone.is_empty() {
+            info!(peers = ?gone.iter().map(|p| p.to_string()).collect::<Vec<_>>(), "peers left the mesh");
+            for ch in self.channels.values() {
+                let _ = ch.try_send(GossipEvent::PeersGone(gone.clone()));
+            }
+        }
+        let connected: Vec<PeerName> = self.conns.keys().copied().collect();
+        self.maker.set_discovered(&self.discovery_candidates(), &connected, Instant::now());
+        self.publish();
+    }
+
+    /// Our children in `src`'s broadcast tree (cached until the routes change).
+    fn children(&mut self, src: PeerName) -> Vec<PeerName> {
+        if let Some(c) = self.trees.get(&src) {
+            return c.clone();
+        }
+        let c = routes::broadcast_children(&self.topology, src, Graph::Control);
+        self.trees.insert(src, c.clone());
+        c
+    }
+
+    /// Peers of our peers and where to reach them: the address a peer dialled them at, or the
+    /// address they came from with our mesh port.
+    fn discovery_candidates(&self) -> BTreeMap<PeerName, SocketAddr> {
+        let me = self.topology.me();
+        let mut out: BTreeMap<PeerName, SocketAddr> = BTreeMap::new();
+        for (owner, entry) in self.topology.peers() {
+            if *owner == me {
+                continue;
+            }
+            for (peer, c) in entry.connections.iter().filter(|(p, _)| **p != me) {
+                let Ok(addr) = c.address.parse::<SocketAddr>() else { continue };
+                if c.outbound {
+                    out.insert(*peer, addr);
+                } else {
+                    out.entry(*peer).or_insert_with(|| SocketAddr::new(addr.ip(), self.cfg.port));
+                }
+            }
+        }
+        out
+    }
+
+    // ---- sending ----
+
+    fn gossip_targets(&self, exclude: Option<PeerName>) -> Vec<PeerName> {
+        let fanout = gossip_fanout(self.topology.peers().count());
+        let mut rng = rand::rng();
+        self.conns.keys().copied().filter(|p| Some(*p) != exclude).choose_multiple(&mut rng, fanout)
+    }
+
+    fn send_frame(&self, to: PeerName, channel: &str, frame: &proto::Frame) {
+        self.send_bytes(to, channel, frame_of(frame));
+    }
+
+    /// Sends an encoded frame (encode once, send to many).
+    fn send_bytes(&self, to: PeerName, channel: &str, bytes: Vec<u8>) {
+        let Some(c) = self.conns.get(&to) else { return };
+        self.count(channel, "sent", bytes.len());
+        if let Err(mpsc::error::TrySendError::Full(_)) = c.handle.tx.try_send(bytes) {
+            warn!(peer = %to, "send queue full; closing the connection");
+            c.handle.cancel.cancel();
+        }
+    }
+
+    fn send_topology(&mut self, kind: SendKind, entries: &Entries) {
+        let payload = entries_to_wire(entries).encode_to_vec();
+        self.on_outgoing(Outgoing { channel: TOPOLOGY.into(), kind, payload });
+    }
+
+    fn on_outgoing(&mut self, o: Outgoing) {
+        use proto::frame::Kind;
+        let me = self.topology.me();
+        let msg = proto::GossipMessage {
+            channel: o.channel.to_string(),
+            src: me.get(),
+            dst: 0,
+            payload: o.payload,
+        };
+        match o.kind {
+            SendKind::Gossip { exclude } => {
+                let bytes = frame_of(&proto::Frame { kind: Some(Kind::Gossip(msg)) });
+                for n in self.gossip_targets(exclude) {
+                    self.send_bytes(n, &o.channel, bytes.clone());
+                }
+            }
+            SendKind::Broadcast => {
+                let bytes = frame_of(&proto::Frame { kind: Some(Kind::Broadcast(msg)) });
+                for child in self.children(me) {
+                    self.send_bytes(child, &o.channel, bytes.clone());
+                }
+            }
+            SendKind::Unicast(dst) => {
+                let frame = proto::Frame {
+                    kind: Some(Kind::Unicast(proto::GossipMessage { dst: dst.get(), ..msg })),
+                };
+                if let Some(hop) = self.routes.next_hop(dst, Graph::Control) {
+                    self.send_frame(hop, &o.channel, &frame);
+                }
+            }
+        }
+    }
+
+    // ---- reporting ----
+
+    fn publish(&self) {
+        let me = self.topology.me();
+        let mut connections: Vec<ConnectionReport> = self
+            .conns
+            .iter()
+            .map(|(p, c)| ConnectionReport {
+                peer: p.to_string(),
+                nickname: c.nickname.clone(),
+                address: c.remote.to_string(),
+                outbound: c.outbound,
+                state: "established".into(),
+                info: String::new(),
+                encrypted: c.encrypted,
+                data_encrypted: c.data_encrypted,
+            })
+            .collect();
+        for (key, t) in self.maker.targets.iter().filter(|(_, t)| t.dialing) {
+            connections.push(ConnectionReport {
+                peer: match key {
+                    TargetKey::Discovered(p) => p.to_string(),
+                    TargetKey::Direct(_) => String::new(),
+                },
+                nickname: String::new(),
+                address: t.address.clone(),
+                outbound: true,
+                state: "connecting".into(),
+                info: String::new(),
+                encrypted: false,
+                data_encrypted: false,
+            });
+        }
+        let live: HashSet<String> = connections.iter().map(|c| c.address.clone()).collect();
+        connections.extend(self.failures.iter().filter(|f| !live.contains(&f.address)).cloned());
+        let peers = self
+            .topology
+            .peers()
+            .map(|(name, e)| PeerEntryReport {
+                name: name.to_string(),
+                nickname: e.nickname.clone(),
+                uid: e.uid,
+                version: e.version,
+                connections: e
+                    .connections
+                    .iter()
+                    .map(|(p, c)| super::report::PeerConnectionReport {
+                        peer: p.to_string(),
+                        address: c.address.clone(),
+                        outbound: c.outbound,
+                        established: c.established,
+                    })
+                    .collect(),
+            })
+            .collect();
+        let targets = self
+            .maker
+            .targets
+            .iter()
+            .map(|(k, t)| TargetReport {
+                target: match k {
+                    TargetKey::Direct(s) => s.clone(),
+                    TargetKey::Discovered(_) => t.address.clone(),
+                },
+                discovered: matches!(k, TargetKey::Discovered(_)),
+                peer: t.peer.map(|p| p.to_string()).unwrap_or_default(),
+                last_error: t.last_error.clone().unwrap_or_default(),
+            })
+            .collect();
+        let _ = self.report.send(MeshReport {
+            name: me.to_string(),
+            nickname: self.cfg.setup.nickname.clone(),
+            port: self.cfg.port,
+            encryption: self.cfg.setup.psk.is_some(),
+            discovery: self.cfg.discovery,
+            conn_limit: self.cfg.conn_limit as u32,
+            trusted_subnets: self.cfg.setup.trusted.clone(),
+            peers,
+            connections,
+            targets,
+            unicast: self
+                .routes
+                .table(Graph::Control)
+                .iter()
+                .map(|(d, h)| (d.to_string(), h.to_string()))
+                .collect(),
+        });
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    setup: Setup,
+    tx: mpsc::UnboundedSender<SetupEvent>,
+    shutdown: CancellationToken,
+) {
+    // A token bucket on accepts: a flood of connection attempts cannot starve the agent.
+    let mut tokens: f64 = 20.0;
+    let mut last = Instant::now();
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let (stream, remote) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        tokens = (tokens + last.elapsed().as_secs_f64() * 20.0).min(20.0);
+        last = Instant::now();
+        if tokens < 1.0 {
+            debug!(%remote, "accept rate exceeded; dropping");
+            continue;
+        }
+        tokens -= 1.0;
+        let (setup, tx) = (setup.clone(), tx.clone());
+        tokio::spawn(async move {
+            let ev = match connection::handshake(stream, false, &setup).await {
+                Ok(est) => SetupEvent::Ready { est: Box::new(est), target: None },
+                Err(error) => SetupEvent::InboundFailed { remote, error },
+            };
+            let _ = tx.send(ev);
+        });
+    }
+}
+
+pub fn entries_to_wire(e: &Entries) -> proto::Topology {
+    proto::Topology {
+        peers: e
+            .0
+            .iter()
+            .map(|(name, p)| proto::PeerEntry {
+                name: name.get(),
+                nickname: p.nickname.clone(),
+                uid: p.uid,
+                version: p.version,
+                connections: p
+                    .connections
+                    .iter()
+                    .map(|(peer, c)| proto::ConnectionEntry {
+                        peer: peer.get(),
+                        address: c.address.clone(),
+                        outbound: c.outbound,
+                        established: c.established,
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+/// Decodes entries; names longer than 48 bits are dropped.
+pub fn entries_from_wire(t: &proto::Topology) -> Entries {
+    let mut out = Entries::default();
+    for p in &t.peers {
+        let Some(name) = PeerName::new(p.name) else { continue };
+        let connections = p
+            .connections
+            .iter()
+            .filter_map(|c| {
+                PeerName::new(c.peer).map(|peer| {
+                    (
+                        peer,
+                        ConnInfo {
+                            address: c.address.clone(),
+                            outbound: c.outbound,
+                            established: c.established,
+                        },
+                    )
+                })
+            })
+            .collect();
+        let info =
+            PeerInfo { version: p.version, uid: p.uid, nickname: p.nickname.clone(), connections };
+        // Duplicates in one message: keep the greatest, as a merge would.
+        out.merge(&Entries(BTreeMap::from([(name, info)])));
+    }
+    out
+}
+
+/// How many neighbours gossip goes to in a mesh of `peers`: 2·log2(n), at least 1 — enough for
+/// an epidemic to reach everyone in a few rounds without flooding every link.
+pub fn gossip_fanout(peers: usize) -> usize {
+    ((2.0 * (peers.max(2) as f64).log2()).ceil() as usize).max(1)
+}
+
+/// A random, non-zero incarnation id.
+pub fn new_uid() -> u64 {
+    rand::rng().random_range(1..=u64::MAX)
+}
