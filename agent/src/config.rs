@@ -87,6 +87,14 @@ pub struct AgentArgs {
     /// Most mesh connections this peer keeps; beyond it, traffic is relayed.
     #[arg(long, default_value_t = 200)]
     pub conn_limit: usize,
+
+    /// UDP port of fastdp (the kernel's VXLAN).
+    #[arg(long, default_value_t = crate::overlay::FASTDP_PORT)]
+    pub datapath_port: u16,
+
+    /// Carry all cross-host traffic in sleeve (userspace), never in the kernel's VXLAN.
+    #[arg(long, env = "WEFT_NO_FASTDP")]
+    pub no_fastdp: bool,
 }
 
 /// `--status-addr`: an address, or off.
@@ -132,6 +140,8 @@ pub struct MeshSettings {
     pub trusted_subnets: Vec<IpNet>,
     pub discovery: bool,
     pub conn_limit: usize,
+    pub fastdp_port: u16,
+    pub no_fastdp: bool,
 }
 
 /// A flag value that cannot work.
@@ -207,7 +217,15 @@ impl AgentArgs {
             trusted_subnets: self.trusted_subnets.clone(),
             discovery: !self.no_discovery,
             conn_limit: self.conn_limit,
+            fastdp_port: self.datapath_port,
+            no_fastdp: self.no_fastdp,
         };
+        if mesh.fastdp_port == mesh.port {
+            return Err(err(
+                "datapath-port",
+                "must differ from --port (sleeve uses that UDP port)",
+            ));
+        }
         Ok(AgentConfig {
             socket,
             state_dir: self.state_dir.clone(),

@@ -13,18 +13,19 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::AgentConfig;
+use crate::dataplane::Dataplane;
 use crate::dataplane::linux::LinuxDataplane;
-use crate::dataplane::{Dataplane, VXLAN_OVERHEAD};
 use crate::endpoints::record::Kind;
 use crate::endpoints::state::{State, StateConfig, StateHandle};
 use crate::endpoints::{Endpoints, Readiness};
 use crate::identity::{self, Identity};
 use crate::ipam::Allocator;
-use crate::mesh::Mesh;
 use crate::mesh::connection::Setup;
 use crate::mesh::router::{self, RouterConfig};
 use crate::mesh::secure;
+use crate::mesh::{Links, Mesh};
 use crate::metrics::Metrics;
+use crate::overlay::{self, DataPlane, OverlayConfig, OverlayReport};
 use crate::status::report::{EndpointCounts, PeerReport, Report};
 use crate::store::Store;
 
@@ -35,6 +36,7 @@ pub struct Agent {
     pub identity: Identity,
     pub endpoints: Endpoints,
     pub mesh: Mesh,
+    pub overlay: watch::Receiver<OverlayReport>,
     pub metrics: Arc<Metrics>,
     pub ready: watch::Receiver<Readiness>,
     pub shutdown: CancellationToken,
@@ -71,6 +73,7 @@ impl Agent {
             ipam,
             endpoints,
             mesh: self.mesh.report(),
+            overlay: self.overlay.borrow().clone(),
         }
     }
 }
@@ -108,22 +111,20 @@ async fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
-/// The MTU of endpoint interfaces.
-fn endpoint_mtu(cfg: &AgentConfig, dp: &dyn Dataplane) -> u32 {
-    if let Some(mtu) = cfg.mtu {
-        return mtu;
-    }
-    match dp.underlay_mtu(&cfg.bridge) {
-        Ok(Some(under)) => under.saturating_sub(VXLAN_OVERHEAD).max(576),
+/// The underlay MTU, and the MTU of endpoint interfaces derived from it (or `--mtu`).
+fn mtus(cfg: &AgentConfig, dp: &dyn Dataplane) -> (u32, u32) {
+    let underlay = match dp.underlay_mtu(&cfg.bridge) {
+        Ok(Some(under)) => under,
         Ok(None) => {
             warn!("no underlay interface found; assuming MTU 1500 (set --mtu to override)");
-            1500 - VXLAN_OVERHEAD
+            1500
         }
         Err(e) => {
             warn!(error = %e, "cannot read the underlay MTU; assuming 1500 (set --mtu to override)");
-            1500 - VXLAN_OVERHEAD
+            1500
         }
-    }
+    };
+    (underlay, cfg.mtu.unwrap_or_else(|| overlay::derived_mtu(underlay)))
 }
 
 /// Runs the agent until it is asked to stop.
@@ -139,10 +140,10 @@ pub async fn run(cfg: AgentConfig, log_filter: &str) -> anyhow::Result<()> {
     }
     let identity = Identity { name, nickname: cfg.nickname.clone() };
     let dp: Arc<dyn Dataplane> = Arc::new(LinuxDataplane);
-    let mtu = endpoint_mtu(&cfg, dp.as_ref());
+    let (underlay_mtu, mtu) = mtus(&cfg, dp.as_ref());
     info!(
         peer = %identity.name, nickname = %identity.nickname, version = env!("CARGO_PKG_VERSION"),
-        range = %cfg.range, bridge = %cfg.bridge, mtu, socket = %cfg.socket.display(),
+        range = %cfg.range, bridge = %cfg.bridge, mtu, underlay_mtu, socket = %cfg.socket.display(),
         "weft agent starting"
     );
 
@@ -161,13 +162,35 @@ pub async fn run(cfg: AgentConfig, log_filter: &str) -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     let metrics = Arc::new(Metrics::new());
-    let mesh =
+    let (mesh, links) =
         start_mesh(&cfg, &identity, store.clone(), metrics.clone(), shutdown.clone()).await?;
+    let (vxlan, tap) = overlay::device_names(&cfg.bridge);
+    // The bridge must exist before the overlay ports join it.
+    endpoints
+        .reconcile_bridge()
+        .await
+        .map_err(|e| anyhow::anyhow!("setting up the bridge: {e}"))?;
+    let overlay_cfg = OverlayConfig {
+        me: identity.name,
+        bridge: cfg.bridge.clone(),
+        bridge_mac: identity.name.mac(),
+        vxlan,
+        tap,
+        fastdp_port: cfg.mesh.fastdp_port,
+        sleeve_port: cfg.mesh.port,
+        mtu,
+        underlay_mtu,
+        no_fastdp: cfg.mesh.no_fastdp,
+    };
+    let overlay =
+        DataPlane::start(overlay_cfg, mesh.clone(), links, endpoints.clone(), shutdown.clone())
+            .await?;
     let agent = Arc::new(Agent {
         cfg: cfg.clone(),
         identity,
         endpoints: endpoints.clone(),
         mesh,
+        overlay,
         metrics,
         ready: ready_rx,
         shutdown: shutdown.clone(),
@@ -209,7 +232,7 @@ async fn start_mesh(
     store: Arc<Store>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
-) -> anyhow::Result<Mesh> {
+) -> anyhow::Result<(Mesh, Links)> {
     let m = &cfg.mesh;
     let psk = match m.password.clone() {
         Some(pw) => Some(
@@ -226,9 +249,13 @@ async fn start_mesh(
         listen_port: m.port,
         psk,
         trusted: m.trusted_subnets.clone(),
-        overlays: Vec::new(),
-        fastdp_port: 0,
-        sleeve_port: 0,
+        overlays: if m.no_fastdp {
+            vec!["sleeve".into()]
+        } else {
+            vec!["fastdp".into(), "sleeve".into()]
+        },
+        fastdp_port: m.fastdp_port,
+        sleeve_port: m.port,
     };
     let rcfg = RouterConfig {
         setup,

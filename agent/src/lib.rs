@@ -18,5 +18,6 @@ pub mod identity;
 pub mod ipam;
 pub mod mesh;
 pub mod metrics;
+pub mod overlay;
 pub mod status;
 pub mod store;

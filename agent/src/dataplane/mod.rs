@@ -4,10 +4,12 @@
 //! idempotent ("ensure"), so the same calls serve first setup, retries and repair after restart.
 //! The trait names only weft's own types; [`linux::LinuxDataplane`] implements it with netlink.
 
+pub mod fastdp;
 pub mod linux;
 pub mod netlink;
 pub mod netns;
 pub mod nft;
+pub mod sleeve;
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};

@@ -21,6 +21,7 @@ pub mod proto {
     include!(concat!(env!("OUT_DIR"), "/weft.mesh.v1.rs"));
 }
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -45,7 +46,12 @@ pub struct Mesh {
     commands: mpsc::UnboundedSender<Command>,
     outgoing: mpsc::UnboundedSender<Outgoing>,
     report: watch::Receiver<MeshReport>,
+    data_routes: watch::Receiver<BTreeMap<PeerName, PeerName>>,
 }
+
+/// The data plane's side of the mesh: link events, to be taken once.
+#[derive(Debug)]
+pub struct Links(pub mpsc::UnboundedReceiver<router::LinkEvent>);
 
 /// The mesh could not start.
 #[derive(Debug, thiserror::Error)]
@@ -63,7 +69,7 @@ impl Mesh {
         store: Arc<Store>,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
-    ) -> Result<Mesh, StartError> {
+    ) -> Result<(Mesh, Links), StartError> {
         let listener =
             TcpListener::bind(bind).await.map_err(|source| StartError { addr: bind, source })?;
         let me = cfg.setup.me;
@@ -72,10 +78,28 @@ impl Mesh {
         let (setup_tx, setup_rx) = mpsc::unbounded_channel();
         let (conn_tx, conn_rx) = mpsc::unbounded_channel();
         let (report_tx, report) = watch::channel(MeshReport::default());
-        let router = Router::new(cfg, store, metrics, report_tx, setup_tx, conn_tx);
+        let (links_tx, links_rx) = mpsc::unbounded_channel();
+        let (routes_tx, data_routes) = watch::channel(BTreeMap::new());
+        let router =
+            Router::new(cfg, store, metrics, report_tx, setup_tx, conn_tx, links_tx, routes_tx);
         let inputs = Inputs { commands: cmd_rx, outgoing: out_rx, setup: setup_rx, conns: conn_rx };
         tokio::spawn(router.run(inputs, listener, shutdown));
-        Ok(Mesh { me, commands, outgoing, report })
+        Ok((Mesh { me, commands, outgoing, report, data_routes }, Links(links_rx)))
+    }
+
+    /// Tells the mesh whether data flows over the link to `peer`.
+    pub fn set_established(&self, peer: PeerName, established: bool) {
+        let _ = self.commands.send(Command::SetEstablished { peer, established });
+    }
+
+    /// Sends a data-plane control message to a directly connected peer.
+    pub fn send_overlay(&self, peer: PeerName, msg: proto::OverlayControl) {
+        let _ = self.commands.send(Command::SendOverlay { peer, msg });
+    }
+
+    /// Data routes (destination -> next hop), updated when the topology changes.
+    pub fn data_routes(&self) -> watch::Receiver<BTreeMap<PeerName, PeerName>> {
+        self.data_routes.clone()
     }
 
     pub fn me(&self) -> PeerName {

@@ -42,9 +42,53 @@ const RECENT_FAILURES: usize = 32;
 /// Requests from the API and from subsystems.
 #[derive(Debug)]
 pub enum Command {
-    Connect { peers: Vec<String>, replace: bool, reply: oneshot::Sender<Vec<String>> },
-    Forget { peers: Vec<String>, reply: oneshot::Sender<Vec<String>> },
-    Register { name: String, events: mpsc::Sender<GossipEvent> },
+    Connect {
+        peers: Vec<String>,
+        replace: bool,
+        reply: oneshot::Sender<Vec<String>>,
+    },
+    Forget {
+        peers: Vec<String>,
+        reply: oneshot::Sender<Vec<String>>,
+    },
+    Register {
+        name: String,
+        events: mpsc::Sender<GossipEvent>,
+    },
+    /// The data plane reports whether data flows over the link to `peer`.
+    SetEstablished {
+        peer: PeerName,
+        established: bool,
+    },
+    /// A data-plane control message for a directly connected peer.
+    SendOverlay {
+        peer: PeerName,
+        msg: proto::OverlayControl,
+    },
+}
+
+/// What the data plane learns from the mesh about directly connected peers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LinkEvent {
+    Up(LinkInfo),
+    Down(PeerName),
+    Control { peer: PeerName, msg: proto::OverlayControl },
+}
+
+/// A direct connection, as the data plane needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkInfo {
+    pub peer: PeerName,
+    pub conn_uid: u64,
+    pub remote: std::net::IpAddr,
+    pub overlays: Vec<String>,
+    pub fastdp_port: u16,
+    pub sleeve_port: u16,
+    /// Data-plane traffic to this peer must be encrypted.
+    pub encrypt: bool,
+    /// Our sleeve key towards the peer, and the peer's towards us (empty without a password).
+    pub our_key: Vec<u8>,
+    pub their_key: Vec<u8>,
 }
 
 /// Results of dialling and accepting.
@@ -100,6 +144,8 @@ pub struct Router {
     dirty: bool,
     /// Broadcast children per source, valid until the routes are recomputed.
     trees: HashMap<PeerName, Vec<PeerName>>,
+    links: mpsc::UnboundedSender<LinkEvent>,
+    data_routes: watch::Sender<BTreeMap<PeerName, PeerName>>,
 }
 
 impl std::fmt::Debug for Router {
@@ -136,6 +182,8 @@ impl Router {
         report: watch::Sender<MeshReport>,
         setup_tx: mpsc::UnboundedSender<SetupEvent>,
         conn_tx: mpsc::UnboundedSender<ConnEvent>,
+        links: mpsc::UnboundedSender<LinkEvent>,
+        data_routes: watch::Sender<BTreeMap<PeerName, PeerName>>,
     ) -> Router {
         let s = &cfg.setup;
         // Starting at the clock keeps our versions above those of earlier incarnations.
@@ -165,6 +213,8 @@ impl Router {
             pending: std::collections::BTreeSet::new(),
             dirty: false,
             trees: HashMap::new(),
+            links,
+            data_routes,
         };
         r.persist_targets();
         r.publish();
@@ -218,6 +268,25 @@ impl Router {
             }
             Command::Register { name, events } => {
                 self.channels.insert(name, events);
+            }
+            Command::SetEstablished { peer, established } => {
+                let info = self
+                    .topology
+                    .get(self.topology.me())
+                    .and_then(|e| e.connections.get(&peer))
+                    .cloned();
+                if let Some(mut info) = info {
+                    if info.established != established {
+                        info.established = established;
+                        self.topology.set_connection(peer, info);
+                        self.on_local_change();
+                        self.publish();
+                    }
+                }
+            }
+            Command::SendOverlay { peer, msg } => {
+                let frame = proto::Frame { kind: Some(proto::frame::Kind::Overlay(msg)) };
+                self.send_frame(peer, "overlay", &frame);
             }
         }
     }
@@ -353,6 +422,17 @@ impl Router {
         let id = self.next_id;
         self.next_id += 1;
         let data_encrypted = est.encrypted && !(est.we_trust && est.hello.trusts_you);
+        let link = LinkInfo {
+            peer,
+            conn_uid: est.conn_uid,
+            remote: est.remote.ip(),
+            overlays: est.hello.overlays.clone(),
+            fastdp_port: u16::try_from(est.hello.fastdp_port).unwrap_or(0),
+            sleeve_port: u16::try_from(est.hello.sleeve_port).unwrap_or(0),
+            encrypt: data_encrypted,
+            our_key: est.our_sleeve_key.clone(),
+            their_key: est.hello.sleeve_key.clone(),
+        };
         let conn = Conn {
             peer_uid: est.hello.uid,
             conn_uid: est.conn_uid,
@@ -394,6 +474,7 @@ impl Router {
         for ch in self.channels.values() {
             let _ = ch.try_send(GossipEvent::PeerUp(peer));
         }
+        let _ = self.links.send(LinkEvent::Up(link));
     }
 
     fn drop_conn(&mut self, peer: PeerName, reason: &str) {
@@ -406,6 +487,7 @@ impl Router {
             self.maker.on_disconnect(peer, Instant::now(), rand::random());
             self.topology.remove_connection(peer);
             self.on_local_change();
+            let _ = self.links.send(LinkEvent::Down(peer));
         }
     }
 
@@ -478,7 +560,10 @@ impl Router {
                     self.send_frame(hop, &channel, &proto::Frame { kind: Some(Kind::Unicast(m)) });
                 }
             }
-            Some(Kind::Heartbeat(_)) | Some(Kind::Overlay(_)) | None => {}
+            Some(Kind::Overlay(msg)) => {
+                let _ = self.links.send(LinkEvent::Control { peer: from, msg });
+            }
+            Some(Kind::Heartbeat(_)) | None => {}
         }
     }
 
@@ -540,6 +625,12 @@ impl Router {
         let gone = self.topology.garbage_collect();
         self.routes = Routes::compute(&self.topology);
         self.trees.clear();
+        let data = self.routes.table(Graph::Data).clone();
+        self.data_routes.send_if_modified(|cur| {
+            let changed = *cur != data;
+            *cur = data;
+            changed
+        });
         if !gone.is_empty() {
             info!(peers = ?gone.iter().map(|p| p.to_string()).collect::<Vec<_>>(), "peers left the mesh");
             for ch in self.channels.values() {

@@ -17,6 +17,8 @@ pub struct Report {
     pub endpoints: EndpointCounts,
     #[serde(default)]
     pub mesh: crate::mesh::report::MeshReport,
+    #[serde(default)]
+    pub overlay: crate::overlay::OverlayReport,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,0 +1,524 @@
+//! The sleeve packet format (specified in docs/sleeve.md) and the pure pieces of the sleeve
+//! path: splitting a frame read from the TAP (with its virtio-net header, possibly a 64 KiB
+//! segmentation-offload "super-frame") into datagram-sized chunks, putting them back together,
+//! authenticated encryption per datagram, and a replay window.
+//!
+//! ```text
+//!  0      1      2            8            14           20          28        32      34      36
+//!  +------+------+------------+------------+------------+-----------+---------+-------+-------+----------------+-----+
+//!  |magic |ttl|ty| hop sender | origin     | destination| sequence  | frame id| chunk | chunks| payload        | tag |
+//!  | 0x57 |      | (6 bytes)  | (6 bytes)  | (6 bytes)  | (u64 BE)  | (u32 BE)| (u16) | (u16) | (vnet hdr+frame)| 16  |
+//!  +------+------+------------+------------+------------+-----------+---------+-------+-------+----------------+-----+
+//! ```
+//! Byte 1 holds the kind (low 2 bits) and the hops left (high 6 bits). The tag is present when
+//! the hop is encrypted; the header is its associated data.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+
+use crate::identity::PeerName;
+
+pub const MAGIC: u8 = 0x57;
+pub const HEADER: usize = 36;
+pub const TAG: usize = 16;
+/// Size of the virtio-net header in front of every TAP frame.
+pub const VNET_HDR: usize = 10;
+
+/// What a datagram carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// A chunk of a frame.
+    Data = 1,
+    /// A small heartbeat.
+    Heartbeat = 2,
+    /// A heartbeat padded to the largest datagram the sender uses.
+    HeartbeatFull = 3,
+}
+
+impl Kind {
+    fn from_u8(b: u8) -> Option<Kind> {
+        match b {
+            1 => Some(Kind::Data),
+            2 => Some(Kind::Heartbeat),
+            3 => Some(Kind::HeartbeatFull),
+            _ => None,
+        }
+    }
+}
+
+/// Hops a datagram may take before it is dropped (a guard against routing loops while the
+/// topology changes).
+pub const MAX_HOPS: u8 = 16;
+
+/// A parsed header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub kind: Kind,
+    pub ttl: u8,
+    pub hop: PeerName,
+    pub origin: PeerName,
+    pub dst: PeerName,
+    pub seq: u64,
+    pub frame: u32,
+    pub chunk: u16,
+    pub chunks: u16,
+}
+
+fn name_bytes(p: PeerName) -> [u8; 6] {
+    let b = p.get().to_be_bytes();
+    [b[2], b[3], b[4], b[5], b[6], b[7]]
+}
+
+fn name_from(b: &[u8]) -> Option<PeerName> {
+    let mut v = [0u8; 8];
+    v[2..].copy_from_slice(b.get(..6)?);
+    PeerName::new(u64::from_be_bytes(v))
+}
+
+impl Header {
+    pub fn write(&self, out: &mut [u8]) {
+        out[0] = MAGIC;
+        out[1] = (self.ttl.min(63) << 2) | self.kind as u8;
+        out[2..8].copy_from_slice(&name_bytes(self.hop));
+        out[8..14].copy_from_slice(&name_bytes(self.origin));
+        out[14..20].copy_from_slice(&name_bytes(self.dst));
+        out[20..28].copy_from_slice(&self.seq.to_be_bytes());
+        out[28..32].copy_from_slice(&self.frame.to_be_bytes());
+        out[32..34].copy_from_slice(&self.chunk.to_be_bytes());
+        out[34..36].copy_from_slice(&self.chunks.to_be_bytes());
+    }
+
+    /// Parses a datagram's header; `None` for anything that is not a well-formed sleeve packet.
+    pub fn parse(d: &[u8]) -> Option<Header> {
+        if d.len() < HEADER || d[0] != MAGIC {
+            return None;
+        }
+        let h = Header {
+            kind: Kind::from_u8(d[1] & 3)?,
+            ttl: d[1] >> 2,
+            hop: name_from(&d[2..8])?,
+            origin: name_from(&d[8..14])?,
+            dst: name_from(&d[14..20])?,
+            seq: u64::from_be_bytes(d[20..28].try_into().ok()?),
+            frame: u32::from_be_bytes(d[28..32].try_into().ok()?),
+            chunk: u16::from_be_bytes(d[32..34].try_into().ok()?),
+            chunks: u16::from_be_bytes(d[34..36].try_into().ok()?),
+        };
+        (h.chunks > 0 && h.chunk < h.chunks).then_some(h)
+    }
+}
+
+/// One direction's AEAD key (AES-256-GCM). The nonce is the datagram's sequence number, which
+/// the sender never reuses under a key.
+pub struct Cipher {
+    key: LessSafeKey,
+}
+
+impl std::fmt::Debug for Cipher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Cipher")
+    }
+}
+
+fn nonce(seq: u64) -> Nonce {
+    let mut n = [0u8; 12];
+    n[4..].copy_from_slice(&seq.to_be_bytes());
+    Nonce::assume_unique_for_key(n)
+}
+
+impl Cipher {
+    pub fn new(key: &[u8]) -> Option<Cipher> {
+        Some(Cipher { key: LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).ok()?) })
+    }
+
+    /// Encrypts `datagram[HEADER..len]` in place and appends the tag at `len`; returns the new
+    /// length. The buffer must have `TAG` bytes of room after `len`.
+    pub fn seal(&self, datagram: &mut [u8], len: usize, seq: u64) -> Option<usize> {
+        let (hdr, rest) = datagram.split_at_mut(HEADER);
+        let tag = self
+            .key
+            .seal_in_place_separate_tag(nonce(seq), Aad::from(&hdr[..]), &mut rest[..len - HEADER])
+            .ok()?;
+        datagram.get_mut(len..len + TAG)?.copy_from_slice(tag.as_ref());
+        Some(len + TAG)
+    }
+
+    /// Encrypts `payload` in place, authenticating `header`; returns the tag.
+    pub fn seal_parts(&self, header: &[u8], payload: &mut [u8], seq: u64) -> Option<[u8; TAG]> {
+        let tag =
+            self.key.seal_in_place_separate_tag(nonce(seq), Aad::from(header), payload).ok()?;
+        let mut t = [0u8; TAG];
+        t.copy_from_slice(tag.as_ref());
+        Some(t)
+    }
+
+    /// Decrypts in place; returns the payload length (after the header) if authentic.
+    pub fn open(&self, datagram: &mut [u8], seq: u64) -> Option<usize> {
+        if datagram.len() < HEADER + TAG {
+            return None;
+        }
+        let (hdr, rest) = datagram.split_at_mut(HEADER);
+        let plain = self.key.open_in_place(nonce(seq), Aad::from(&hdr[..]), rest).ok()?;
+        Some(plain.len())
+    }
+}
+
+/// Which sequence numbers of one sender have been seen: a sliding window, so replays and very
+/// old datagrams are refused while moderate reordering is tolerated.
+#[derive(Clone, Debug)]
+pub struct ReplayWindow {
+    top: u64,
+    bits: Vec<u64>,
+}
+
+const WINDOW_BITS: u64 = 8192;
+
+impl Default for ReplayWindow {
+    fn default() -> Self {
+        ReplayWindow { top: 0, bits: vec![0; (WINDOW_BITS / 64) as usize] }
+    }
+}
+
+impl ReplayWindow {
+    /// Records `seq`; false if it was already seen or is too old.
+    pub fn accept(&mut self, seq: u64) -> bool {
+        let slot = |s: u64| ((s % WINDOW_BITS) / 64) as usize;
+        let bit = |s: u64| 1u64 << (s % 64);
+        if seq > self.top {
+            let advance = seq - self.top;
+            if advance >= WINDOW_BITS {
+                self.bits.iter_mut().for_each(|w| *w = 0);
+            } else {
+                for s in self.top + 1..=seq {
+                    self.bits[slot(s)] &= !bit(s);
+                }
+            }
+            self.top = seq;
+        } else if self.top - seq >= WINDOW_BITS {
+            return false;
+        }
+        let (w, b) = (slot(seq), bit(seq));
+        if self.bits[w] & b != 0 {
+            return false;
+        }
+        self.bits[w] |= b;
+        true
+    }
+}
+
+/// How many chunks a frame of `len` bytes (virtio header included) needs.
+pub fn chunk_count(len: usize, chunk: usize) -> usize {
+    len.div_ceil(chunk).max(1)
+}
+
+/// Writes the datagrams for `payload` back to back into `out` (each `HEADER + chunk` bytes,
+/// the last one shorter, each followed by `TAG` spare bytes when `tag_room`); returns the
+/// datagram boundaries. Headers get consecutive sequence numbers from `first_seq`.
+pub fn chunk_into(
+    out: &mut Vec<u8>,
+    payload: &[u8],
+    chunk: usize,
+    mut header: Header,
+    first_seq: u64,
+    tag_room: bool,
+) -> Vec<std::ops::Range<usize>> {
+    let n = chunk_count(payload.len(), chunk);
+    header.chunks = n as u16;
+    let extra = if tag_room { TAG } else { 0 };
+    out.clear();
+    out.reserve(payload.len() + n * (HEADER + extra));
+    let mut ranges = Vec::with_capacity(n);
+    for (i, part) in payload.chunks(chunk).enumerate() {
+        let start = out.len();
+        header.chunk = i as u16;
+        header.seq = first_seq + i as u64;
+        out.resize(start + HEADER, 0);
+        header.write(&mut out[start..start + HEADER]);
+        out.extend_from_slice(part);
+        ranges.push(start..out.len());
+        out.resize(out.len() + extra, 0);
+    }
+    if payload.is_empty() {
+        let start = out.len();
+        header.chunk = 0;
+        header.seq = first_seq;
+        out.resize(start + HEADER + extra, 0);
+        header.write(&mut out[start..start + HEADER]);
+        ranges.push(start..start + HEADER);
+    }
+    ranges
+}
+
+/// Frames being put back together, bounded in count and age. Chunks usually arrive in order:
+/// those are appended once to the frame's buffer; only early ones wait aside.
+#[derive(Debug)]
+pub struct Reassembly {
+    partial: HashMap<(PeerName, u32), Partial>,
+    max: usize,
+    ttl: Duration,
+}
+
+#[derive(Debug)]
+struct Partial {
+    chunks: u16,
+    next: u16,
+    buf: Vec<u8>,
+    early: std::collections::BTreeMap<u16, Vec<u8>>,
+    born: Instant,
+}
+
+impl Reassembly {
+    pub fn new(max: usize, ttl: Duration) -> Reassembly {
+        Reassembly { partial: HashMap::new(), max, ttl }
+    }
+
+    fn make_room(&mut self, now: Instant) {
+        if self.partial.len() < self.max {
+            return;
+        }
+        let ttl = self.ttl;
+        self.partial.retain(|_, p| now.duration_since(p.born) < ttl);
+        if self.partial.len() >= self.max {
+            // Still full: drop the oldest (its frame is lost; TCP retransmits).
+            if let Some(k) = self.partial.iter().min_by_key(|(_, p)| p.born).map(|(k, _)| *k) {
+                self.partial.remove(&k);
+            }
+        }
+    }
+
+    /// Adds a chunk; returns the whole payload once the last missing chunk arrives.
+    pub fn add(&mut self, h: &Header, data: &[u8], now: Instant) -> Option<Vec<u8>> {
+        if h.chunks == 1 {
+            return Some(data.to_vec());
+        }
+        let key = (h.origin, h.frame);
+        if !self.partial.contains_key(&key) {
+            self.make_room(now);
+        }
+        let p = self.partial.entry(key).or_insert_with(|| Partial {
+            chunks: h.chunks,
+            next: 0,
+            buf: Vec::with_capacity(usize::from(h.chunks) * data.len()),
+            early: std::collections::BTreeMap::new(),
+            born: now,
+        });
+        if p.chunks != h.chunks {
+            // A frame id reused with another shape: start over.
+            *p = Partial {
+                chunks: h.chunks,
+                next: 0,
+                buf: Vec::new(),
+                early: std::collections::BTreeMap::new(),
+                born: now,
+            };
+        }
+        if h.chunk == p.next {
+            p.buf.extend_from_slice(data);
+            p.next += 1;
+            while let Some(d) = p.early.remove(&p.next) {
+                p.buf.extend_from_slice(&d);
+                p.next += 1;
+            }
+        } else if h.chunk > p.next {
+            p.early.entry(h.chunk).or_insert_with(|| data.to_vec());
+        }
+        if p.next < p.chunks {
+            return None;
+        }
+        self.partial.remove(&key).map(|p| p.buf)
+    }
+
+    pub fn pending(&self) -> usize {
+        self.partial.len()
+    }
+}
+
+/// An ICMP "fragmentation needed" reply to an oversize IPv4 frame with DF set, as an Ethernet
+/// frame to write back towards its sender; `None` if the frame is not such a packet.
+pub fn frag_needed(frame: &[u8], mtu: u16) -> Option<Vec<u8>> {
+    let ip = frame.get(14..)?;
+    if frame.get(12..14)? != [0x08, 0x00] || ip.len() < 20 || ip[0] >> 4 != 4 {
+        return None;
+    }
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    let df = ip[6] & 0x40 != 0;
+    let proto_icmp = ip[9] == 1;
+    if !df
+        || ihl < 20
+        || ip.len() < ihl
+        || (proto_icmp && ip.get(ihl).is_some_and(|t| *t != 8 && *t != 0))
+    {
+        return None; // never answer ICMP errors with ICMP errors
+    }
+    let quoted = &ip[..(ihl + 8).min(ip.len())];
+    let mut icmp = vec![3u8, 4, 0, 0, 0, 0];
+    icmp.extend_from_slice(&mtu.to_be_bytes());
+    icmp.extend_from_slice(quoted);
+    let c = checksum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let total = 20 + icmp.len();
+    let mut hdr = [0u8; 20];
+    hdr[0] = 0x45;
+    hdr[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    hdr[8] = 64;
+    hdr[9] = 1;
+    hdr[12..16].copy_from_slice(&ip[16..20]); // from: the unreachable destination
+    hdr[16..20].copy_from_slice(&ip[12..16]); // to: the sender
+    let c = checksum(&hdr);
+    hdr[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut out = Vec::with_capacity(14 + total);
+    out.extend_from_slice(&frame[6..12]); // back to the sender's MAC
+    out.extend_from_slice(&frame[0..6]);
+    out.extend_from_slice(&[0x08, 0x00]);
+    out.extend_from_slice(&hdr);
+    out.extend_from_slice(&icmp);
+    Some(out)
+}
+
+fn checksum(b: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    for c in b.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn p(i: u64) -> PeerName {
+        PeerName::new(i).unwrap()
+    }
+
+    fn hdr() -> Header {
+        Header {
+            kind: Kind::Data,
+            ttl: MAX_HOPS,
+            hop: p(1),
+            origin: p(2),
+            dst: p(3),
+            seq: 0,
+            frame: 9,
+            chunk: 0,
+            chunks: 1,
+        }
+    }
+
+    #[test]
+    fn headers_round_trip_and_reject_garbage() {
+        let mut b = [0u8; HEADER];
+        let h = Header { seq: 77, chunk: 2, chunks: 5, ..hdr() };
+        h.write(&mut b);
+        assert_eq!(Header::parse(&b), Some(h));
+        b[0] = 0;
+        assert_eq!(Header::parse(&b), None);
+        let bad = Header { chunk: 5, chunks: 5, ..hdr() };
+        bad.write(&mut b);
+        assert_eq!(Header::parse(&b), None, "chunk index beyond the count");
+    }
+
+    #[test]
+    fn encryption_authenticates_header_and_payload() {
+        let c = Cipher::new(&[9u8; 32]).unwrap();
+        let mut d = vec![0u8; HEADER + 5 + TAG];
+        hdr().write(&mut d);
+        d[HEADER..HEADER + 5].copy_from_slice(b"hello");
+        let n = c.seal(&mut d, HEADER + 5, 1).unwrap();
+        assert_eq!(n, HEADER + 5 + TAG);
+        assert_ne!(&d[HEADER..HEADER + 5], b"hello");
+        let mut ok = d.clone();
+        assert_eq!(c.open(&mut ok, 1), Some(5));
+        assert_eq!(&ok[HEADER..HEADER + 5], b"hello");
+        let mut wrong_seq = d.clone();
+        assert_eq!(c.open(&mut wrong_seq, 2), None);
+        let mut tampered = d.clone();
+        tampered[9] ^= 1; // the origin, in the header
+        assert_eq!(c.open(&mut tampered, 1), None);
+        let other = Cipher::new(&[8u8; 32]).unwrap();
+        assert_eq!(other.open(&mut d, 1), None);
+    }
+
+    #[test]
+    fn replay_window() {
+        let mut w = ReplayWindow::default();
+        assert!(w.accept(1));
+        assert!(!w.accept(1));
+        assert!(w.accept(3));
+        assert!(w.accept(2), "reordering is fine");
+        assert!(w.accept(100_000));
+        assert!(!w.accept(3), "too old");
+        assert!(w.accept(100_000 - 8000));
+        assert!(!w.accept(100_000 - 8000));
+    }
+
+    proptest! {
+        /// Any frame survives chunking and reassembly in any chunk order.
+        #[test]
+        fn chunks_reassemble(payload in proptest::collection::vec(any::<u8>(), 0..20000), chunk in 100usize..2000, seed in any::<u64>()) {
+            let mut buf = Vec::new();
+            let ranges = chunk_into(&mut buf, &payload, chunk, hdr(), 10, false);
+            let mut order: Vec<usize> = (0..ranges.len()).collect();
+            let mut s = seed;
+            for i in (1..order.len()).rev() { s = s.wrapping_mul(6364136223846793005).wrapping_add(1); order.swap(i, (s >> 33) as usize % (i + 1)); }
+            let mut r = Reassembly::new(16, Duration::from_secs(1));
+            let now = Instant::now();
+            let mut out = None;
+            for i in order {
+                let d = &buf[ranges[i].clone()];
+                let h = Header::parse(d).unwrap();
+                prop_assert_eq!(h.seq, 10 + i as u64);
+                if let Some(whole) = r.add(&h, &d[HEADER..], now) { out = Some(whole); }
+            }
+            prop_assert_eq!(out, Some(payload));
+            prop_assert_eq!(r.pending(), 0);
+        }
+
+        #[test]
+        fn replay_never_accepts_twice(seqs in proptest::collection::vec(0u64..20000, 1..500)) {
+            let mut w = ReplayWindow::default();
+            let mut seen = std::collections::HashSet::new();
+            for s in seqs {
+                if w.accept(s) { prop_assert!(seen.insert(s), "accepted {} twice", s); }
+            }
+        }
+    }
+
+    #[test]
+    fn reassembly_is_bounded() {
+        let mut r = Reassembly::new(4, Duration::from_millis(100));
+        let now = Instant::now();
+        for f in 0..100u32 {
+            let h = Header { frame: f, chunks: 2, ..hdr() };
+            assert!(r.add(&h, b"x", now).is_none());
+        }
+        assert!(r.pending() <= 4);
+    }
+
+    #[test]
+    fn frag_needed_for_df_packets_only() {
+        let mut frame = vec![0u8; 14 + 40];
+        frame[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
+        frame[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
+        frame[12..14].copy_from_slice(&[8, 0]);
+        frame[14] = 0x45;
+        frame[14 + 6] = 0x40; // DF
+        frame[14 + 9] = 6; // TCP
+        frame[14 + 12..14 + 16].copy_from_slice(&[10, 32, 0, 2]);
+        frame[14 + 16..14 + 20].copy_from_slice(&[10, 32, 0, 3]);
+        let reply = frag_needed(&frame, 1450).unwrap();
+        assert_eq!(&reply[0..6], &frame[6..12]);
+        assert_eq!(&reply[14 + 12..14 + 16], &[10, 32, 0, 3]);
+        assert_eq!(&reply[14 + 20..14 + 22], &[3, 4], "type 3 code 4");
+        assert_eq!(&reply[14 + 26..14 + 28], &1450u16.to_be_bytes());
+        assert_eq!(checksum(&reply[14..34]), 0, "valid IP header checksum");
+        frame[14 + 6] = 0;
+        assert!(frag_needed(&frame, 1450).is_none(), "no DF, no reply");
+    }
+}

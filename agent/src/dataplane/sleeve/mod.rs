@@ -1,0 +1,508 @@
+//! sleeve: the userspace overlay. Frames the bridge sends to the TAP port are carried in UDP
+//! datagrams to the peer behind their destination MAC — directly, or relayed along data
+//! routes through other peers — and written into that peer's TAP. It is used for peers that
+//! fastdp cannot reach, for relaying through partial connectivity, and for encryption (AES-GCM
+//! per datagram, keys exchanged over the mesh's encrypted channel, replay window per sender).
+//!
+//! Two dedicated threads move the packets (TAP to UDP, and UDP to TAP or onward); they read a
+//! forwarding [`Table`] that the overlay replaces as a whole when anything changes. Each
+//! TAP read takes a whole offloaded super-frame and each UDP call moves many datagrams.
+
+pub mod codec;
+pub mod io;
+
+use std::collections::HashMap;
+use std::io::IoSlice;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use self::codec::{
+    Cipher, HEADER, Header, Kind, MAX_HOPS, Reassembly, ReplayWindow, TAG, VNET_HDR, chunk_into,
+    frag_needed,
+};
+use self::io::{Tap, Udp};
+use super::Mac;
+use crate::identity::PeerName;
+
+/// A next hop: a directly connected peer's sleeve address and the link's keys.
+#[derive(Debug)]
+pub struct Hop {
+    pub addr: SocketAddr,
+    /// Encrypts what we send to this peer (our key, announced in our Hello).
+    pub send: Option<Cipher>,
+    /// Decrypts what this peer sends us (its key, from its Hello).
+    pub recv: Option<Cipher>,
+    pub seq: AtomicU64,
+}
+
+/// Everything the packet threads need to forward, replaced as a whole by the overlay.
+#[derive(Debug, Default)]
+pub struct Table {
+    pub me: Option<PeerName>,
+    /// Remote MACs and the peer they are behind.
+    pub macs: HashMap<Mac, PeerName>,
+    /// Peers that receive broadcasts and unknown unicast through sleeve (those not on fastdp).
+    pub flood: Vec<PeerName>,
+    /// Destination peer -> next hop, for every peer sleeve can reach.
+    pub next_hop: HashMap<PeerName, PeerName>,
+    pub hops: HashMap<PeerName, Arc<Hop>>,
+    /// Payload bytes per datagram (path MTU minus IP, UDP, sleeve header and tag).
+    pub chunk: usize,
+    /// Largest frame (Ethernet header included) pods may send; bigger IPv4 DF frames are
+    /// answered with ICMP "fragmentation needed".
+    pub max_frame: usize,
+}
+
+/// What the packet threads report to the overlay.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SleeveEvent {
+    /// A heartbeat from `from` arrived.
+    Heartbeat { from: PeerName, id: u32, full: bool },
+}
+
+/// Counters, for status and metrics.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub tx_frames: AtomicU64,
+    pub tx_bytes: AtomicU64,
+    pub rx_frames: AtomicU64,
+    pub rx_bytes: AtomicU64,
+    pub relayed: AtomicU64,
+    pub dropped_no_route: AtomicU64,
+    pub dropped_bad: AtomicU64,
+    pub frag_needed: AtomicU64,
+}
+
+/// A snapshot of [`Stats`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatsReport {
+    pub tx_frames: u64,
+    pub tx_bytes: u64,
+    pub rx_frames: u64,
+    pub rx_bytes: u64,
+    pub relayed: u64,
+    pub dropped_no_route: u64,
+    pub dropped_bad: u64,
+    pub frag_needed: u64,
+}
+
+impl Stats {
+    pub fn report(&self) -> StatsReport {
+        StatsReport {
+            tx_frames: self.tx_frames.load(Relaxed),
+            tx_bytes: self.tx_bytes.load(Relaxed),
+            rx_frames: self.rx_frames.load(Relaxed),
+            rx_bytes: self.rx_bytes.load(Relaxed),
+            relayed: self.relayed.load(Relaxed),
+            dropped_no_route: self.dropped_no_route.load(Relaxed),
+            dropped_bad: self.dropped_bad.load(Relaxed),
+            frag_needed: self.frag_needed.load(Relaxed),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Shared {
+    table: ArcSwap<Table>,
+    udp: Udp,
+    tap: Tap,
+    frames: AtomicU32,
+    stats: Stats,
+}
+
+/// The running sleeve (cheap to clone).
+#[derive(Clone, Debug)]
+pub struct Sleeve {
+    shared: Arc<Shared>,
+}
+
+/// Largest TAP read: a 64 KiB super-frame plus headers.
+const TAP_BUF: usize = 65_535 + VNET_HDR + 64;
+/// UDP_SEGMENT sends at most this many bytes (and 64 datagrams) per call.
+const GSO_MAX_BYTES: usize = 65_000;
+const GSO_MAX_SEGMENTS: usize = 64;
+
+impl Sleeve {
+    /// Creates the TAP and the UDP socket and starts the packet threads.
+    pub fn start(
+        tap_name: &str,
+        bind: SocketAddr,
+        events: mpsc::UnboundedSender<SleeveEvent>,
+    ) -> std::io::Result<Sleeve> {
+        let tap = Tap::open(tap_name)?;
+        let udp = Udp::bind(bind)?;
+        let shared = Arc::new(Shared {
+            table: ArcSwap::from_pointee(Table::default()),
+            udp,
+            tap,
+            frames: AtomicU32::new(rand::random()),
+            stats: Stats::default(),
+        });
+        let s = shared.clone();
+        std::thread::Builder::new().name("sleeve-tx".into()).spawn(move || tx_loop(&s))?;
+        let s = shared.clone();
+        std::thread::Builder::new().name("sleeve-rx".into()).spawn(move || rx_loop(&s, &events))?;
+        Ok(Sleeve { shared })
+    }
+
+    pub fn set_table(&self, t: Table) {
+        self.shared.table.store(Arc::new(t));
+    }
+
+    pub fn stats(&self) -> StatsReport {
+        self.shared.stats.report()
+    }
+
+    /// Sends a heartbeat to a directly connected peer; `full` pads it to the largest datagram.
+    pub fn heartbeat(&self, peer: PeerName, id: u32, full: bool) {
+        let table = self.shared.table.load();
+        let (Some(me), Some(hop)) = (table.me, table.hops.get(&peer)) else { return };
+        let len = if full { HEADER + table.chunk } else { HEADER + 8 };
+        let mut d = vec![0u8; len + TAG];
+        let h = Header {
+            kind: if full { Kind::HeartbeatFull } else { Kind::Heartbeat },
+            ttl: 1,
+            hop: me,
+            origin: me,
+            dst: peer,
+            seq: hop.seq.fetch_add(1, Relaxed),
+            frame: id,
+            chunk: 0,
+            chunks: 1,
+        };
+        h.write(&mut d);
+        let n = match &hop.send {
+            Some(c) => match c.seal(&mut d, len, h.seq) {
+                Some(n) => n,
+                None => return,
+            },
+            None => len,
+        };
+        if let Err(e) = self.shared.udp.sock.send_to(&d[..n], hop.addr) {
+            debug!(peer = %peer, error = %e, "sleeve heartbeat not sent");
+        }
+    }
+}
+
+fn is_multicast(frame: &[u8]) -> bool {
+    frame.first().is_some_and(|b| b & 1 == 1)
+}
+
+fn dst_mac(frame: &[u8]) -> Option<Mac> {
+    Some(Mac(frame.get(..6)?.try_into().ok()?))
+}
+
+/// TAP -> UDP.
+fn tx_loop(s: &Shared) {
+    let mut buf = vec![0u8; TAP_BUF];
+    let mut out = Vec::with_capacity(2 * TAP_BUF);
+    let mut scratch = Scratch::default();
+    loop {
+        let n = match s.tap.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) => {
+                warn!(error = %e, "sleeve: reading the TAP failed; stopping");
+                return;
+            }
+        };
+        if n <= VNET_HDR {
+            continue;
+        }
+        let table = s.table.load();
+        let Some(me) = table.me else { continue };
+        let frame = &buf[VNET_HDR..n];
+        let gso = buf[1] != 0; // gso_type: a super-frame the kernel will segment at the receiver
+        if !gso && frame.len() > table.max_frame && table.max_frame > 0 {
+            if let Some(reply) = frag_needed(frame, (table.max_frame - 14) as u16) {
+                s.stats.frag_needed.fetch_add(1, Relaxed);
+                let _ = s.tap.write_plain(&reply);
+            }
+            continue;
+        }
+        let targets: Vec<PeerName> = match dst_mac(frame)
+            .filter(|_| !is_multicast(frame))
+            .and_then(|m| table.macs.get(&m))
+        {
+            Some(p) => vec![*p],
+            None => table.flood.clone(),
+        };
+        let frame_id = s.frames.fetch_add(1, Relaxed);
+        if let [dst] = targets[..] {
+            send_in_place(s, &table, me, dst, frame_id, &mut buf[..n], &mut scratch);
+        } else {
+            for dst in targets {
+                send_copy(s, &table, me, dst, frame_id, &buf[..n], &mut out);
+            }
+        }
+    }
+}
+
+/// Sequence numbers and the hop for sending `chunks` datagrams to `dst`.
+fn reserve(s: &Shared, table: &Table, dst: PeerName, chunks: u64) -> Option<(Arc<Hop>, u64)> {
+    let Some(hop) = table.next_hop.get(&dst).and_then(|h| table.hops.get(h)) else {
+        s.stats.dropped_no_route.fetch_add(1, Relaxed);
+        return None;
+    };
+    let first = hop.seq.fetch_add(chunks, Relaxed);
+    Some((hop.clone(), first))
+}
+
+fn counted(s: &Shared, r: std::io::Result<()>, dst: PeerName, bytes: usize) {
+    match r {
+        Ok(()) => {
+            s.stats.tx_frames.fetch_add(1, Relaxed);
+            s.stats.tx_bytes.fetch_add(bytes as u64, Relaxed);
+        }
+        Err(e) => {
+            debug!(error = %e, dst = %dst, "sleeve send failed");
+            s.stats.dropped_no_route.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+/// Headers and tags of one frame's datagrams, kept between frames to avoid allocations.
+#[derive(Default)]
+struct Scratch {
+    headers: Vec<[u8; HEADER]>,
+    tags: Vec<[u8; TAG]>,
+}
+
+/// Sends one TAP frame (virtio header included) to a single destination without copying it:
+/// chunks are sealed in place and the kernel gathers headers, chunks and tags.
+fn send_in_place(
+    s: &Shared,
+    table: &Table,
+    me: PeerName,
+    dst: PeerName,
+    frame_id: u32,
+    payload: &mut [u8],
+    scratch: &mut Scratch,
+) {
+    let chunk = table.chunk;
+    let n = codec::chunk_count(payload.len(), chunk);
+    let Some((hop, first)) = reserve(s, table, dst, n as u64) else { return };
+    let mut header = Header {
+        kind: Kind::Data,
+        ttl: MAX_HOPS,
+        hop: me,
+        origin: me,
+        dst,
+        seq: first,
+        frame: frame_id,
+        chunk: 0,
+        chunks: n as u16,
+    };
+    scratch.headers.resize(n, [0; HEADER]);
+    scratch.tags.resize(n, [0; TAG]);
+    for (i, part) in payload.chunks_mut(chunk).enumerate() {
+        header.chunk = i as u16;
+        header.seq = first + i as u64;
+        header.write(&mut scratch.headers[i]);
+        if let Some(c) = &hop.send {
+            match c.seal_parts(&scratch.headers[i], part, header.seq) {
+                Some(t) => scratch.tags[i] = t,
+                None => {
+                    s.stats.dropped_bad.fetch_add(1, Relaxed);
+                    return;
+                }
+            }
+        }
+    }
+    let sealed = hop.send.is_some();
+    let segment = HEADER + chunk + if sealed { TAG } else { 0 };
+    let per_call = (GSO_MAX_BYTES / segment).clamp(1, GSO_MAX_SEGMENTS);
+    let parts: Vec<&[u8]> = payload.chunks(chunk).collect();
+    for batch in (0..parts.len()).collect::<Vec<_>>().chunks(per_call) {
+        let mut iov = Vec::with_capacity(batch.len() * 3);
+        for &i in batch {
+            iov.push(IoSlice::new(&scratch.headers[i]));
+            iov.push(IoSlice::new(parts[i]));
+            if sealed {
+                iov.push(IoSlice::new(&scratch.tags[i]));
+            }
+        }
+        let r = s.udp.send_parts(&iov, segment, hop.addr);
+        if r.is_err() {
+            return counted(s, r, dst, 0);
+        }
+    }
+    counted(s, Ok(()), dst, payload.len());
+}
+
+/// Chunks, seals and sends one TAP frame to one of several destinations (the frame itself is
+/// left untouched for the others).
+fn send_copy(
+    s: &Shared,
+    table: &Table,
+    me: PeerName,
+    dst: PeerName,
+    frame_id: u32,
+    payload: &[u8],
+    out: &mut Vec<u8>,
+) {
+    let chunks = codec::chunk_count(payload.len(), table.chunk) as u64;
+    let Some((hop, first)) = reserve(s, table, dst, chunks) else { return };
+    let header = Header {
+        kind: Kind::Data,
+        ttl: MAX_HOPS,
+        hop: me,
+        origin: me,
+        dst,
+        seq: first,
+        frame: frame_id,
+        chunk: 0,
+        chunks: 0,
+    };
+    let sealed = hop.send.is_some();
+    let ranges = chunk_into(out, payload, table.chunk, header, first, sealed);
+    if let Some(c) = &hop.send {
+        for (i, r) in ranges.iter().enumerate() {
+            let slice = &mut out[r.start..r.end + TAG];
+            if c.seal(slice, r.len(), first + i as u64).is_none() {
+                s.stats.dropped_bad.fetch_add(1, Relaxed);
+                return;
+            }
+        }
+    }
+    let segment = HEADER + table.chunk + if sealed { TAG } else { 0 };
+    let per_call = (GSO_MAX_BYTES / segment).clamp(1, GSO_MAX_SEGMENTS) * segment;
+    let mut r = Ok(());
+    for batch in out.chunks(per_call) {
+        r = s.udp.send_segments(batch, segment, hop.addr);
+        if r.is_err() {
+            break;
+        }
+    }
+    counted(s, r, dst, payload.len());
+}
+
+/// UDP -> TAP, or onward to the next hop.
+fn rx_loop(s: &Shared, events: &mpsc::UnboundedSender<SleeveEvent>) {
+    let mut buf = vec![0u8; 65_536 + 4096];
+    let mut windows: HashMap<PeerName, (usize, ReplayWindow)> = HashMap::new();
+    let mut reassembly = Reassembly::new(4096, Duration::from_millis(500));
+    let mut relay_buf = vec![0u8; 65_536];
+    loop {
+        let (n, segment, _from) = match s.udp.recv(&mut buf) {
+            Ok(x) => x,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                warn!(error = %e, "sleeve: receiving failed; stopping");
+                return;
+            }
+        };
+        let table = s.table.load();
+        let Some(me) = table.me else { continue };
+        let now = Instant::now();
+        let step = if segment == 0 { n } else { segment };
+        let mut at = 0;
+        while at < n {
+            let end = (at + step).min(n);
+            let mut ctx = RxContext {
+                windows: &mut windows,
+                reassembly: &mut reassembly,
+                relay_buf: &mut relay_buf,
+                now,
+            };
+            handle_datagram(s, &table, me, &mut buf[at..end], &mut ctx, events);
+            at = end;
+        }
+    }
+}
+
+/// The receive thread's own state.
+struct RxContext<'a> {
+    windows: &'a mut HashMap<PeerName, (usize, ReplayWindow)>,
+    reassembly: &'a mut Reassembly,
+    relay_buf: &'a mut [u8],
+    now: Instant,
+}
+
+fn handle_datagram(
+    s: &Shared,
+    table: &Table,
+    me: PeerName,
+    d: &mut [u8],
+    ctx: &mut RxContext<'_>,
+    events: &mpsc::UnboundedSender<SleeveEvent>,
+) {
+    let bad = || {
+        s.stats.dropped_bad.fetch_add(1, Relaxed);
+    };
+    let Some(h) = Header::parse(d) else { return bad() };
+    let Some(hop) = table.hops.get(&h.hop) else { return bad() };
+    let payload_len = match &hop.recv {
+        Some(c) => {
+            let Some(n) = c.open(d, h.seq) else { return bad() };
+            // One window per key: a new connection (new key) starts a new window.
+            let key_id = Arc::as_ptr(hop) as usize;
+            let w = ctx.windows.entry(h.hop).or_insert_with(|| (key_id, ReplayWindow::default()));
+            if w.0 != key_id {
+                *w = (key_id, ReplayWindow::default());
+            }
+            if !w.1.accept(h.seq) {
+                return bad();
+            }
+            n
+        }
+        None => d.len() - HEADER,
+    };
+    let payload = &d[HEADER..HEADER + payload_len];
+    match h.kind {
+        Kind::Heartbeat | Kind::HeartbeatFull => {
+            if h.dst == me {
+                let _ = events.send(SleeveEvent::Heartbeat {
+                    from: h.hop,
+                    id: h.frame,
+                    full: h.kind == Kind::HeartbeatFull,
+                });
+            }
+        }
+        Kind::Data if h.dst == me => {
+            if let Some(whole) = ctx.reassembly.add(&h, payload, ctx.now) {
+                s.stats.rx_frames.fetch_add(1, Relaxed);
+                s.stats.rx_bytes.fetch_add(whole.len() as u64, Relaxed);
+                if let Err(e) = s.tap.write(&whole) {
+                    debug!(error = %e, "sleeve: TAP write failed");
+                }
+            }
+        }
+        Kind::Data => relay(s, table, me, &h, payload, ctx.relay_buf),
+    }
+}
+
+/// Passes a datagram on towards its destination, re-sealed for the next hop.
+fn relay(s: &Shared, table: &Table, me: PeerName, h: &Header, payload: &[u8], out: &mut [u8]) {
+    if h.ttl <= 1 {
+        s.stats.dropped_no_route.fetch_add(1, Relaxed);
+        return;
+    }
+    let Some(next) = table.next_hop.get(&h.dst).and_then(|n| table.hops.get(n)) else {
+        s.stats.dropped_no_route.fetch_add(1, Relaxed);
+        return;
+    };
+    let len = HEADER + payload.len();
+    if out.len() < len + TAG {
+        return;
+    }
+    let seq = next.seq.fetch_add(1, Relaxed);
+    Header { ttl: h.ttl - 1, hop: me, seq, ..*h }.write(&mut out[..HEADER]);
+    out[HEADER..len].copy_from_slice(payload);
+    let n = match &next.send {
+        Some(c) => match c.seal(out, len, seq) {
+            Some(n) => n,
+            None => return,
+        },
+        None => len,
+    };
+    if s.udp.sock.send_to(&out[..n], next.addr).is_ok() {
+        s.stats.relayed.fetch_add(1, Relaxed);
+    }
+}

@@ -1,0 +1,250 @@
+//! The overlay switch of one peer link: which overlay carries our data to a directly connected
+//! peer, decided from heartbeats. fastdp (the kernel's VXLAN) is preferred; sleeve (userspace
+//! UDP) takes over when fastdp heartbeats stop or only small ones arrive; when neither works
+//! the peer is reached through others (relayed). Switching back to fastdp waits until it has
+//! been healthy for a while, so a flapping path does not flap the traffic. Pure: time is
+//! passed in.
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+/// Heartbeats are sent this often on each overlay.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+/// An overlay whose full-size heartbeats have not been acknowledged for this long is down.
+pub const DEAD_AFTER: Duration = Duration::from_secs(4);
+/// A new link uses fastdp optimistically for this long before heartbeats must confirm it, so
+/// that a restarted agent does not move established traffic away from working kernel state.
+pub const GRACE: Duration = Duration::from_secs(5);
+/// fastdp must be healthy this long before traffic moves back from sleeve.
+pub const RETURN_AFTER: Duration = Duration::from_secs(3);
+
+/// The overlays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Overlay {
+    Fastdp,
+    Sleeve,
+}
+
+impl Overlay {
+    pub fn name(self) -> &'static str {
+        match self {
+            Overlay::Fastdp => "fastdp",
+            Overlay::Sleeve => "sleeve",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Overlay> {
+        match s {
+            "fastdp" => Some(Overlay::Fastdp),
+            "sleeve" => Some(Overlay::Sleeve),
+            _ => None,
+        }
+    }
+}
+
+/// How data reaches a peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Fastdp,
+    Sleeve,
+    /// Through other peers (sleeve, along data routes).
+    Relayed,
+}
+
+/// Heartbeat bookkeeping of one overlay on one link.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Probe {
+    started: Instant,
+    last_full: Option<Instant>,
+    last_small: Option<Instant>,
+    /// Why this overlay may not be used at all (encryption, --no-fastdp, peer lacks it).
+    pub disabled: Option<String>,
+}
+
+impl Probe {
+    pub fn new(now: Instant, disabled: Option<String>) -> Probe {
+        Probe { started: now, last_full: None, last_small: None, disabled }
+    }
+
+    /// A heartbeat of ours was acknowledged; `full` if it had the full frame size.
+    pub fn ack(&mut self, now: Instant, full: bool) {
+        if full {
+            self.last_full = Some(now);
+        } else {
+            self.last_small = Some(now);
+        }
+    }
+
+    fn recent(t: Option<Instant>, now: Instant) -> bool {
+        t.is_some_and(|t| now.duration_since(t) < DEAD_AFTER)
+    }
+
+    /// Heartbeats confirm this overlay.
+    pub fn confirmed(&self, now: Instant) -> bool {
+        self.disabled.is_none() && Self::recent(self.last_full, now)
+    }
+
+    /// Usable: confirmed, or (with `optimistic`) still within the grace period of a new link.
+    pub fn usable(&self, now: Instant, optimistic: bool) -> bool {
+        self.confirmed(now)
+            || (optimistic
+                && self.disabled.is_none()
+                && self.last_full.is_none()
+                && now.duration_since(self.started) < GRACE)
+    }
+
+    /// A line for `weft status connections`.
+    pub fn describe(&self, name: &str, now: Instant, mtu: u32, port: u16) -> String {
+        if let Some(d) = &self.disabled {
+            return format!("{name} off: {d}");
+        }
+        if self.confirmed(now) {
+            return format!("{name} ok");
+        }
+        let age =
+            |t: Option<Instant>| t.map(|t| format!("{}s ago", now.duration_since(t).as_secs()));
+        match (age(self.last_full), Self::recent(self.last_small, now)) {
+            (_, true) => format!(
+                "{name} down: only small heartbeats arrive (path MTU below the {}-byte frames?)",
+                mtu + 14
+            ),
+            (Some(ago), false) => {
+                format!("{name} down: last heartbeat acknowledged {ago} (UDP port {port} blocked?)")
+            }
+            (None, false) if now.duration_since(self.started) < GRACE => format!("{name} probing"),
+            (None, false) => {
+                format!("{name} down: no heartbeat acknowledged (UDP port {port} blocked?)")
+            }
+        }
+    }
+}
+
+/// The overlay state of one link.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    pub fastdp: Probe,
+    pub sleeve: Probe,
+    mode: Mode,
+    fastdp_good_since: Option<Instant>,
+}
+
+impl Link {
+    /// A new link. fastdp starts in use (optimistically) unless it is disabled.
+    pub fn new(now: Instant, fastdp_disabled: Option<String>) -> Link {
+        let mode = if fastdp_disabled.is_none() { Mode::Fastdp } else { Mode::Sleeve };
+        Link {
+            fastdp: Probe::new(now, fastdp_disabled),
+            sleeve: Probe::new(now, None),
+            mode,
+            fastdp_good_since: None,
+        }
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// Data can flow over this link (for data routes).
+    pub fn established(&self, now: Instant) -> bool {
+        self.fastdp.confirmed(now) || self.sleeve.confirmed(now)
+    }
+
+    /// Re-decides the mode; returns it if it changed.
+    pub fn evaluate(&mut self, now: Instant) -> Option<Mode> {
+        if self.fastdp.confirmed(now) {
+            self.fastdp_good_since.get_or_insert(now);
+        } else {
+            self.fastdp_good_since = None;
+        }
+        let fastdp_ok = self.fastdp.usable(now, true);
+        let returned =
+            self.fastdp_good_since.is_some_and(|t| now.duration_since(t) >= RETURN_AFTER);
+        let next = match self.mode {
+            Mode::Fastdp if fastdp_ok => Mode::Fastdp,
+            _ if fastdp_ok
+                && (returned || self.mode == Mode::Relayed && self.fastdp.confirmed(now)) =>
+            {
+                Mode::Fastdp
+            }
+            _ if self.sleeve.usable(now, false) => Mode::Sleeve,
+            // Nothing confirmed yet on a new link: sleeve is the safe guess while probing.
+            _ if now.duration_since(self.sleeve.started) < GRACE => Mode::Sleeve,
+            _ => Mode::Relayed,
+        };
+        (next != self.mode).then(|| {
+            self.mode = next;
+            next
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fastdp_is_kept_while_heartbeats_flow_and_left_when_they_stop() {
+        let t0 = Instant::now();
+        let mut l = Link::new(t0, None);
+        assert_eq!(l.mode(), Mode::Fastdp, "optimistic start");
+        let mut t = t0;
+        for _ in 0..10 {
+            t += HEARTBEAT;
+            l.fastdp.ack(t, true);
+            l.sleeve.ack(t, true);
+            assert_eq!(l.evaluate(t), None);
+        }
+        assert!(l.established(t));
+        // UDP 6784 is blocked from now on: only sleeve acks arrive.
+        let blocked = t;
+        while l.mode() == Mode::Fastdp {
+            t += HEARTBEAT;
+            l.sleeve.ack(t, true);
+            l.evaluate(t);
+            assert!(t - blocked <= DEAD_AFTER + HEARTBEAT, "switched late");
+        }
+        assert_eq!(l.mode(), Mode::Sleeve);
+        // Unblocked: back to fastdp, but only after RETURN_AFTER of health.
+        let unblocked = t;
+        while l.mode() == Mode::Sleeve {
+            t += HEARTBEAT;
+            l.fastdp.ack(t, true);
+            l.sleeve.ack(t, true);
+            l.evaluate(t);
+            assert!(t - unblocked <= RETURN_AFTER + HEARTBEAT * 2);
+        }
+        assert!(t - unblocked >= RETURN_AFTER);
+        assert_eq!(l.mode(), Mode::Fastdp);
+    }
+
+    #[test]
+    fn small_heartbeats_only_mean_the_mtu_is_too_big() {
+        let t0 = Instant::now();
+        let mut l = Link::new(t0, None);
+        let t = t0 + GRACE + HEARTBEAT;
+        l.fastdp.ack(t, false);
+        l.sleeve.ack(t, true);
+        l.evaluate(t);
+        assert_eq!(l.mode(), Mode::Sleeve);
+        assert!(l.fastdp.describe("fastdp", t, 1450, 6784).contains("path MTU"));
+    }
+
+    #[test]
+    fn disabled_fastdp_is_never_used_and_nothing_working_means_relayed() {
+        let t0 = Instant::now();
+        let mut l = Link::new(t0, Some("traffic to this peer is encrypted".into()));
+        assert_eq!(l.mode(), Mode::Sleeve);
+        l.fastdp.ack(t0, true);
+        assert!(!l.fastdp.confirmed(t0));
+        let later = t0 + GRACE * 2;
+        l.evaluate(later);
+        assert_eq!(l.mode(), Mode::Relayed);
+        assert!(!l.established(later));
+        l.sleeve.ack(later, true);
+        l.evaluate(later);
+        assert_eq!(l.mode(), Mode::Sleeve);
+    }
+}

@@ -1,0 +1,228 @@
+//! Which MAC addresses live behind which peer, gossiped on the `macs` channel. Each peer owns
+//! its origin (the MACs of its endpoints and bridge, with their IP addresses) and stamps it
+//! with a strictly increasing version in milliseconds since the epoch; merging keeps the
+//! newest origin per peer (a CRDT). A MAC claimed by two origins (a pod that moved) belongs to
+//! the origin changed last. Pure.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use prost::Message;
+
+use crate::dataplane::Mac;
+use crate::identity::PeerName;
+use crate::mesh::gossip::GossipData;
+use crate::mesh::proto;
+
+/// One peer's MACs and their addresses.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Origin {
+    pub version: u64,
+    pub macs: BTreeMap<Mac, BTreeSet<IpAddr>>,
+}
+
+/// The table, and where each remote MAC is.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MacTable {
+    me: Option<PeerName>,
+    origins: BTreeMap<PeerName, Origin>,
+}
+
+impl MacTable {
+    pub fn new(me: PeerName) -> MacTable {
+        MacTable { me: Some(me), origins: BTreeMap::new() }
+    }
+
+    /// Sets our own MACs; returns the encoded origin to broadcast if anything changed.
+    pub fn set_local(
+        &mut self,
+        macs: BTreeMap<Mac, BTreeSet<IpAddr>>,
+        now_ms: u64,
+    ) -> Option<Vec<u8>> {
+        let me = self.me?;
+        let current = self.origins.get(&me);
+        if current.is_some_and(|o| o.macs == macs) {
+            return None;
+        }
+        let version = now_ms.max(current.map_or(0, |o| o.version + 1));
+        self.origins.insert(me, Origin { version, macs });
+        Some(self.encode(&[me]))
+    }
+
+    /// Merges origins; returns the peers whose origin changed.
+    pub fn merge(&mut self, other: &BTreeMap<PeerName, Origin>) -> Vec<PeerName> {
+        let mut changed = Vec::new();
+        for (peer, theirs) in other {
+            if Some(*peer) == self.me {
+                continue; // only we speak for ourselves
+            }
+            match self.origins.get(peer) {
+                Some(ours) if ours >= theirs => {}
+                _ => {
+                    self.origins.insert(*peer, theirs.clone());
+                    changed.push(*peer);
+                }
+            }
+        }
+        changed
+    }
+
+    /// Drops the origins of peers that left.
+    pub fn forget(&mut self, peers: &[PeerName]) -> bool {
+        let before = self.origins.len();
+        self.origins.retain(|p, _| !peers.contains(p));
+        before != self.origins.len()
+    }
+
+    /// Remote MACs with the peer they are behind (newest claim wins; our own MACs excluded).
+    pub fn remote(&self) -> BTreeMap<Mac, PeerName> {
+        let mut best: BTreeMap<Mac, (u64, PeerName)> = BTreeMap::new();
+        let local: BTreeSet<Mac> = self
+            .me
+            .and_then(|m| self.origins.get(&m))
+            .map(|o| o.macs.keys().copied().collect())
+            .unwrap_or_default();
+        for (peer, o) in self.origins.iter().filter(|(p, _)| Some(**p) != self.me) {
+            for mac in o.macs.keys().filter(|m| !local.contains(m)) {
+                let e = best.entry(*mac).or_insert((o.version, *peer));
+                if (o.version, *peer) > *e {
+                    *e = (o.version, *peer);
+                }
+            }
+        }
+        best.into_iter().map(|(m, (_, p))| (m, p)).collect()
+    }
+
+    /// IP addresses of remote MACs (for answering ARP locally).
+    pub fn remote_ips(&self) -> BTreeMap<IpAddr, Mac> {
+        let remote = self.remote();
+        let mut out = BTreeMap::new();
+        for (peer, o) in self.origins.iter().filter(|(p, _)| Some(**p) != self.me) {
+            for (mac, ips) in &o.macs {
+                if remote.get(mac) == Some(peer) {
+                    for ip in ips {
+                        out.insert(*ip, *mac);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    pub fn origins(&self) -> &BTreeMap<PeerName, Origin> {
+        &self.origins
+    }
+
+    pub fn encode(&self, peers: &[PeerName]) -> Vec<u8> {
+        let origins = peers
+            .iter()
+            .filter_map(|p| self.origins.get(p).map(|o| (p, o)))
+            .map(|(p, o)| proto::MacOrigin {
+                peer: p.get(),
+                version: o.version,
+                macs: o
+                    .macs
+                    .iter()
+                    .map(|(m, ips)| proto::MacEntry {
+                        mac: m.0.to_vec(),
+                        ips: ips
+                            .iter()
+                            .map(|ip| weft_api::v1::IpAddress::from(*ip).octets)
+                            .collect(),
+                    })
+                    .collect(),
+            })
+            .collect();
+        proto::MacTable { origins }.encode_to_vec()
+    }
+}
+
+/// Decodes a payload; malformed entries are dropped.
+pub fn decode(bytes: &[u8]) -> Result<BTreeMap<PeerName, Origin>, String> {
+    let t = proto::MacTable::decode(bytes).map_err(|e| e.to_string())?;
+    let mut out = BTreeMap::new();
+    for o in t.origins {
+        let Some(peer) = PeerName::new(o.peer) else { continue };
+        let mut macs = BTreeMap::new();
+        for e in o.macs {
+            let Ok(m) = <[u8; 6]>::try_from(e.mac.as_slice()) else { continue };
+            let ips = e
+                .ips
+                .iter()
+                .filter_map(|b| {
+                    IpAddr::try_from(&weft_api::v1::IpAddress { octets: b.clone() }).ok()
+                })
+                .collect();
+            macs.insert(Mac(m), ips);
+        }
+        let origin = Origin { version: o.version, macs };
+        let keep = out.get(&peer).is_none_or(|cur: &Origin| origin > *cur);
+        if keep {
+            out.insert(peer, origin);
+        }
+    }
+    Ok(out)
+}
+
+impl GossipData for MacTable {
+    fn merge_encoded(&mut self, _src: PeerName, bytes: &[u8]) -> Result<Option<Vec<u8>>, String> {
+        let changed = self.merge(&decode(bytes)?);
+        Ok((!changed.is_empty()).then(|| self.encode(&changed)))
+    }
+
+    fn encode_all(&self) -> Vec<u8> {
+        let all: Vec<PeerName> = self.origins.keys().copied().collect();
+        self.encode(&all)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(i: u64) -> PeerName {
+        PeerName::new(i).unwrap()
+    }
+    fn m(i: u8) -> Mac {
+        Mac([2, 0, 0, 0, 0, i])
+    }
+
+    #[test]
+    fn merges_round_trip_and_the_newest_claim_wins() {
+        let mut a = MacTable::new(p(1));
+        let mut b = MacTable::new(p(2));
+        let ip: IpAddr = "10.32.0.2".parse().unwrap();
+        let pa = a.set_local(BTreeMap::from([(m(1), BTreeSet::from([ip]))]), 100).unwrap();
+        assert!(
+            a.set_local(BTreeMap::from([(m(1), BTreeSet::from([ip]))]), 200).is_none(),
+            "no change, no gossip"
+        );
+        assert_eq!(b.merge_encoded(p(1), &pa).unwrap().is_some(), true);
+        assert_eq!(b.merge_encoded(p(1), &pa).unwrap(), None, "idempotent");
+        assert_eq!(b.remote(), BTreeMap::from([(m(1), p(1))]));
+        assert_eq!(b.remote_ips(), BTreeMap::from([(ip, m(1))]));
+        // The pod moves to a third peer, later.
+        let mut c = MacTable::new(p(3));
+        let pc = c.set_local(BTreeMap::from([(m(1), BTreeSet::new())]), 300).unwrap();
+        b.merge_encoded(p(3), &pc).unwrap();
+        assert_eq!(b.remote()[&m(1)], p(3));
+        // A's own MACs never point elsewhere for A.
+        a.merge_encoded(p(3), &pc).unwrap();
+        assert!(a.remote().is_empty());
+        assert!(b.forget(&[p(3)]));
+        assert_eq!(b.remote()[&m(1)], p(1));
+    }
+
+    #[test]
+    fn versions_always_increase() {
+        let mut a = MacTable::new(p(1));
+        a.set_local(BTreeMap::from([(m(1), BTreeSet::new())]), 500);
+        a.set_local(BTreeMap::new(), 10); // the clock went back
+        assert_eq!(a.origins()[&p(1)].version, 501);
+    }
+
+    #[test]
+    fn garbage_decodes_to_an_error_not_a_panic() {
+        assert!(decode(&[0xff, 0xff, 0xff]).is_err());
+    }
+}

@@ -1,0 +1,668 @@
+//! The cross-host data plane: one owner that decides, per peer, which overlay carries the
+//! traffic (fastdp, sleeve, or relayed through others), and programs the kernel (VXLAN and
+//! bridge forwarding entries, ARP answers) and the sleeve's forwarding table accordingly. It
+//! learns where remote MACs live from the `macs` gossip channel, publishes this host's own
+//! MACs there, and probes every directly connected peer with heartbeats on both overlays.
+
+pub mod health;
+pub mod macs;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use self::health::{HEARTBEAT, Link, Mode, Overlay};
+use self::macs::MacTable;
+use crate::dataplane::fastdp::{self, FdbSpec, FrameSocket, HEARTBEAT_ETHERTYPE, Port, VxlanSpec};
+use crate::dataplane::sleeve::codec::{Cipher, HEADER, TAG};
+use crate::dataplane::sleeve::{Hop, Sleeve, SleeveEvent, StatsReport, Table};
+use crate::dataplane::{Mac, VXLAN_OVERHEAD};
+use crate::endpoints::Endpoints;
+use crate::identity::PeerName;
+use crate::mesh::gossip::{GossipChannel, GossipEvent};
+use crate::mesh::router::{LinkEvent, LinkInfo};
+use crate::mesh::{Links, Mesh, proto};
+
+/// The VXLAN network identifier weft uses.
+pub const VNI: u32 = 0x77_6674;
+/// Default UDP port of fastdp.
+pub const FASTDP_PORT: u16 = 6784;
+/// Forwarding entries that nobody wants any more are removed only after this long, so that a
+/// restarted agent does not disturb traffic before it has heard from its peers again.
+pub const PRUNE_AFTER: Duration = Duration::from_secs(30);
+/// How often the VXLAN device and the TAP port are checked.
+const REPAIR: Duration = Duration::from_secs(10);
+/// The TAP port's MTU: large, so that oversize frames from pods reach sleeve, which answers
+/// them with ICMP "fragmentation needed" instead of the bridge dropping them silently.
+/// (A TAP's largest MTU: 65535 minus its Ethernet header.)
+pub const TAP_MTU: u32 = 65_521;
+/// How often this host's own MACs are re-read.
+const LOCAL_SCAN: Duration = Duration::from_secs(2);
+/// Full MAC table gossip interval.
+const MACS_ANTI_ENTROPY: Duration = Duration::from_secs(30);
+/// Bytes sleeve adds to a frame: outer IPv4 and UDP, its header (the tag comes on top).
+pub const SLEEVE_OVERHEAD: usize = 20 + 8 + HEADER;
+
+/// Settings of the data plane.
+#[derive(Clone, Debug)]
+pub struct OverlayConfig {
+    pub me: PeerName,
+    pub bridge: String,
+    pub bridge_mac: Mac,
+    pub vxlan: String,
+    pub tap: String,
+    pub fastdp_port: u16,
+    pub sleeve_port: u16,
+    /// Endpoint (and bridge) MTU.
+    pub mtu: u32,
+    /// MTU of the underlay interface (sizes sleeve datagrams).
+    pub underlay_mtu: u32,
+    /// Never use fastdp (`--no-fastdp`).
+    pub no_fastdp: bool,
+}
+
+/// One peer link, as reported.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkReport {
+    pub peer: String,
+    /// "fastdp", "sleeve" or "relayed".
+    pub mode: String,
+    pub fastdp: String,
+    pub sleeve: String,
+    pub encrypted: bool,
+}
+
+/// The data plane's part of the status report.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OverlayReport {
+    pub mtu: u32,
+    pub fastdp: String,
+    pub sleeve_port: u16,
+    pub fastdp_port: u16,
+    pub links: Vec<LinkReport>,
+    /// Peers reached through others, with the next hop.
+    pub relayed: Vec<(String, String)>,
+    pub remote_macs: usize,
+    pub sleeve: StatsReport,
+}
+
+struct PeerLink {
+    info: LinkInfo,
+    link: Link,
+    hop: Arc<Hop>,
+    peer_mac: Mac,
+    /// What the mesh was last told about this link.
+    established: bool,
+}
+
+/// The data plane's owner.
+pub struct DataPlane {
+    cfg: OverlayConfig,
+    mesh: Mesh,
+    endpoints: Endpoints,
+    macs: MacTable,
+    channel: GossipChannel,
+    links: BTreeMap<PeerName, PeerLink>,
+    routes: watch::Receiver<BTreeMap<PeerName, PeerName>>,
+    sleeve: Sleeve,
+    fastdp: Option<Arc<FrameSocket>>,
+    fastdp_error: Option<String>,
+    started: Instant,
+    heartbeat_id: u32,
+    report: watch::Sender<OverlayReport>,
+    last_programmed: Option<(FdbSpec, Vec<(PeerName, Mode)>)>,
+}
+
+impl std::fmt::Debug for DataPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataPlane").field("links", &self.links.len()).finish_non_exhaustive()
+    }
+}
+
+/// Heartbeat frames on the VXLAN device: `WFHB`, full flag, id, sender.
+fn heartbeat_frame(to: Mac, from: Mac, me: PeerName, id: u32, full: bool, mtu: u32) -> Vec<u8> {
+    let len = if full { mtu as usize + 14 } else { 64 };
+    let mut f = vec![0u8; len];
+    f[0..6].copy_from_slice(&to.0);
+    f[6..12].copy_from_slice(&from.0);
+    f[12..14].copy_from_slice(&HEARTBEAT_ETHERTYPE.to_be_bytes());
+    f[14..18].copy_from_slice(b"WFHB");
+    f[18] = u8::from(full);
+    f[19..23].copy_from_slice(&id.to_be_bytes());
+    f[23..29].copy_from_slice(&me.mac().0);
+    f
+}
+
+fn parse_heartbeat(f: &[u8]) -> Option<(PeerName, u32, bool)> {
+    if f.len() < 29 || &f[14..18] != b"WFHB" {
+        return None;
+    }
+    let id = u32::from_be_bytes(f[19..23].try_into().ok()?);
+    let mut n = [0u8; 8];
+    n[2..].copy_from_slice(&f[23..29]);
+    Some((PeerName::new(u64::from_be_bytes(n))?, id, f[18] == 1))
+}
+
+fn ack_seq(id: u32, full: bool) -> u64 {
+    u64::from(id) | (u64::from(full) << 63)
+}
+
+/// What the helper threads report.
+#[derive(Debug)]
+enum Input {
+    FastdpHeartbeat { from: PeerName, id: u32, full: bool },
+    Sleeve(SleeveEvent),
+}
+
+impl DataPlane {
+    /// Sets up the VXLAN device, the TAP and the sleeve socket, and starts the owner task.
+    pub async fn start(
+        cfg: OverlayConfig,
+        mesh: Mesh,
+        links: Links,
+        endpoints: Endpoints,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<watch::Receiver<OverlayReport>> {
+        let (inputs_tx, inputs_rx) = mpsc::unbounded_channel();
+        let (sleeve_tx, mut sleeve_rx) = mpsc::unbounded_channel();
+        let sleeve =
+            Sleeve::start(&cfg.tap, SocketAddr::from(([0, 0, 0, 0], cfg.sleeve_port)), sleeve_tx)
+                .map_err(|e| {
+                anyhow::anyhow!(
+                    "starting sleeve (TAP {}, UDP port {}): {e}",
+                    cfg.tap,
+                    cfg.sleeve_port
+                )
+            })?;
+        let fwd = inputs_tx.clone();
+        tokio::spawn(async move {
+            while let Some(e) = sleeve_rx.recv().await {
+                let _ = fwd.send(Input::Sleeve(e));
+            }
+        });
+        let (fastdp, fastdp_error) = match Self::start_fastdp(&cfg, inputs_tx).await {
+            Ok(sock) => (Some(sock), None),
+            Err(e) if cfg.no_fastdp => {
+                info!("fastdp {e}; all traffic goes through sleeve");
+                (None, Some(e))
+            }
+            Err(e) => {
+                warn!(error = %e, "fastdp unavailable; all traffic goes through sleeve");
+                (None, Some(e))
+            }
+        };
+        let (report_tx, report_rx) = watch::channel(OverlayReport::default());
+        let channel = mesh.channel("macs");
+        let dp = DataPlane {
+            macs: MacTable::new(cfg.me),
+            routes: mesh.data_routes(),
+            cfg,
+            mesh,
+            endpoints,
+            channel,
+            links: BTreeMap::new(),
+            sleeve,
+            fastdp,
+            fastdp_error,
+            started: Instant::now(),
+            heartbeat_id: 0,
+            report: report_tx,
+            last_programmed: None,
+        };
+        tokio::spawn(dp.run(links, inputs_rx, shutdown));
+        Ok(report_rx)
+    }
+
+    async fn start_fastdp(
+        cfg: &OverlayConfig,
+        inputs: mpsc::UnboundedSender<Input>,
+    ) -> Result<Arc<FrameSocket>, String> {
+        if cfg.no_fastdp {
+            return Err("disabled by --no-fastdp".into());
+        }
+        let spec = VxlanSpec {
+            name: cfg.vxlan.clone(),
+            vni: VNI,
+            port: cfg.fastdp_port,
+            mtu: cfg.mtu,
+            bridge: cfg.bridge.clone(),
+        };
+        let (_, repairs) = tokio::task::spawn_blocking(move || fastdp::ensure_vxlan(&spec))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        if !repairs.is_empty() {
+            info!(device = %cfg.vxlan, ?repairs, "VXLAN device set up");
+        }
+        let sock =
+            Arc::new(FrameSocket::open(&cfg.vxlan).map_err(|e| format!("heartbeat socket: {e}"))?);
+        let reader = sock.clone();
+        std::thread::Builder::new()
+            .name("fastdp-heartbeats".into())
+            .spawn(move || {
+                let mut buf = vec![0u8; 65_536];
+                loop {
+                    match reader.recv(&mut buf) {
+                        Ok(Some(n)) => {
+                            if let Some((from, id, full)) = parse_heartbeat(&buf[..n]) {
+                                if inputs.send(Input::FastdpHeartbeat { from, id, full }).is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                        Ok(None) => {
+                            if inputs.is_closed() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "fastdp heartbeat socket failed");
+                            return;
+                        }
+                    }
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(sock)
+    }
+
+    async fn run(
+        mut self,
+        mut links: Links,
+        mut inputs: mpsc::UnboundedReceiver<Input>,
+        shutdown: CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(HEARTBEAT);
+        let mut last_scan = Instant::now() - LOCAL_SCAN;
+        let mut last_gossip = Instant::now();
+        let mut last_repair = Instant::now() - REPAIR;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                Some(ev) = links.0.recv() => self.on_link(ev),
+                Some(i) = inputs.recv() => self.on_input(i),
+                Some(ev) = self.channel.recv() => self.on_gossip(ev),
+                Ok(()) = self.routes.changed() => self.program(),
+                _ = tick.tick() => {
+                    let now = Instant::now();
+                    if now.duration_since(last_repair) >= REPAIR {
+                        last_repair = now;
+                        self.repair_devices().await;
+                    }
+                    self.send_heartbeats();
+                    if now.duration_since(last_scan) >= LOCAL_SCAN {
+                        last_scan = now;
+                        self.scan_local().await;
+                    }
+                    if now.duration_since(last_gossip) >= MACS_ANTI_ENTROPY {
+                        last_gossip = now;
+                        self.channel.gossip(crate::mesh::gossip::GossipData::encode_all(&self.macs));
+                    }
+                    self.evaluate(now);
+                    self.program();
+                }
+            }
+        }
+    }
+
+    fn fastdp_disabled(&self, info: &LinkInfo) -> Option<String> {
+        if let Some(e) = &self.fastdp_error {
+            return Some(e.clone());
+        }
+        if info.encrypt {
+            return Some("traffic to this peer is encrypted (sleeve only)".into());
+        }
+        if !info.overlays.iter().any(|o| o == "fastdp") {
+            return Some("the peer does not offer fastdp".into());
+        }
+        if !info.remote.is_ipv4() {
+            return Some("IPv6 underlay".into());
+        }
+        None
+    }
+
+    fn on_link(&mut self, ev: LinkEvent) {
+        match ev {
+            LinkEvent::Up(info) => {
+                let now = Instant::now();
+                let disabled = self.fastdp_disabled(&info);
+                let key = |k: &[u8]| (!k.is_empty()).then(|| Cipher::new(k)).flatten();
+                let hop = Arc::new(Hop {
+                    addr: SocketAddr::new(info.remote, info.sleeve_port),
+                    send: if info.encrypt { key(&info.our_key) } else { None },
+                    recv: if info.encrypt { key(&info.their_key) } else { None },
+                    seq: AtomicU64::new(1),
+                });
+                if info.encrypt && (hop.send.is_none() || hop.recv.is_none()) {
+                    warn!(peer = %info.peer, "encryption required but no sleeve keys were exchanged; not sending data to this peer");
+                }
+                info!(peer = %info.peer, remote = %info.remote, fastdp = disabled.is_none(), encrypted = info.encrypt, "data-plane link up");
+                let peer = info.peer;
+                let link = PeerLink {
+                    link: Link::new(now, disabled),
+                    hop,
+                    peer_mac: peer.mac(),
+                    info,
+                    established: false,
+                };
+                self.links.insert(peer, link);
+                // Everything we know about MACs, to the new neighbour.
+                self.channel.unicast(peer, crate::mesh::gossip::GossipData::encode_all(&self.macs));
+                self.program();
+            }
+            LinkEvent::Down(peer) => {
+                if self.links.remove(&peer).is_some() {
+                    info!(%peer, "data-plane link down");
+                    self.program();
+                }
+            }
+            LinkEvent::Control { peer, msg } => {
+                let Some(l) = self.links.get_mut(&peer) else { return };
+                let Some(proto::overlay_control::Kind::Ack(ack)) = msg.kind else { return };
+                let full = ack.seq >> 63 == 1;
+                match Overlay::parse(&msg.overlay) {
+                    Some(Overlay::Fastdp) => l.link.fastdp.ack(Instant::now(), full),
+                    Some(Overlay::Sleeve) => l.link.sleeve.ack(Instant::now(), full),
+                    None => {}
+                }
+            }
+        }
+    }
+
+    fn on_input(&mut self, i: Input) {
+        let (from, id, full, overlay) = match i {
+            Input::FastdpHeartbeat { from, id, full } => (from, id, full, Overlay::Fastdp),
+            Input::Sleeve(SleeveEvent::Heartbeat { from, id, full }) => {
+                (from, id, full, Overlay::Sleeve)
+            }
+        };
+        if self.links.contains_key(&from) {
+            let msg = proto::OverlayControl {
+                overlay: overlay.name().into(),
+                kind: Some(proto::overlay_control::Kind::Ack(proto::HeartbeatAck {
+                    seq: ack_seq(id, full),
+                })),
+            };
+            self.mesh.send_overlay(from, msg);
+        }
+    }
+
+    fn on_gossip(&mut self, ev: GossipEvent) {
+        match self.channel.handle(&mut self.macs, ev) {
+            Ok(true) => self.program(),
+            Ok(false) => {}
+            Err(GossipEvent::PeersGone(peers)) => {
+                if self.macs.forget(&peers) {
+                    self.program();
+                }
+            }
+            Err(GossipEvent::Unicast { src, payload }) => {
+                let ev = GossipEvent::Gossip { src, payload };
+                if let Ok(true) = self.channel.handle(&mut self.macs, ev) {
+                    self.program();
+                }
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// Reads this host's endpoints and bridge addresses; gossips them if they changed.
+    async fn scan_local(&mut self) {
+        let bridge_mac = self.cfg.bridge_mac;
+        let records = match self.endpoints.list().await {
+            Ok(r) => r,
+            Err(e) => {
+                debug!(error = %e, "cannot read endpoints");
+                return;
+            }
+        };
+        let mut local: BTreeMap<Mac, BTreeSet<IpAddr>> = BTreeMap::new();
+        local.entry(bridge_mac).or_default();
+        for r in &records {
+            let mac = if r.netns.is_none() { Some(bridge_mac) } else { r.mac };
+            if let Some(m) = mac {
+                local.entry(m).or_default().extend(r.addresses.iter().map(IpNet::addr));
+            }
+        }
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        if let Some(update) = self.macs.set_local(local, now_ms) {
+            self.channel.broadcast(update);
+            self.program();
+        }
+    }
+
+    fn send_heartbeats(&mut self) {
+        self.heartbeat_id = self.heartbeat_id.wrapping_add(1);
+        let id = self.heartbeat_id;
+        for (peer, l) in &self.links {
+            if let Some(sock) = self.fastdp.as_ref().filter(|_| l.link.fastdp.disabled.is_none()) {
+                for full in [false, true] {
+                    let f = heartbeat_frame(
+                        l.peer_mac,
+                        self.cfg.bridge_mac,
+                        self.cfg.me,
+                        id,
+                        full,
+                        self.cfg.mtu,
+                    );
+                    if let Err(e) = sock.send(&f) {
+                        debug!(%peer, error = %e, "fastdp heartbeat not sent");
+                    }
+                }
+            }
+            self.sleeve.heartbeat(*peer, id, false);
+            self.sleeve.heartbeat(*peer, id, true);
+        }
+    }
+
+    fn evaluate(&mut self, now: Instant) {
+        for (peer, l) in self.links.iter_mut() {
+            if let Some(mode) = l.link.evaluate(now) {
+                info!(%peer, ?mode, fastdp = %l.link.fastdp.describe("fastdp", now, self.cfg.mtu, self.cfg.fastdp_port), "overlay switched");
+            }
+            let established = l.link.established(now);
+            if established != l.established {
+                l.established = established;
+                self.mesh.set_established(*peer, established);
+            }
+        }
+    }
+
+    /// Puts back the VXLAN device and the TAP port if they were changed or removed.
+    async fn repair_devices(&self) {
+        let cfg = self.cfg.clone();
+        let fastdp_on = self.fastdp.is_some();
+        let result = tokio::task::spawn_blocking(move || {
+            if fastdp_on {
+                let spec = VxlanSpec {
+                    name: cfg.vxlan.clone(),
+                    vni: VNI,
+                    port: cfg.fastdp_port,
+                    mtu: cfg.mtu,
+                    bridge: cfg.bridge.clone(),
+                };
+                let (_, repairs) = fastdp::ensure_vxlan(&spec)?;
+                if !repairs.is_empty() {
+                    info!(device = %cfg.vxlan, ?repairs, "VXLAN device repaired");
+                }
+            }
+            fastdp::attach_port(&cfg.tap, &cfg.bridge, TAP_MTU)
+        })
+        .await;
+        if let Ok(Err(e)) = result {
+            warn!(error = %e, "cannot repair the overlay devices; will retry");
+        }
+    }
+
+    /// Makes the kernel and the sleeve table match what is known; logs changes.
+    fn program(&mut self) {
+        let now = Instant::now();
+        let remote = self.macs.remote();
+        let mode_of = |p: &PeerName| self.links.get(p).map_or(Mode::Relayed, |l| l.link.mode());
+        let mut spec = FdbSpec {
+            vxlan: self.cfg.vxlan.clone(),
+            tap: self.cfg.tap.clone(),
+            prune: now.duration_since(self.started) >= PRUNE_AFTER,
+            ..FdbSpec::default()
+        };
+        for (peer, l) in &self.links {
+            if l.link.fastdp.disabled.is_some() {
+                continue;
+            }
+            spec.vxlan_entries.insert((l.peer_mac, l.info.remote));
+            if l.link.mode() == Mode::Fastdp {
+                spec.vxlan_entries.insert((Mac([0; 6]), l.info.remote));
+                for (mac, owner) in &remote {
+                    if owner == peer {
+                        spec.vxlan_entries.insert((*mac, l.info.remote));
+                    }
+                }
+            }
+        }
+        for (mac, owner) in &remote {
+            spec.bridge_entries
+                .insert(*mac, if mode_of(owner) == Mode::Fastdp { Port::Vxlan } else { Port::Tap });
+        }
+        for (ip, mac) in self.macs.remote_ips() {
+            if remote.get(&mac).is_some_and(|o| mode_of(o) == Mode::Fastdp) {
+                spec.arp.insert(ip, mac);
+            }
+        }
+        let modes: Vec<(PeerName, Mode)> =
+            self.links.iter().map(|(p, l)| (*p, l.link.mode())).collect();
+        self.program_sleeve(&remote, &mode_of);
+        let unchanged =
+            self.last_programmed.as_ref().is_some_and(|(s, m)| *s == spec && *m == modes);
+        if !unchanged && self.fastdp.is_some() {
+            let s = spec.clone();
+            tokio::task::spawn_blocking(move || match fastdp::sync(&s) {
+                Ok(c) if c.added + c.removed > 0 => {
+                    debug!(added = c.added, removed = c.removed, "forwarding entries updated")
+                }
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "cannot program forwarding entries; will retry"),
+            });
+        }
+        if !unchanged {
+            self.last_programmed = Some((spec, modes));
+        }
+        self.publish(now);
+    }
+
+    fn program_sleeve(
+        &self,
+        remote: &BTreeMap<Mac, PeerName>,
+        mode_of: &dyn Fn(&PeerName) -> Mode,
+    ) {
+        let routes = self.routes.borrow().clone();
+        let mut next_hop: HashMap<PeerName, PeerName> = routes.into_iter().collect();
+        for (p, l) in &self.links {
+            if l.link.mode() == Mode::Sleeve {
+                next_hop.insert(*p, *p);
+            }
+        }
+        let mut flood: Vec<PeerName> =
+            next_hop.keys().copied().filter(|p| mode_of(p) != Mode::Fastdp).collect();
+        flood.sort();
+        let encrypted_any = self.links.values().any(|l| l.info.encrypt);
+        let chunk = (self.cfg.underlay_mtu as usize)
+            .saturating_sub(SLEEVE_OVERHEAD + if encrypted_any { TAG } else { 0 })
+            .max(256);
+        self.sleeve.set_table(Table {
+            me: Some(self.cfg.me),
+            macs: remote.iter().map(|(m, p)| (*m, *p)).collect(),
+            flood,
+            next_hop,
+            hops: self.links.iter().map(|(p, l)| (*p, l.hop.clone())).collect(),
+            chunk,
+            max_frame: self.cfg.mtu as usize + 14,
+        });
+    }
+
+    fn publish(&self, now: Instant) {
+        let routes = self.routes.borrow();
+        let links = self
+            .links
+            .iter()
+            .map(|(p, l)| LinkReport {
+                peer: p.to_string(),
+                mode: match l.link.mode() {
+                    Mode::Fastdp => "fastdp",
+                    Mode::Sleeve => "sleeve",
+                    Mode::Relayed => "relayed",
+                }
+                .into(),
+                fastdp: l.link.fastdp.describe("fastdp", now, self.cfg.mtu, self.cfg.fastdp_port),
+                sleeve: l.link.sleeve.describe("sleeve", now, self.cfg.mtu, self.cfg.sleeve_port),
+                encrypted: l.info.encrypt,
+            })
+            .collect();
+        let relayed = routes
+            .iter()
+            .filter(|(d, h)| {
+                d != h && !self.links.get(d).is_some_and(|l| l.link.mode() != Mode::Relayed)
+            })
+            .map(|(d, h)| (d.to_string(), h.to_string()))
+            .collect();
+        let _ = self.report.send(OverlayReport {
+            mtu: self.cfg.mtu,
+            fastdp: self.fastdp_error.clone().map_or_else(
+                || format!("{} (VXLAN VNI {VNI:#x})", self.cfg.vxlan),
+                |e| format!("unavailable: {e}"),
+            ),
+            sleeve_port: self.cfg.sleeve_port,
+            fastdp_port: self.cfg.fastdp_port,
+            links,
+            relayed,
+            remote_macs: self.macs.remote().len(),
+            sleeve: self.sleeve.stats(),
+        });
+    }
+}
+
+/// The endpoint MTU for an underlay MTU: fastdp's encapsulation is the largest fixed cost
+/// (sleeve splits frames into datagrams of any size, so it imposes no limit of its own).
+pub fn derived_mtu(underlay: u32) -> u32 {
+    underlay.saturating_sub(VXLAN_OVERHEAD).max(576)
+}
+
+/// The interface names the data plane uses for a bridge (at most 15 characters).
+pub fn device_names(bridge: &str) -> (String, String) {
+    let short: String = bridge.chars().take(12).collect();
+    (format!("{short}-vx"), format!("{short}-sl"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeats_round_trip() {
+        let me = PeerName::new(0x0a0b0c0d0e0f).unwrap();
+        let f = heartbeat_frame(Mac([2; 6]), Mac([4; 6]), me, 77, true, 1450);
+        assert_eq!(f.len(), 1464);
+        assert_eq!(parse_heartbeat(&f), Some((me, 77, true)));
+        assert_eq!(parse_heartbeat(&f[..20]), None);
+        assert_eq!(ack_seq(5, true) >> 63, 1);
+        assert_eq!(ack_seq(5, false), 5);
+    }
+
+    #[test]
+    fn device_names_fit() {
+        let (vx, sl) = device_names("a-very-long-bridge-name");
+        assert!(vx.len() <= 15 && sl.len() <= 15);
+        assert_eq!(device_names("weft"), ("weft-vx".to_owned(), "weft-sl".to_owned()));
+        assert_eq!(derived_mtu(1500), 1450);
+    }
+}
