@@ -103,7 +103,9 @@ pub async fn status(socket: &Path, what: Option<StatusView>, json: bool) -> Resu
         (Some(StatusView::Peers), true) => print_json(&r.mesh.peers),
         (Some(StatusView::Peers), false) => print_lines(render::peers(&r.mesh)),
         (Some(StatusView::Connections), true) => print_json(&r.mesh.connections),
-        (Some(StatusView::Connections), false) => print_lines(render::connections(&r.mesh)),
+        (Some(StatusView::Connections), false) => {
+            print_lines(render::connections(&r.mesh, &r.overlay))
+        }
         (Some(StatusView::Targets), true) => print_json(&r.mesh.targets),
         (Some(StatusView::Targets), false) => {
             print_lines(r.mesh.targets.iter().filter(|t| !t.discovered).map(|t| t.target.clone()))

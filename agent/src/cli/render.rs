@@ -5,6 +5,7 @@ use ipnet::IpNet;
 use serde::Serialize;
 
 use crate::mesh::report::MeshReport;
+use crate::overlay::OverlayReport;
 use crate::status::report::Report;
 
 /// One line of `weft ps`.
@@ -53,6 +54,8 @@ pub fn status(r: &Report) -> Vec<String> {
         field("Connections", connection_summary(&r.mesh)),
         field("Peers", peer_summary(&r.mesh)),
         field("Trusted subnets", join(&r.mesh.trusted_subnets)),
+        field("Overlay MTU", r.overlay.mtu),
+        field("fastdp", &r.overlay.fastdp),
     ];
     if !r.bridge.last_repairs.is_empty() {
         lines.insert(6, field("Last change", r.bridge.last_repairs.join(", ")));
@@ -98,9 +101,11 @@ pub fn peers(m: &MeshReport) -> Vec<String> {
     out
 }
 
-/// `weft status connections`: our connections, as Weave prints them.
-pub fn connections(m: &MeshReport) -> Vec<String> {
-    m.connections
+/// `weft status connections`: our connections as Weave prints them, with the overlay each
+/// one uses and why.
+pub fn connections(m: &MeshReport, o: &OverlayReport) -> Vec<String> {
+    let mut out: Vec<String> = m
+        .connections
         .iter()
         .map(|c| {
             let dir = if c.outbound { "->" } else { "<-" };
@@ -110,16 +115,24 @@ pub fn connections(m: &MeshReport) -> Vec<String> {
                     let enc = if c.data_encrypted {
                         "encrypted"
                     } else if c.encrypted {
-                        "encrypted (data in the clear: trusted subnet)"
+                        "encrypted control, data in the clear (trusted subnet)"
                     } else {
                         "unencrypted"
                     };
-                    format!("{enc:<12} {}", nick(&c.peer, &c.nickname))
+                    let link = o.links.iter().find(|l| l.peer == c.peer);
+                    let overlay = link.map_or_else(String::new, |l| {
+                        format!("{} ({}; {})", l.mode, l.fastdp, l.sleeve)
+                    });
+                    format!("{overlay} {enc} {}", nick(&c.peer, &c.nickname))
                 }
             };
             format!("{dir} {:<22} {:<12} {info}", c.address, c.state).trim_end().to_owned()
         })
-        .collect()
+        .collect();
+    for (dst, via) in &o.relayed {
+        out.push(format!("   {dst:<22} relayed      via {via}"));
+    }
+    out
 }
 
 /// `weft ps`: `ID MAC ADDRESS...` like Weave, plus kind and pod.

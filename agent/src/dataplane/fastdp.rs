@@ -150,6 +150,9 @@ pub fn ensure_vxlan(spec: &VxlanSpec) -> Result<(u32, Vec<String>), KernelError>
                 // black-hole (heartbeats detect it and move the peer to sleeve).
                 InfoVxlan::Df(VxlanDf::Unset),
                 InfoVxlan::Ttl(64),
+                // No outer UDP checksum (the inner frame has its own), as `ip link` defaults
+                // to for IPv4: computing it costs a pass over every byte.
+                InfoVxlan::UDPCsum(false),
             ])),
         ]));
         match sock.add_link(msg) {
@@ -315,27 +318,28 @@ pub fn sync(spec: &FdbSpec) -> Result<FdbChanges, KernelError> {
     Ok(changes)
 }
 
-/// A raw packet socket on one interface that sees only heartbeat frames.
+/// Raw packet sockets for heartbeats: one that sends frames out of the VXLAN device, one that
+/// receives heartbeat frames delivered to the bridge. Neither taps other traffic: the receiving
+/// socket is bound to the heartbeat ethertype only, so data packets never reach the agent or
+/// cost the kernel a copy.
 #[derive(Debug)]
 pub struct FrameSocket {
     fd: OwnedFd,
 }
 
+fn if_index(ifname: &str) -> io::Result<u32> {
+    let c = std::ffi::CString::new(ifname).map_err(|_| io::Error::other("bad interface name"))?;
+    // SAFETY: a valid NUL-terminated name.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if i == 0 { Err(io::Error::last_os_error()) } else { Ok(i) }
+}
+
 impl FrameSocket {
-    /// Opens the socket on `ifname` with a filter that lets only heartbeat frames through, so
-    /// data traffic on the device is never copied to the agent.
-    pub fn open(ifname: &str) -> io::Result<FrameSocket> {
-        let index = {
-            let c = std::ffi::CString::new(ifname)
-                .map_err(|_| io::Error::other("bad interface name"))?;
-            // SAFETY: a valid NUL-terminated name.
-            let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
-            if i == 0 {
-                return Err(io::Error::last_os_error());
-            }
-            i
-        };
-        let proto = (libc::ETH_P_ALL as u16).to_be();
+    /// A socket bound to `ifname` that receives frames of `ethertype` (0: receives nothing,
+    /// for sending only).
+    pub fn open(ifname: &str, ethertype: u16) -> io::Result<FrameSocket> {
+        let index = if_index(ifname)?;
+        let proto = ethertype.to_be();
         // SAFETY: plain socket creation; the descriptor is owned below.
         let raw = unsafe {
             libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, i32::from(proto))
@@ -345,30 +349,6 @@ impl FrameSocket {
         }
         // SAFETY: `raw` is a fresh descriptor we own.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // ldh [12]; jeq #HEARTBEAT_ETHERTYPE, accept, drop
-        let filter = [
-            libc::sock_filter { code: 0x28, jt: 0, jf: 0, k: 12 },
-            libc::sock_filter { code: 0x15, jt: 0, jf: 1, k: u32::from(HEARTBEAT_ETHERTYPE) },
-            libc::sock_filter { code: 0x06, jt: 0, jf: 0, k: 0xffff },
-            libc::sock_filter { code: 0x06, jt: 0, jf: 0, k: 0 },
-        ];
-        let prog = libc::sock_fprog {
-            len: filter.len() as u16,
-            filter: filter.as_ptr() as *mut libc::sock_filter,
-        };
-        // SAFETY: `prog` points at `filter`, which lives through the call.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_ATTACH_FILTER,
-                (&prog as *const libc::sock_fprog).cast(),
-                size_of::<libc::sock_fprog>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
         // SAFETY: zeroed sockaddr_ll is valid; the fields set below make it a bind address.
         let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         sll.sll_family = libc::AF_PACKET as u16;

@@ -276,14 +276,19 @@ impl Dataplane for LinuxDataplane {
         Ok(())
     }
 
-    fn endpoint_links(&self) -> Result<Vec<String>, KernelError> {
+    fn endpoint_links(&self, bridge: &str) -> Result<Vec<String>, KernelError> {
         let mut host = host_socket()?;
+        let Some(br) = host.link_by_name(bridge).ctx(|| "looking up the bridge".into())? else {
+            return Ok(Vec::new());
+        };
         let links = host.links().ctx(|| "listing links".into())?;
         Ok(links
             .iter()
             .map(LinkInfo::from_message)
+            .filter(|l| {
+                l.name.starts_with(HOST_IFNAME_PREFIX) && l.controller == Some(br.header.index)
+            })
             .map(|l| l.name)
-            .filter(|n| n.starts_with(HOST_IFNAME_PREFIX))
             .collect())
     }
 

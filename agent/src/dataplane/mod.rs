@@ -144,8 +144,9 @@ pub trait Dataplane: Send + Sync + 'static {
     fn teardown_endpoint(&self, host_ifname: &str) -> Result<(), KernelError>;
     /// Verifies an endpoint against its spec; `Mismatch` says what differs.
     fn check_endpoint(&self, spec: &EndpointSpec) -> Result<(), KernelError>;
-    /// Names of host interfaces that look like weft endpoints (for leak detection).
-    fn endpoint_links(&self) -> Result<Vec<String>, KernelError>;
+    /// Names of endpoint interfaces attached to `bridge` (for leak detection; other agents'
+    /// endpoints on other bridges of the same host are not ours).
+    fn endpoint_links(&self, bridge: &str) -> Result<Vec<String>, KernelError>;
     /// Installs or replaces weft's nftables table.
     fn apply_firewall(&self, table: &nft::Table) -> Result<(), KernelError>;
     /// Whether weft's nftables table is present with the expected number of rules.

@@ -364,7 +364,8 @@ impl Endpoints {
             let known: std::collections::HashSet<String> =
                 records.iter().map(|r| r.host_ifname.clone()).collect();
             let dp = self.inner.dp.clone();
-            let links = blocking(move || dp.endpoint_links()).await?;
+            let bridge = self.inner.bridge.clone();
+            let links = blocking(move || dp.endpoint_links(&bridge)).await?;
             for link in links.into_iter().filter(|l| !known.contains(l)) {
                 info!(interface = %link, "removing an interface that belongs to no endpoint");
                 let dp = self.inner.dp.clone();

@@ -242,9 +242,12 @@ impl DataPlane {
         if !repairs.is_empty() {
             info!(device = %cfg.vxlan, ?repairs, "VXLAN device set up");
         }
-        let sock =
-            Arc::new(FrameSocket::open(&cfg.vxlan).map_err(|e| format!("heartbeat socket: {e}"))?);
-        let reader = sock.clone();
+        let sock = Arc::new(
+            FrameSocket::open(&cfg.vxlan, 0).map_err(|e| format!("heartbeat socket: {e}"))?,
+        );
+        // Heartbeats are addressed to our bridge MAC, so the bridge delivers them to itself.
+        let reader = FrameSocket::open(&cfg.bridge, HEARTBEAT_ETHERTYPE)
+            .map_err(|e| format!("heartbeat socket: {e}"))?;
         std::thread::Builder::new()
             .name("fastdp-heartbeats".into())
             .spawn(move || {
