@@ -25,13 +25,14 @@ async fn run_verb(cli: Cli) -> Result<(), CliError> {
         Command::Connect { peers, replace } => client::connect_peers(s, peers, replace).await,
         Command::Forget { peers } => client::forget_peers(s, peers).await,
         Command::Ps { json } => client::ps(s, json).await,
-        Command::Attach { addrs, netns, ifname, id, name, json } => {
+        Command::Attach { addrs, netns, ifname, id, name, no_multicast_route, json } => {
             let args = AttachArgs {
                 addrs: &addrs,
                 netns: &netns,
                 ifname: &ifname,
                 id: id.as_deref(),
                 name: name.as_deref(),
+                multicast_route: !no_multicast_route,
                 json,
             };
             client::attach(s, args).await

@@ -27,6 +27,11 @@ pub struct StateLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ChannelDirection {
     pub channel: String,
     pub direction: String,
@@ -50,6 +55,10 @@ pub struct Metrics {
     gossip: Family<ChannelDirection, Counter>,
     connections: Family<ConnectionLabels, Gauge>,
     peers: Gauge,
+    overlay_links: Family<StateLabel, Gauge>,
+    sleeve_frames: Family<KindLabel, Counter>,
+    sleeve_bytes: Family<KindLabel, Counter>,
+    sleeve_datagrams: Family<KindLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -95,6 +104,34 @@ impl Metrics {
         );
         let peers = Gauge::default();
         registry.register("peers", "Peers in the mesh topology, this one included", peers.clone());
+        let overlay_links = Family::<StateLabel, Gauge>::default();
+        registry.register(
+            "overlay_links",
+            "Data-plane links to peers by overlay in use (fastdp, sleeve, relayed)",
+            overlay_links.clone(),
+        );
+        // The sleeve counts in its own atomics (per packet, no locks); these mirror them at
+        // scrape time.
+        let sleeve_frames = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "sleeve_frames",
+            "Frames carried by sleeve, by kind (sent, received, frag_needed: oversize frames \
+             answered with ICMP)",
+            sleeve_frames.clone(),
+        );
+        let sleeve_bytes = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "sleeve_bytes",
+            "Frame bytes carried by sleeve, by kind (sent, received)",
+            sleeve_bytes.clone(),
+        );
+        let sleeve_datagrams = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "sleeve_datagrams",
+            "Sleeve datagrams relayed for other peers or dropped, by kind (relayed, bad: \
+             malformed, unauthentic or replayed, no_route)",
+            sleeve_datagrams.clone(),
+        );
         Metrics {
             registry,
             cni_duration,
@@ -105,6 +142,10 @@ impl Metrics {
             gossip,
             connections,
             peers,
+            overlay_links,
+            sleeve_frames,
+            sleeve_bytes,
+            sleeve_datagrams,
         }
     }
 
@@ -158,6 +199,23 @@ impl Metrics {
             }
         }
         self.peers.set(report.mesh.peers.len() as i64);
+        for mode in ["fastdp", "sleeve", "relayed"] {
+            let n = report.overlay.links.iter().filter(|l| l.mode == mode).count();
+            set(&self.overlay_links, mode, n as u64);
+        }
+        let s = &report.overlay.sleeve;
+        let mirror = |f: &Family<KindLabel, Counter>, kind: &str, total: u64| {
+            let c = f.get_or_create(&KindLabel { kind: kind.to_owned() });
+            c.inc_by(total.saturating_sub(c.get()));
+        };
+        mirror(&self.sleeve_frames, "sent", s.tx_frames);
+        mirror(&self.sleeve_frames, "received", s.rx_frames);
+        mirror(&self.sleeve_frames, "frag_needed", s.frag_needed);
+        mirror(&self.sleeve_bytes, "sent", s.tx_bytes);
+        mirror(&self.sleeve_bytes, "received", s.rx_bytes);
+        mirror(&self.sleeve_datagrams, "relayed", s.relayed);
+        mirror(&self.sleeve_datagrams, "bad", s.dropped_bad);
+        mirror(&self.sleeve_datagrams, "no_route", s.dropped_no_route);
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -180,5 +238,17 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("weft_ipam_addresses{state=\"used\"} 0"), "{text}");
+    }
+
+    #[test]
+    fn sleeve_counters_mirror_the_report() {
+        let m = Metrics::new();
+        let mut r = Report::default();
+        r.overlay.sleeve.tx_bytes = 1000;
+        let _ = m.render(&r);
+        r.overlay.sleeve.tx_bytes = 1500;
+        let text = m.render(&r);
+        assert!(text.contains("weft_sleeve_bytes_total{kind=\"sent\"} 1500"), "{text}");
+        assert!(text.contains("weft_overlay_links{state=\"fastdp\"} 0"), "{text}");
     }
 }

@@ -343,6 +343,29 @@ impl Agent {
         cni(&self.bins, command, container, "eth0", netns, conf)
     }
 
+    /// The agent's peer name.
+    pub fn peer_name(&self) -> String {
+        self.status().expect("status")["peer"]["name"].as_str().unwrap_or_default().to_owned()
+    }
+
+    /// A pod: a new namespace attached with `weft attach CIDR` as `eth0`.
+    pub fn pod(&self, cidr: &str) -> Netns {
+        let ns = Netns::new("p");
+        must(self.weft().args(["attach", cidr, "--ifname", "eth0", "--netns"]).arg(ns.path()));
+        ns
+    }
+
+    /// The overlay mode of the link to `peer` ("fastdp", "sleeve", "relayed"), if linked.
+    pub fn overlay_mode(&self, peer: &str) -> Option<String> {
+        let s = self.status()?;
+        s["overlay"]["links"]
+            .as_array()?
+            .iter()
+            .find(|l| l["peer"] == peer)
+            .and_then(|l| l["mode"].as_str())
+            .map(str::to_owned)
+    }
+
     /// Host-side veths of endpoints.
     pub fn endpoint_links(&self) -> Vec<String> {
         let out = must(self.cmd("ip").args(["-o", "link", "show"]));
@@ -378,6 +401,52 @@ impl Drop for Agent {
             eprintln!("--- agent log ({}) ---\n{}", self.name, self.log());
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The traffic tool run inside pods (tests/tools/nettool.py).
+pub fn nettool() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tools/nettool.py")
+}
+
+/// A process started in a namespace whose first output line says it is ready.
+#[derive(Debug)]
+pub struct Server {
+    child: Child,
+    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+}
+
+impl Server {
+    /// Starts `nettool.py ARGS` in `ns` and waits for its "ready" line.
+    pub fn start(ns: &Netns, args: &[&str]) -> Server {
+        use std::io::BufRead;
+        let mut child = ns
+            .cmd("python3")
+            .arg(nettool())
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting nettool");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let first = lines.next().and_then(Result::ok).unwrap_or_default();
+        assert_eq!(first, "ready", "nettool {args:?} did not start");
+        Server { child, lines }
+    }
+
+    /// The next output line (the result), waiting at most for the process to end.
+    pub fn result(mut self) -> String {
+        let line = self.lines.next().and_then(Result::ok).unwrap_or_default();
+        let _ = self.child.wait();
+        line
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

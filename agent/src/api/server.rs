@@ -284,6 +284,7 @@ impl v1::agent_server::Agent for Service {
             ifname: if req.ifname.is_empty() { "ethwe".to_owned() } else { req.ifname },
             requests: parse_requests(&req.addresses).map_err(Status::from)?,
             hostname: (!req.hostname.is_empty()).then_some(req.hostname),
+            multicast_route: req.multicast_route,
         };
         let (rec, added) = self.agent.endpoints.attach(reserve).await?;
         Ok(Response::new(v1::AttachReply {

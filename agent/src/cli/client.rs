@@ -159,6 +159,7 @@ pub struct AttachArgs<'a> {
     pub ifname: &'a str,
     pub id: Option<&'a str>,
     pub name: Option<&'a str>,
+    pub multicast_route: bool,
     pub json: bool,
 }
 
@@ -173,7 +174,7 @@ pub async fn attach(socket: &Path, a: AttachArgs<'_>) -> Result<(), CliError> {
             ifname: a.ifname.to_owned(),
             addresses: to_wire(a.addrs),
             hostname: a.name.unwrap_or_default().to_owned(),
-            multicast_route: false,
+            multicast_route: a.multicast_route,
         })
         .await?
         .into_inner();

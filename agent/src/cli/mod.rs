@@ -99,6 +99,9 @@ pub enum Command {
         /// DNS name for the endpoint.
         #[arg(long)]
         name: Option<String>,
+        /// Do not route multicast (224.0.0.0/4) over the weft interface.
+        #[arg(long)]
+        no_multicast_route: bool,
         #[arg(long)]
         json: bool,
     },

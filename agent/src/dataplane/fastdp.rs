@@ -18,6 +18,7 @@ use netlink_packet_route::link::{
 use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
+use netlink_packet_route::route::RouteProtocol;
 
 use super::netlink::{LinkInfo, RouteSocket};
 use super::{KernelError, Mac, NlContext};
@@ -45,13 +46,16 @@ pub enum Port {
 /// The desired forwarding state.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FdbSpec {
+    pub bridge: String,
     pub vxlan: String,
     pub tap: String,
     /// VXLAN entries: MAC -> remote VTEPs (the all-zeros MAC is the flood list).
     pub vxlan_entries: BTreeSet<(Mac, IpAddr)>,
     /// Static bridge entries for remote MACs.
     pub bridge_entries: BTreeMap<Mac, Port>,
-    /// Neighbour entries on the VXLAN device, so it answers ARP for remote endpoints.
+    /// Neighbour entries on the bridge device for remote endpoints: with `neigh_suppress` on
+    /// the overlay ports the bridge answers ARP/ND for them locally; requests for addresses
+    /// not listed still flood across hosts.
     pub arp: BTreeMap<IpAddr, Mac>,
     /// Remove entries that are not wanted (off right after start, while peers reconnect).
     pub prune: bool,
@@ -69,7 +73,8 @@ fn link_index(sock: &mut RouteSocket, name: &str) -> Result<Option<u32>, KernelE
 }
 
 /// Bridge port settings of an overlay port: isolated (frames from one overlay port never go
-/// out another, so nothing loops between peers) and no MAC learning (the agent programs it).
+/// out another, so nothing loops between peers), no MAC learning (the agent programs it), and
+/// neighbour suppression (ARP/ND for addresses the bridge knows is answered on this host).
 pub fn set_overlay_port(sock: &mut RouteSocket, index: u32) -> Result<(), KernelError> {
     let mut msg = LinkMessage::default();
     msg.header.index = index;
@@ -78,6 +83,7 @@ pub fn set_overlay_port(sock: &mut RouteSocket, index: u32) -> Result<(), Kernel
         NlLinkInfo::PortData(InfoPortData::BridgePort(vec![
             InfoBridgePort::Isolated(true),
             InfoBridgePort::Learning(false),
+            InfoBridgePort::NeighSupress(true),
         ])),
     ]));
     sock.modify_link(msg).ctx(|| "setting overlay port flags".into())
@@ -103,6 +109,7 @@ pub fn attach_port(name: &str, bridge: &str, mtu: u32) -> Result<(), KernelError
 fn vxlan_matches(link: &LinkMessage, spec: &VxlanSpec) -> bool {
     let mut id = None;
     let mut port = None;
+    let (mut learning, mut proxy) = (true, true);
     for a in &link.attributes {
         if let LinkAttribute::LinkInfo(infos) = a {
             for i in infos {
@@ -111,6 +118,8 @@ fn vxlan_matches(link: &LinkMessage, spec: &VxlanSpec) -> bool {
                         match x {
                             InfoVxlan::Id(v) => id = Some(*v),
                             InfoVxlan::Port(p) => port = Some(*p),
+                            InfoVxlan::Learning(l) => learning = *l,
+                            InfoVxlan::Proxy(p) => proxy = *p,
                             _ => {}
                         }
                     }
@@ -118,7 +127,7 @@ fn vxlan_matches(link: &LinkMessage, spec: &VxlanSpec) -> bool {
             }
         }
     }
-    id == Some(spec.vni) && port == Some(spec.port)
+    id == Some(spec.vni) && port == Some(spec.port) && !learning && !proxy
 }
 
 /// Creates or repairs the VXLAN device; returns its index and what was repaired.
@@ -131,7 +140,7 @@ pub fn ensure_vxlan(spec: &VxlanSpec) -> Result<(u32, Vec<String>), KernelError>
     if let Some(l) = &existing {
         if !vxlan_matches(l, spec) {
             sock.del_link(l.header.index).ctx(|| "replacing the VXLAN device".into())?;
-            repairs.push("recreated with new VNI/port".to_owned());
+            repairs.push("recreated with new settings".to_owned());
         }
     }
     if existing.as_ref().is_none_or(|l| !vxlan_matches(l, spec)) {
@@ -144,8 +153,10 @@ pub fn ensure_vxlan(spec: &VxlanSpec) -> Result<(u32, Vec<String>), KernelError>
                 InfoVxlan::Id(spec.vni),
                 InfoVxlan::Port(spec.port),
                 InfoVxlan::Learning(false),
-                // Answer ARP from the neighbour entries the agent programs.
-                InfoVxlan::Proxy(true),
+                // ARP crosses hosts like any broadcast: a proxy answering from programmed
+                // entries would drop requests for addresses it does not know (the host's
+                // exposed addresses, manually configured ones), breaking the flat L2.
+                InfoVxlan::Proxy(false),
                 // Outer packets may be fragmented: a too-small path degrades, it does not
                 // black-hole (heartbeats detect it and move the peer to sleeve).
                 InfoVxlan::Df(VxlanDf::Unset),
@@ -220,17 +231,37 @@ fn bridge_entry(port: u32, mac: Mac) -> NeighbourMessage {
     n
 }
 
-fn arp_entry(index: u32, ip: IpAddr, mac: Mac) -> NeighbourMessage {
+/// Marks the neighbour entries weft owns on the bridge device, so pruning leaves others alone.
+const NEIGH_PROTOCOL: RouteProtocol = RouteProtocol::Other(0x77);
+
+fn arp_entry(bridge: u32, ip: IpAddr, mac: Mac) -> NeighbourMessage {
     let mut n = NeighbourMessage::default();
     n.header.family = if ip.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
-    n.header.ifindex = index;
+    n.header.ifindex = bridge;
     n.header.state = NeighbourState::Permanent;
     n.attributes.push(NeighbourAttribute::Destination(match ip {
         IpAddr::V4(v4) => NeighbourAddress::Inet(v4),
         IpAddr::V6(v6) => NeighbourAddress::Inet6(v6),
     }));
     n.attributes.push(NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()));
+    n.attributes.push(NeighbourAttribute::Protocol(NEIGH_PROTOCOL));
     n
+}
+
+/// weft's neighbour entries on the bridge device.
+fn arp_entries(sock: &mut RouteSocket, bridge: u32) -> Result<BTreeMap<IpAddr, Mac>, KernelError> {
+    let mut out = BTreeMap::new();
+    for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+        for n in sock.neighbours(family).ctx(|| "listing neighbours".into())? {
+            let ours = n.attributes.contains(&NeighbourAttribute::Protocol(NEIGH_PROTOCOL));
+            if n.header.ifindex == bridge && ours {
+                if let (Some(ip), Some(mac)) = (dst_of(&n), mac_of(&n)) {
+                    out.insert(ip, mac);
+                }
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Makes the forwarding entries match `spec`.
@@ -239,6 +270,7 @@ pub fn sync(spec: &FdbSpec) -> Result<FdbChanges, KernelError> {
     let mut changes = FdbChanges::default();
     let Some(vx) = link_index(&mut sock, &spec.vxlan)? else { return Ok(changes) };
     let tap = link_index(&mut sock, &spec.tap)?;
+    let bridge = link_index(&mut sock, &spec.bridge)?;
 
     // What is there now: VXLAN entries (with a destination) and static bridge entries on our
     // two ports. Entries of other kinds (the bridge's own permanent ones) are not ours.
@@ -278,20 +310,17 @@ pub fn sync(spec: &FdbSpec) -> Result<FdbChanges, KernelError> {
             changes.added += 1;
         }
     }
-    let arp_have: BTreeMap<IpAddr, Mac> = [AddressFamily::Inet, AddressFamily::Inet6]
-        .into_iter()
-        .map(|f| sock.neighbours(f).ctx(|| "listing neighbours".into()))
-        .collect::<Result<Vec<_>, _>>()?
-        .into_iter()
-        .flatten()
-        .filter(|n| n.header.ifindex == vx && n.header.state == NeighbourState::Permanent)
-        .filter_map(|n| Some((dst_of(&n)?, mac_of(&n)?)))
-        .collect();
-    for (ip, mac) in &spec.arp {
-        if arp_have.get(ip) != Some(mac) {
-            sock.set_neighbour(arp_entry(vx, *ip, *mac), false)
-                .ctx(|| format!("adding neighbour {ip}"))?;
-            changes.added += 1;
+    let have_arp = match bridge {
+        Some(b) => arp_entries(&mut sock, b)?,
+        None => BTreeMap::new(),
+    };
+    if let Some(b) = bridge {
+        for (ip, mac) in &spec.arp {
+            if have_arp.get(ip) != Some(mac) {
+                sock.set_neighbour(arp_entry(b, *ip, *mac), false)
+                    .ctx(|| format!("adding neighbour {ip}"))?;
+                changes.added += 1;
+            }
         }
     }
     if spec.prune {
@@ -307,9 +336,9 @@ pub fn sync(spec: &FdbSpec) -> Result<FdbChanges, KernelError> {
                 changes.removed += 1;
             }
         }
-        for (ip, mac) in &arp_have {
-            if !spec.arp.contains_key(ip) {
-                sock.del_neighbour(arp_entry(vx, *ip, *mac))
+        for (ip, mac) in have_arp.iter().filter(|(ip, _)| !spec.arp.contains_key(ip)) {
+            if let Some(b) = bridge {
+                sock.del_neighbour(arp_entry(b, *ip, *mac))
                     .ctx(|| format!("removing neighbour {ip}"))?;
                 changes.removed += 1;
             }
@@ -412,7 +441,7 @@ impl FrameSocket {
                 _ => Err(e),
             };
         }
-        if from.sll_pkttype == libc::PACKET_OUTGOING as u8 {
+        if from.sll_pkttype == libc::PACKET_OUTGOING {
             return Ok(None);
         }
         Ok(Some(n as usize))

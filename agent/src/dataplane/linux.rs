@@ -4,8 +4,8 @@
 
 use ipnet::IpNet;
 use netlink_packet_route::link::{
-    InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoPortKind, InfoVeth, LinkAttribute,
-    LinkInfo as NlLinkInfo, LinkMessage,
+    InfoBridge, InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoPortKind, InfoVeth,
+    LinkAttribute, LinkInfo as NlLinkInfo, LinkMessage,
 };
 use std::os::fd::AsRawFd;
 
@@ -38,7 +38,12 @@ impl LinuxDataplane {
         let mut msg = LinkMessage::default();
         msg.attributes.push(LinkAttribute::IfName(spec.name.clone()));
         msg.attributes.push(LinkAttribute::Address(spec.mac.0.to_vec()));
-        msg.attributes.push(LinkAttribute::LinkInfo(vec![NlLinkInfo::Kind(InfoKind::Bridge)]));
+        msg.attributes.push(LinkAttribute::LinkInfo(vec![
+            NlLinkInfo::Kind(InfoKind::Bridge),
+            // Multicast floods like broadcast: with snooping, a group with a local member
+            // would stop reaching members behind the overlay ports (no IGMP querier there).
+            NlLinkInfo::Data(InfoData::Bridge(vec![InfoBridge::MulticastSnooping(false)])),
+        ]));
         match sock.add_link(msg) {
             Err(e) if e.is(libc::EEXIST) => Ok(()),
             other => other.ctx(|| format!("creating bridge {}", spec.name)),

@@ -52,6 +52,8 @@ pub struct AttachReserve {
     pub ifname: String,
     pub requests: Vec<AddrRequest>,
     pub hostname: Option<String>,
+    /// Route 224.0.0.0/4 over the interface (Weave's default for attached containers).
+    pub multicast_route: bool,
 }
 
 /// The state owner.
@@ -68,6 +70,11 @@ impl std::fmt::Debug for State {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("State").field("records", &self.records.len()).finish_non_exhaustive()
     }
+}
+
+/// 224.0.0.0/4: multicast groups, routed on-link over the weft interface.
+fn multicast_net() -> IpNet {
+    IpNet::V4(ipnet::Ipv4Net::new_assert(std::net::Ipv4Addr::new(224, 0, 0, 0), 4))
 }
 
 fn now_secs() -> u64 {
@@ -336,6 +343,10 @@ impl State {
         }
         if req.hostname.is_some() {
             rec.hostname = req.hostname;
+        }
+        let multicast = Route { destination: multicast_net(), gateway: None };
+        if req.multicast_route && !rec.routes.contains(&multicast) {
+            rec.routes.push(multicast);
         }
         if let Err(e) = self.persist(&[&rec], &[]) {
             for a in &added {

@@ -93,7 +93,7 @@ impl MacTable {
         best.into_iter().map(|(m, (_, p))| (m, p)).collect()
     }
 
-    /// IP addresses of remote MACs (for answering ARP locally).
+    /// IP addresses of remote MACs (for answering ARP on this host).
     pub fn remote_ips(&self) -> BTreeMap<IpAddr, Mac> {
         let remote = self.remote();
         let mut out = BTreeMap::new();
@@ -197,7 +197,7 @@ mod tests {
             a.set_local(BTreeMap::from([(m(1), BTreeSet::from([ip]))]), 200).is_none(),
             "no change, no gossip"
         );
-        assert_eq!(b.merge_encoded(p(1), &pa).unwrap().is_some(), true);
+        assert!(b.merge_encoded(p(1), &pa).unwrap().is_some());
         assert_eq!(b.merge_encoded(p(1), &pa).unwrap(), None, "idempotent");
         assert_eq!(b.remote(), BTreeMap::from([(m(1), p(1))]));
         assert_eq!(b.remote_ips(), BTreeMap::from([(ip, m(1))]));

@@ -514,6 +514,7 @@ impl DataPlane {
         let remote = self.macs.remote();
         let mode_of = |p: &PeerName| self.links.get(p).map_or(Mode::Relayed, |l| l.link.mode());
         let mut spec = FdbSpec {
+            bridge: self.cfg.bridge.clone(),
             vxlan: self.cfg.vxlan.clone(),
             tap: self.cfg.tap.clone(),
             prune: now.duration_since(self.started) >= PRUNE_AFTER,
@@ -537,11 +538,7 @@ impl DataPlane {
             spec.bridge_entries
                 .insert(*mac, if mode_of(owner) == Mode::Fastdp { Port::Vxlan } else { Port::Tap });
         }
-        for (ip, mac) in self.macs.remote_ips() {
-            if remote.get(&mac).is_some_and(|o| mode_of(o) == Mode::Fastdp) {
-                spec.arp.insert(ip, mac);
-            }
-        }
+        spec.arp = self.macs.remote_ips();
         let modes: Vec<(PeerName, Mode)> =
             self.links.iter().map(|(p, l)| (*p, l.link.mode())).collect();
         self.program_sleeve(&remote, &mode_of);

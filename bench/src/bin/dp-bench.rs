@@ -236,7 +236,7 @@ fn hand_built_vxlan(mtu: u32) {
     }
 }
 
-fn naive_overlay(script: &PathBuf) -> Vec<Child> {
+fn naive_overlay(script: &std::path::Path) -> Vec<Child> {
     let mut kids = Vec::new();
     for i in 1..=2u32 {
         let h = format!("h{i}");

@@ -226,19 +226,17 @@ fn tx_loop(s: &Shared) {
             }
             continue;
         }
-        let targets: Vec<PeerName> = match dst_mac(frame)
-            .filter(|_| !is_multicast(frame))
-            .and_then(|m| table.macs.get(&m))
-        {
-            Some(p) => vec![*p],
-            None => table.flood.clone(),
-        };
+        let known =
+            dst_mac(frame).filter(|_| !is_multicast(frame)).and_then(|m| table.macs.get(&m));
         let frame_id = s.frames.fetch_add(1, Relaxed);
-        if let [dst] = targets[..] {
-            send_in_place(s, &table, me, dst, frame_id, &mut buf[..n], &mut scratch);
-        } else {
-            for dst in targets {
-                send_copy(s, &table, me, dst, frame_id, &buf[..n], &mut out);
+        match (known, &table.flood[..]) {
+            (Some(dst), _) | (None, [dst]) => {
+                send_in_place(s, &table, me, *dst, frame_id, &mut buf[..n], &mut scratch)
+            }
+            (None, flood) => {
+                for dst in flood {
+                    send_copy(s, &table, me, *dst, frame_id, &buf[..n], &mut out);
+                }
             }
         }
     }
