@@ -1,8 +1,10 @@
 #!/bin/sh
-# weft demo, self-contained in network namespaces: "hosts" each run a weft agent, "pods" are
-# namespaces set up through the real weft-cni plugin. The pods ping each other, and
-# `weft status` and `weft ps` show what the agents see. Everything is removed at the end
-# (pass --keep to leave it running for a look around). Run as root:   ./scripts/demo.sh
+# weft demo, self-contained in network namespaces: three "hosts" on a shared underlay each run
+# a weft agent; the agents form the mesh and share the IP range; "pods" are namespaces set up
+# through the real weft-cni plugin. Every pod pings every other pod across the hosts, and
+# `weft status`, `weft status ipam` and `weft ps` show what the agents see. Everything is
+# removed at the end (pass --keep to leave it running for a look around).
+# Run as root:   ./scripts/demo.sh        (HOSTS=N PODS=M change the sizes)
 set -eu
 cd "$(dirname "$0")/.."
 . scripts/deps.sh
@@ -11,8 +13,8 @@ install_packages $DEMO_PACKAGES
 need_rust
 KEEP=${1:-}
 P=wdemo
-HOSTS=${HOSTS:-1}
-PODS=${PODS:-3}
+HOSTS=${HOSTS:-3}
+PODS=${PODS:-2}
 RUN=/run/$P
 
 echo "==> building weft (release)"
@@ -37,11 +39,26 @@ cni() { # cni COMMAND HOST POD
 }
 weft() { h=$1; shift; ip netns exec "$P-h$h" "$BIN/weft" --socket "$RUN/h$h/weft.sock" "$@"; }
 
+say "underlay: $HOSTS hosts on one bridge (10.99.0.0/24)"
+ip netns add "$P-ul"; ip -n "$P-ul" link set lo up
+ip -n "$P-ul" link add br0 type bridge; ip -n "$P-ul" link set br0 up
 for h in $(seq 1 "$HOSTS"); do
-  say "host h$h: starting the weft agent"
   ip netns add "$P-h$h"; ip -n "$P-h$h" link set lo up
+  ip link add eth0 netns "$P-h$h" type veth peer name "h$h" netns "$P-ul"
+  ip -n "$P-ul" link set "h$h" master br0 up
+  ip -n "$P-h$h" addr add "10.99.0.$h/24" dev eth0; ip -n "$P-h$h" link set eth0 up
+  echo "   h$h: 10.99.0.$h"
+done
+
+for h in $(seq 1 "$HOSTS"); do
+  say "host h$h: starting the weft agent (peers: the other hosts)"
   mkdir -p "$RUN/h$h"
-  weft "$h" launch --state-dir "$RUN/h$h/state" --nickname "h$h" >/dev/null
+  peers=$(for o in $(seq 1 "$HOSTS"); do [ "$o" = "$h" ] || printf '10.99.0.%s ' "$o"; done)
+  # shellcheck disable=SC2086
+  weft "$h" launch --state-dir "$RUN/h$h/state" --nickname "h$h" $peers >/dev/null
+done
+
+for h in $(seq 1 "$HOSTS"); do
   for p in $(seq 1 "$PODS"); do
     ip netns add "$P-h$h-p$p"
     addr=$(cni ADD "$h" "$p" | python3 -c 'import json,sys; print(json.load(sys.stdin)["ips"][0]["address"])')
@@ -61,8 +78,10 @@ for h in $(seq 1 "$HOSTS"); do for p in $(seq 1 "$PODS"); do
   done; done
 done; done
 
+say "weft status on h1"; weft 1 status
+say "weft status connections on h1"; weft 1 status connections
+say "weft status ipam on h1 (the range, shared by the hosts)"; weft 1 status ipam
 for h in $(seq 1 "$HOSTS"); do
-  say "weft status on h$h"; weft "$h" status
   say "weft ps on h$h"; weft "$h" ps
 done
 [ "$KEEP" = "--keep" ] && echo "left running; remove with: $0 (it cleans up first)"

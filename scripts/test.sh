@@ -17,5 +17,7 @@ cargo clippy --locked --workspace --all-targets -- -D warnings
 echo "==> build (release)"
 cargo build --locked --release --workspace --bins
 echo "==> tests (unit, property, end-to-end)"
-cargo test --locked --release --workspace -- --test-threads=2
+cargo test --locked --release --workspace -- --test-threads=2 --skip a_hundred_thousand_operations
+echo "==> IP allocation simulation (long; prints its operation count)"
+cargo test --locked --release -p weft --lib a_hundred_thousand_operations -- --nocapture
 echo "==> all tests passed"

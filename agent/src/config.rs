@@ -8,6 +8,7 @@ use clap::Args;
 use ipnet::IpNet;
 
 use crate::identity::PeerName;
+use crate::ipam::InitMode;
 
 /// Flags of `weft agent` / `weft launch`.
 #[derive(Args, Clone, Debug)]
@@ -27,6 +28,13 @@ pub struct AgentArgs {
     /// The subnet used when an endpoint asks for none; defaults to the whole range.
     #[arg(long)]
     pub ipalloc_default_subnet: Option<IpNet>,
+
+    /// How the address range first gets owners: consensus=N (agreement among the first N
+    /// peers; default: the peers given on the command line plus this one), seed=NAME,NAME...
+    /// (exactly these peers own it from the start; every peer must be given the same list),
+    /// or observer (this peer owns nothing until it needs addresses and asks for some).
+    #[arg(long, env = "WEFT_IPALLOC_INIT")]
+    pub ipalloc_init: Option<InitMode>,
 
     /// Read-only HTTP listener for /healthz, /status and /metrics ("off" to disable).
     #[arg(long, default_value = "127.0.0.1:6782")]
@@ -121,6 +129,8 @@ pub struct AgentConfig {
     pub bridge: String,
     pub range: IpNet,
     pub default_subnet: IpNet,
+    /// `None`: consensus among the mesh's initial targets and this peer.
+    pub ipalloc_init: Option<InitMode>,
     pub status_addr: Option<SocketAddr>,
     pub mtu: Option<u32>,
     pub name: Option<PeerName>,
@@ -232,6 +242,7 @@ impl AgentArgs {
             bridge: self.bridge.clone(),
             range,
             default_subnet,
+            ipalloc_init: self.ipalloc_init.clone(),
             status_addr: self.status_addr.0,
             mtu: self.mtu,
             name: self.name,

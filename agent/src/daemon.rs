@@ -19,8 +19,10 @@ use crate::endpoints::record::Kind;
 use crate::endpoints::state::{State, StateConfig, StateHandle};
 use crate::endpoints::{Endpoints, Readiness};
 use crate::identity::{self, Identity};
-use crate::ipam::Allocator;
+use crate::ipam::{InitMode, IpamConfig};
 use crate::mesh::connection::Setup;
+use crate::mesh::gossip::{GossipChannel, GossipEvent};
+use crate::mesh::report::MeshReport;
 use crate::mesh::router::{self, RouterConfig};
 use crate::mesh::secure;
 use crate::mesh::{Links, Mesh};
@@ -28,6 +30,9 @@ use crate::metrics::Metrics;
 use crate::overlay::{self, DataPlane, OverlayConfig, OverlayReport};
 use crate::status::report::{EndpointCounts, PeerReport, Report};
 use crate::store::Store;
+
+/// How long a stopping agent lets API clients finish.
+const API_DRAIN: Duration = Duration::from_secs(3);
 
 /// Everything the API and status servers need.
 #[derive(Debug)]
@@ -56,7 +61,11 @@ impl Agent {
                 (
                     s.bridge_report(),
                     s.ipam_report(),
-                    EndpointCounts { cni: count(Kind::Cni), attached: count(Kind::Attach) },
+                    EndpointCounts {
+                        cni: count(Kind::Cni),
+                        attached: count(Kind::Attach),
+                        reserved: count(Kind::Reservation),
+                    },
                 )
             })
             .await;
@@ -147,23 +156,47 @@ pub async fn run(cfg: AgentConfig, log_filter: &str) -> anyhow::Result<()> {
         "weft agent starting"
     );
 
-    let mut alloc = Allocator::new(cfg.range, cfg.default_subnet);
-    alloc.own_everything();
+    let shutdown = CancellationToken::new();
+    let metrics = Arc::new(Metrics::new());
+    let (mesh, links) =
+        start_mesh(&cfg, &identity, store.clone(), metrics.clone(), shutdown.clone()).await?;
+    let ipam_cfg = IpamConfig {
+        me: identity.name,
+        incarnation: incarnation(),
+        range: cfg.range,
+        default_subnet: cfg.default_subnet,
+        mode: match cfg.ipalloc_init.clone() {
+            Some(mode) => mode,
+            // Weave's default: agreement among the peers this one was told about, and itself.
+            None => InitMode::Consensus(mesh.connect(Vec::new(), false).await.len() + 1),
+        },
+    };
+    info!(mode = %ipam_cfg.mode, "IP allocation");
     let state_cfg = StateConfig {
         bridge: cfg.bridge.clone(),
         bridge_mac: identity.name.mac(),
         mtu,
         firewall_table: cfg.nft_table.clone(),
     };
-    let state = State::load(store.clone(), dp.clone(), state_cfg, alloc)?;
+    let mut state = State::load(store.clone(), dp.clone(), state_cfg, ipam_cfg)?;
+    let ipam_channel = mesh.channel("ipam");
+    state.connect_ipam(ipam_channel.sender());
+    let ipam_changes = state.ipam_changes();
     let (state_handle, state_thread) = StateHandle::spawn(state)?;
+    tokio::spawn(run_ipam(
+        ipam_channel,
+        state_handle.clone(),
+        mesh.report_watch(),
+        shutdown.clone(),
+    ));
     let (ready_tx, ready_rx) = watch::channel(Readiness::starting("setting up the bridge"));
-    let endpoints = Endpoints::new(state_handle, dp.clone(), ready_rx.clone(), cfg.bridge.clone());
-
-    let shutdown = CancellationToken::new();
-    let metrics = Arc::new(Metrics::new());
-    let (mesh, links) =
-        start_mesh(&cfg, &identity, store.clone(), metrics.clone(), shutdown.clone()).await?;
+    let endpoints = Endpoints::new(
+        state_handle,
+        dp.clone(),
+        ready_rx.clone(),
+        ipam_changes,
+        cfg.bridge.clone(),
+    );
     let (vxlan, tap) = overlay::device_names(&cfg.bridge);
     // The bridge must exist before the overlay ports join it.
     endpoints
@@ -208,16 +241,25 @@ pub async fn run(cfg: AgentConfig, log_filter: &str) -> anyhow::Result<()> {
 
     shutdown.cancelled().await;
     info!("weft agent stopping; the kernel state stays in place");
-    if let Err(e) = api.await {
-        error!(error = %e, "API server task failed");
+    // Graceful shutdown waits for clients to hang up; one that keeps its connection open
+    // must not keep the agent alive.
+    let abort = api.abort_handle();
+    match tokio::time::timeout(API_DRAIN, api).await {
+        Ok(Err(e)) if !e.is_cancelled() => error!(error = %e, "API server task failed"),
+        Ok(_) => {}
+        Err(_) => {
+            warn!("API clients still connected after {API_DRAIN:?}; closing their connections");
+            abort.abort();
+        }
     }
     if let Some(s) = status {
         let _ = s.await;
     }
+    endpoints.state().stop();
     drop(endpoints);
     drop(agent);
-    // The state thread ends once the last handle is gone; waiting makes sure the final
-    // writes are on disk before the process exits.
+    // Waiting for the state thread makes sure the final writes are on disk before the
+    // process exits.
     let _ = tokio::task::spawn_blocking(move || state_thread.join()).await;
     let _ = std::fs::remove_file(&cfg.socket);
     info!("weft agent stopped");
@@ -272,6 +314,64 @@ async fn start_mesh(
         "starting the mesh"
     );
     Ok(Mesh::start(rcfg, bind, store, metrics, shutdown).await?)
+}
+
+/// Distinguishes this start of the agent from earlier ones (consensus forgets promises made
+/// before a restart).
+fn incarnation() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Feeds the IP allocation state: messages from the `ipam` channel, the reachable peers, and
+/// a tick for repeats and anti-entropy.
+async fn run_ipam(
+    mut channel: GossipChannel,
+    state: StateHandle,
+    mut mesh: watch::Receiver<MeshReport>,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The peers reachable before this task started count too.
+    mesh.mark_changed();
+    loop {
+        let done = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            ev = channel.recv() => match ev {
+                None => return,
+                Some(GossipEvent::Gossip { src, payload }) => {
+                    state.call(move |s| s.ipam_message(src, &payload, true)).await
+                }
+                Some(GossipEvent::Broadcast { src, payload } | GossipEvent::Unicast { src, payload }) => {
+                    state.call(move |s| s.ipam_message(src, &payload, false)).await
+                }
+                Some(GossipEvent::PeerUp(peer)) => state.call(move |s| s.ipam_peer_up(peer)).await,
+                Some(GossipEvent::PeersGone(_)) => Ok(()),
+            },
+            changed = mesh.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let (alive, nicknames) = {
+                    let report = mesh.borrow_and_update();
+                    let nicks = report
+                        .peers
+                        .iter()
+                        .filter_map(|p| Some((p.name.parse().ok()?, p.nickname.clone())))
+                        .collect();
+                    (report.reachable(), nicks)
+                };
+                state.call(move |s| s.ipam_peers(alive, nicknames)).await
+            }
+            _ = tick.tick() => state.call(|s| s.ipam_tick()).await,
+        };
+        if done.is_err() {
+            return; // the state owner has stopped
+        }
+    }
 }
 
 async fn watch_signals(shutdown: CancellationToken) {

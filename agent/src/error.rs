@@ -2,13 +2,16 @@
 //! codes and error reasons once, in `api::server`.
 
 use crate::dataplane::KernelError;
-use crate::ipam::IpamError;
+use crate::ipam::{AllocError, IpamError, Wait};
 use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error(transparent)]
     Ipam(#[from] IpamError),
+    /// The allocation cannot be served yet (no ring, space being obtained); worth retrying.
+    #[error("{0}")]
+    IpamWait(#[from] Wait),
     #[error("{0}")]
     Netns(String),
     #[error("invalid {field}: {message}")]
@@ -32,6 +35,15 @@ pub enum ApiError {
 impl ApiError {
     pub fn invalid(field: &'static str, message: impl Into<String>) -> ApiError {
         ApiError::Invalid { field, message: message.into() }
+    }
+}
+
+impl From<AllocError> for ApiError {
+    fn from(e: AllocError) -> ApiError {
+        match e {
+            AllocError::Failed(e) => ApiError::Ipam(e),
+            AllocError::Wait(w) => ApiError::IpamWait(w),
+        }
     }
 }
 

@@ -21,6 +21,13 @@ async fn run_verb(cli: Cli) -> Result<(), CliError> {
             launch::launch(s, &args.state_dir, Duration::from_secs(wait_seconds)).await
         }
         Command::Stop { state_dir } => launch::stop(s, &state_dir).await,
+        Command::Reset { state_dir, bridge, nft_table } => {
+            launch::reset(s, &state_dir, &bridge, &nft_table).await
+        }
+        Command::Rmpeer { peer } => client::rmpeer(s, peer).await,
+        Command::Prime { timeout_seconds } => {
+            client::prime(s, Duration::from_secs(timeout_seconds)).await
+        }
         Command::Status { what, json } => client::status(s, what, json).await,
         Command::Connect { peers, replace } => client::connect_peers(s, peers, replace).await,
         Command::Forget { peers } => client::forget_peers(s, peers).await,

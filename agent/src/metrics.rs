@@ -51,6 +51,8 @@ pub struct Metrics {
     pub cni_requests: Family<CommandResult, Counter>,
     ready: Gauge,
     ips: Family<StateLabel, Gauge>,
+    ring_ready: Gauge,
+    ring_mismatches: Gauge,
     endpoints: Family<StateLabel, Gauge>,
     gossip: Family<ChannelDirection, Counter>,
     connections: Family<ConnectionLabels, Gauge>,
@@ -85,8 +87,20 @@ impl Metrics {
         let ips = Family::<StateLabel, Gauge>::default();
         registry.register(
             "ipam_addresses",
-            "Addresses of this peer's space, by state (used, free)",
+            "Addresses by state: used and free in this peer's space, owned by this peer, owned by unreachable peers",
             ips.clone(),
+        );
+        let ring_ready = Gauge::default();
+        registry.register(
+            "ipam_ring_ready",
+            "1 when the IP allocation ring exists on this peer",
+            ring_ready.clone(),
+        );
+        let ring_mismatches = Gauge::default();
+        registry.register(
+            "ipam_ring_mismatches",
+            "Peers whose ring cannot be merged with ours (different seeds or range)",
+            ring_mismatches.clone(),
         );
         let endpoints = Family::<StateLabel, Gauge>::default();
         registry.register("endpoints", "Endpoints on this host, by kind", endpoints.clone());
@@ -138,6 +152,8 @@ impl Metrics {
             cni_requests,
             ready,
             ips,
+            ring_ready,
+            ring_mismatches,
             endpoints,
             gossip,
             connections,
@@ -179,6 +195,12 @@ impl Metrics {
         self.ready.set(i64::from(report.ready));
         set(&self.ips, "used", report.ipam.used);
         set(&self.ips, "free", report.ipam.free);
+        let ring = &report.ipam.ring;
+        let owned = ring.peers.iter().find(|p| p.peer == report.peer.name).map_or(0, |p| p.owned);
+        set(&self.ips, "owned", owned);
+        set(&self.ips, "unreachable", ring.unreachable);
+        self.ring_ready.set(i64::from(ring.state == "ready"));
+        self.ring_mismatches.set(i64::try_from(ring.mismatches.len()).unwrap_or(i64::MAX));
         set(&self.endpoints, "cni", u64::from(report.endpoints.cni));
         set(&self.endpoints, "attached", u64::from(report.endpoints.attached));
         self.connections.clear();

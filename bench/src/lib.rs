@@ -6,6 +6,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The value of `--name VALUE` in `args`, or `default` when absent or unparsable.
+pub fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Fails unless root.
 pub fn require_root() {
     // SAFETY: no preconditions.
@@ -47,6 +56,31 @@ pub fn cleanup_prefix(prefix: &str) {
             let _ = Command::new("kill").args(["-9", pid]).stderr(Stdio::null()).status();
         }
         let _ = Command::new("ip").args(["netns", "del", name]).status();
+    }
+}
+
+/// A shared underlay: namespace `{prefix}-ul` with bridge `br0`, and hosts `{prefix}-h1`..`hN`
+/// whose `eth0` (10.99.0.I/24, MTU `mtu`) is plugged into it. Earlier namespaces of the same
+/// prefix are removed first.
+pub fn underlay_lab(prefix: &str, hosts: u32, mtu: u32) {
+    let ip = |args: &[&str]| must(Command::new("ip").args(args));
+    cleanup_prefix(prefix);
+    let ul = format!("{prefix}-ul");
+    add_netns(&ul);
+    ip(&["-n", &ul, "link", "add", "br0", "type", "bridge"]);
+    ip(&["-n", &ul, "link", "set", "br0", "up"]);
+    let m = mtu.to_string();
+    for i in 1..=hosts {
+        let h = format!("{prefix}-h{i}");
+        let port = format!("h{i}");
+        add_netns(&h);
+        ip(&[
+            "link", "add", "eth0", "netns", &h, "mtu", &m, "type", "veth", "peer", "name", &port,
+            "netns", &ul,
+        ]);
+        ip(&["-n", &ul, "link", "set", &port, "mtu", &m, "master", "br0", "up"]);
+        ip(&["-n", &h, "addr", "add", &format!("10.99.0.{i}/24"), "dev", "eth0"]);
+        ip(&["-n", &h, "link", "set", "eth0", "up"]);
     }
 }
 

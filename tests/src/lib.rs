@@ -311,6 +311,33 @@ impl Agent {
         }
     }
 
+    /// `weft reset`: the agent hands its address space over and stops, and its devices and
+    /// state are removed.
+    pub fn reset(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let mut cmd = self.weft();
+            cmd.arg("reset").arg("--state-dir").arg(self.state_dir());
+            for flag in ["--bridge", "--nft-table"] {
+                if let Some(v) = self.flag(flag) {
+                    cmd.args([flag, v]);
+                }
+            }
+            let out = run(&mut cmd);
+            assert!(
+                out.status.success(),
+                "weft reset failed: {}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                self.log()
+            );
+            let _ = c.wait();
+        }
+    }
+
+    /// The `ipam` part of the status report.
+    pub fn ipam(&self) -> Value {
+        self.status().expect("status")["ipam"].clone()
+    }
+
     /// Starts the agent again with the same state, without waiting for readiness.
     pub fn start_again(&mut self) {
         assert!(self.child.is_none(), "the agent is still running");

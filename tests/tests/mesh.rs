@@ -76,6 +76,19 @@ fn without_discovery_the_ends_learn_of_each_other_only_through_the_middle() {
         .as_array()
         .and_then(|r| r.iter().find(|e| e[0] == n3.as_str()).map(|e| e[1].clone()));
     assert_eq!(via, Some(Value::from(name(&h2))));
+    // A subsystem's messages cross h2: h1 forms the address ring (broadcast), h3 asks h1 for
+    // space (unicast both ways) and gets it.
+    let p1 = Netns::new("p");
+    must(h1.weft().args(["attach", "--netns"]).arg(p1.path()));
+    let p3 = Netns::new("p");
+    let got = must(h3.weft().args(["attach", "--netns"]).arg(p3.path()));
+    assert!(got.starts_with("10."), "{got}");
+    let owners: Vec<String> = h3.status().expect("status")["ipam"]["peers"]
+        .as_array()
+        .map(|ps| ps.iter().filter_map(|p| p["peer"].as_str().map(str::to_owned)).collect())
+        .unwrap_or_default();
+    assert!(owners.contains(&name(&h1)) && owners.contains(&n3), "{owners:?}");
+    assert!(!connected(&h1, "established").contains(&n3), "still no direct connection");
 }
 
 #[test]

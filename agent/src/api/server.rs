@@ -17,9 +17,12 @@ use crate::addr::AddrRequest;
 use crate::daemon::Agent;
 use crate::endpoints::record::{EndpointRecord, Kind, PodRef};
 use crate::endpoints::state::{AttachReserve, CniReserve};
-use crate::endpoints::{CniAdd, CniAdded};
+use crate::endpoints::{CniAdd, CniAdded, Readiness};
 use crate::error::ApiError;
 use crate::ipam::IpamError;
+
+/// How long a leaving agent waits for the heir of its address space to confirm.
+const LEAVE_WAIT: Duration = Duration::from_secs(10);
 
 /// Serves the API until the agent shuts down.
 pub async fn serve(agent: Arc<Agent>, listener: UnixListener) {
@@ -59,7 +62,9 @@ impl From<ApiError> for Status {
             ApiError::Invalid { field, .. } => {
                 status(Code::InvalidArgument, R::InvalidRequest, field, &e)
             }
-            ApiError::NotReady(_) => status(Code::Unavailable, R::NotReady, "", &e),
+            ApiError::NotReady(_) | ApiError::IpamWait(_) => {
+                status(Code::Unavailable, R::NotReady, "", &e)
+            }
             ApiError::Unknown(_) => status(Code::NotFound, R::EndpointUnknown, "", &e),
             ApiError::CheckFailed(_) => status(Code::FailedPrecondition, R::CheckFailed, "", &e),
             ApiError::InterfaceExists(_) => {
@@ -111,6 +116,7 @@ fn endpoint_to_wire(r: &EndpointRecord) -> v1::Endpoint {
             Kind::Cni => v1::EndpointKind::Cni,
             Kind::Attach => v1::EndpointKind::Attach,
             Kind::Expose => v1::EndpointKind::Expose,
+            Kind::Reservation => v1::EndpointKind::Reservation,
         } as i32,
         netns: r.netns.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
         ifname: r.ifname.clone(),
@@ -256,7 +262,14 @@ impl v1::agent_server::Agent for Service {
         &self,
         _: Request<v1::CniStatusRequest>,
     ) -> Result<Response<v1::CniStatusReply>, Status> {
-        let r = self.agent.ready.borrow().clone();
+        let mut r = self.agent.ready.borrow().clone();
+        if r.ready {
+            // Address space is part of readiness; asking also starts forming the ring, so a
+            // runtime polling STATUS before the first pod does not wait for that pod.
+            if let Err(wait) = self.agent.endpoints.state().call(|s| s.ipam_prime()).await? {
+                r = Readiness::starting(wait.to_string());
+            }
+        }
         self.agent.metrics.observe_cni("STATUS", r.ready, 0.0);
         Ok(Response::new(v1::CniStatusReply { ready: r.ready, reason: r.reason }))
     }
@@ -357,17 +370,61 @@ impl v1::agent_server::Agent for Service {
         Ok(Response::new(v1::ForgetReply { targets }))
     }
 
+    async fn reserve(
+        &self,
+        req: Request<v1::ReserveRequest>,
+    ) -> Result<Response<v1::ReserveReply>, Status> {
+        let req = req.into_inner();
+        let reqs = parse_requests(&req.addresses).map_err(Status::from)?;
+        let budget = (req.wait_ms > 0).then(|| Duration::from_millis(u64::from(req.wait_ms)));
+        let addresses = self.agent.endpoints.reserve(req.id, reqs, budget).await?;
+        Ok(Response::new(v1::ReserveReply {
+            addresses: addresses.into_iter().map(Into::into).collect(),
+        }))
+    }
+
+    async fn unreserve(
+        &self,
+        req: Request<v1::UnreserveRequest>,
+    ) -> Result<Response<v1::UnreserveReply>, Status> {
+        let found = self.agent.endpoints.unreserve(&req.into_inner().id).await?;
+        Ok(Response::new(v1::UnreserveReply { found }))
+    }
+
     async fn rm_peer(
         &self,
-        _: Request<v1::RmPeerRequest>,
+        req: Request<v1::RmPeerRequest>,
     ) -> Result<Response<v1::RmPeerReply>, Status> {
-        not_yet("rmpeer")
+        let name = req.into_inner().peer.trim().to_owned();
+        let state = self.agent.endpoints.state();
+        let lookup = name.clone();
+        let peer = state
+            .call(move |s| s.ipam_resolve(&lookup))
+            .await?
+            .map_err(|m| ApiError::invalid("peer", m))?;
+        if self.agent.mesh.report().reachable().contains(&peer) {
+            return Err(ApiError::invalid(
+                "peer",
+                format!(
+                    "peer {name} is reachable: rmpeer is for peers that are gone for good \
+                     (run `weft reset` on that peer to make it hand its space over)"
+                ),
+            )
+            .into());
+        }
+        let moved = state.call(move |s| s.ipam_rmpeer(peer)).await?.map_err(ApiError::from)?;
+        Ok(Response::new(v1::RmPeerReply {
+            addresses_taken_over: u64::try_from(moved).unwrap_or(u64::MAX),
+        }))
     }
 
     async fn prime(
         &self,
-        _: Request<v1::PrimeRequest>,
+        req: Request<v1::PrimeRequest>,
     ) -> Result<Response<v1::PrimeReply>, Status> {
+        let ms = req.into_inner().timeout_ms;
+        let budget = Duration::from_millis(if ms == 0 { 60_000 } else { u64::from(ms) });
+        self.agent.endpoints.prime(budget).await?;
         Ok(Response::new(v1::PrimeReply {}))
     }
 
@@ -401,8 +458,11 @@ impl v1::agent_server::Agent for Service {
         Ok(Response::new(v1::StatusReply { report_json: json }))
     }
 
-    async fn stop(&self, _: Request<v1::StopRequest>) -> Result<Response<v1::StopReply>, Status> {
-        tracing::info!("stop requested through the API");
+    async fn stop(&self, req: Request<v1::StopRequest>) -> Result<Response<v1::StopReply>, Status> {
+        tracing::info!(leave = req.get_ref().leave, "stop requested through the API");
+        if req.get_ref().leave {
+            self.agent.endpoints.leave(LEAVE_WAIT).await?;
+        }
         // The server shuts down gracefully: this reply, already in flight, is still sent.
         self.agent.shutdown.cancel();
         Ok(Response::new(v1::StopReply {}))

@@ -106,6 +106,8 @@ pub async fn status(socket: &Path, what: Option<StatusView>, json: bool) -> Resu
         (Some(StatusView::Connections), false) => {
             print_lines(render::connections(&r.mesh, &r.overlay))
         }
+        (Some(StatusView::Ipam), true) => print_json(&r.ipam),
+        (Some(StatusView::Ipam), false) => print_lines(render::ipam(&r)),
         (Some(StatusView::Targets), true) => print_json(&r.mesh.targets),
         (Some(StatusView::Targets), false) => {
             print_lines(r.mesh.targets.iter().filter(|t| !t.discovered).map(|t| t.target.clone()))
@@ -129,6 +131,21 @@ pub async fn forget_peers(socket: &Path, peers: Vec<String>) -> Result<(), CliEr
     Ok(())
 }
 
+/// `weft rmpeer PEER`: takes over the address space of a peer that is gone for good.
+pub async fn rmpeer(socket: &Path, peer: String) -> Result<(), CliError> {
+    let mut c = connect(socket).await?;
+    let reply = c.rm_peer(v1::RmPeerRequest { peer: peer.clone() }).await?.into_inner();
+    print_lines([format!("{} addresses taken over from {peer}", reply.addresses_taken_over)])
+}
+
+/// `weft prime`: returns once the allocation ring exists.
+pub async fn prime(socket: &Path, timeout: std::time::Duration) -> Result<(), CliError> {
+    let mut c = connect(socket).await?;
+    let timeout_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
+    c.prime(v1::PrimeRequest { timeout_ms }).await?;
+    Ok(())
+}
+
 pub async fn ps(socket: &Path, json: bool) -> Result<(), CliError> {
     let mut c = connect(socket).await?;
     let list = c.list_endpoints(v1::ListEndpointsRequest {}).await?.into_inner().endpoints;
@@ -140,6 +157,7 @@ pub async fn ps(socket: &Path, json: bool) -> Result<(), CliError> {
                 v1::EndpointKind::Cni => "cni",
                 v1::EndpointKind::Attach => "attach",
                 v1::EndpointKind::Expose => "expose",
+                v1::EndpointKind::Reservation => "reservation",
                 v1::EndpointKind::Unspecified => "unknown",
             }
             .to_owned(),

@@ -1,5 +1,6 @@
-//! `weft launch` and `weft stop`: run the agent as a background process of this host, with its
-//! pid and log in the state directory, and wait (bounded) for it to be ready or gone.
+//! `weft launch`, `weft stop` and `weft reset`: run the agent as a background process of this
+//! host, with its pid and log in the state directory, wait (bounded) for it to be ready or
+//! gone, and remove everything it left behind when leaving for good.
 
 use std::fs::OpenOptions;
 use std::os::unix::process::CommandExt;
@@ -145,6 +146,43 @@ fn read_pid(state_dir: &Path) -> Option<i32> {
 
 /// Asks the agent to stop and waits until it is gone.
 pub async fn stop(socket: &Path, state_dir: &Path) -> Result<(), CliError> {
+    stop_agent(socket, state_dir, false).await
+}
+
+/// `weft reset`: the agent hands its address space over and stops; then the bridge, the
+/// endpoints' interfaces, the overlay devices, the firewall table and the persisted state
+/// are removed (also when the agent was not running).
+pub async fn reset(
+    socket: &Path,
+    state_dir: &Path,
+    bridge: &str,
+    nft_table: &str,
+) -> Result<(), CliError> {
+    use crate::dataplane::Dataplane;
+    stop_agent(socket, state_dir, true).await?;
+    let dp = crate::dataplane::linux::LinuxDataplane;
+    let kernel = |e: crate::dataplane::KernelError| failed(format!("removing weft's devices: {e}"));
+    let (vxlan, tap) = crate::overlay::device_names(bridge);
+    let mut links = dp.endpoint_links(bridge).map_err(kernel)?;
+    links.extend([vxlan, tap, bridge.to_owned()]);
+    for link in &links {
+        dp.teardown_endpoint(link).map_err(kernel)?;
+    }
+    dp.remove_firewall(nft_table).map_err(kernel)?;
+    for file in [crate::store::STATE_FILE, PID_FILE] {
+        match std::fs::remove_file(state_dir.join(file)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(failed(format!("removing {}: {e}", state_dir.join(file).display())));
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(weft_api::del_queue_dir(socket));
+    Ok(())
+}
+
+async fn stop_agent(socket: &Path, state_dir: &Path, leave: bool) -> Result<(), CliError> {
     let mut c = match connect(socket).await {
         Ok(c) => c,
         Err(CliError::AgentDown(_)) => {
@@ -154,7 +192,7 @@ pub async fn stop(socket: &Path, state_dir: &Path) -> Result<(), CliError> {
         Err(e) => return Err(e),
     };
     let pid = c.hello(v1::HelloRequest {}).await?.into_inner().pid as i32;
-    c.stop(v1::StopRequest { leave: false }).await?;
+    c.stop(v1::StopRequest { leave }).await?;
     // Close our connection: the agent's graceful shutdown waits for open connections.
     drop(c);
     let deadline = Instant::now() + Duration::from_secs(30);

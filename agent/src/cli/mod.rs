@@ -38,6 +38,7 @@ pub enum StatusView {
     Peers,
     Connections,
     Targets,
+    Ipam,
 }
 
 #[derive(Subcommand, Debug)]
@@ -57,6 +58,26 @@ pub enum Command {
         /// The agent's state directory (to clean up its pid file).
         #[arg(long, env = "WEFT_STATE_DIR", default_value = "/var/lib/weft")]
         state_dir: PathBuf,
+    },
+    /// Leave the network for good: hand this peer's address space to another peer, stop the
+    /// agent, and remove weft's bridge, overlay devices, firewall table and persisted state.
+    Reset {
+        #[arg(long, env = "WEFT_STATE_DIR", default_value = "/var/lib/weft")]
+        state_dir: PathBuf,
+        /// The bridge the agent ran with.
+        #[arg(long, default_value = "weft")]
+        bridge: String,
+        /// The nftables table the agent ran with.
+        #[arg(long, default_value = "weft")]
+        nft_table: String,
+    },
+    /// Take over the address space of a peer that is gone for good (name or nickname).
+    Rmpeer { peer: String },
+    /// Wait until the IP allocation ring exists (e.g. before starting workloads).
+    Prime {
+        /// Give up after this many seconds.
+        #[arg(long, default_value = "60")]
+        timeout_seconds: u64,
     },
     /// Show the agent's status: a summary, or one aspect of it.
     Status {

@@ -45,6 +45,7 @@ pub fn status(r: &Report) -> Vec<String> {
         String::new(),
         field("Range", r.ipam.range),
         field("Default subnet", r.ipam.default_subnet),
+        field("IP allocation", format!("{} ({})", r.ipam.ring.state, r.ipam.ring.mode)),
         field("Addresses", format!("{} used, {} free", r.ipam.used, r.ipam.free)),
         field("Endpoints", format!("{} pods, {} attached", r.endpoints.cni, r.endpoints.attached)),
         String::new(),
@@ -61,6 +62,51 @@ pub fn status(r: &Report) -> Vec<String> {
         lines.insert(6, field("Last change", r.bridge.last_repairs.join(", ")));
     }
     lines
+}
+
+/// `weft status ipam`: every peer's share of the range, as Weave printed it, then problems.
+pub fn ipam(r: &Report) -> Vec<String> {
+    let ring = &r.ipam.ring;
+    let total: u64 = ring.peers.iter().map(|p| p.owned).sum();
+    let mut out = vec![
+        field("Range", r.ipam.range),
+        field("Default subnet", r.ipam.default_subnet),
+        field("Mode", &ring.mode),
+        field("State", &ring.state),
+        field("Used here", format!("{} addresses", r.ipam.used)),
+        String::new(),
+    ];
+    for p in &ring.peers {
+        let pct = if total == 0 { 0.0 } else { 100.0 * p.owned as f64 / total as f64 };
+        let name = nick(&p.peer, &p.nickname);
+        let reach = if p.reachable { "" } else { " - unreachable!" };
+        out.push(format!(
+            "{name:<40} {:>10} IPs ({pct:>5.1}% of total) ({} available){reach}",
+            p.owned, p.free
+        ));
+    }
+    if ring.peers.is_empty() {
+        out.push("no peer owns any space yet".into());
+    }
+    if ring.unreachable > 0 {
+        out.push(format!(
+            "{} addresses belong to unreachable peers; `weft rmpeer PEER` reclaims a dead peer's space",
+            ring.unreachable
+        ));
+    }
+    for (peer, why) in &ring.mismatches {
+        out.push(format!("cannot merge the ring of {peer}: {why}"));
+    }
+    for c in &ring.conflicts {
+        out.push(format!("conflict: {c}"));
+    }
+    for s in &ring.pending_space {
+        out.push(format!("asking for space in {s}"));
+    }
+    for a in &ring.pending_claims {
+        out.push(format!("claiming {a} from its owner"));
+    }
+    out
 }
 
 fn connection_summary(m: &MeshReport) -> String {

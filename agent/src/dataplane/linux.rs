@@ -302,6 +302,14 @@ impl Dataplane for LinuxDataplane {
         Ok(())
     }
 
+    fn remove_firewall(&self, name: &str) -> Result<(), KernelError> {
+        let mut sock = NftSocket::open()?;
+        if sock.table_exists(crate::dataplane::nft::Family::Ip, name)? {
+            sock.delete_table(crate::dataplane::nft::Family::Ip, name)?;
+        }
+        Ok(())
+    }
+
     fn firewall_intact(&self, table: &Table) -> Result<bool, KernelError> {
         let mut sock = NftSocket::open()?;
         if !sock.table_exists(table.family, &table.name)? {

@@ -153,6 +153,9 @@ pub trait Dataplane: Send + Sync + 'static {
     fn firewall_intact(&self, table: &nft::Table) -> Result<bool, KernelError>;
     /// Sets a sysctl in the agent's namespace (e.g. net/ipv4/ip_forward).
     fn set_sysctl(&self, key: &str, value: &str) -> Result<(), KernelError>;
+
+    /// Removes weft's firewall table `name` if it exists (`weft reset`).
+    fn remove_firewall(&self, name: &str) -> Result<(), KernelError>;
     /// MTU of the underlay: the default route's interface, else the smallest MTU among
     /// interfaces with a global address (never `exclude`, the bridge, or weft's veths).
     fn underlay_mtu(&self, exclude: &str) -> Result<Option<u32>, KernelError>;

@@ -17,11 +17,16 @@ use tokio::sync::{OwnedMutexGuard, watch};
 use tracing::{info, warn};
 
 use self::record::{EndpointRecord, Kind, cni_id};
-use self::state::{AttachReserve, CniReserve, StateHandle};
+use self::state::{AttachReserve, CniReserve, State, StateHandle};
 use crate::addr::AddrRequest;
 use crate::dataplane::netns::Netns;
 use crate::dataplane::{Dataplane, EndpointState, KernelError, host_ifname_for};
 use crate::error::ApiError;
+
+/// How long `attach` and `expose` wait for address space before giving up.
+const ALLOC_WAIT: Duration = Duration::from_secs(20);
+/// How often a waiting allocation is tried again when nothing announced a change.
+const ALLOC_RETRY: Duration = Duration::from_millis(500);
 
 /// Whether the agent serves ADD, and why not.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -89,6 +94,8 @@ struct Inner {
     dp: Arc<dyn Dataplane>,
     locks: KeyedLocks,
     ready: watch::Receiver<Readiness>,
+    /// Bumped by the state owner when waiting allocations may succeed.
+    ipam_changes: watch::Receiver<u64>,
     bridge: String,
 }
 
@@ -126,10 +133,18 @@ impl Endpoints {
         state: StateHandle,
         dp: Arc<dyn Dataplane>,
         ready: watch::Receiver<Readiness>,
+        ipam_changes: watch::Receiver<u64>,
         bridge: String,
     ) -> Endpoints {
         Endpoints {
-            inner: Arc::new(Inner { state, dp, locks: KeyedLocks::default(), ready, bridge }),
+            inner: Arc::new(Inner {
+                state,
+                dp,
+                locks: KeyedLocks::default(),
+                ready,
+                ipam_changes,
+                bridge,
+            }),
         }
     }
 
@@ -146,6 +161,64 @@ impl Endpoints {
             Ok(Err(_)) => Err(ApiError::Stopped),
             Err(_) => Err(ApiError::NotReady(self.inner.ready.borrow().reason.clone())),
         }
+    }
+
+    /// Runs an allocating call on the state, again each time the IP allocation state moves,
+    /// while the IPAM says to wait (no ring yet, space being obtained), for at most `budget`.
+    async fn allocating<R: Send + 'static>(
+        &self,
+        budget: Duration,
+        f: impl Fn(&mut State) -> Result<R, ApiError> + Send + Sync + 'static,
+    ) -> Result<R, ApiError> {
+        let deadline = tokio::time::Instant::now() + budget;
+        let f = Arc::new(f);
+        let mut changes = self.inner.ipam_changes.clone();
+        loop {
+            changes.borrow_and_update();
+            let call = f.clone();
+            match self.inner.state.call(move |s| call(s)).await? {
+                Err(ApiError::IpamWait(why)) => {
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    if left.is_zero() {
+                        return Err(ApiError::IpamWait(why));
+                    }
+                    // Woken by a change; the periodic retry covers what no change announces
+                    // (a peer that became reachable without the ring moving).
+                    let _ = tokio::time::timeout(left.min(ALLOC_RETRY), changes.changed()).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// `weft prime`: waits until the ring exists (starting consensus if needed).
+    pub async fn prime(&self, budget: Duration) -> Result<(), ApiError> {
+        self.allocating(budget, |s| s.ipam_prime().map_err(ApiError::from)).await
+    }
+
+    /// `weft reset`: hands this peer's ranges to a reachable peer and waits (at most
+    /// `budget`) for it to confirm. Returns the heir, `None` if there was nothing to hand over
+    /// or nobody to hand it to.
+    pub async fn leave(&self, budget: Duration) -> Result<Option<String>, ApiError> {
+        let Some(heir) = self.inner.state.call(|s| s.ipam_leave()).await? else {
+            return Ok(None);
+        };
+        let waited = self
+            .allocating(budget, |s| {
+                if s.ipam_handed_over() {
+                    Ok(())
+                } else {
+                    Err(ApiError::IpamWait(crate::ipam::Wait::Ring("handing over".into())))
+                }
+            })
+            .await;
+        match waited {
+            Ok(()) => info!(heir = %heir, "address space handed over"),
+            Err(e) => {
+                warn!(heir = %heir, error = %e, "the heir did not confirm the handover; it will learn of it by gossip")
+            }
+        }
+        Ok(Some(heir.to_string()))
     }
 
     /// Sets up the kernel side of `rec`; on failure removes the interface and the record.
@@ -189,7 +262,8 @@ impl Endpoints {
         let id = cni_id(&req.reserve.container_id, &req.reserve.ifname);
         let _guard = self.inner.locks.lock(&id).await;
         let reserve = req.reserve;
-        let record = self.inner.state.call(move |s| s.reserve_cni(reserve)).await??;
+        let record =
+            self.allocating(req.wait_ready, move |s| s.reserve_cni(reserve.clone())).await?;
         let kernel = self.realize(record.clone()).await?;
         Ok(CniAdded { record, kernel })
     }
@@ -282,7 +356,8 @@ impl Endpoints {
         validate_ifname(&req.ifname)?;
         check_netns(&req.netns)?;
         let _guard = self.inner.locks.lock(&req.id).await;
-        let (record, added) = self.inner.state.call(move |s| s.reserve_attach(req)).await??;
+        let (record, added) =
+            self.allocating(ALLOC_WAIT, move |s| s.reserve_attach(req.clone())).await?;
         self.realize(record.clone()).await?;
         Ok((record, added))
     }
@@ -320,8 +395,41 @@ impl Endpoints {
         Ok(Some(removed))
     }
 
+    /// `Reserve`: addresses held by `id` without an interface.
+    pub async fn reserve(
+        &self,
+        id: String,
+        reqs: Vec<AddrRequest>,
+        budget: Option<Duration>,
+    ) -> Result<Vec<IpNet>, ApiError> {
+        if id.is_empty() {
+            return Err(ApiError::invalid("id", "is empty"));
+        }
+        let _guard = self.inner.locks.lock(&id).await;
+        self.allocating(budget.unwrap_or(ALLOC_WAIT), move |s| s.reserve(&id, &reqs)).await
+    }
+
+    /// `Unreserve`: releases everything `id` holds; false if it held nothing.
+    pub async fn unreserve(&self, id: &str) -> Result<bool, ApiError> {
+        let _guard = self.inner.locks.lock(id).await;
+        let id_owned = id.to_owned();
+        let removed = self
+            .inner
+            .state
+            .call(move |s| match s.record(&id_owned) {
+                Some(r) if r.kind == Kind::Reservation => s.remove(&id_owned).map(|r| r.is_some()),
+                Some(_) => Err(ApiError::invalid(
+                    "id",
+                    format!("{id_owned} is an endpoint, not a reservation"),
+                )),
+                None => Ok(false),
+            })
+            .await??;
+        Ok(removed)
+    }
+
     pub async fn expose(&self, reqs: Vec<AddrRequest>) -> Result<Vec<IpNet>, ApiError> {
-        let (named, _) = self.inner.state.call(move |s| s.expose(&reqs)).await??;
+        let (named, _) = self.allocating(ALLOC_WAIT, move |s| s.expose(&reqs)).await?;
         Ok(named)
     }
 

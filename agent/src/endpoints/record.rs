@@ -22,6 +22,8 @@ pub enum Kind {
     Attach,
     /// The host's own addresses on the bridge (`weft expose`).
     Expose,
+    /// Addresses held without an interface (the `Reserve` API).
+    Reservation,
 }
 
 /// Kubernetes identity of a pod endpoint.

@@ -1,8 +1,10 @@
-//! The owner of the endpoint records, the allocator and the bridge's own addresses. It runs on
-//! one dedicated thread and is reached only through [`StateHandle::call`], so every change is
-//! serialized, and every change is persisted before the caller hears about it. The bridge and
-//! the firewall table are derived from this state, so they are (re)programmed from here too:
-//! nobody can apply an older picture over a newer one.
+//! The owner of the endpoint records, the IP allocation state and the bridge's own addresses.
+//! It runs on one dedicated thread and is reached only through [`StateHandle::call`], so every
+//! change is serialized, and every change is persisted before the caller hears about it. The
+//! bridge and the firewall table are derived from this state, so they are (re)programmed from
+//! here too: nobody can apply an older picture over a newer one. After every call the IPAM's
+//! ring is persisted if it changed and only then are its messages sent to other peers, so a
+//! peer never tells others about space it could forget in a crash.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -10,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use ipnet::IpNet;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
 use super::record::{EXPOSE_ID, EndpointRecord, Kind, PodRef, Route};
@@ -18,7 +20,10 @@ use crate::addr::AddrRequest;
 use crate::dataplane::nft::{OverlayFirewall, Table as NftTable};
 use crate::dataplane::{BridgeSpec, Dataplane, Mac, host_ifname_for};
 use crate::error::ApiError;
-use crate::ipam::Allocator;
+use crate::identity::PeerName;
+use crate::ipam::manager::{PersistedRing, Send as IpamSend};
+use crate::ipam::{Allocator, Ipam, IpamError, Wait};
+use crate::mesh::gossip::{GossipSender, SendKind};
 use crate::status::report::{BridgeReport, IpamReport};
 use crate::store::{Op, Store, Table};
 
@@ -62,9 +67,18 @@ pub struct State {
     dp: Arc<dyn Dataplane>,
     cfg: StateConfig,
     records: BTreeMap<String, EndpointRecord>,
-    alloc: Allocator,
+    ipam: Ipam,
+    /// The mesh channel IPAM messages go out on (none until the mesh runs).
+    ipam_out: Option<GossipSender>,
+    /// Bumped whenever waiting allocations may now succeed.
+    ipam_changes: watch::Sender<u64>,
+    /// The origin of the IPAM's clock.
+    epoch: std::time::Instant,
     last_bridge_repairs: Vec<String>,
 }
+
+/// The key of the persisted ring in [`Table::Ipam`].
+const RING_KEY: &str = "ring";
 
 impl std::fmt::Debug for State {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -85,25 +99,153 @@ fn now_secs() -> u64 {
 }
 
 impl State {
-    /// Loads the records and rebuilds the allocator from them.
+    /// Loads the records and the ring, and rebuilds the allocation state from them.
     pub fn load(
         store: Arc<Store>,
         dp: Arc<dyn Dataplane>,
         cfg: StateConfig,
-        mut alloc: Allocator,
+        ipam_cfg: crate::ipam::IpamConfig,
     ) -> Result<State, ApiError> {
+        let persisted: Option<PersistedRing> = match store.get(Table::Ipam, RING_KEY) {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(error = %e, "the persisted ring is unreadable; starting without it");
+                None
+            }
+        };
+        let (mut ipam, note) = Ipam::new(ipam_cfg, persisted);
+        if let Some(note) = note {
+            warn!("{note}");
+        }
         let loaded: Vec<(String, EndpointRecord)> = store.all(Table::Endpoints)?;
         let mut records = BTreeMap::new();
         for (id, rec) in loaded {
             for a in &rec.addresses {
-                if let Err(e) = alloc.claim(&id, *a) {
-                    warn!(endpoint = %id, address = %a, error = %e, "persisted address could not be reclaimed");
-                }
+                ipam.restore(&id, *a, 0);
             }
             records.insert(id, rec);
         }
-        info!(endpoints = records.len(), used = alloc.used_count(), "loaded persisted endpoints");
-        Ok(State { store, dp, cfg, records, alloc, last_bridge_repairs: Vec::new() })
+        info!(
+            endpoints = records.len(),
+            used = ipam.allocator().used_count(),
+            ring = ipam.ready(),
+            "loaded persisted endpoints and allocations"
+        );
+        Ok(State {
+            store,
+            dp,
+            cfg,
+            records,
+            ipam,
+            ipam_out: None,
+            ipam_changes: watch::channel(0).0,
+            epoch: std::time::Instant::now(),
+            last_bridge_repairs: Vec::new(),
+        })
+    }
+
+    /// Milliseconds on the IPAM's clock.
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Where IPAM messages go from now on.
+    pub fn connect_ipam(&mut self, out: GossipSender) {
+        self.ipam_out = Some(out);
+    }
+
+    /// Bumped whenever a waiting allocation may now succeed.
+    pub fn ipam_changes(&self) -> watch::Receiver<u64> {
+        self.ipam_changes.subscribe()
+    }
+
+    /// After every call: persist the ring if it changed, then send what the IPAM has to say,
+    /// then wake waiting allocations.
+    fn flush_ipam(&mut self) {
+        let outbox = self.ipam.take_outbox();
+        if let Some(ring) = self.ipam.take_ring_dirty() {
+            let written = Op::put(Table::Ipam, RING_KEY.to_owned(), &ring)
+                .and_then(|op| self.store.write(&[op]));
+            if let Err(e) = written {
+                // Nothing may leave that a crash could make us forget; the periodic tick
+                // tries again and the protocol repeats what was dropped.
+                warn!(error = %e, "cannot persist the IP allocation ring; holding back its messages");
+                self.ipam.mark_ring_dirty();
+                return;
+            }
+        }
+        if let Some(out) = &self.ipam_out {
+            for msg in outbox {
+                let (kind, payload) = match msg {
+                    IpamSend::Gossip { except, payload } => {
+                        (SendKind::Gossip { exclude: except }, payload)
+                    }
+                    IpamSend::Broadcast(payload) => (SendKind::Broadcast, payload),
+                    IpamSend::Unicast(peer, payload) => (SendKind::Unicast(peer), payload),
+                };
+                out.send(kind, payload);
+            }
+        }
+        if self.ipam.take_changed() {
+            self.ipam_changes.send_modify(|g| *g = g.wrapping_add(1));
+        }
+    }
+
+    /// A message from another peer on the `ipam` channel.
+    pub fn ipam_message(&mut self, src: PeerName, payload: &[u8], gossiped: bool) {
+        let now = self.now();
+        if let Err(e) = self.ipam.handle(src, payload, gossiped, now) {
+            warn!(from = %src, error = %e, "IP allocation message refused");
+        }
+    }
+
+    /// A new neighbour on the `ipam` channel.
+    pub fn ipam_peer_up(&mut self, peer: PeerName) {
+        self.ipam.peer_up(peer);
+    }
+
+    /// The peers reachable now, and the nicknames of the peers known.
+    pub fn ipam_peers(
+        &mut self,
+        alive: std::collections::BTreeSet<PeerName>,
+        nicknames: Vec<(PeerName, String)>,
+    ) {
+        let now = self.now();
+        self.ipam.note_nicknames(nicknames);
+        self.ipam.set_alive(alive, now);
+    }
+
+    /// The peer a name or nickname stands for (also peers that are gone).
+    pub fn ipam_resolve(&self, name_or_nick: &str) -> Result<PeerName, String> {
+        self.ipam.resolve(name_or_nick)
+    }
+
+    /// Periodic IPAM work (repeats, hints, anti-entropy).
+    pub fn ipam_tick(&mut self) {
+        let now = self.now();
+        self.ipam.tick(now);
+    }
+
+    /// `weft prime`: starts forming the ring; `Err` while it is not there.
+    pub fn ipam_prime(&mut self) -> Result<(), Wait> {
+        let now = self.now();
+        self.ipam.prime(now)
+    }
+
+    /// `weft rmpeer`: takes over a dead peer's ranges.
+    pub fn ipam_rmpeer(&mut self, peer: PeerName) -> Result<u128, IpamError> {
+        let moved = self.ipam.rmpeer(peer)?;
+        info!(peer = %peer, addresses = moved, "took over the ranges of a removed peer");
+        Ok(moved)
+    }
+
+    /// `weft reset`: hands this peer's ranges to another; the heir, if there is one.
+    pub fn ipam_leave(&mut self) -> Option<PeerName> {
+        self.ipam.leave()
+    }
+
+    pub fn ipam_handed_over(&self) -> bool {
+        self.ipam.handed_over()
     }
 
     pub fn record(&self, id: &str) -> Option<EndpointRecord> {
@@ -114,15 +256,24 @@ impl State {
         self.records.values().cloned().collect()
     }
 
-    fn persist(&self, recs: &[&EndpointRecord], deleted: &[&str]) -> Result<(), ApiError> {
+    fn persist(&mut self, recs: &[&EndpointRecord], deleted: &[&str]) -> Result<(), ApiError> {
         let mut ops = Vec::new();
+        // A ring that changed with these records (space received) is written with them.
+        let ring = self.ipam.take_ring_dirty();
+        if let Some(ring) = &ring {
+            ops.push(Op::put(Table::Ipam, RING_KEY.to_owned(), ring)?);
+        }
         for r in recs {
             ops.push(Op::put(Table::Endpoints, r.id.clone(), *r)?);
         }
         for id in deleted {
             ops.push(Op::Delete(Table::Endpoints, (*id).to_owned()));
         }
-        Ok(self.store.write(&ops)?)
+        let written = self.store.write(&ops);
+        if written.is_err() && ring.is_some() {
+            self.ipam.mark_ring_dirty();
+        }
+        Ok(written?)
     }
 
     /// Resolves a static address without prefix to the prefix of its subnet.
@@ -131,10 +282,10 @@ impl State {
             return net;
         }
         let ip = net.addr();
-        let len = if self.alloc.default_subnet().contains(&ip) {
-            self.alloc.default_subnet().prefix_len()
-        } else if self.alloc.range().contains(&ip) {
-            self.alloc.range().prefix_len()
+        let len = if self.ipam.default_subnet().contains(&ip) {
+            self.ipam.default_subnet().prefix_len()
+        } else if self.ipam.range().contains(&ip) {
+            self.ipam.range().prefix_len()
         } else {
             IpNet::from(ip).prefix_len()
         };
@@ -149,14 +300,15 @@ impl State {
         req: AddrRequest,
     ) -> Result<(IpNet, bool), ApiError> {
         let subnet = match req {
-            AddrRequest::Default => self.alloc.default_subnet(),
+            AddrRequest::Default => self.ipam.default_subnet(),
             AddrRequest::Subnet(n) => n,
             AddrRequest::Static(n) => {
                 let n = self.with_prefix(n);
                 if have.iter().any(|h| h.addr() == n.addr()) {
                     return Ok((n, false));
                 }
-                self.alloc.claim(id, n)?;
+                let now = self.now();
+                self.ipam.claim(id, n, now)?;
                 return Ok((n, true));
             }
         };
@@ -166,7 +318,8 @@ impl State {
         {
             return Ok((*h, false));
         }
-        Ok((self.alloc.allocate(id, subnet)?, true))
+        let now = self.now();
+        Ok((self.ipam.allocate(id, subnet, now)?, true))
     }
 
     /// Assigns all requests or none.
@@ -185,7 +338,7 @@ impl State {
                 Err(e) => {
                     for (n, new) in &out {
                         if *new {
-                            self.alloc.release(n.addr());
+                            self.ipam.release(n.addr());
                         }
                     }
                     return Err(e);
@@ -198,7 +351,7 @@ impl State {
     /// The subnet an address request allocates in.
     fn subnet_of(&self, req: AddrRequest) -> Option<IpNet> {
         match req {
-            AddrRequest::Default => Some(self.alloc.default_subnet()),
+            AddrRequest::Default => Some(self.ipam.default_subnet()),
             AddrRequest::Subnet(n) => Some(n),
             AddrRequest::Static(n) => Some(self.with_prefix(n).trunc()),
         }
@@ -210,7 +363,7 @@ impl State {
         if let Some(gw) = exposed.iter().find(|e| e.trunc() == subnet) {
             return Ok(Some(gw.addr()));
         }
-        if self.alloc.validate_subnet(subnet).is_err() {
+        if self.ipam.validate_subnet(subnet).is_err() {
             return Ok(None); // outside the range: weft cannot pick a gateway there
         }
         let (added, _) = self.expose(&[AddrRequest::Subnet(subnet)])?;
@@ -272,7 +425,7 @@ impl State {
             created: now_secs(),
         };
         if let Err(e) = self.persist(&[&rec], &[]) {
-            self.alloc.release_owner(&id);
+            self.ipam.release_owner(&id);
             return Err(e);
         }
         self.records.insert(id, rec.clone());
@@ -300,7 +453,7 @@ impl State {
             return Ok(None);
         }
         self.persist(&[], &[id])?;
-        self.alloc.release_owner(id);
+        self.ipam.release_owner(id);
         Ok(self.records.remove(id))
     }
 
@@ -317,22 +470,10 @@ impl State {
         let added: Vec<IpNet> =
             assigned.iter().filter(|(n, _)| !have.contains(n)).map(|(n, _)| *n).collect();
         let mut rec = self.records.get(&req.id).cloned().unwrap_or_else(|| EndpointRecord {
-            id: req.id.clone(),
-            kind: Kind::Attach,
             netns: Some(req.netns.clone()),
             ifname: req.ifname.clone(),
             host_ifname: host_ifname_for(&req.id),
-            addresses: Vec::new(),
-            routes: Vec::new(),
-            mtu: self.cfg.mtu,
-            hairpin: false,
-            network: None,
-            container_id: None,
-            pod: None,
-            hostname: None,
-            mac: None,
-            host_mac: None,
-            created: now_secs(),
+            ..self.blank_record(&req.id, Kind::Attach)
         });
         rec.addresses.extend(added.iter().copied());
         if rec.mac.is_none() {
@@ -350,12 +491,69 @@ impl State {
         }
         if let Err(e) = self.persist(&[&rec], &[]) {
             for a in &added {
-                self.alloc.release(a.addr());
+                self.ipam.release(a.addr());
             }
             return Err(e);
         }
         self.records.insert(req.id, rec.clone());
         Ok((rec, added))
+    }
+
+    /// A record of `kind` for `id` with no addresses, interface or routes yet.
+    fn blank_record(&self, id: &str, kind: Kind) -> EndpointRecord {
+        EndpointRecord {
+            id: id.to_owned(),
+            kind,
+            netns: None,
+            ifname: String::new(),
+            host_ifname: String::new(),
+            addresses: Vec::new(),
+            routes: Vec::new(),
+            mtu: self.cfg.mtu,
+            hairpin: false,
+            network: None,
+            container_id: None,
+            pod: None,
+            hostname: None,
+            mac: None,
+            host_mac: None,
+            created: now_secs(),
+        }
+    }
+
+    /// `Reserve`: addresses for `id` without an interface; idempotent.
+    pub fn reserve(&mut self, id: &str, reqs: &[AddrRequest]) -> Result<Vec<IpNet>, ApiError> {
+        let have = match self.records.get(id) {
+            Some(r) if r.kind != Kind::Reservation => {
+                return Err(ApiError::invalid(
+                    "id",
+                    format!("{id} is an endpoint, not a reservation"),
+                ));
+            }
+            Some(r) => r.addresses.clone(),
+            None => Vec::new(),
+        };
+        let reqs = if reqs.is_empty() { vec![AddrRequest::Default] } else { reqs.to_vec() };
+        let assigned = self.assign_all(id, &have, &reqs)?;
+        let named: Vec<IpNet> = assigned.iter().map(|(n, _)| *n).collect();
+        let mut rec = self
+            .records
+            .get(id)
+            .cloned()
+            .unwrap_or_else(|| self.blank_record(id, Kind::Reservation));
+        let added: Vec<IpNet> = named.iter().filter(|n| !have.contains(n)).copied().collect();
+        if added.is_empty() {
+            return Ok(named);
+        }
+        rec.addresses.extend(added.iter().copied());
+        if let Err(e) = self.persist(&[&rec], &[]) {
+            for a in &added {
+                self.ipam.release(a.addr());
+            }
+            return Err(e);
+        }
+        self.records.insert(id.to_owned(), rec);
+        Ok(named)
     }
 
     /// Which of `id`'s addresses `reqs` name (all when empty). No IPAM interaction: detaching
@@ -368,7 +566,7 @@ impl State {
             .iter()
             .filter(|a| {
                 reqs.iter().any(|r| match r {
-                    AddrRequest::Default => self.alloc.default_subnet().contains(&a.addr()),
+                    AddrRequest::Default => self.ipam.default_subnet().contains(&a.addr()),
                     AddrRequest::Subnet(n) => n.contains(&a.addr()),
                     AddrRequest::Static(n) => n.addr() == a.addr(),
                 })
@@ -393,7 +591,7 @@ impl State {
         rec.addresses.retain(|a| !addrs.contains(a));
         self.persist(&[&rec], &[])?;
         for a in addrs {
-            self.alloc.release(a.addr());
+            self.ipam.release(a.addr());
         }
         self.records.insert(id.to_owned(), rec);
         Ok(())
@@ -407,22 +605,9 @@ impl State {
         let assigned = self.assign_all(EXPOSE_ID, &have, &reqs)?;
         let named: Vec<IpNet> = assigned.iter().map(|(n, _)| *n).collect();
         let mut rec = self.records.get(EXPOSE_ID).cloned().unwrap_or_else(|| EndpointRecord {
-            id: EXPOSE_ID.to_owned(),
-            kind: Kind::Expose,
-            netns: None,
             ifname: self.cfg.bridge.clone(),
-            host_ifname: String::new(),
-            addresses: Vec::new(),
-            routes: Vec::new(),
-            mtu: self.cfg.mtu,
-            hairpin: false,
-            network: None,
-            container_id: None,
-            pod: None,
-            hostname: None,
             mac: Some(self.cfg.bridge_mac),
-            host_mac: None,
-            created: now_secs(),
+            ..self.blank_record(EXPOSE_ID, Kind::Expose)
         });
         let before = rec.addresses.len();
         for n in &named {
@@ -434,7 +619,7 @@ impl State {
             if let Err(e) = self.persist(&[&rec], &[]) {
                 for (n, new) in &assigned {
                     if *new {
-                        self.alloc.release(n.addr());
+                        self.ipam.release(n.addr());
                     }
                 }
                 return Err(e);
@@ -462,7 +647,7 @@ impl State {
             self.records.insert(EXPOSE_ID.to_owned(), rec);
         }
         for a in &removed {
-            self.alloc.release(a.addr());
+            self.ipam.release(a.addr());
         }
         self.reprogram_bridge();
         Ok(removed)
@@ -483,7 +668,7 @@ impl State {
 
     /// weft's nftables table for the current range and exposed subnets (IPv4).
     pub fn firewall(&self) -> Option<NftTable> {
-        let IpNet::V4(range) = self.alloc.range() else { return None };
+        let IpNet::V4(range) = self.ipam.range() else { return None };
         let exposed = self
             .exposed()
             .into_iter()
@@ -529,13 +714,14 @@ impl State {
     }
 
     pub fn ipam_report(&self) -> IpamReport {
+        let alloc = self.ipam.allocator();
+        let (used, free) = self.ipam.counts();
         IpamReport {
-            range: self.alloc.range(),
-            default_subnet: self.alloc.default_subnet(),
-            used: self.alloc.used_count() as u64,
-            free: u64::try_from(self.alloc.free_count()).unwrap_or(u64::MAX),
-            owned: self
-                .alloc
+            range: self.ipam.range(),
+            default_subnet: self.ipam.default_subnet(),
+            used,
+            free,
+            owned: alloc
                 .owned()
                 .iter()
                 .map(|r| {
@@ -546,6 +732,7 @@ impl State {
                     )
                 })
                 .collect(),
+            ring: self.ipam.status(),
         }
     }
 
@@ -560,28 +747,49 @@ impl State {
     }
 
     pub fn allocator(&self) -> &Allocator {
-        &self.alloc
+        self.ipam.allocator()
     }
 }
 
 type Job = Box<dyn FnOnce(&mut State) + Send>;
 
+enum Msg {
+    Run(Job),
+    Stop,
+}
+
 /// The way to the state owner's thread.
 #[derive(Clone, Debug)]
 pub struct StateHandle {
-    tx: mpsc::UnboundedSender<Job>,
+    tx: mpsc::UnboundedSender<Msg>,
+}
+
+impl std::fmt::Debug for Msg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Msg::Run(_) => "Run",
+            Msg::Stop => "Stop",
+        })
+    }
 }
 
 impl StateHandle {
     /// Starts the owner thread.
     pub fn spawn(mut state: State) -> std::io::Result<(StateHandle, std::thread::JoinHandle<()>)> {
-        let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Msg>();
         let thread = std::thread::Builder::new().name("weft-state".into()).spawn(move || {
-            while let Some(job) = rx.blocking_recv() {
+            while let Some(Msg::Run(job)) = rx.blocking_recv() {
                 job(&mut state);
+                state.flush_ipam();
             }
         })?;
         Ok((StateHandle { tx }, thread))
+    }
+
+    /// Ends the owner thread once the calls queued so far are done, even while handles
+    /// remain (later calls fail with [`ApiError::Stopped`]).
+    pub fn stop(&self) {
+        let _ = self.tx.send(Msg::Stop);
     }
 
     /// Runs `f` on the state and returns its result.
@@ -591,9 +799,9 @@ impl StateHandle {
     ) -> Result<R, ApiError> {
         let (tx, rx) = oneshot::channel();
         self.tx
-            .send(Box::new(move |s| {
+            .send(Msg::Run(Box::new(move |s| {
                 let _ = tx.send(f(s));
-            }))
+            })))
             .map_err(|_| ApiError::Stopped)?;
         rx.await.map_err(|_| ApiError::Stopped)
     }

@@ -28,6 +28,8 @@ pub enum IpamError {
     NotOwned(IpAddr),
     #[error("{0} is a network or broadcast address of its subnet")]
     Reserved(IpNet),
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// The allocator of one peer.
@@ -135,6 +137,29 @@ impl Allocator {
         }
         self.used.insert(k, owner.to_owned());
         Ok(())
+    }
+
+    /// Records `net.addr()` as used by `owner` whoever owns its range (an address found in use
+    /// at start); it becomes allocatable by nobody else here.
+    pub fn restore(&mut self, owner: &str, net: IpNet) {
+        let k = space::key(net.addr());
+        self.free.remove(k..k + 1);
+        self.used.insert(k, owner.to_owned());
+    }
+
+    /// Whether any address in `r` is in use.
+    pub fn has_used_in(&self, r: Range<u128>) -> bool {
+        self.used.range(r).next().is_some()
+    }
+
+    /// What to give a peer asking for space in `within` (see [`Space::donation`]).
+    pub fn donation(&self, within: Range<u128>) -> Option<Range<u128>> {
+        self.free.donation(within)
+    }
+
+    /// Free addresses of the owned space in `r`.
+    pub fn free_in_range(&self, r: Range<u128>) -> u128 {
+        self.free.count_in(r)
     }
 
     /// Releases one address; returns its owner.

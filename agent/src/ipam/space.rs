@@ -140,6 +140,56 @@ impl Space {
     pub fn intervals(&self) -> impl Iterator<Item = Range<u128>> + '_ {
         self.free.iter().map(|(s, e)| *s..*e)
     }
+
+    /// The free intervals clipped to `within`.
+    pub fn intervals_in(&self, within: Range<u128>) -> impl Iterator<Item = Range<u128>> + '_ {
+        let first =
+            self.free.range(..=within.start).next_back().map(|(s, _)| *s).unwrap_or(within.start);
+        self.free
+            .range(first..within.end)
+            .map(move |(s, e)| (*s).max(within.start)..(*e).min(within.end))
+            .filter(|r| !r.is_empty())
+    }
+
+    /// What to give a peer that asks for space in `within`: the biggest CIDR-aligned free
+    /// block there, but never more than half of the free addresses in `within` (so the donor
+    /// keeps room to grow). Among blocks of equal size the highest is chosen: allocation takes
+    /// the lowest addresses first, so donating from the top keeps what is left contiguous.
+    pub fn donation(&self, within: Range<u128>) -> Option<Range<u128>> {
+        let limit = self.count_in(within.clone()) / 2;
+        if limit == 0 {
+            return None;
+        }
+        let mut best: Option<Range<u128>> = None;
+        for iv in self.intervals_in(within) {
+            if let Some(b) = biggest_aligned_block(iv, limit) {
+                let better = best.as_ref().is_none_or(|c| {
+                    let (bl, cl) = (b.end - b.start, c.end - c.start);
+                    bl > cl || (bl == cl && b.start > c.start)
+                });
+                if better {
+                    best = Some(b);
+                }
+            }
+        }
+        best
+    }
+}
+
+/// The biggest block of power-of-two size at most `limit`, aligned to its size, inside `r`
+/// (the highest one of that size).
+fn biggest_aligned_block(r: Range<u128>, limit: u128) -> Option<Range<u128>> {
+    let len = r.end.checked_sub(r.start).filter(|l| *l > 0)?;
+    let mut size = 1u128 << (127 - len.min(limit).leading_zeros());
+    while size > 0 {
+        // The highest aligned start that still fits.
+        let start = (r.end - size) & !(size - 1);
+        if start >= r.start {
+            return Some(start..start + size);
+        }
+        size >>= 1;
+    }
+    None
 }
 
 #[cfg(test)]
@@ -180,7 +230,44 @@ mod tests {
         assert_eq!(s.intervals().collect::<Vec<_>>(), vec![10..20, 31..40]);
     }
 
+    #[test]
+    fn donates_the_biggest_aligned_block_up_to_half() {
+        let mut s = Space::default();
+        s.add(0..256);
+        assert_eq!(s.donation(0..256), Some(128..256));
+        s.remove(200..201);
+        // 255 free: at most 127, so a /26-sized block (64), the highest aligned one that fits.
+        assert_eq!(s.donation(0..256), Some(128..192));
+        let mut one = Space::default();
+        one.add(7..8);
+        assert_eq!(one.donation(0..256), None, "a single free address is kept");
+        let mut two = Space::default();
+        two.add(5..7);
+        assert_eq!(two.donation(0..256), Some(6..7));
+    }
+
     proptest! {
+        /// A donation is free, aligned, inside the request, and at most half of what is free.
+        #[test]
+        fn donations_are_free_aligned_and_bounded(
+            frees in proptest::collection::vec((0u128..1000, 1u128..100), 0..20),
+            lo in 0u128..1000, len in 1u128..1000,
+        ) {
+            let mut s = Space::default();
+            for (a, l) in frees { s.add(a..a + l); }
+            let within = lo..lo + len;
+            if let Some(d) = s.donation(within.clone()) {
+                let size = d.end - d.start;
+                prop_assert!(size.is_power_of_two());
+                prop_assert_eq!(d.start % size, 0);
+                prop_assert!(within.start <= d.start && d.end <= within.end);
+                prop_assert_eq!(s.count_in(d.clone()), size);
+                prop_assert!(size <= s.count_in(within) / 2);
+            } else {
+                prop_assert!(s.count_in(within) < 2);
+            }
+        }
+
         /// The interval set behaves exactly like a set of integers.
         #[test]
         fn behaves_like_a_set(ops in proptest::collection::vec((0u8..4, 0u128..200, 0u128..30), 1..200)) {

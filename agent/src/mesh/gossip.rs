@@ -53,6 +53,21 @@ pub struct GossipChannel {
     out: mpsc::UnboundedSender<Outgoing>,
 }
 
+/// A cloneable way to send on a channel, for code that does not own the channel (e.g. a
+/// state owner on its own thread). Sending never blocks.
+#[derive(Clone, Debug)]
+pub struct GossipSender {
+    name: Arc<str>,
+    out: mpsc::UnboundedSender<Outgoing>,
+}
+
+impl GossipSender {
+    pub fn send(&self, kind: SendKind, payload: Vec<u8>) {
+        // A stopped mesh drops messages.
+        let _ = self.out.send(Outgoing { channel: self.name.clone(), kind, payload });
+    }
+}
+
 /// State that can be gossiped: merging must be commutative, associative and idempotent.
 pub trait GossipData {
     /// Merges state received from a peer; returns the encoded part that was new here, if any.
@@ -83,6 +98,11 @@ impl GossipChannel {
     /// The next event; `None` once the mesh has stopped.
     pub async fn recv(&mut self) -> Option<GossipEvent> {
         self.events.recv().await
+    }
+
+    /// A sender for this channel that can be handed to other tasks and threads.
+    pub fn sender(&self) -> GossipSender {
+        GossipSender { name: self.name.clone(), out: self.out.clone() }
     }
 
     fn send(&self, kind: SendKind, payload: Vec<u8>) {

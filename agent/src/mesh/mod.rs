@@ -127,6 +127,11 @@ impl Mesh {
         rx.await.unwrap_or_default()
     }
 
+    /// The mesh report as it changes.
+    pub fn report_watch(&self) -> watch::Receiver<MeshReport> {
+        self.report.clone()
+    }
+
     pub fn report(&self) -> MeshReport {
         self.report.borrow().clone()
     }

@@ -69,6 +69,11 @@ pub struct TargetReport {
 }
 
 impl MeshReport {
+    /// The peers this one can reach now (it has a route to), itself excluded.
+    pub fn reachable(&self) -> std::collections::BTreeSet<crate::identity::PeerName> {
+        self.unicast.iter().filter_map(|(dst, _)| dst.parse().ok()).collect()
+    }
+
     /// Counts of connections by state.
     pub fn count(&self, state: &str) -> usize {
         self.connections.iter().filter(|c| c.state == state).count()

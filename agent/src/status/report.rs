@@ -49,10 +49,16 @@ pub struct IpamReport {
     pub free: u64,
     /// The address ranges this peer owns, as "first-last".
     pub owned: Vec<String>,
+    /// The shared ring: mode, state, every peer's share, problems.
+    #[serde(flatten)]
+    pub ring: crate::ipam::manager::IpamStatus,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointCounts {
     pub cni: u32,
     pub attached: u32,
+    /// Holders of addresses without an interface (the `Reserve` API).
+    #[serde(default)]
+    pub reserved: u32,
 }

@@ -110,14 +110,6 @@ fn start_agent(bin: &Path, dir: &Path) -> Child {
     }
 }
 
-fn arg(args: &[String], name: &str, default: usize) -> usize {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn row(label: &str, w: &[Duration], r: &[Duration]) {
     let (w50, w99, r50, r99) =
         (percentile(w, 50.0), percentile(w, 99.0), percentile(r, 50.0), percentile(r, 99.0));

@@ -16,14 +16,6 @@ use weft_bench::*;
 
 const P: &str = "wbd";
 
-fn arg(args: &[String], name: &str, default: u64) -> u64 {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn ns(name: &str) -> String {
     format!("{P}-{name}")
 }
@@ -117,34 +109,7 @@ fn median(v: &[f64]) -> f64 {
 }
 
 fn lab(mtu: u32) {
-    cleanup_prefix(P);
-    add_netns(&ns("ul"));
-    ip(&["-n", &ns("ul"), "link", "add", "br0", "type", "bridge"]);
-    ip(&["-n", &ns("ul"), "link", "set", "br0", "up"]);
-    for i in 1..=2 {
-        let h = ns(&format!("h{i}"));
-        add_netns(&h);
-        let m = mtu.to_string();
-        ip(&[
-            "link",
-            "add",
-            "eth0",
-            "netns",
-            &h,
-            "mtu",
-            &m,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &format!("h{i}"),
-            "netns",
-            &ns("ul"),
-        ]);
-        ip(&["-n", &ns("ul"), "link", "set", &format!("h{i}"), "mtu", &m, "master", "br0", "up"]);
-        ip(&["-n", &h, "addr", "add", &format!("10.99.0.{i}/24"), "dev", "eth0"]);
-        ip(&["-n", &h, "link", "set", "eth0", "up"]);
-    }
+    underlay_lab(P, 2, mtu);
 }
 
 /// A pod namespace `pod` plugged into bridge `bridge` of host `h` with `addr`.

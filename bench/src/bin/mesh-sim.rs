@@ -10,14 +10,7 @@
 use std::time::{Duration, Instant};
 
 use weft::mesh::sim::{Phase, Sim, SimConfig};
-
-fn arg(args: &[String], name: &str, default: u64) -> u64 {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use weft_bench::arg;
 
 fn show(label: &str, p: &Phase, peers: usize) {
     let t = p
@@ -35,10 +28,10 @@ fn show(label: &str, p: &Phase, peers: usize) {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let peers = arg(&args, "--peers", 1000) as usize;
+    let peers: usize = arg(&args, "--peers", 1000);
     let cfg = SimConfig {
         peers,
-        degree: arg(&args, "--degree", 5) as usize,
+        degree: arg(&args, "--degree", 5),
         latency: Duration::from_millis(arg(&args, "--latency-ms", 1)),
         seed: arg(&args, "--seed", 1),
     };

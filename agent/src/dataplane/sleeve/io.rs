@@ -188,7 +188,9 @@ impl Udp {
         let total: usize = parts.iter().map(|p| p.len()).sum();
         // SAFETY: CMSG_SPACE is a pure size computation.
         let space = unsafe { libc::CMSG_SPACE(size_of::<u16>() as u32) } as usize;
-        let mut control = vec![0u8; space];
+        // On the stack, aligned for `cmsghdr` (u64 words); 32 bytes hold one u16 cmsg.
+        let mut control = [0u64; 4];
+        assert!(space <= size_of_val(&control), "cmsg buffer too small");
         // SAFETY: zeroed msghdr is valid; fields are filled in below.
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
         msg.msg_name = (&addr as *const libc::sockaddr_storage).cast_mut().cast();
