@@ -569,6 +569,29 @@ impl Lab {
         assert!(child.wait().expect("nft").success(), "nft rejected {script}");
     }
 
+    /// Captures underlay traffic while `work` runs; returns the raw capture.
+    pub fn capture(&self, work: impl FnOnce()) -> Vec<u8> {
+        let file = PathBuf::from("/run/wte").join(format!("{}.pcap", self.underlay.name));
+        let _ = std::fs::create_dir_all("/run/wte");
+        let mut tcpdump = self
+            .underlay
+            .cmd("tcpdump")
+            .args(["-i", "br0", "--immediate-mode", "-U", "-s", "0", "-w"])
+            .arg(&file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tcpdump (install tcpdump)");
+        // The file appears once tcpdump listens: wait for it instead of sleeping.
+        wait_until(Duration::from_secs(30), "tcpdump to start", || file.exists());
+        work();
+        let _ = Command::new("kill").arg(tcpdump.id().to_string()).status();
+        let _ = tcpdump.wait();
+        let bytes = std::fs::read(&file).unwrap_or_default();
+        let _ = std::fs::remove_file(&file);
+        bytes
+    }
+
     /// Drops all underlay traffic between hosts `a` and `b`.
     pub fn cut(&self, a: usize, b: usize) {
         let mut cuts = self.cuts.lock().unwrap_or_else(|p| p.into_inner());
@@ -582,6 +605,11 @@ impl Lab {
         cuts.retain(|c| *c != (a, b) && *c != (b, a));
         self.apply_cuts(&cuts);
     }
+}
+
+/// Whether `needle` occurs in `hay` (e.g. a marker in a capture).
+pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
 }
 
 /// The outcome of one plugin run.

@@ -3,7 +3,6 @@
 //! lowered underlay MTU, broadcast and multicast, isolation by subnet, and an agent restart
 //! under a live TCP stream.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use weft_e2e::*;
@@ -131,32 +130,6 @@ fn partial_connectivity_is_bridged_by_the_middle_host() {
     );
 }
 
-/// Captures underlay traffic while `work` runs.
-fn capture(lab: &Lab, work: impl FnOnce()) -> Vec<u8> {
-    let file = std::path::PathBuf::from("/run/wte").join(format!("{}.pcap", lab.underlay.name));
-    let _ = std::fs::create_dir_all("/run/wte");
-    let mut tcpdump = lab
-        .underlay
-        .cmd("tcpdump")
-        .args(["-i", "br0", "--immediate-mode", "-U", "-s", "0", "-w"])
-        .arg(&file)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("tcpdump");
-    wait_until(T, "tcpdump to start", || file.exists());
-    work();
-    let _ = Command::new("kill").arg(tcpdump.id().to_string()).status();
-    let _ = tcpdump.wait();
-    let bytes = std::fs::read(&file).unwrap_or_default();
-    let _ = std::fs::remove_file(&file);
-    bytes
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
-}
-
 #[test]
 fn with_a_password_pod_traffic_on_the_wire_is_encrypted() {
     for password in [true, false] {
@@ -168,7 +141,7 @@ fn with_a_password_pod_traffic_on_the_wire_is_encrypted() {
         wait_mode(&a[0], &n2, if password { "sleeve" } else { "fastdp" }, T);
         wait_until(T, "pod-to-pod", || p1.ping("10.32.2.2"));
         let marker = format!("WEFT-MARKER-{}", unique("m"));
-        let cap = capture(&lab, || {
+        let cap = lab.capture(|| {
             assert_eq!(transfer(&p1, &p2, "10.32.2.2", &marker), 10 << 20);
         });
         assert!(cap.len() > 5 << 20, "the capture saw the transfer ({} bytes)", cap.len());

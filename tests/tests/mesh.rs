@@ -1,7 +1,6 @@
 //! The peer mesh with real agents on a namespace underlay: discovery, relaying through partial
 //! connectivity, targets, partitions, passwords (ported from Weave's 1xx scenarios).
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use weft_e2e::*;
@@ -162,32 +161,6 @@ fn a_wrong_or_missing_password_is_refused_and_reported() {
     assert!(h1.log().contains("refused inbound mesh connection"));
 }
 
-/// Captures underlay traffic while `work` runs and returns the raw capture.
-fn capture(lab: &Lab, work: impl FnOnce()) -> Vec<u8> {
-    let file = std::path::PathBuf::from("/run/wte").join(format!("{}.pcap", lab.underlay.name));
-    let mut tcpdump = lab
-        .underlay
-        .cmd("tcpdump")
-        .args(["-i", "br0", "--immediate-mode", "-U", "-s", "0", "-w"])
-        .arg(&file)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("tcpdump (install tcpdump)");
-    // tcpdump reports on stderr once it listens; wait for the file instead of sleeping.
-    wait_until(T, "tcpdump to start", || file.exists());
-    work();
-    let _ = Command::new("kill").arg(tcpdump.id().to_string()).status();
-    let _ = tcpdump.wait();
-    let bytes = std::fs::read(&file).unwrap_or_default();
-    let _ = std::fs::remove_file(&file);
-    bytes
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
-}
-
 #[test]
 fn with_a_password_every_connection_is_encrypted_and_no_gossip_is_in_the_clear() {
     for password in [true, false] {
@@ -195,7 +168,7 @@ fn with_a_password_every_connection_is_encrypted_and_no_gossip_is_in_the_clear()
         let marker = format!("mk{}", unique("n"));
         let pw: &[&str] = if password { &["--password", "s3cret"] } else { &[] };
         let mut agents = Vec::new();
-        let cap = capture(&lab, || {
+        let cap = lab.capture(|| {
             let h3 = Agent::start_in(
                 hosts.pop().expect("h3"),
                 opts(&format!("{marker}3"), &[pw, &[lab.ip(1)]].concat()),

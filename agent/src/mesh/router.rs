@@ -893,24 +893,7 @@ pub fn entries_from_wire(t: &proto::Topology) -> Entries {
     let mut out = Entries::default();
     for p in &t.peers {
         let Some(name) = PeerName::new(p.name) else { continue };
-        let connections = p
-            .connections
-            .iter()
-            .filter_map(|c| {
-                PeerName::new(c.peer).map(|peer| {
-                    (
-                        peer,
-                        ConnInfo {
-                            address: c.address.clone(),
-                            outbound: c.outbound,
-                            established: c.established,
-                        },
-                    )
-                })
-            })
-            .collect();
-        let info =
-            PeerInfo { version: p.version, uid: p.uid, nickname: p.nickname.clone(), connections };
+        let info = PeerInfo::from_wire(p);
         // Duplicates in one message: keep the greatest, as a merge would.
         out.merge(&Entries(BTreeMap::from([(name, info)])));
     }

@@ -27,6 +27,25 @@ pub struct PeerInfo {
     pub connections: BTreeMap<PeerName, ConnInfo>,
 }
 
+impl PeerInfo {
+    /// Decodes an entry; connections to names longer than 48 bits are dropped.
+    pub fn from_wire(p: &super::proto::PeerEntry) -> PeerInfo {
+        let connections = p
+            .connections
+            .iter()
+            .filter_map(|c| {
+                let info = ConnInfo {
+                    address: c.address.clone(),
+                    outbound: c.outbound,
+                    established: c.established,
+                };
+                PeerName::new(c.peer).map(|peer| (peer, info))
+            })
+            .collect();
+        PeerInfo { version: p.version, uid: p.uid, nickname: p.nickname.clone(), connections }
+    }
+}
+
 /// A set of entries with the join merge.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Entries(pub BTreeMap<PeerName, PeerInfo>);
@@ -155,28 +174,7 @@ impl Topology {
             {
                 continue;
             }
-            let connections = p
-                .connections
-                .iter()
-                .filter_map(|c| {
-                    PeerName::new(c.peer).map(|peer| {
-                        (
-                            peer,
-                            ConnInfo {
-                                address: c.address.clone(),
-                                outbound: c.outbound,
-                                established: c.established,
-                            },
-                        )
-                    })
-                })
-                .collect();
-            let info = PeerInfo {
-                version: p.version,
-                uid: p.uid,
-                nickname: p.nickname.clone(),
-                connections,
-            };
+            let info = PeerInfo::from_wire(p);
             fresh.merge(&Entries(BTreeMap::from([(name, info)])));
         }
         if fresh.0.is_empty() {

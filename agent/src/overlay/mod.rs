@@ -69,6 +69,19 @@ pub struct OverlayConfig {
     pub no_fastdp: bool,
 }
 
+impl OverlayConfig {
+    /// The fastdp VXLAN device this configuration asks for.
+    fn vxlan_spec(&self) -> VxlanSpec {
+        VxlanSpec {
+            name: self.vxlan.clone(),
+            vni: VNI,
+            port: self.fastdp_port,
+            mtu: self.mtu,
+            bridge: self.bridge.clone(),
+        }
+    }
+}
+
 /// One peer link, as reported.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LinkReport {
@@ -228,13 +241,7 @@ impl DataPlane {
         if cfg.no_fastdp {
             return Err("disabled by --no-fastdp".into());
         }
-        let spec = VxlanSpec {
-            name: cfg.vxlan.clone(),
-            vni: VNI,
-            port: cfg.fastdp_port,
-            mtu: cfg.mtu,
-            bridge: cfg.bridge.clone(),
-        };
+        let spec = cfg.vxlan_spec();
         let (_, repairs) = tokio::task::spawn_blocking(move || fastdp::ensure_vxlan(&spec))
             .await
             .map_err(|e| e.to_string())?
@@ -488,14 +495,7 @@ impl DataPlane {
         let fastdp_on = self.fastdp.is_some();
         let result = tokio::task::spawn_blocking(move || {
             if fastdp_on {
-                let spec = VxlanSpec {
-                    name: cfg.vxlan.clone(),
-                    vni: VNI,
-                    port: cfg.fastdp_port,
-                    mtu: cfg.mtu,
-                    bridge: cfg.bridge.clone(),
-                };
-                let (_, repairs) = fastdp::ensure_vxlan(&spec)?;
+                let (_, repairs) = fastdp::ensure_vxlan(&cfg.vxlan_spec())?;
                 if !repairs.is_empty() {
                     info!(device = %cfg.vxlan, ?repairs, "VXLAN device repaired");
                 }

@@ -117,33 +117,10 @@ impl Udp {
     /// Sends `buf`, a run of datagrams of `segment` bytes each (the last may be shorter), to
     /// `to` — in one call with UDP_SEGMENT when the kernel supports it.
     pub fn send_segments(&self, buf: &[u8], segment: usize, to: SocketAddr) -> io::Result<()> {
-        use std::sync::atomic::Ordering::Relaxed;
         if buf.len() <= segment {
             return self.sock.send_to(buf, to).map(drop);
         }
-        if self.gso.load(Relaxed) {
-            match self.send_gso(buf, segment, to) {
-                Ok(()) => return Ok(()),
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::EINVAL | libc::EIO | libc::ENOPROTOOPT)
-                    ) =>
-                {
-                    tracing::info!(error = %e, "UDP segmentation offload unavailable; sending datagrams one by one");
-                    self.gso.store(false, Relaxed);
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        for d in buf.chunks(segment) {
-            self.sock.send_to(d, to)?;
-        }
-        Ok(())
-    }
-
-    fn send_gso(&self, buf: &[u8], segment: usize, to: SocketAddr) -> io::Result<()> {
-        self.send_gso_iov(&[IoSlice::new(buf)], segment, to)
+        self.send_parts(&[IoSlice::new(buf)], segment, to)
     }
 
     /// Sends the concatenation of `parts` as datagrams of `segment` bytes (the last may be
@@ -171,7 +148,15 @@ impl Udp {
                 Err(e) => return Err(e),
             }
         }
-        let all: Vec<u8> = parts.iter().flat_map(|p| p.iter().copied()).collect();
+        // One datagram per call; a single buffer is cut in place, several are joined first.
+        let joined: Vec<u8>;
+        let all: &[u8] = match parts {
+            [one] => one,
+            _ => {
+                joined = parts.iter().flat_map(|p| p.iter().copied()).collect();
+                &joined
+            }
+        };
         for d in all.chunks(segment) {
             self.sock.send_to(d, to)?;
         }
