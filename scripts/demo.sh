@@ -1,8 +1,9 @@
 #!/bin/sh
 # weft demo, self-contained in network namespaces: three "hosts" on a shared underlay each run
 # a weft agent; the agents form the mesh and share the IP range; "pods" are namespaces set up
-# through the real weft-cni plugin. Every pod pings every other pod across the hosts, and
-# `weft status`, `weft status ipam` and `weft ps` show what the agents see. Everything is
+# through the real weft-cni plugin and named in weave.local DNS. Every pod pings every other
+# pod across the hosts, by address and by name (resolved by its host's agent), and
+# `weft status`, `status ipam`, `status dns` and `weft ps` show what the agents see. Everything is
 # removed at the end (pass --keep to leave it running for a look around).
 # Run as root:   ./scripts/demo.sh        (HOSTS=N PODS=M change the sizes)
 set -eu
@@ -26,7 +27,7 @@ cleanup() {
     [ -S "$RUN/h$h/weft.sock" ] && ip netns exec "$P-h$h" "$BIN/weft" --socket "$RUN/h$h/weft.sock" stop --state-dir "$RUN/h$h/state" >/dev/null 2>&1 || true
   done
   for ns in $(ip netns list | awk '{print $1}' | grep "^$P-" || true); do ip netns del "$ns"; done
-  rm -rf "$RUN"
+  rm -rf "$RUN" /etc/netns/$P-*
 }
 cleanup
 [ "$KEEP" = "--keep" ] || trap cleanup EXIT
@@ -67,6 +68,18 @@ for h in $(seq 1 "$HOSTS"); do
   done
 done
 
+say "DNS: each host exposes itself on the weft network; its agent answers weave.local there"
+for h in $(seq 1 "$HOSTS"); do
+  dns=$(weft "$h" expose | cut -d/ -f1)
+  echo "   h$h: DNS on $dns"
+  for p in $(seq 1 "$PODS"); do
+    # What a container runtime would write into the pod's resolv.conf.
+    mkdir -p "/etc/netns/$P-h$h-p$p"
+    printf 'nameserver %s\nsearch weave.local\noptions ndots:1\n' "$dns" > "/etc/netns/$P-h$h-p$p/resolv.conf"
+    weft "$h" dns-add "/run/netns/$P-h$h-p$p" -h "h$h-p$p" | sed 's/^/   registered /'
+  done
+done
+
 say "every pod pings every other pod"
 fail=0
 for h in $(seq 1 "$HOSTS"); do for p in $(seq 1 "$PODS"); do
@@ -78,9 +91,22 @@ for h in $(seq 1 "$HOSTS"); do for p in $(seq 1 "$PODS"); do
   done; done
 done; done
 
+say "every pod resolves every other pod's name (h<host>-p<pod>) and pings it by name"
+for h in $(seq 1 "$HOSTS"); do for p in $(seq 1 "$PODS"); do
+  for h2 in $(seq 1 "$HOSTS"); do for p2 in $(seq 1 "$PODS"); do
+    [ "$h$p" = "$h2$p2" ] && continue
+    name="h$h2-p$p2"
+    want=$(cut -d/ -f1 "$RUN/h$h2/p$p2.addr")
+    got=$(ip netns exec "$P-h$h-p$p" getent hosts "$name" | awk '{print $1}' || true)
+    if [ "$got" = "$want" ] && ip netns exec "$P-h$h-p$p" ping -c1 -W2 "$name" >/dev/null; then r=ok; else r=FAILED; fail=1; fi
+    echo "   h$h/p$p: $name -> ${got:-nothing}: $r"
+  done; done
+done; done
+
 say "weft status on h1"; weft 1 status
 say "weft status connections on h1"; weft 1 status connections
 say "weft status ipam on h1 (the range, shared by the hosts)"; weft 1 status ipam
+say "weft status dns on h2 (the names of every host)"; weft 2 status dns
 for h in $(seq 1 "$HOSTS"); do
   say "weft ps on h$h"; weft "$h" ps
 done

@@ -103,6 +103,31 @@ pub struct AgentArgs {
     /// Carry all cross-host traffic in sleeve (userspace), never in the kernel's VXLAN.
     #[arg(long, env = "WEFT_NO_FASTDP")]
     pub no_fastdp: bool,
+
+    /// Do not run the DNS server (names are still gossiped by the other peers).
+    #[arg(long, env = "WEFT_NO_DNS")]
+    pub no_dns: bool,
+
+    /// Where the DNS server listens: "exposed" (port 53 of each address the host has on the
+    /// bridge, see weft expose), "exposed:PORT", or HOST:PORT[,HOST:PORT...].
+    #[arg(long, env = "WEFT_DNS_LISTEN", default_value = "exposed")]
+    pub dns_listen: crate::dns::Listen,
+
+    /// The domain weft answers for; names outside it are forwarded.
+    #[arg(long, env = "WEFT_DNS_DOMAIN", default_value = crate::dns::domain::DEFAULT_DOMAIN)]
+    pub dns_domain: crate::dns::domain::Domain,
+
+    /// TTL of weft's answers, in seconds.
+    #[arg(long, default_value_t = 1)]
+    pub dns_ttl: u32,
+
+    /// Where the upstream resolvers for other names are read from.
+    #[arg(long, default_value = "/etc/resolv.conf")]
+    pub resolv_conf: PathBuf,
+
+    /// How long to wait for each upstream resolver, in seconds.
+    #[arg(long, default_value_t = 5)]
+    pub dns_fallback_timeout: u64,
 }
 
 /// `--status-addr`: an address, or off.
@@ -137,6 +162,8 @@ pub struct AgentConfig {
     pub nickname: String,
     pub nft_table: String,
     pub mesh: MeshSettings,
+    /// `None` with --no-dns.
+    pub dns: Option<crate::dns::DnsConfig>,
 }
 
 /// Mesh settings after validation.
@@ -249,6 +276,13 @@ impl AgentArgs {
             nickname: self.nickname.clone().unwrap_or_else(crate::identity::hostname),
             nft_table: self.nft_table.clone(),
             mesh,
+            dns: (!self.no_dns).then(|| crate::dns::DnsConfig {
+                domain: self.dns_domain.clone(),
+                ttl: self.dns_ttl,
+                listen: self.dns_listen.clone(),
+                resolv_conf: self.resolv_conf.clone(),
+                upstream_timeout: std::time::Duration::from_secs(self.dns_fallback_timeout.max(1)),
+            }),
         })
     }
 }

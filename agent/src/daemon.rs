@@ -15,6 +15,7 @@ use tracing::{error, info, warn};
 use crate::config::AgentConfig;
 use crate::dataplane::Dataplane;
 use crate::dataplane::linux::LinuxDataplane;
+use crate::dns::{self, Dns};
 use crate::endpoints::record::Kind;
 use crate::endpoints::state::{State, StateConfig, StateHandle};
 use crate::endpoints::{Endpoints, Readiness};
@@ -43,6 +44,8 @@ pub struct Agent {
     pub mesh: Mesh,
     pub overlay: watch::Receiver<OverlayReport>,
     pub metrics: Arc<Metrics>,
+    /// `None` with --no-dns.
+    pub dns: Option<Dns>,
     pub ready: watch::Receiver<Readiness>,
     pub shutdown: CancellationToken,
     pub started: Instant,
@@ -70,6 +73,10 @@ impl Agent {
             })
             .await;
         let (bridge, ipam, endpoints) = state.unwrap_or_default();
+        let dns = match &self.dns {
+            Some(d) => Some(d.report().await),
+            None => None,
+        };
         Report {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             peer: PeerReport {
@@ -83,6 +90,7 @@ impl Agent {
             endpoints,
             mesh: self.mesh.report(),
             overlay: self.overlay.borrow().clone(),
+            dns,
         }
     }
 }
@@ -182,7 +190,18 @@ pub async fn run(cfg: AgentConfig, log_filter: &str) -> anyhow::Result<()> {
     let ipam_channel = mesh.channel("ipam");
     state.connect_ipam(ipam_channel.sender());
     let ipam_changes = state.ipam_changes();
+    let summaries = state.endpoint_summaries();
     let (state_handle, state_thread) = StateHandle::spawn(state)?;
+    let dns = cfg.dns.clone().map(|dns_cfg| {
+        let inputs = dns::Inputs {
+            channel: mesh.channel("dns"),
+            endpoints: summaries,
+            mesh: mesh.report_watch(),
+            state: state_handle.clone(),
+            store: store.clone(),
+        };
+        dns::start(dns_cfg, inputs, shutdown.clone())
+    });
     tokio::spawn(run_ipam(
         ipam_channel,
         state_handle.clone(),
@@ -225,6 +244,7 @@ pub async fn run(cfg: AgentConfig, log_filter: &str) -> anyhow::Result<()> {
         mesh,
         overlay,
         metrics,
+        dns,
         ready: ready_rx,
         shutdown: shutdown.clone(),
         started: Instant::now(),

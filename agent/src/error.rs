@@ -30,6 +30,8 @@ pub enum ApiError {
     Store(#[from] StoreError),
     #[error("the weft agent is shutting down")]
     Stopped,
+    #[error(transparent)]
+    Dns(#[from] crate::dns::DnsError),
 }
 
 impl ApiError {

@@ -3,7 +3,7 @@
 //!
 //! Layout by concern: `api` (local gRPC), `mesh` (peers, topology, gossip), `endpoints`
 //! (pods and attached namespaces),
-//! `dataplane` (kernel: bridge, veth, nftables), `ipam` (address allocation), `store`
+//! `dataplane` (kernel: bridge, veth, nftables), `ipam` (address allocation), `dns` (weave.local names), `store`
 //! (persistence), `status` and `metrics` (reporting), `cli` (the verbs), `daemon` (wiring).
 
 pub mod addr;
@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
+pub mod dns;
 pub mod endpoints;
 pub mod error;
 pub mod identity;

@@ -55,7 +55,12 @@ async fn run_verb(cli: Cli) -> Result<(), CliError> {
             };
             client::detach(s, id, &addrs).await
         }
-        Command::Expose { addrs, json } => client::expose(s, &addrs, json).await,
+        Command::Expose { addrs, hostname, json, .. } => {
+            client::expose(s, &addrs, hostname, json).await
+        }
+        Command::DnsAdd { targets, name, .. } => client::dns_add(s, &targets, name).await,
+        Command::DnsRemove { targets, name, .. } => client::dns_remove(s, &targets, name).await,
+        Command::DnsLookup { name, json } => client::dns_lookup(s, name, json).await,
         Command::Hide { addrs } => client::hide(s, &addrs).await,
         Command::Version { json } => client::version(s, json).await,
     }

@@ -61,6 +61,8 @@ pub struct Metrics {
     sleeve_frames: Family<KindLabel, Counter>,
     sleeve_bytes: Family<KindLabel, Counter>,
     sleeve_datagrams: Family<KindLabel, Counter>,
+    dns_entries: Gauge,
+    dns_queries: Family<KindLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -146,8 +148,22 @@ impl Metrics {
              malformed, unauthentic or replayed, no_route)",
             sleeve_datagrams.clone(),
         );
+        let dns_entries = Gauge::default();
+        registry.register(
+            "dns_entries",
+            "Live weave.local entries of all peers held by this agent",
+            dns_entries.clone(),
+        );
+        let dns_queries = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "dns_queries",
+            "DNS queries served, by outcome (answered, nxdomain, forwarded, failed)",
+            dns_queries.clone(),
+        );
         Metrics {
             registry,
+            dns_entries,
+            dns_queries,
             cni_duration,
             cni_requests,
             ready,
@@ -238,6 +254,14 @@ impl Metrics {
         mirror(&self.sleeve_datagrams, "relayed", s.relayed);
         mirror(&self.sleeve_datagrams, "bad", s.dropped_bad);
         mirror(&self.sleeve_datagrams, "no_route", s.dropped_no_route);
+        if let Some(d) = &report.dns {
+            self.dns_entries.set(i64::try_from(d.entries.len()).unwrap_or(i64::MAX));
+            let q = &d.queries;
+            mirror(&self.dns_queries, "answered", q.answered);
+            mirror(&self.dns_queries, "nxdomain", q.nxdomain);
+            mirror(&self.dns_queries, "forwarded", q.forwarded);
+            mirror(&self.dns_queries, "failed", q.failed);
+        }
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

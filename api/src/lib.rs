@@ -22,7 +22,7 @@ pub use v1::agent_client::AgentClient;
 
 /// Revision of the API this crate speaks. Additions (new RPCs, new fields) bump it; a
 /// breaking change would be a new package (`weft.v2`) served next to `weft.v1`.
-pub const API_REVISION: u32 = 2;
+pub const API_REVISION: u32 = 3;
 
 /// Default path of the agent's socket.
 pub const DEFAULT_SOCKET: &str = "/run/weft/weft.sock";

@@ -143,6 +143,21 @@ pub fn bin_dir() -> PathBuf {
     })
 }
 
+/// A client of the agent's local API.
+pub type Client = weft_api::AgentClient<tonic::transport::Channel>;
+
+/// Connects to the agent's socket, retrying until it answers (bounded).
+pub async fn client(socket: &Path) -> Client {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(c) = weft_api::connect(socket).await {
+            return c;
+        }
+        assert!(Instant::now() < deadline, "no agent on {}", socket.display());
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

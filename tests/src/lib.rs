@@ -160,6 +160,15 @@ impl Default for AgentOpts {
     }
 }
 
+impl AgentOpts {
+    /// The default range, a nickname, and more flags.
+    pub fn nick(nick: &str, extra: &[&str]) -> AgentOpts {
+        let mut e = vec!["--nickname".to_owned(), nick.to_owned()];
+        e.extend(extra.iter().map(|s| s.to_string()));
+        AgentOpts { extra: e, ..AgentOpts::default() }
+    }
+}
+
 /// A `weft agent` running in a host namespace (or the root namespace), with its own socket
 /// and state directory.
 #[derive(Debug)]

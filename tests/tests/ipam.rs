@@ -15,12 +15,6 @@ const T: Duration = Duration::from_secs(30);
 /// Addresses in 10.32.0.0/12.
 const RANGE_SIZE: u64 = 1 << 20;
 
-fn opts(nick: &str, extra: &[&str]) -> AgentOpts {
-    let mut e = vec!["--nickname".to_owned(), nick.to_owned()];
-    e.extend(extra.iter().map(|s| s.to_string()));
-    AgentOpts { extra: e, ..AgentOpts::default() }
-}
-
 /// Starts one agent per lab host, each told about all the others (so `consensus=N` by default).
 fn mesh_of(lab: &Lab, hosts: Vec<Netns>, extra: &[&str]) -> Vec<Agent> {
     let n = hosts.len();
@@ -30,7 +24,7 @@ fn mesh_of(lab: &Lab, hosts: Vec<Netns>, extra: &[&str]) -> Vec<Agent> {
         .map(|(i, h)| {
             let mut e: Vec<&str> = extra.to_vec();
             e.extend((1..=n).filter(|j| *j != i + 1).map(|j| lab.ip(j)));
-            Agent::start_in(h, opts(&format!("h{}", i + 1), &e))
+            Agent::start_in(h, AgentOpts::nick(&format!("h{}", i + 1), &e))
         })
         .collect()
 }
@@ -168,7 +162,7 @@ fn claims_after_wiping_persistence_get_the_same_addresses_back_320() {
         .map(|(i, h)| {
             let mut e = vec!["--name", names[i]];
             e.extend((1..=3).filter(|j| *j != i + 1).map(|j| lab.ip(j)));
-            Agent::start_in(h, opts(&format!("h{}", i + 1), &e))
+            Agent::start_in(h, AgentOpts::nick(&format!("h{}", i + 1), &e))
         })
         .collect();
     let pods: Vec<(Netns, String)> = (0..3).map(|_| pod(&a[0])).collect();
@@ -265,11 +259,11 @@ fn observers_do_not_vote_340() {
     let mut hosts = hosts.into_iter();
     let h1 = Agent::start_in(
         hosts.next().unwrap(),
-        opts("h1", &["--ipalloc-init", "consensus=2", lab.ip(2), lab.ip(3)]),
+        AgentOpts::nick("h1", &["--ipalloc-init", "consensus=2", lab.ip(2), lab.ip(3)]),
     );
     let h2 = Agent::start_in(
         hosts.next().unwrap(),
-        opts("h2", &["--ipalloc-init", "observer", lab.ip(1), lab.ip(3)]),
+        AgentOpts::nick("h2", &["--ipalloc-init", "observer", lab.ip(1), lab.ip(3)]),
     );
     wait_until(T, "h1 and h2 to connect", || h1.ipam().is_object() && reachable(&h1, &h2));
     let ns = Netns::new("p");
@@ -281,7 +275,7 @@ fn observers_do_not_vote_340() {
     // A second voter makes the quorum.
     let h3 = Agent::start_in(
         hosts.next().unwrap(),
-        opts("h3", &["--ipalloc-init", "consensus=2", lab.ip(1), lab.ip(2)]),
+        AgentOpts::nick("h3", &["--ipalloc-init", "consensus=2", lab.ip(1), lab.ip(2)]),
     );
     let done = waiting.wait_with_output().expect("attach");
     assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
@@ -311,7 +305,7 @@ fn an_observer_triggers_consensus_among_the_voters_350() {
             let init = if i == 2 { "observer" } else { "consensus=2" };
             let mut e = vec!["--ipalloc-init", init];
             e.extend((1..=3).filter(|j| *j != i + 1).map(|j| lab.ip(j)));
-            Agent::start_in(h, opts(&format!("h{}", i + 1), &e))
+            Agent::start_in(h, AgentOpts::nick(&format!("h{}", i + 1), &e))
         })
         .collect();
     wait_until(T, "the observer to reach both voters", || {
@@ -330,8 +324,8 @@ fn an_observer_triggers_consensus_among_the_voters_350() {
 fn separately_seeded_rings_meeting_are_reported_and_nothing_breaks_360() {
     let (lab, hosts) = Lab::new(2, 1500);
     let mut hosts = hosts.into_iter();
-    let h1 = Agent::start_in(hosts.next().unwrap(), opts("h1", &[]));
-    let h2 = Agent::start_in(hosts.next().unwrap(), opts("h2", &[]));
+    let h1 = Agent::start_in(hosts.next().unwrap(), AgentOpts::nick("h1", &[]));
+    let h2 = Agent::start_in(hosts.next().unwrap(), AgentOpts::nick("h2", &[]));
     let (_p1, x) = pod(&h1);
     let (_p2, y) = pod(&h2);
     assert_eq!(x, y, "each formed a ring of its own");
@@ -362,10 +356,10 @@ fn separately_seeded_rings_meeting_are_reported_and_nothing_breaks_360() {
 
 #[test]
 fn a_range_change_discards_the_persisted_ring_362() {
-    let mut a = Agent::start(opts("h1", &[]));
+    let mut a = Agent::start(AgentOpts::nick("h1", &[]));
     let (_p, first) = pod(&a);
     assert!(first.starts_with("10.32."), "{first}");
-    a.restart_with(AgentOpts { range: "10.40.0.0/16".into(), ..opts("h1", &[]) });
+    a.restart_with(AgentOpts { range: "10.40.0.0/16".into(), ..AgentOpts::nick("h1", &[]) });
     assert!(a.log().contains("range changed from 10.32.0.0/12 to 10.40.0.0/16"), "{}", a.log());
     let (_q, second) = pod(&a);
     assert!(second.starts_with("10.40."), "{second}");
@@ -408,11 +402,11 @@ fn explicit_seeds_allocate_without_talking_380() {
     let mut hosts = hosts.into_iter();
     let h1 = Agent::start_in(
         hosts.next().unwrap(),
-        opts("h1", &["--name", n1, "--ipalloc-init", &seed]),
+        AgentOpts::nick("h1", &["--name", n1, "--ipalloc-init", &seed]),
     );
     let h2 = Agent::start_in(
         hosts.next().unwrap(),
-        opts("h2", &["--name", n2, "--ipalloc-init", &seed]),
+        AgentOpts::nick("h2", &["--name", n2, "--ipalloc-init", &seed]),
     );
     // Not connected, yet both allocate at once, from disjoint halves.
     let (_p1, x) = pod(&h1);
@@ -425,7 +419,7 @@ fn explicit_seeds_allocate_without_talking_380() {
     // A third peer, not a seed, asks for space.
     let h3 = Agent::start_in(
         hosts.next().unwrap(),
-        opts("h3", &["--name", n3, "--ipalloc-init", &seed, lab.ip(1), lab.ip(2)]),
+        AgentOpts::nick("h3", &["--name", n3, "--ipalloc-init", &seed, lab.ip(1), lab.ip(2)]),
     );
     let (_p3, z) = pod(&h3);
     assert!(z != x && z != y, "{z}");
@@ -462,7 +456,7 @@ async fn unreserve(a: &Agent, id: &str) -> bool {
 
 #[test]
 fn reservations_hold_addresses_without_an_interface_and_survive_restarts() {
-    let mut a = Agent::start(opts("h1", &[]));
+    let mut a = Agent::start(AgentOpts::nick("h1", &[]));
     let rt = rt();
     let x = rt.block_on(reserve(&a, "docker-1")).expect("reserve");
     assert_eq!(x.len(), 1);

@@ -15,6 +15,7 @@ use weft_api::v1::{self, ErrorReason, agent_server::AgentServer};
 
 use crate::addr::AddrRequest;
 use crate::daemon::Agent;
+use crate::dns::DnsError;
 use crate::endpoints::record::{EndpointRecord, Kind, PodRef};
 use crate::endpoints::state::{AttachReserve, CniReserve};
 use crate::endpoints::{CniAdd, CniAdded, Readiness};
@@ -72,6 +73,18 @@ impl From<ApiError> for Status {
             }
             ApiError::Kernel(_) | ApiError::Store(_) => status(Code::Internal, R::Kernel, "", &e),
             ApiError::Stopped => status(Code::Unavailable, R::NotReady, "", &e),
+            ApiError::Dns(d) => match d {
+                DnsError::Name(_) => status(Code::InvalidArgument, R::InvalidRequest, "name", &e),
+                DnsError::NothingToAdd | DnsError::NothingToRemove => {
+                    status(Code::InvalidArgument, R::InvalidRequest, "", &e)
+                }
+                DnsError::UnknownEndpoint(_) => {
+                    status(Code::NotFound, R::EndpointUnknown, "endpoint_id", &e)
+                }
+                DnsError::Disabled => status(Code::FailedPrecondition, R::InvalidRequest, "", &e),
+                DnsError::Store(_) => status(Code::Internal, R::Kernel, "", &e),
+                DnsError::Stopped => status(Code::Unavailable, R::NotReady, "", &e),
+            },
         }
     }
 }
@@ -163,11 +176,16 @@ fn add_reply(a: &CniAdded) -> v1::CniAddReply {
     }
 }
 
-fn not_yet<T>(what: &str) -> Result<Response<T>, Status> {
-    Err(Status::unimplemented(format!("{what} is not available in this version of weft")))
+fn parse_addrs(addrs: &[v1::IpAddress]) -> Result<Vec<IpAddr>, ApiError> {
+    addrs.iter().map(|a| IpAddr::try_from(a).map_err(|e| bad("addresses", e))).collect()
 }
 
 impl Service {
+    /// The DNS service, unless the agent runs with --no-dns.
+    fn dns(&self) -> Result<&crate::dns::Dns, ApiError> {
+        self.agent.dns.as_ref().ok_or(ApiError::Dns(DnsError::Disabled))
+    }
+
     /// Times a CNI command and counts its result.
     async fn timed<T>(
         &self,
@@ -333,8 +351,10 @@ impl v1::agent_server::Agent for Service {
         &self,
         req: Request<v1::ExposeRequest>,
     ) -> Result<Response<v1::ExposeReply>, Status> {
-        let reqs = parse_requests(&req.into_inner().addresses).map_err(Status::from)?;
-        let addrs = self.agent.endpoints.expose(reqs).await?;
+        let req = req.into_inner();
+        let reqs = parse_requests(&req.addresses).map_err(Status::from)?;
+        let hostname = (!req.hostname.is_empty()).then_some(req.hostname);
+        let addrs = self.agent.endpoints.expose(reqs, hostname).await?;
         Ok(Response::new(v1::ExposeReply {
             addresses: addrs.into_iter().map(Into::into).collect(),
         }))
@@ -430,23 +450,49 @@ impl v1::agent_server::Agent for Service {
 
     async fn dns_add(
         &self,
-        _: Request<v1::DnsAddRequest>,
+        req: Request<v1::DnsAddRequest>,
     ) -> Result<Response<v1::DnsAddReply>, Status> {
-        not_yet("dns-add")
+        let dns = self.dns()?;
+        let req = req.into_inner();
+        let addrs = parse_addrs(&req.addresses)?;
+        let endpoint = (!req.endpoint_id.is_empty()).then_some(req.endpoint_id);
+        let added = dns.add(req.name, addrs, endpoint).await.map_err(ApiError::from)?;
+        Ok(Response::new(v1::DnsAddReply {
+            records: added
+                .into_iter()
+                .map(|e| v1::DnsRecord {
+                    name: e.name,
+                    address: Some(e.addr.into()),
+                    endpoint_id: e.endpoint,
+                    origin: e.origin.to_string(),
+                })
+                .collect(),
+        }))
     }
 
     async fn dns_remove(
         &self,
-        _: Request<v1::DnsRemoveRequest>,
+        req: Request<v1::DnsRemoveRequest>,
     ) -> Result<Response<v1::DnsRemoveReply>, Status> {
-        not_yet("dns-remove")
+        let dns = self.dns()?;
+        let req = req.into_inner();
+        let removal = crate::dns::Removal {
+            name: (!req.name.is_empty()).then_some(req.name),
+            addrs: parse_addrs(&req.addresses)?,
+            endpoint: (!req.endpoint_id.is_empty()).then_some(req.endpoint_id),
+        };
+        let removed = dns.remove(removal).await.map_err(ApiError::from)?;
+        Ok(Response::new(v1::DnsRemoveReply { removed }))
     }
 
     async fn dns_lookup(
         &self,
-        _: Request<v1::DnsLookupRequest>,
+        req: Request<v1::DnsLookupRequest>,
     ) -> Result<Response<v1::DnsLookupReply>, Status> {
-        not_yet("dns-lookup")
+        let addrs = self.dns()?.lookup(&req.into_inner().name).map_err(ApiError::from)?;
+        Ok(Response::new(v1::DnsLookupReply {
+            addresses: addrs.into_iter().map(Into::into).collect(),
+        }))
     }
 
     async fn status(

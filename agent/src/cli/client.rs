@@ -108,6 +108,8 @@ pub async fn status(socket: &Path, what: Option<StatusView>, json: bool) -> Resu
         }
         (Some(StatusView::Ipam), true) => print_json(&r.ipam),
         (Some(StatusView::Ipam), false) => print_lines(render::ipam(&r)),
+        (Some(StatusView::Dns), true) => print_json(&r.dns),
+        (Some(StatusView::Dns), false) => print_lines(render::dns(&r)),
         (Some(StatusView::Targets), true) => print_json(&r.mesh.targets),
         (Some(StatusView::Targets), false) => {
             print_lines(r.mesh.targets.iter().filter(|t| !t.discovered).map(|t| t.target.clone()))
@@ -217,12 +219,17 @@ pub async fn detach(socket: &Path, id: String, addrs: &[AddrRequest]) -> Result<
     print_lines(nets(&reply.removed).iter().map(IpNet::to_string))
 }
 
-pub async fn expose(socket: &Path, addrs: &[AddrRequest], json: bool) -> Result<(), CliError> {
+pub async fn expose(
+    socket: &Path,
+    addrs: &[AddrRequest],
+    hostname: Option<String>,
+    json: bool,
+) -> Result<(), CliError> {
     let mut c = connect(socket).await?;
     let reply = c
         .expose(v1::ExposeRequest {
             addresses: to_wire(addrs),
-            hostname: String::new(),
+            hostname: hostname.unwrap_or_default(),
             skip_masquerade: false,
         })
         .await?
@@ -257,4 +264,70 @@ pub async fn version(socket: &Path, json: bool) -> Result<(), CliError> {
         None => "agent not running".to_owned(),
     });
     print_lines(lines)
+}
+
+/// The operands of dns-add / dns-remove: addresses, and at most one endpoint (id or
+/// namespace path).
+fn dns_targets(targets: &[String]) -> Result<(Vec<v1::IpAddress>, String), CliError> {
+    let mut addrs = Vec::new();
+    let mut endpoint = None;
+    for t in targets {
+        match t.parse::<std::net::IpAddr>() {
+            Ok(a) => addrs.push(a.into()),
+            Err(_) if endpoint.is_none() => endpoint = Some(t.clone()),
+            Err(_) => {
+                return Err(CliError::Usage(format!(
+                    "{t:?} is neither an IP address nor the only endpoint (already have {:?})",
+                    endpoint.unwrap_or_default()
+                )));
+            }
+        }
+    }
+    Ok((addrs, endpoint.unwrap_or_default()))
+}
+
+/// `weft dns-add [IP...] [ENDPOINT] -h NAME`.
+pub async fn dns_add(socket: &Path, targets: &[String], name: String) -> Result<(), CliError> {
+    let (addresses, endpoint_id) = dns_targets(targets)?;
+    if addresses.is_empty() && endpoint_id.is_empty() {
+        return Err(CliError::Usage("give the addresses and/or the endpoint to name".into()));
+    }
+    let mut c = connect(socket).await?;
+    let reply = c.dns_add(v1::DnsAddRequest { name, addresses, endpoint_id }).await?.into_inner();
+    print_lines(reply.records.iter().map(|r| {
+        let addr = r.address.as_ref().and_then(|a| std::net::IpAddr::try_from(a).ok());
+        format!("{} {}", r.name, addr.map(|a| a.to_string()).unwrap_or_default())
+    }))
+}
+
+/// `weft dns-remove [IP...] [ENDPOINT] [-h NAME]`.
+pub async fn dns_remove(
+    socket: &Path,
+    targets: &[String],
+    name: Option<String>,
+) -> Result<(), CliError> {
+    let (addresses, endpoint_id) = dns_targets(targets)?;
+    let name = name.unwrap_or_default();
+    if addresses.is_empty() && endpoint_id.is_empty() && name.is_empty() {
+        return Err(CliError::Usage("give a name (-h), addresses or an endpoint".into()));
+    }
+    let mut c = connect(socket).await?;
+    let reply =
+        c.dns_remove(v1::DnsRemoveRequest { name, addresses, endpoint_id }).await?.into_inner();
+    print_lines([format!("{} records removed", reply.removed)])
+}
+
+/// `weft dns-lookup NAME`: the addresses weft DNS has for a name, one per line.
+pub async fn dns_lookup(socket: &Path, name: String, json: bool) -> Result<(), CliError> {
+    let mut c = connect(socket).await?;
+    let reply = c.dns_lookup(v1::DnsLookupRequest { name: name.clone() }).await?.into_inner();
+    let addrs: Vec<std::net::IpAddr> =
+        reply.addresses.iter().filter_map(|a| std::net::IpAddr::try_from(a).ok()).collect();
+    if json {
+        return print_json(&addrs);
+    }
+    if addrs.is_empty() {
+        return Err(CliError::Failed(format!("{name}: no such name in weft DNS")));
+    }
+    print_lines(addrs.iter().map(ToString::to_string))
 }

@@ -39,6 +39,7 @@ pub enum StatusView {
     Connections,
     Targets,
     Ipam,
+    Dns,
 }
 
 #[derive(Subcommand, Debug)]
@@ -137,8 +138,45 @@ pub enum Command {
         id: Option<String>,
     },
     /// Give the host an address on the weft network (idempotent).
+    #[command(disable_help_flag = true)]
     Expose {
         addrs: Vec<AddrRequest>,
+        /// DNS name for the host's addresses (a single label is put in the domain).
+        #[arg(short = 'h', long = "hostname", value_name = "NAME")]
+        hostname: Option<String>,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, action = clap::ArgAction::Help, help = "Print help")]
+        help: Option<bool>,
+    },
+    /// Register a DNS name for addresses and/or an endpoint (its addresses, now and later;
+    /// the name goes away with the endpoint).
+    #[command(name = "dns-add", disable_help_flag = true)]
+    DnsAdd {
+        /// IP addresses, and/or one endpoint (id or namespace path, see weft ps).
+        #[arg(value_name = "IP|ENDPOINT", required = true)]
+        targets: Vec<String>,
+        /// The name (a single label is put in the domain, e.g. db -> db.weave.local).
+        #[arg(short = 'h', long = "hostname", value_name = "NAME")]
+        name: String,
+        #[arg(long, action = clap::ArgAction::Help, help = "Print help")]
+        help: Option<bool>,
+    },
+    /// Remove DNS names: those matching every given filter (name, addresses, endpoint).
+    #[command(name = "dns-remove", disable_help_flag = true)]
+    DnsRemove {
+        /// IP addresses, and/or one endpoint (id or namespace path).
+        #[arg(value_name = "IP|ENDPOINT")]
+        targets: Vec<String>,
+        #[arg(short = 'h', long = "hostname", value_name = "NAME")]
+        name: Option<String>,
+        #[arg(long, action = clap::ArgAction::Help, help = "Print help")]
+        help: Option<bool>,
+    },
+    /// Print the addresses weft DNS has for a name.
+    #[command(name = "dns-lookup")]
+    DnsLookup {
+        name: String,
         #[arg(long)]
         json: bool,
     },

@@ -57,6 +57,8 @@ pub fn status(r: &Report) -> Vec<String> {
         field("Trusted subnets", join(&r.mesh.trusted_subnets)),
         field("Overlay MTU", r.overlay.mtu),
         field("fastdp", &r.overlay.fastdp),
+        String::new(),
+        field("DNS", dns_summary(r)),
     ];
     if !r.bridge.last_repairs.is_empty() {
         lines.insert(6, field("Last change", r.bridge.last_repairs.join(", ")));
@@ -105,6 +107,55 @@ pub fn ipam(r: &Report) -> Vec<String> {
     }
     for a in &ring.pending_claims {
         out.push(format!("claiming {a} from its owner"));
+    }
+    out
+}
+
+fn dns_summary(r: &Report) -> String {
+    let Some(d) = &r.dns else { return "disabled (--no-dns)".to_owned() };
+    let names: std::collections::BTreeSet<&str> =
+        d.entries.iter().map(|e| e.name.as_str()).collect();
+    let place = if d.listen.is_empty() { d.listen_problem.clone() } else { d.listen.join(", ") };
+    format!("{} ({} names, {} entries), {place}", d.domain, names.len(), d.entries.len())
+}
+
+/// `weft status dns`: where the server listens, its upstreams, and every live entry (name,
+/// address, endpoint, origin peer), sorted by name.
+pub fn dns(r: &Report) -> Vec<String> {
+    let Some(d) = &r.dns else { return vec!["DNS is disabled on this agent (--no-dns)".into()] };
+    let listen = if d.listen.is_empty() { d.listen_problem.clone() } else { d.listen.join(", ") };
+    let upstream = if d.upstream.is_empty() { "none".to_owned() } else { d.upstream.join(", ") };
+    let q = &d.queries;
+    let mut out = vec![
+        field("Domain", &d.domain),
+        field("Listen", listen),
+        field("Upstream", upstream),
+        field("TTL", format!("{} s", d.ttl)),
+        field(
+            "Queries",
+            format!(
+                "{} answered, {} NXDOMAIN, {} forwarded, {} failed",
+                q.answered, q.nxdomain, q.forwarded, q.failed
+            ),
+        ),
+        field(
+            "Entries",
+            format!("{} live, {} deleted (kept 30 min)", d.entries.len(), d.tombstones),
+        ),
+        String::new(),
+    ];
+    let mut entries: Vec<_> = d.entries.iter().collect();
+    entries.sort_by(|a, b| {
+        (a.name.to_ascii_lowercase(), a.address).cmp(&(b.name.to_ascii_lowercase(), b.address))
+    });
+    for e in entries {
+        out.push(format!(
+            "{:<32} {:<16} {:<24} {}",
+            e.name,
+            e.address,
+            e.endpoint,
+            nick(&e.origin, &e.nickname)
+        ));
     }
     out
 }

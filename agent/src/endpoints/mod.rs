@@ -428,8 +428,15 @@ impl Endpoints {
         Ok(removed)
     }
 
-    pub async fn expose(&self, reqs: Vec<AddrRequest>) -> Result<Vec<IpNet>, ApiError> {
-        let (named, _) = self.allocating(ALLOC_WAIT, move |s| s.expose(&reqs)).await?;
+    /// `weft expose [ADDR...] [-h NAME]`: addresses for the host on the bridge, and a DNS name
+    /// for them.
+    pub async fn expose(
+        &self,
+        reqs: Vec<AddrRequest>,
+        hostname: Option<String>,
+    ) -> Result<Vec<IpNet>, ApiError> {
+        let (named, _) =
+            self.allocating(ALLOC_WAIT, move |s| s.expose(&reqs, hostname.clone())).await?;
         Ok(named)
     }
 

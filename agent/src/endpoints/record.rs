@@ -120,6 +120,31 @@ mod mac_opt {
     }
 }
 
+/// What other subsystems (DNS) need to know of an endpoint, published by the state owner
+/// after every change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointSummary {
+    pub id: String,
+    pub netns: Option<PathBuf>,
+    /// The DNS name given to the endpoint, as given.
+    pub hostname: Option<String>,
+    pub addrs: Vec<IpAddr>,
+    /// The host's own addresses on the bridge.
+    pub exposed: bool,
+}
+
+impl EndpointSummary {
+    pub fn of(r: &EndpointRecord) -> EndpointSummary {
+        EndpointSummary {
+            id: r.id.clone(),
+            netns: r.netns.clone(),
+            hostname: r.hostname.clone(),
+            addrs: r.addresses.iter().map(IpNet::addr).collect(),
+            exposed: r.kind == Kind::Expose,
+        }
+    }
+}
+
 /// The CNI attachment id: container id and interface name (the pair CNI identifies attachments by).
 pub fn cni_id(container_id: &str, ifname: &str) -> String {
     format!("{container_id}/{ifname}")

@@ -15,7 +15,7 @@ use ipnet::IpNet;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
-use super::record::{EXPOSE_ID, EndpointRecord, Kind, PodRef, Route};
+use super::record::{EXPOSE_ID, EndpointRecord, EndpointSummary, Kind, PodRef, Route};
 use crate::addr::AddrRequest;
 use crate::dataplane::nft::{OverlayFirewall, Table as NftTable};
 use crate::dataplane::{BridgeSpec, Dataplane, Mac, host_ifname_for};
@@ -74,6 +74,9 @@ pub struct State {
     ipam_changes: watch::Sender<u64>,
     /// The origin of the IPAM's clock.
     epoch: std::time::Instant,
+    /// Endpoints as other subsystems see them, and whether that is behind the records.
+    summaries: watch::Sender<Arc<Vec<EndpointSummary>>>,
+    summaries_stale: bool,
     last_bridge_repairs: Vec<String>,
 }
 
@@ -140,6 +143,8 @@ impl State {
             ipam_out: None,
             ipam_changes: watch::channel(0).0,
             epoch: std::time::Instant::now(),
+            summaries: watch::channel(Arc::new(Vec::new())).0,
+            summaries_stale: true,
             last_bridge_repairs: Vec::new(),
         })
     }
@@ -157,6 +162,44 @@ impl State {
     /// Bumped whenever a waiting allocation may now succeed.
     pub fn ipam_changes(&self) -> watch::Receiver<u64> {
         self.ipam_changes.subscribe()
+    }
+
+    /// The endpoints as they change (names and addresses, for DNS).
+    pub fn endpoint_summaries(&mut self) -> watch::Receiver<Arc<Vec<EndpointSummary>>> {
+        self.publish_summaries();
+        self.summaries.subscribe()
+    }
+
+    /// After every call that changed records: a new summary for subscribers.
+    fn publish_summaries(&mut self) {
+        if !std::mem::take(&mut self.summaries_stale) {
+            return;
+        }
+        let now: Vec<EndpointSummary> = self
+            .records
+            .values()
+            .filter(|r| r.kind != Kind::Reservation)
+            .map(EndpointSummary::of)
+            .collect();
+        self.summaries.send_if_modified(|held| {
+            if **held == now {
+                return false;
+            }
+            *held = Arc::new(now);
+            true
+        });
+    }
+
+    /// Sets or clears the DNS name of an endpoint; returns whether the endpoint exists.
+    pub fn set_hostname(&mut self, id: &str, hostname: Option<String>) -> Result<bool, ApiError> {
+        let Some(rec) = self.records.get(id) else { return Ok(false) };
+        if rec.hostname == hostname {
+            return Ok(true);
+        }
+        let rec = EndpointRecord { hostname, ..rec.clone() };
+        self.persist(&[&rec], &[])?;
+        self.records.insert(id.to_owned(), rec);
+        Ok(true)
     }
 
     /// After every call: persist the ring if it changed, then send what the IPAM has to say,
@@ -257,6 +300,7 @@ impl State {
     }
 
     fn persist(&mut self, recs: &[&EndpointRecord], deleted: &[&str]) -> Result<(), ApiError> {
+        self.summaries_stale = true;
         let mut ops = Vec::new();
         // A ring that changed with these records (space received) is written with them.
         let ring = self.ipam.take_ring_dirty();
@@ -366,7 +410,7 @@ impl State {
         if self.ipam.validate_subnet(subnet).is_err() {
             return Ok(None); // outside the range: weft cannot pick a gateway there
         }
-        let (added, _) = self.expose(&[AddrRequest::Subnet(subnet)])?;
+        let (added, _) = self.expose(&[AddrRequest::Subnet(subnet)], None)?;
         Ok(added.first().map(IpNet::addr))
     }
 
@@ -599,7 +643,11 @@ impl State {
 
     /// Puts addresses on the bridge (`weft expose`); idempotent. Returns the addresses the
     /// request names and the full exposed list.
-    pub fn expose(&mut self, reqs: &[AddrRequest]) -> Result<(Vec<IpNet>, Vec<IpNet>), ApiError> {
+    pub fn expose(
+        &mut self,
+        reqs: &[AddrRequest],
+        hostname: Option<String>,
+    ) -> Result<(Vec<IpNet>, Vec<IpNet>), ApiError> {
         let have = self.records.get(EXPOSE_ID).map(|r| r.addresses.clone()).unwrap_or_default();
         let reqs = if reqs.is_empty() { vec![AddrRequest::Default] } else { reqs.to_vec() };
         let assigned = self.assign_all(EXPOSE_ID, &have, &reqs)?;
@@ -609,13 +657,16 @@ impl State {
             mac: Some(self.cfg.bridge_mac),
             ..self.blank_record(EXPOSE_ID, Kind::Expose)
         });
-        let before = rec.addresses.len();
+        let before = (rec.addresses.len(), rec.hostname.clone());
         for n in &named {
             if !rec.addresses.contains(n) {
                 rec.addresses.push(*n);
             }
         }
-        if rec.addresses.len() != before {
+        if hostname.is_some() {
+            rec.hostname = hostname;
+        }
+        if (rec.addresses.len(), rec.hostname.clone()) != before {
             if let Err(e) = self.persist(&[&rec], &[]) {
                 for (n, new) in &assigned {
                     if *new {
@@ -781,6 +832,7 @@ impl StateHandle {
             while let Some(Msg::Run(job)) = rx.blocking_recv() {
                 job(&mut state);
                 state.flush_ipam();
+                state.publish_summaries();
             }
         })?;
         Ok((StateHandle { tx }, thread))

@@ -114,6 +114,11 @@ impl GossipChannel {
         self.send(SendKind::Gossip { exclude: None }, payload);
     }
 
+    /// Gossips to a few neighbours other than `exclude` (who told us).
+    pub fn gossip_except(&self, exclude: PeerName, payload: Vec<u8>) {
+        self.send(SendKind::Gossip { exclude: Some(exclude) }, payload);
+    }
+
     pub fn broadcast(&self, payload: Vec<u8>) {
         self.send(SendKind::Broadcast, payload);
     }

@@ -19,6 +19,9 @@ pub struct Report {
     pub mesh: crate::mesh::report::MeshReport,
     #[serde(default)]
     pub overlay: crate::overlay::OverlayReport,
+    /// Absent when the agent runs with --no-dns.
+    #[serde(default)]
+    pub dns: Option<crate::dns::DnsReport>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

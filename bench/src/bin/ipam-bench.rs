@@ -42,20 +42,6 @@ fn spawn_agent(bin: &Path, ns: &str, dir: &Path, extra: &[&str]) -> Child {
         .expect("starting the agent")
 }
 
-type Client = weft_api::AgentClient<tonic::transport::Channel>;
-
-/// Connects to the agent's socket, retrying until it answers (bounded).
-async fn client(socket: &Path) -> Client {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(c) = weft_api::connect(socket).await {
-            return c;
-        }
-        assert!(Instant::now() < deadline, "no agent on {}", socket.display());
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-}
-
 fn default_request() -> Vec<v1::AddressRequest> {
     vec![v1::AddressRequest { kind: Some(v1::address_request::Kind::DefaultSubnet(v1::Empty {})) }]
 }
