@@ -3,7 +3,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// The value of `--name VALUE` in `args`, or `default` when absent or unparsable.
@@ -141,6 +141,27 @@ pub fn bin_dir() -> PathBuf {
         let exe = std::env::current_exe().expect("current exe");
         exe.parent().expect("target/<profile>").to_path_buf()
     })
+}
+
+/// Starts `weft agent` in namespace `ns` with its files under `dir`.
+// The caller kills and waits for the returned child.
+#[allow(clippy::zombie_processes)]
+pub fn spawn_agent(bin: &Path, ns: &str, dir: &Path, extra: &[&str]) -> Child {
+    std::fs::create_dir_all(dir).expect("agent dir");
+    let log = std::fs::File::create(dir.join("agent.log")).expect("log");
+    Command::new("ip")
+        .args(["netns", "exec", ns])
+        .arg(bin.join("weft"))
+        .arg("--socket")
+        .arg(dir.join("weft.sock"))
+        .args(["agent", "--status-addr", "off", "--log-level", "warn", "--state-dir"])
+        .arg(dir.join("state"))
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("starting the agent")
 }
 
 /// A client of the agent's local API.

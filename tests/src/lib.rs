@@ -553,6 +553,21 @@ impl Lab {
         (Lab { underlay, ips, cuts: std::sync::Mutex::new(Vec::new()) }, hosts)
     }
 
+    /// One agent per host, each told about all the others (so `consensus=N` by default),
+    /// nicknamed h1, h2, ...
+    pub fn agents(&self, hosts: Vec<Netns>, extra: &[&str]) -> Vec<Agent> {
+        let n = hosts.len();
+        hosts
+            .into_iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let mut e: Vec<&str> = extra.to_vec();
+                e.extend((1..=n).filter(|j| *j != i + 1).map(|j| self.ip(j)));
+                Agent::start_in(h, AgentOpts::nick(&format!("h{}", i + 1), &e))
+            })
+            .collect()
+    }
+
     /// The underlay address of host `i` (1-based).
     pub fn ip(&self, i: usize) -> &str {
         &self.ips[i - 1]

@@ -19,16 +19,7 @@ const STALE_GONE: Duration = Duration::from_secs(5);
 /// One agent per lab host, each told about all the others, each exposed (its DNS server
 /// listens on its bridge address). Returns the agents and their DNS addresses.
 fn hosts(lab: &Lab, hosts: Vec<Netns>, extra: &[&str]) -> (Vec<Agent>, Vec<String>) {
-    let n = hosts.len();
-    let agents: Vec<Agent> = hosts
-        .into_iter()
-        .enumerate()
-        .map(|(i, h)| {
-            let mut e: Vec<&str> = extra.to_vec();
-            e.extend((1..=n).filter(|j| *j != i + 1).map(|j| lab.ip(j)));
-            Agent::start_in(h, AgentOpts::nick(&format!("h{}", i + 1), &e))
-        })
-        .collect();
+    let agents = lab.agents(hosts, extra);
     let servers = agents.iter().map(expose).collect();
     (agents, servers)
 }

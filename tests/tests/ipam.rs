@@ -15,20 +15,6 @@ const T: Duration = Duration::from_secs(30);
 /// Addresses in 10.32.0.0/12.
 const RANGE_SIZE: u64 = 1 << 20;
 
-/// Starts one agent per lab host, each told about all the others (so `consensus=N` by default).
-fn mesh_of(lab: &Lab, hosts: Vec<Netns>, extra: &[&str]) -> Vec<Agent> {
-    let n = hosts.len();
-    hosts
-        .into_iter()
-        .enumerate()
-        .map(|(i, h)| {
-            let mut e: Vec<&str> = extra.to_vec();
-            e.extend((1..=n).filter(|j| *j != i + 1).map(|j| lab.ip(j)));
-            Agent::start_in(h, AgentOpts::nick(&format!("h{}", i + 1), &e))
-        })
-        .collect()
-}
-
 /// `weft attach ADDR... --netns NS`; the addresses it printed, or the error.
 fn attach(a: &Agent, ns: &Netns, addrs: &[&str]) -> Result<String, String> {
     let out = run(a.weft().arg("attach").args(addrs).arg("--netns").arg(ns.path()));
@@ -115,7 +101,7 @@ fn names(agents: &[&Agent]) -> BTreeSet<String> {
 #[test]
 fn addresses_are_reused_after_release_and_claims_work_across_peers() {
     let (lab, hosts) = Lab::new(2, 1500);
-    let a = mesh_of(&lab, hosts, &[]);
+    let a = lab.agents(hosts, &[]);
     let (p1, first) = pod(&a[0]);
     must(a[0].weft().args(["detach", "--netns"]).arg(p1.path()));
     let (_p2, again) = pod(&a[0]);
@@ -189,7 +175,7 @@ fn claims_after_wiping_persistence_get_the_same_addresses_back_320() {
 #[test]
 fn a_rolling_reset_hands_all_space_over_330() {
     let (lab, hosts) = Lab::new(3, 1500);
-    let mut a = mesh_of(&lab, hosts, &[]);
+    let mut a = lab.agents(hosts, &[]);
     for x in &a {
         pod(x);
     }
@@ -215,7 +201,7 @@ fn a_rolling_reset_hands_all_space_over_330() {
 #[test]
 fn rmpeer_takes_over_the_space_of_a_killed_peer_335() {
     let (lab, hosts) = Lab::new(3, 1500);
-    let mut a = mesh_of(&lab, hosts, &[]);
+    let mut a = lab.agents(hosts, &[]);
     let (_p3, on_h3) = pod(&a[2]);
     for x in &a[..2] {
         pod(x);
@@ -370,7 +356,7 @@ fn a_range_change_discards_the_persisted_ring_362() {
 #[test]
 fn persistence_survives_a_restart_with_an_endpoint_removed_while_down_370() {
     let (lab, hosts) = Lab::new(2, 1500);
-    let mut a = mesh_of(&lab, hosts, &[]);
+    let mut a = lab.agents(hosts, &[]);
     let (pa, addr_a) = pod(&a[0]);
     let (pb, addr_b) = pod(&a[0]);
     let (_pc, addr_c) = pod(&a[0]);

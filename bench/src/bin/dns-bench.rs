@@ -34,25 +34,11 @@ fn address(i: usize) -> String {
     format!("10.36.{}.{}", i / 250, i % 250 + 1)
 }
 
-// The caller kills and waits for the returned child.
-#[allow(clippy::zombie_processes)]
+/// An agent in lab host `host` that never forwards (no upstream resolvers).
 fn spawn_weft(bin: &Path, dir: &Path, host: u32, extra: &[&str]) -> Child {
-    std::fs::create_dir_all(dir).expect("agent dir");
-    let log = std::fs::File::create(dir.join("agent.log")).expect("log");
-    Command::new("ip")
-        .args(["netns", "exec", &format!("{P}-h{host}")])
-        .arg(bin.join("weft"))
-        .arg("--socket")
-        .arg(dir.join("weft.sock"))
-        .args(["agent", "--status-addr", "off", "--log-level", "warn", "--state-dir"])
-        .arg(dir.join("state"))
-        .args(["--resolv-conf", "/dev/null"])
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log)
-        .spawn()
-        .expect("starting the agent")
+    let mut args = vec!["--resolv-conf", "/dev/null"];
+    args.extend_from_slice(extra);
+    spawn_agent(bin, &format!("{P}-h{host}"), dir, &args)
 }
 
 // The caller kills and waits for the returned child.

@@ -12,7 +12,6 @@
 #![allow(clippy::print_stdout)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use weft_api::v1;
@@ -20,27 +19,6 @@ use weft_bench::*;
 
 const P: &str = "wbi";
 const HOST_LOCAL: &str = "/usr/lib/cni/host-local";
-
-/// Starts `weft agent` in namespace `ns` with its files under `dir`.
-// The caller kills and waits for the returned child.
-#[allow(clippy::zombie_processes)]
-fn spawn_agent(bin: &Path, ns: &str, dir: &Path, extra: &[&str]) -> Child {
-    std::fs::create_dir_all(dir).expect("agent dir");
-    let log = std::fs::File::create(dir.join("agent.log")).expect("log");
-    Command::new("ip")
-        .args(["netns", "exec", ns])
-        .arg(bin.join("weft"))
-        .arg("--socket")
-        .arg(dir.join("weft.sock"))
-        .args(["agent", "--status-addr", "off", "--log-level", "warn", "--state-dir"])
-        .arg(dir.join("state"))
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log)
-        .spawn()
-        .expect("starting the agent")
-}
 
 fn default_request() -> Vec<v1::AddressRequest> {
     vec![v1::AddressRequest { kind: Some(v1::address_request::Kind::DefaultSubnet(v1::Empty {})) }]
