@@ -1,6 +1,7 @@
 #!/bin/sh
-# The whole test suite: formatting, lints, unit and property tests, and the end-to-end tests in
-# network namespaces with real agents, containerd's CRI and podman. Installs what it needs.
+# The whole test suite: formatting, lints, unit and property tests, the end-to-end tests in
+# network namespaces with real agents, containerd's CRI and podman, and a real Kubernetes cluster
+# built from source (the first run on a machine compiles it: ~11 min). Installs what it needs.
 # Run as root on a Debian/Ubuntu machine:   ./scripts/test.sh
 set -eu
 cd "$(dirname "$0")/.."
@@ -20,4 +21,6 @@ echo "==> tests (unit, property, end-to-end)"
 cargo test --locked --release --workspace -- --test-threads=2 --skip a_hundred_thousand_operations
 echo "==> IP allocation simulation (long; prints its operation count)"
 cargo test --locked --release -p weft --lib a_hundred_thousand_operations -- --nocapture
+echo "==> Kubernetes lab (a real cluster built from source; the first run on a machine builds it)"
+tests/k8s/smoke.sh
 echo "==> all tests passed"

@@ -1,5 +1,6 @@
 //! Weave's address arguments (`10.2.1.1/24`, `ip:10.2.1.1/24`, `net:10.2.3.0/24`,
-//! `net:default`), parsed once at the edge into [`AddrRequest`].
+//! `net:default`), parsed once at the edge into [`AddrRequest`]; and [`Mac`], the link-layer
+//! address type every layer shares.
 
 use std::fmt;
 use std::str::FromStr;
@@ -55,9 +56,53 @@ impl FromStr for AddrRequest {
     }
 }
 
+/// A MAC address.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Mac(pub [u8; 6]);
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
+    }
+}
+
+impl FromStr for Mac {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Mac, String> {
+        let parts: Vec<&str> = s.split(':').collect();
+        if parts.len() != 6 {
+            return Err(format!("{s:?} is not a MAC address"));
+        }
+        let mut m = [0u8; 6];
+        for (i, p) in parts.iter().enumerate() {
+            m[i] = u8::from_str_radix(p, 16).map_err(|_| format!("{s:?} is not a MAC address"))?;
+        }
+        Ok(Mac(m))
+    }
+}
+
+impl Mac {
+    /// A locally administered unicast MAC derived from an IPv4 address (`0a:58:a:b:c:d`), so a
+    /// reused address keeps its MAC and neighbours' ARP caches stay valid.
+    pub fn for_ipv4(ip: std::net::Ipv4Addr) -> Mac {
+        let o = ip.octets();
+        Mac([0x0a, 0x58, o[0], o[1], o[2], o[3]])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn macs_parse_and_print() {
+        let m: Mac = "0a:58:0a:20:00:02".parse().unwrap();
+        assert_eq!(m.to_string(), "0a:58:0a:20:00:02");
+        assert_eq!(Mac::for_ipv4("10.32.0.2".parse().unwrap()), m);
+        assert!("0a:58".parse::<Mac>().is_err());
+        assert!("zz:58:0a:20:00:02".parse::<Mac>().is_err());
+    }
 
     #[test]
     fn weave_syntax() {

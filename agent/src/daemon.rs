@@ -15,85 +15,24 @@ use tracing::{error, info, warn};
 use crate::config::AgentConfig;
 use crate::dataplane::Dataplane;
 use crate::dataplane::linux::LinuxDataplane;
-use crate::dns::{self, Dns};
-use crate::endpoints::record::Kind;
-use crate::endpoints::state::{State, StateConfig, StateHandle};
-use crate::endpoints::{Endpoints, Readiness};
+use crate::endpoints::error::EndpointError;
+use crate::endpoints::state::StateConfig;
+use crate::endpoints::{self, Endpoints, Readiness};
 use crate::identity::{self, Identity};
 use crate::ipam::{InitMode, IpamConfig};
 use crate::mesh::connection::Setup;
-use crate::mesh::gossip::{GossipChannel, GossipEvent};
-use crate::mesh::report::MeshReport;
 use crate::mesh::router::{self, RouterConfig};
 use crate::mesh::secure;
 use crate::mesh::{Links, Mesh};
 use crate::metrics::Metrics;
-use crate::overlay::{self, DataPlane, OverlayConfig, OverlayReport};
-use crate::status::report::{EndpointCounts, PeerReport, Report};
+use crate::overlay::health::Overlay;
+use crate::overlay::{self, OverlayConfig};
+use crate::services::Services;
 use crate::store::Store;
+use crate::subsystem::{Hub, Tasks};
 
-/// How long a stopping agent lets API clients finish.
-const API_DRAIN: Duration = Duration::from_secs(3);
-
-/// Everything the API and status servers need.
-#[derive(Debug)]
-pub struct Agent {
-    pub cfg: AgentConfig,
-    pub identity: Identity,
-    pub endpoints: Endpoints,
-    pub mesh: Mesh,
-    pub overlay: watch::Receiver<OverlayReport>,
-    pub metrics: Arc<Metrics>,
-    /// `None` with --no-dns.
-    pub dns: Option<Dns>,
-    pub ready: watch::Receiver<Readiness>,
-    pub shutdown: CancellationToken,
-    pub started: Instant,
-}
-
-impl Agent {
-    /// The status report.
-    pub async fn report(&self) -> Report {
-        let readiness = self.ready.borrow().clone();
-        let state = self
-            .endpoints
-            .state()
-            .call(|s| {
-                let records = s.records();
-                let count = |k: Kind| records.iter().filter(|r| r.kind == k).count() as u32;
-                (
-                    s.bridge_report(),
-                    s.ipam_report(),
-                    EndpointCounts {
-                        cni: count(Kind::Cni),
-                        attached: count(Kind::Attach),
-                        reserved: count(Kind::Reservation),
-                    },
-                )
-            })
-            .await;
-        let (bridge, ipam, endpoints) = state.unwrap_or_default();
-        let dns = match &self.dns {
-            Some(d) => Some(d.report().await),
-            None => None,
-        };
-        Report {
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            peer: PeerReport {
-                name: self.identity.name.to_string(),
-                nickname: self.identity.nickname.clone(),
-            },
-            ready: readiness.ready,
-            not_ready_reason: readiness.reason,
-            bridge,
-            ipam,
-            endpoints,
-            mesh: self.mesh.report(),
-            overlay: self.overlay.borrow().clone(),
-            dns,
-        }
-    }
-}
+/// How long a stopping agent lets its tasks (and API clients) finish.
+const STOP_DRAIN: Duration = Duration::from_secs(3);
 
 fn init_logging(filter: &str) {
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| filter.to_owned());
@@ -147,15 +86,8 @@ fn mtus(cfg: &AgentConfig, dp: &dyn Dataplane) -> (u32, u32) {
 /// Runs the agent until it is asked to stop.
 pub async fn run(cfg: AgentConfig, log_filter: &str) -> anyhow::Result<()> {
     init_logging(log_filter);
-    std::fs::create_dir_all(&cfg.state_dir)
-        .with_context(|| format!("creating --state-dir {}", cfg.state_dir.display()))?;
-    let store = Arc::new(Store::open(&cfg.state_dir)?);
-    let (name, renamed) = identity::load_or_create(&store, cfg.name)?;
-    // A different name is a different peer: nothing tied to the old one may be reused.
-    if renamed {
-        warn!(peer = %name, "peer name changed by --name; this peer starts with a new identity");
-    }
-    let identity = Identity { name, nickname: cfg.nickname.clone() };
+    let store = open_store(&cfg)?;
+    let identity = load_identity(&cfg, &store)?;
     let dp: Arc<dyn Dataplane> = Arc::new(LinuxDataplane);
     let (underlay_mtu, mtu) = mtus(&cfg, dp.as_ref());
     info!(
@@ -163,12 +95,89 @@ pub async fn run(cfg: AgentConfig, log_filter: &str) -> anyhow::Result<()> {
         range = %cfg.range, bridge = %cfg.bridge, mtu, underlay_mtu, socket = %cfg.socket.display(),
         "weft agent starting"
     );
-
     let shutdown = CancellationToken::new();
+    let mut tasks = Tasks::new(shutdown.clone());
     let metrics = Arc::new(Metrics::new());
-    let (mesh, links) =
-        start_mesh(&cfg, &identity, store.clone(), metrics.clone(), shutdown.clone()).await?;
-    let ipam_cfg = IpamConfig {
+    let (mesh, links) = start_mesh(&cfg, &identity, &store, &metrics, &mut tasks).await?;
+    let (ready_tx, ready) = watch::channel(Readiness::starting("setting up the bridge"));
+    let ipam_channel = mesh.channel("ipam");
+    let state = endpoints::start(
+        store.clone(),
+        dp.clone(),
+        state_config(&cfg, &identity, mtu),
+        ipam_config(&cfg, &identity, &mesh).await,
+        ipam_channel.sender(),
+        ready.clone(),
+    )?;
+    let hub = Hub {
+        identity: identity.clone(),
+        mesh: mesh.clone(),
+        endpoints: state.endpoints.clone(),
+        ipam: state.ipam.clone(),
+        store,
+        metrics,
+        shutdown: shutdown.clone(),
+    };
+    tasks.spawn(
+        "ipam",
+        endpoints::ipam::feed(hub.ipam.clone(), ipam_channel, mesh.view(), shutdown.clone()),
+    );
+    let dns = cfg.dns.clone().map(|dns_cfg| crate::dns::start(dns_cfg, &hub, &mut tasks));
+    // The bridge must exist before the overlay ports join it.
+    hub.endpoints.reconcile_bridge().await.context("setting up the bridge")?;
+    let overlay =
+        overlay::start(overlay_config(&cfg, &identity, mtu, underlay_mtu), &hub, links, &mut tasks)
+            .await?;
+    let svc =
+        Arc::new(Services { cfg: cfg.clone(), hub, overlay, dns, ready, started: Instant::now() });
+    serve(&cfg, svc.clone(), &mut tasks).await?;
+    tasks.spawn("signals", watch_signals(shutdown.clone()));
+    tasks.spawn(
+        "bring-up",
+        bring_up(svc.hub.endpoints.clone(), dp, ready_tx, cfg.clone(), shutdown),
+    );
+
+    tasks.run().await;
+    info!("weft agent stopping; the kernel state stays in place");
+    // Graceful shutdown waits for API clients to hang up; one that keeps its connection open
+    // must not keep the agent alive.
+    tasks.stop(STOP_DRAIN).await;
+    svc.hub.endpoints.stop();
+    drop(svc);
+    // Waiting for the state thread makes sure the final writes are on disk before the
+    // process exits.
+    let _ = tokio::task::spawn_blocking(move || state.thread.join()).await;
+    let _ = std::fs::remove_file(&cfg.socket);
+    info!("weft agent stopped");
+    Ok(())
+}
+
+fn open_store(cfg: &AgentConfig) -> anyhow::Result<Arc<Store>> {
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("creating --state-dir {}", cfg.state_dir.display()))?;
+    Ok(Arc::new(Store::open(&cfg.state_dir)?))
+}
+
+fn load_identity(cfg: &AgentConfig, store: &Store) -> anyhow::Result<Identity> {
+    let (name, renamed) = identity::load_or_create(store, cfg.name)?;
+    // A different name is a different peer: nothing tied to the old one may be reused.
+    if renamed {
+        warn!(peer = %name, "peer name changed by --name; this peer starts with a new identity");
+    }
+    Ok(Identity { name, nickname: cfg.nickname.clone() })
+}
+
+fn state_config(cfg: &AgentConfig, identity: &Identity, mtu: u32) -> StateConfig {
+    StateConfig {
+        bridge: cfg.bridge.clone(),
+        bridge_mac: identity.name.mac(),
+        mtu,
+        firewall_table: cfg.nft_table.clone(),
+    }
+}
+
+async fn ipam_config(cfg: &AgentConfig, identity: &Identity, mesh: &Mesh) -> IpamConfig {
+    let ipam = IpamConfig {
         me: identity.name,
         incarnation: incarnation(),
         range: cfg.range,
@@ -176,53 +185,21 @@ pub async fn run(cfg: AgentConfig, log_filter: &str) -> anyhow::Result<()> {
         mode: match cfg.ipalloc_init.clone() {
             Some(mode) => mode,
             // Weave's default: agreement among the peers this one was told about, and itself.
-            None => InitMode::Consensus(mesh.connect(Vec::new(), false).await.len() + 1),
+            None => InitMode::Consensus(mesh.targets().await.len() + 1),
         },
     };
-    info!(mode = %ipam_cfg.mode, "IP allocation");
-    let state_cfg = StateConfig {
-        bridge: cfg.bridge.clone(),
-        bridge_mac: identity.name.mac(),
-        mtu,
-        firewall_table: cfg.nft_table.clone(),
-    };
-    let mut state = State::load(store.clone(), dp.clone(), state_cfg, ipam_cfg)?;
-    let ipam_channel = mesh.channel("ipam");
-    state.connect_ipam(ipam_channel.sender());
-    let ipam_changes = state.ipam_changes();
-    let summaries = state.endpoint_summaries();
-    let (state_handle, state_thread) = StateHandle::spawn(state)?;
-    let dns = cfg.dns.clone().map(|dns_cfg| {
-        let inputs = dns::Inputs {
-            channel: mesh.channel("dns"),
-            endpoints: summaries,
-            mesh: mesh.report_watch(),
-            state: state_handle.clone(),
-            store: store.clone(),
-        };
-        dns::start(dns_cfg, inputs, shutdown.clone())
-    });
-    tokio::spawn(run_ipam(
-        ipam_channel,
-        state_handle.clone(),
-        mesh.report_watch(),
-        shutdown.clone(),
-    ));
-    let (ready_tx, ready_rx) = watch::channel(Readiness::starting("setting up the bridge"));
-    let endpoints = Endpoints::new(
-        state_handle,
-        dp.clone(),
-        ready_rx.clone(),
-        ipam_changes,
-        cfg.bridge.clone(),
-    );
+    info!(mode = %ipam.mode, "IP allocation");
+    ipam
+}
+
+fn overlay_config(
+    cfg: &AgentConfig,
+    identity: &Identity,
+    mtu: u32,
+    underlay_mtu: u32,
+) -> OverlayConfig {
     let (vxlan, tap) = overlay::device_names(&cfg.bridge);
-    // The bridge must exist before the overlay ports join it.
-    endpoints
-        .reconcile_bridge()
-        .await
-        .map_err(|e| anyhow::anyhow!("setting up the bridge: {e}"))?;
-    let overlay_cfg = OverlayConfig {
+    OverlayConfig {
         me: identity.name,
         bridge: cfg.bridge.clone(),
         bridge_mac: identity.name.mac(),
@@ -233,56 +210,16 @@ pub async fn run(cfg: AgentConfig, log_filter: &str) -> anyhow::Result<()> {
         mtu,
         underlay_mtu,
         no_fastdp: cfg.mesh.no_fastdp,
-    };
-    let overlay =
-        DataPlane::start(overlay_cfg, mesh.clone(), links, endpoints.clone(), shutdown.clone())
-            .await?;
-    let agent = Arc::new(Agent {
-        cfg: cfg.clone(),
-        identity,
-        endpoints: endpoints.clone(),
-        mesh,
-        overlay,
-        metrics,
-        dns,
-        ready: ready_rx,
-        shutdown: shutdown.clone(),
-        started: Instant::now(),
-    });
+    }
+}
 
+/// Starts the local API on the unix socket and, unless disabled, the status listener.
+async fn serve(cfg: &AgentConfig, svc: Arc<Services>, tasks: &mut Tasks) -> anyhow::Result<()> {
     let listener = bind_socket(&cfg.socket).await?;
-    let api = tokio::spawn(crate::api::server::serve(agent.clone(), listener));
-    let status = match cfg.status_addr {
-        Some(addr) => Some(tokio::spawn(crate::status::http::serve(agent.clone(), addr).await?)),
-        None => None,
-    };
-    tokio::spawn(watch_signals(shutdown.clone()));
-    tokio::spawn(bring_up(endpoints.clone(), dp.clone(), ready_tx, cfg.clone(), shutdown.clone()));
-
-    shutdown.cancelled().await;
-    info!("weft agent stopping; the kernel state stays in place");
-    // Graceful shutdown waits for clients to hang up; one that keeps its connection open
-    // must not keep the agent alive.
-    let abort = api.abort_handle();
-    match tokio::time::timeout(API_DRAIN, api).await {
-        Ok(Err(e)) if !e.is_cancelled() => error!(error = %e, "API server task failed"),
-        Ok(_) => {}
-        Err(_) => {
-            warn!("API clients still connected after {API_DRAIN:?}; closing their connections");
-            abort.abort();
-        }
+    tasks.spawn("api", crate::api::server::serve(svc.clone(), listener));
+    if let Some(addr) = cfg.status_addr {
+        tasks.spawn("status", crate::status::http::serve(svc, addr).await?);
     }
-    if let Some(s) = status {
-        let _ = s.await;
-    }
-    endpoints.state().stop();
-    drop(endpoints);
-    drop(agent);
-    // Waiting for the state thread makes sure the final writes are on disk before the
-    // process exits.
-    let _ = tokio::task::spawn_blocking(move || state_thread.join()).await;
-    let _ = std::fs::remove_file(&cfg.socket);
-    info!("weft agent stopped");
     Ok(())
 }
 
@@ -291,9 +228,9 @@ pub async fn run(cfg: AgentConfig, log_filter: &str) -> anyhow::Result<()> {
 async fn start_mesh(
     cfg: &AgentConfig,
     identity: &Identity,
-    store: Arc<Store>,
-    metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
+    store: &Arc<Store>,
+    metrics: &Arc<Metrics>,
+    tasks: &mut Tasks,
 ) -> anyhow::Result<(Mesh, Links)> {
     let m = &cfg.mesh;
     let psk = match m.password.clone() {
@@ -312,10 +249,13 @@ async fn start_mesh(
         psk,
         trusted: m.trusted_subnets.clone(),
         overlays: if m.no_fastdp {
-            vec!["sleeve".into()]
+            vec![Overlay::Sleeve]
         } else {
-            vec!["fastdp".into(), "sleeve".into()]
-        },
+            vec![Overlay::Fastdp, Overlay::Sleeve]
+        }
+        .into_iter()
+        .map(|o| o.name().to_owned())
+        .collect(),
         fastdp_port: m.fastdp_port,
         sleeve_port: m.port,
     };
@@ -333,7 +273,10 @@ async fn start_mesh(
         discovery = m.discovery,
         "starting the mesh"
     );
-    Ok(Mesh::start(rcfg, bind, store, metrics, shutdown).await?)
+    let (mesh, links, task) =
+        Mesh::start(rcfg, bind, store.clone(), metrics.clone(), tasks.shutdown().clone()).await?;
+    tasks.spawn("mesh", task);
+    Ok((mesh, links))
 }
 
 /// Distinguishes this start of the agent from earlier ones (consensus forgets promises made
@@ -343,55 +286,6 @@ fn incarnation() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
-}
-
-/// Feeds the IP allocation state: messages from the `ipam` channel, the reachable peers, and
-/// a tick for repeats and anti-entropy.
-async fn run_ipam(
-    mut channel: GossipChannel,
-    state: StateHandle,
-    mut mesh: watch::Receiver<MeshReport>,
-    shutdown: CancellationToken,
-) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // The peers reachable before this task started count too.
-    mesh.mark_changed();
-    loop {
-        let done = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            ev = channel.recv() => match ev {
-                None => return,
-                Some(GossipEvent::Gossip { src, payload }) => {
-                    state.call(move |s| s.ipam_message(src, &payload, true)).await
-                }
-                Some(GossipEvent::Broadcast { src, payload } | GossipEvent::Unicast { src, payload }) => {
-                    state.call(move |s| s.ipam_message(src, &payload, false)).await
-                }
-                Some(GossipEvent::PeerUp(peer)) => state.call(move |s| s.ipam_peer_up(peer)).await,
-                Some(GossipEvent::PeersGone(_)) => Ok(()),
-            },
-            changed = mesh.changed() => {
-                if changed.is_err() {
-                    return;
-                }
-                let (alive, nicknames) = {
-                    let report = mesh.borrow_and_update();
-                    let nicks = report
-                        .peers
-                        .iter()
-                        .filter_map(|p| Some((p.name.parse().ok()?, p.nickname.clone())))
-                        .collect();
-                    (report.reachable(), nicks)
-                };
-                state.call(move |s| s.ipam_peers(alive, nicknames)).await
-            }
-            _ = tick.tick() => state.call(|s| s.ipam_tick()).await,
-        };
-        if done.is_err() {
-            return; // the state owner has stopped
-        }
-    }
 }
 
 async fn watch_signals(shutdown: CancellationToken) {
@@ -462,7 +356,7 @@ async fn bring_up(
     }
 }
 
-async fn startup_pass(endpoints: &Endpoints, queue: &Path) -> Result<(), crate::error::ApiError> {
+async fn startup_pass(endpoints: &Endpoints, queue: &Path) -> Result<(), EndpointError> {
     endpoints.reconcile_bridge().await?;
     endpoints.reconcile(true).await?;
     endpoints.drain_del_queue(queue).await;

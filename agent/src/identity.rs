@@ -7,7 +7,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::dataplane::Mac;
+use crate::addr::Mac;
 use crate::store::{Op, Store, StoreError, Table};
 
 /// A peer name: 48 bits.

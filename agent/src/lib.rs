@@ -1,10 +1,13 @@
 //! The weft agent and CLI. The binary `weft` runs the per-host agent (`weft agent`, or in the
 //! background `weft launch`) and is the command-line client of a running agent.
 //!
-//! Layout by concern: `api` (local gRPC), `mesh` (peers, topology, gossip), `endpoints`
-//! (pods and attached namespaces),
-//! `dataplane` (kernel: bridge, veth, nftables), `ipam` (address allocation), `dns` (weave.local names), `store`
-//! (persistence), `status` and `metrics` (reporting), `cli` (the verbs), `daemon` (wiring).
+//! Layout by concern (docs/architecture.md has the table, checked by `tests/architecture.rs`):
+//! leaves (`addr`, `store`, `proto`, `metrics`, `identity`), the kernel (`dataplane`), the peer
+//! mesh (`mesh`), address allocation (`ipam`), pods and attached namespaces with the state
+//! owner (`endpoints`), the seam subsystems plug into (`subsystem`), weave.local names (`dns`),
+//! the cross-host data plane (`overlay`), and at the top the flags (`config`), the handles the
+//! servers use (`services`), reporting (`status`), the local gRPC API (`api`), the verbs
+//! (`cli`) and the start and stop order (`daemon`).
 
 pub mod addr;
 pub mod api;
@@ -14,11 +17,13 @@ pub mod daemon;
 pub mod dataplane;
 pub mod dns;
 pub mod endpoints;
-pub mod error;
 pub mod identity;
 pub mod ipam;
 pub mod mesh;
 pub mod metrics;
 pub mod overlay;
+pub mod proto;
+pub mod services;
 pub mod status;
 pub mod store;
+pub mod subsystem;

@@ -1,5 +1,6 @@
-//! Prometheus metrics. Counters and histograms are updated where things happen; gauges that
-//! describe state are refreshed from the status report when `/metrics` is scraped.
+//! Prometheus metrics: the registry, and the counters and histograms updated where things
+//! happen. A leaf: gauges that describe state are set from the status report at scrape time
+//! by `status::gauges`.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -7,8 +8,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-
-use crate::status::report::Report;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CommandLabel {
@@ -49,20 +48,20 @@ pub struct Metrics {
     registry: Registry,
     pub cni_duration: Family<CommandLabel, Histogram>,
     pub cni_requests: Family<CommandResult, Counter>,
-    ready: Gauge,
-    ips: Family<StateLabel, Gauge>,
-    ring_ready: Gauge,
-    ring_mismatches: Gauge,
-    endpoints: Family<StateLabel, Gauge>,
-    gossip: Family<ChannelDirection, Counter>,
-    connections: Family<ConnectionLabels, Gauge>,
-    peers: Gauge,
-    overlay_links: Family<StateLabel, Gauge>,
-    sleeve_frames: Family<KindLabel, Counter>,
-    sleeve_bytes: Family<KindLabel, Counter>,
-    sleeve_datagrams: Family<KindLabel, Counter>,
-    dns_entries: Gauge,
-    dns_queries: Family<KindLabel, Counter>,
+    pub ready: Gauge,
+    pub ips: Family<StateLabel, Gauge>,
+    pub ring_ready: Gauge,
+    pub ring_mismatches: Gauge,
+    pub endpoints: Family<StateLabel, Gauge>,
+    pub gossip: Family<ChannelDirection, Counter>,
+    pub connections: Family<ConnectionLabels, Gauge>,
+    pub peers: Gauge,
+    pub overlay_links: Family<StateLabel, Gauge>,
+    pub sleeve_frames: Family<KindLabel, Counter>,
+    pub sleeve_bytes: Family<KindLabel, Counter>,
+    pub sleeve_datagrams: Family<KindLabel, Counter>,
+    pub dns_entries: Gauge,
+    pub dns_queries: Family<KindLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -202,99 +201,11 @@ impl Metrics {
             .inc();
     }
 
-    /// The text exposition, with state gauges taken from `report`.
-    pub fn render(&self, report: &Report) -> String {
-        let set = |f: &Family<StateLabel, Gauge>, state: &str, v: u64| {
-            f.get_or_create(&StateLabel { state: state.to_owned() })
-                .set(i64::try_from(v).unwrap_or(i64::MAX));
-        };
-        self.ready.set(i64::from(report.ready));
-        set(&self.ips, "used", report.ipam.used);
-        set(&self.ips, "free", report.ipam.free);
-        let ring = &report.ipam.ring;
-        let owned = ring.peers.iter().find(|p| p.peer == report.peer.name).map_or(0, |p| p.owned);
-        set(&self.ips, "owned", owned);
-        set(&self.ips, "unreachable", ring.unreachable);
-        self.ring_ready.set(i64::from(ring.state == "ready"));
-        self.ring_mismatches.set(i64::try_from(ring.mismatches.len()).unwrap_or(i64::MAX));
-        set(&self.endpoints, "cni", u64::from(report.endpoints.cni));
-        set(&self.endpoints, "attached", u64::from(report.endpoints.attached));
-        self.connections.clear();
-        for state in ["established", "connecting", "failed"] {
-            for (encryption, enc) in [("yes", true), ("no", false)] {
-                let n = report
-                    .mesh
-                    .connections
-                    .iter()
-                    .filter(|c| c.state == state && c.encrypted == enc)
-                    .count();
-                self.connections
-                    .get_or_create(&ConnectionLabels {
-                        state: state.to_owned(),
-                        encryption: encryption.to_owned(),
-                    })
-                    .set(n as i64);
-            }
-        }
-        self.peers.set(report.mesh.peers.len() as i64);
-        for mode in ["fastdp", "sleeve", "relayed"] {
-            let n = report.overlay.links.iter().filter(|l| l.mode == mode).count();
-            set(&self.overlay_links, mode, n as u64);
-        }
-        let s = &report.overlay.sleeve;
-        let mirror = |f: &Family<KindLabel, Counter>, kind: &str, total: u64| {
-            let c = f.get_or_create(&KindLabel { kind: kind.to_owned() });
-            c.inc_by(total.saturating_sub(c.get()));
-        };
-        mirror(&self.sleeve_frames, "sent", s.tx_frames);
-        mirror(&self.sleeve_frames, "received", s.rx_frames);
-        mirror(&self.sleeve_frames, "frag_needed", s.frag_needed);
-        mirror(&self.sleeve_bytes, "sent", s.tx_bytes);
-        mirror(&self.sleeve_bytes, "received", s.rx_bytes);
-        mirror(&self.sleeve_datagrams, "relayed", s.relayed);
-        mirror(&self.sleeve_datagrams, "bad", s.dropped_bad);
-        mirror(&self.sleeve_datagrams, "no_route", s.dropped_no_route);
-        if let Some(d) = &report.dns {
-            self.dns_entries.set(i64::try_from(d.entries.len()).unwrap_or(i64::MAX));
-            let q = &d.queries;
-            mirror(&self.dns_queries, "answered", q.answered);
-            mirror(&self.dns_queries, "nxdomain", q.nxdomain);
-            mirror(&self.dns_queries, "forwarded", q.forwarded);
-            mirror(&self.dns_queries, "failed", q.failed);
-        }
+    /// The text exposition of every metric.
+    pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn renders_names_with_the_weft_prefix() {
-        let m = Metrics::new();
-        m.observe_cni("ADD", true, 0.003);
-        let text = m.render(&Report::default());
-        assert!(text.contains("weft_cni_request_duration_seconds_bucket{le="), "{text}");
-        assert!(
-            text.contains("weft_cni_requests_total{command=\"ADD\",result=\"ok\"} 1"),
-            "{text}"
-        );
-        assert!(text.contains("weft_ipam_addresses{state=\"used\"} 0"), "{text}");
-    }
-
-    #[test]
-    fn sleeve_counters_mirror_the_report() {
-        let m = Metrics::new();
-        let mut r = Report::default();
-        r.overlay.sleeve.tx_bytes = 1000;
-        let _ = m.render(&r);
-        r.overlay.sleeve.tx_bytes = 1500;
-        let text = m.render(&r);
-        assert!(text.contains("weft_sleeve_bytes_total{kind=\"sent\"} 1500"), "{text}");
-        assert!(text.contains("weft_overlay_links{state=\"fastdp\"} 0"), "{text}");
     }
 }

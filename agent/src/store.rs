@@ -60,14 +60,21 @@ impl Op {
 pub enum StoreError {
     #[error("the state file {0} is in use by another weft agent (one agent per --state-dir)")]
     InUse(PathBuf),
-    #[error("state file {path}: {source}")]
-    Open { path: PathBuf, source: redb::Error },
+    // The inner errors are part of the message, not `source`s, so a chain prints them once.
+    #[error("state file {path}: {error}")]
+    Open { path: PathBuf, error: redb::Error },
     #[error("state file: {0}")]
-    Db(#[from] redb::Error),
+    Db(redb::Error),
     #[error("encoding a record: {0}")]
     Encode(serde_json::Error),
-    #[error("decoding record {key} of {table:?}: {source}")]
-    Decode { table: Table, key: String, source: serde_json::Error },
+    #[error("decoding record {key} of {table:?}: {error}")]
+    Decode { table: Table, key: String, error: serde_json::Error },
+}
+
+impl From<redb::Error> for StoreError {
+    fn from(e: redb::Error) -> StoreError {
+        StoreError::Db(e)
+    }
 }
 
 fn db_err(e: impl Into<redb::Error>) -> StoreError {
@@ -88,7 +95,7 @@ impl Store {
         let path = dir.join(STATE_FILE);
         let db = Database::create(&path).map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse(path.clone()),
-            other => StoreError::Open { path: path.clone(), source: other.into() },
+            other => StoreError::Open { path: path.clone(), error: other.into() },
         })?;
         let txn = db.begin_write().map_err(db_err)?;
         for t in Table::ALL {
@@ -138,10 +145,10 @@ impl Store {
     ) -> Result<Option<T>, StoreError> {
         self.get_raw(table, key)?
             .map(|v| {
-                serde_json::from_slice(&v).map_err(|source| StoreError::Decode {
+                serde_json::from_slice(&v).map_err(|error| StoreError::Decode {
                     table,
                     key: key.to_owned(),
-                    source,
+                    error,
                 })
             })
             .transpose()
@@ -155,10 +162,10 @@ impl Store {
         for row in t.iter().map_err(db_err)? {
             let (k, v) = row.map_err(db_err)?;
             let key = k.value().to_owned();
-            let val = serde_json::from_slice(v.value()).map_err(|source| StoreError::Decode {
+            let val = serde_json::from_slice(v.value()).map_err(|error| StoreError::Decode {
                 table,
                 key: key.clone(),
-                source,
+                error,
             })?;
             out.push((key, val));
         }

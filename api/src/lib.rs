@@ -27,6 +27,16 @@ pub const API_REVISION: u32 = 3;
 /// Default path of the agent's socket.
 pub const DEFAULT_SOCKET: &str = "/run/weft/weft.sock";
 
+/// Whether `name` is a valid Linux interface name: 1-15 bytes, not "." or "..", no '/', ':'
+/// or whitespace. Checked by the plugin (CNI_IFNAME) and again by the agent.
+pub fn is_valid_ifname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 15
+        && name != "."
+        && name != ".."
+        && !name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace())
+}
+
 /// Where `weft-cni` queues DEL requests that it could not deliver because the agent was down:
 /// a directory next to the socket. Each file holds one encoded [`v1::CniDelRequest`]; the
 /// agent carries them out when it starts (and keeps checking while it runs).

@@ -143,12 +143,7 @@ fn validate_container_id(id: &str) -> Result<(), CniError> {
 
 /// A Linux interface name: 1-15 bytes, not "." or "..", no '/', ':' or whitespace.
 pub fn validate_ifname(name: &str) -> Result<(), CniError> {
-    let ok = !name.is_empty()
-        && name.len() <= 15
-        && name != "."
-        && name != ".."
-        && !name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace());
-    if ok {
+    if weft_api::is_valid_ifname(name) {
         Ok(())
     } else {
         Err(CniError::InvalidEnv {

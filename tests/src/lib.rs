@@ -430,7 +430,9 @@ impl Drop for Agent {
                 let _ = Command::new("ip").args(["link", "del", bridge]).status();
             }
             if let Some(table) = self.flag("--nft-table") {
-                let _ = Command::new("nft").args(["delete", "table", "ip", table]).status();
+                for family in ["inet", "ip"] {
+                    let _ = Command::new("nft").args(["delete", "table", family, table]).status();
+                }
             }
         }
         if std::thread::panicking() {

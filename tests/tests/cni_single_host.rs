@@ -210,13 +210,17 @@ fn the_bridge_and_the_firewall_are_repaired() {
     let p = Netns::new("p");
     let ip = agent.cni("ADD", "repair", Some(&p.path()), &agent.conf("1.0.0")).ip();
     must(agent.host().cmd("ip").args(["link", "set", "weft", "down"]));
-    must(agent.host().cmd("nft").args(["delete", "table", "ip", "weft"]));
+    // The table of agents before 0.2, `ip weft`, goes when `inet weft` is programmed.
+    must(agent.host().cmd("nft").args(["add", "table", "ip", "weft"]));
+    must(agent.host().cmd("nft").args(["delete", "table", "inet", "weft"]));
     wait_until(Duration::from_secs(15), "the bridge to be up again", || {
         must(agent.host().cmd("ip").args(["-o", "link", "show", "weft"])).contains(",UP")
     });
     wait_until(Duration::from_secs(15), "the nftables table to come back", || {
-        run(agent.host().cmd("nft").args(["list", "table", "ip", "weft"])).status.success()
+        run(agent.host().cmd("nft").args(["list", "table", "inet", "weft"])).status.success()
     });
+    let legacy = run(agent.host().cmd("nft").args(["list", "table", "ip", "weft"]));
+    assert!(!legacy.status.success(), "the old `ip weft` table is still there");
     assert!(agent.host().ping(&ip));
 }
 

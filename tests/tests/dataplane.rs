@@ -276,3 +276,34 @@ fn a_killed_agent_does_not_break_a_fastdp_stream() {
         }
     }
 }
+
+/// `bridge fdb` entries on a host's VXLAN device that send to `dst`.
+fn vxlan_entries_to(a: &Agent, dst: &str) -> usize {
+    let fdb = must(a.host().cmd("bridge").args(["fdb", "show", "dev", "weft-vx"]));
+    fdb.lines().filter(|l| l.contains(&format!("dst {dst} "))).count()
+}
+
+#[test]
+fn forwarding_entries_of_a_peer_that_is_gone_are_pruned() {
+    let (lab, hosts) = Lab::new(2, 1500);
+    let mut a = agents(&lab, hosts, &[]);
+    let p1 = a[0].pod("10.32.1.2/12");
+    let _p2 = a[1].pod("10.32.2.2/12");
+    wait_mode(&a[0], &a[1].peer_name(), "fastdp", T);
+    wait_until(T, "pod-to-pod", || p1.ping("10.32.2.2"));
+    let h2 = lab.ip(2).to_owned();
+    assert!(vxlan_entries_to(&a[0], &h2) > 0, "fastdp programmed no entries towards h2");
+    // Both restart, and neither dials the other any more (h2 was the one told about h1, and
+    // forgets it): the kernel keeps h1's entries towards h2 until the agent prunes them.
+    must(a[1].weft().args(["forget", lab.ip(1)]));
+    a[0].stop();
+    a[1].restart_with(opts("h2", &[]));
+    a[0].restart();
+    let start = Instant::now();
+    // The agent prunes 30 s after its start (PRUNE_AFTER), then on its next programming pass.
+    wait_until(Duration::from_secs(30) + T, "h1's VXLAN entries towards h2 to go", || {
+        vxlan_entries_to(&a[0], &h2) == 0
+    });
+    eprintln!("entries towards the departed peer pruned {:?} after the restart", start.elapsed());
+    assert!(!p1.ping("10.32.2.2"), "pods still reach each other through stale entries");
+}

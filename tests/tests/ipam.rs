@@ -138,6 +138,42 @@ fn addresses_are_reused_after_release_and_claims_work_across_peers() {
     assert!(err.contains("in use") || err.contains(&a[0].peer_name()), "{err}");
 }
 
+/// Issue 13, item 1: with the default subnet in one peer's half, an attach on the other
+/// peer right after the peers connect (the ring forms on that first request) must ask the
+/// owner for space — in the default subnet and in another /24 of the same half, whose free
+/// hint is stale right after the first grant — instead of failing with "no free address".
+#[test]
+fn attach_right_after_the_ring_forms_gets_space_from_the_owner() {
+    let (lab, hosts) = Lab::new(2, 1500);
+    let flags = ["--ipalloc-default-subnet", "10.2.2.0/24"];
+    let a: Vec<Agent> = hosts
+        .into_iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let mut e = flags.to_vec();
+            e.push(lab.ip(2 - i));
+            let opts = AgentOpts {
+                range: "10.2.0.0/16".into(),
+                ..AgentOpts::nick(&format!("h{}", i + 1), &e)
+            };
+            Agent::start_in(h, opts)
+        })
+        .collect();
+    wait_until(T, "the peers to connect", || reachable(&a[0], &a[1]) && reachable(&a[1], &a[0]));
+    // The lower peer name seeds the first half (10.2.0.0/17, both subnets); the other asks.
+    let asker = if a[0].peer_name() < a[1].peer_name() { &a[1] } else { &a[0] };
+    let mut pods = Vec::new();
+    for (subnet, want) in [("net:default", "10.2.2."), ("net:10.2.3.0/24", "10.2.3.")] {
+        for _ in 0..2 {
+            let ns = Netns::new("p");
+            let got = attach(asker, &ns, &[subnet])
+                .unwrap_or_else(|e| panic!("attach {subnet} on {}: {e}", asker.name));
+            assert!(got.starts_with(want), "{subnet}: {got}");
+            pods.push(ns);
+        }
+    }
+}
+
 #[test]
 fn claims_after_wiping_persistence_get_the_same_addresses_back_320() {
     let (lab, hosts) = Lab::new(3, 1500);

@@ -1,7 +1,7 @@
 //! The peer mesh with real agents on a namespace underlay: discovery, relaying through partial
 //! connectivity, targets, partitions, passwords (ported from Weave's 1xx scenarios).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use weft_e2e::*;
 
@@ -200,5 +200,128 @@ fn with_a_password_every_connection_is_encrypted_and_no_gossip_is_in_the_clear()
             !password,
             "nicknames travel in gossip: in the clear without a password, never with one"
         );
+    }
+}
+
+/// A pod on `a` with the address 10.32.`i`.2 and the DNS name p`i`.
+fn named_pod(a: &Agent, i: usize) -> Netns {
+    let ns = Netns::new("p");
+    let cidr = format!("10.32.{i}.2/12");
+    let name = format!("p{i}");
+    must(a.weft().args(["attach", &cidr, "--name", &name, "--netns"]).arg(ns.path()));
+    ns
+}
+
+/// Whether weft DNS on `a` resolves p`i` to its pod's address.
+fn resolves(a: &Agent, i: usize) -> bool {
+    let out = run(a.weft().args(["dns-lookup", &format!("p{i}")]));
+    out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == format!("10.32.{i}.2")
+}
+
+/// One quick ping (a lost one costs 0.2 s, so polling stays fine-grained).
+fn pings(from: &Netns, i: usize) -> bool {
+    run(from.cmd("ping").args(["-c1", "-W0.2", &format!("10.32.{i}.2")])).status.success()
+}
+
+/// Polls `cond` until `deadline`; returns how long after `t0` it first held.
+fn by(t0: Instant, deadline: Instant, what: &str, mut cond: impl FnMut() -> bool) -> Duration {
+    let limit = deadline.saturating_duration_since(t0);
+    wait_until(
+        deadline.saturating_duration_since(Instant::now()),
+        &format!("{what} within {limit:?}"),
+        &mut cond,
+    );
+    t0.elapsed()
+}
+
+/// Whether `a` reports a refused dial of `ip`.
+fn refused(a: &Agent, ip: &str) -> bool {
+    let s = a.status().unwrap_or_default();
+    s["mesh"]["connections"].as_array().is_some_and(|cs| {
+        cs.iter().any(|c| {
+            c["state"] == "failed"
+                && c["address"].as_str().is_some_and(|x| x.starts_with(ip))
+                && c["info"].as_str().is_some_and(|i| i.contains("refused"))
+        })
+    })
+}
+
+/// `weft status connections` is one established line per other peer, with no failure,
+/// no dial in progress and no degraded overlay left over, and `weft status` counts them.
+fn clean_connections(a: &Agent, peers: &[String]) -> Result<(), String> {
+    let text =
+        |args: &[&str]| String::from_utf8_lossy(&run(a.weft().args(args)).stdout).into_owned();
+    let summary = text(&["status"]);
+    let want = format!("Connections: {n} ({n} established)", n = peers.len());
+    if !summary.contains(&want) {
+        return Err(summary);
+    }
+    let text = text(&["status", "connections"]);
+    let lines: Vec<&str> = text.lines().collect();
+    let one_each =
+        peers.iter().all(|p| lines.iter().filter(|l| l.contains(p.as_str())).count() == 1);
+    let ok = lines.len() == peers.len()
+        && one_each
+        && lines.iter().all(|l| l.contains("established") && l.contains(" fastdp unencrypted "));
+    if ok { Ok(()) } else { Err(text) }
+}
+
+/// Issue 13, item 2: after `weft stop` and a start of one host, its names, MACs and routes
+/// are known everywhere within 2 s of its connections being up (they used to wait for the
+/// 30-s anti-entropy), and `weft status connections` shows one clean line per peer.
+#[test]
+fn a_restarted_host_exchanges_names_and_reaches_pods_within_two_seconds() {
+    let (lab, hosts) = Lab::new(3, 1500);
+    let mut a = lab.agents(hosts, &[]);
+    let pods: Vec<Netns> = (1..=3).map(|i| named_pod(&a[i - 1], i)).collect();
+    let names: Vec<String> = a.iter().map(name).collect();
+    for (x, agent) in a.iter().enumerate() {
+        for i in (1..=3).filter(|i| *i != x + 1) {
+            wait_until(T, &format!("h{} to resolve p{i}", x + 1), || resolves(agent, i));
+            wait_until(T, &format!("p{} to reach p{i}", x + 1), || pings(&pods[x], i));
+        }
+    }
+
+    // h3 stops; the others forget it, and its name with it.
+    a[2].stop();
+    for (x, agent) in a.iter().enumerate().take(2) {
+        wait_until(T, &format!("h{} to forget h3", x + 1), || {
+            !known_peers(agent).contains(&names[2]) && !resolves(agent, 3)
+        });
+        // Its dials of h3 fail meanwhile: status must not keep them once h3 is back.
+        wait_until(T, &format!("h{} to fail dialling h3", x + 1), || refused(agent, lab.ip(3)));
+    }
+
+    // h3 starts again; the clock starts once its connections to both are established.
+    a[2].start_again();
+    let up = |x: usize, y: usize| connected(&a[x], "established").contains(&names[y]);
+    wait_until(T, "h3's connections to h1 and h2", || up(2, 0) && up(2, 1) && up(0, 2) && up(1, 2));
+    let t0 = Instant::now();
+    let deadline = t0 + Duration::from_secs(2);
+    let mut figures = Vec::new();
+    for (x, i) in [(0, 3), (1, 3), (2, 1), (2, 2)] {
+        let what = format!("h{} to resolve p{i}", x + 1);
+        figures.push((what.clone(), by(t0, deadline, &what, || resolves(&a[x], i))));
+    }
+    for (x, i) in [(2, 1), (2, 2), (0, 3), (1, 3)] {
+        let what = format!("p{} to reach p{i}", x + 1);
+        figures.push((what.clone(), by(t0, deadline, &what, || pings(&pods[x], i))));
+    }
+    eprintln!("after the connections were up: {figures:?}");
+
+    // Nothing stale in status: one established fastdp line per peer, on every host.
+    a[2].wait_ready();
+    for (x, agent) in a.iter().enumerate() {
+        let others: Vec<String> =
+            names.iter().enumerate().filter(|(y, _)| *y != x).map(|(_, n)| n.clone()).collect();
+        let deadline = Instant::now() + T;
+        while let Err(text) = clean_connections(agent, &others) {
+            assert!(Instant::now() < deadline, "h{}'s connections are not clean:\n{text}", x + 1);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let targets = targets(agent);
+        for y in (1..=3).filter(|y| *y != x + 1) {
+            assert!(targets.contains(&lab.ip(y).to_owned()), "h{}: {targets:?}", x + 1);
+        }
     }
 }

@@ -1,5 +1,5 @@
 //! The local gRPC API on the agent's unix socket. This is the edge where wire messages are
-//! parsed into weft's types and [`ApiError`]s become gRPC statuses with an error reason.
+//! parsed into weft's types and [`EndpointError`]s become gRPC statuses with an error reason.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -9,26 +9,26 @@ use std::time::{Duration, Instant};
 use ipnet::IpNet;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 use tracing::{debug, error};
-use weft_api::v1::{self, ErrorReason, agent_server::AgentServer};
+use weft_api::v1::{self, agent_server::AgentServer};
 
 use crate::addr::AddrRequest;
-use crate::daemon::Agent;
 use crate::dns::DnsError;
+use crate::endpoints::error::EndpointError;
 use crate::endpoints::record::{EndpointRecord, Kind, PodRef};
 use crate::endpoints::state::{AttachReserve, CniReserve};
 use crate::endpoints::{CniAdd, CniAdded, Readiness};
-use crate::error::ApiError;
-use crate::ipam::IpamError;
+use crate::services::Services;
+use crate::status::report::collect;
 
 /// How long a leaving agent waits for the heir of its address space to confirm.
 const LEAVE_WAIT: Duration = Duration::from_secs(10);
 
 /// Serves the API until the agent shuts down.
-pub async fn serve(agent: Arc<Agent>, listener: UnixListener) {
-    let shutdown = agent.shutdown.clone();
-    let svc = AgentServer::new(Service { agent }).max_decoding_message_size(4 << 20);
+pub async fn serve(svc: Arc<Services>, listener: UnixListener) {
+    let shutdown = svc.hub.shutdown.clone();
+    let svc = AgentServer::new(Service { svc }).max_decoding_message_size(4 << 20);
     let result = tonic::transport::Server::builder()
         .add_service(svc)
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown.cancelled())
@@ -41,59 +41,14 @@ pub async fn serve(agent: Arc<Agent>, listener: UnixListener) {
 
 #[derive(Debug)]
 struct Service {
-    agent: Arc<Agent>,
+    svc: Arc<Services>,
 }
 
-fn status(code: Code, reason: ErrorReason, field: &str, e: &ApiError) -> Status {
-    weft_api::status_with_reason(code, e.to_string(), reason, field)
+fn bad(field: &'static str, e: impl std::fmt::Display) -> EndpointError {
+    EndpointError::invalid(field, e.to_string())
 }
 
-impl From<ApiError> for Status {
-    fn from(e: ApiError) -> Status {
-        use ErrorReason as R;
-        match &e {
-            ApiError::Ipam(IpamError::Exhausted(_)) => {
-                status(Code::ResourceExhausted, R::AddressExhausted, "addresses", &e)
-            }
-            ApiError::Ipam(IpamError::Conflict { .. } | IpamError::NotOwned(_)) => {
-                status(Code::AlreadyExists, R::AddressConflict, "addresses", &e)
-            }
-            ApiError::Ipam(_) => status(Code::InvalidArgument, R::InvalidRequest, "addresses", &e),
-            ApiError::Netns(_) => status(Code::InvalidArgument, R::NetnsInvalid, "netns", &e),
-            ApiError::Invalid { field, .. } => {
-                status(Code::InvalidArgument, R::InvalidRequest, field, &e)
-            }
-            ApiError::NotReady(_) | ApiError::IpamWait(_) => {
-                status(Code::Unavailable, R::NotReady, "", &e)
-            }
-            ApiError::Unknown(_) => status(Code::NotFound, R::EndpointUnknown, "", &e),
-            ApiError::CheckFailed(_) => status(Code::FailedPrecondition, R::CheckFailed, "", &e),
-            ApiError::InterfaceExists(_) => {
-                status(Code::AlreadyExists, R::InterfaceExists, "ifname", &e)
-            }
-            ApiError::Kernel(_) | ApiError::Store(_) => status(Code::Internal, R::Kernel, "", &e),
-            ApiError::Stopped => status(Code::Unavailable, R::NotReady, "", &e),
-            ApiError::Dns(d) => match d {
-                DnsError::Name(_) => status(Code::InvalidArgument, R::InvalidRequest, "name", &e),
-                DnsError::NothingToAdd | DnsError::NothingToRemove => {
-                    status(Code::InvalidArgument, R::InvalidRequest, "", &e)
-                }
-                DnsError::UnknownEndpoint(_) => {
-                    status(Code::NotFound, R::EndpointUnknown, "endpoint_id", &e)
-                }
-                DnsError::Disabled => status(Code::FailedPrecondition, R::InvalidRequest, "", &e),
-                DnsError::Store(_) => status(Code::Internal, R::Kernel, "", &e),
-                DnsError::Stopped => status(Code::Unavailable, R::NotReady, "", &e),
-            },
-        }
-    }
-}
-
-fn bad(field: &'static str, e: impl std::fmt::Display) -> ApiError {
-    ApiError::invalid(field, e.to_string())
-}
-
-fn parse_request(r: &v1::AddressRequest) -> Result<AddrRequest, ApiError> {
+fn parse_request(r: &v1::AddressRequest) -> Result<AddrRequest, EndpointError> {
     use v1::address_request::Kind as K;
     match &r.kind {
         None | Some(K::DefaultSubnet(_)) => Ok(AddrRequest::Default),
@@ -107,11 +62,11 @@ fn parse_request(r: &v1::AddressRequest) -> Result<AddrRequest, ApiError> {
     }
 }
 
-fn parse_requests(rs: &[v1::AddressRequest]) -> Result<Vec<AddrRequest>, ApiError> {
+fn parse_requests(rs: &[v1::AddressRequest]) -> Result<Vec<AddrRequest>, EndpointError> {
     rs.iter().map(parse_request).collect()
 }
 
-fn path(field: &'static str, s: &str) -> Result<PathBuf, ApiError> {
+fn path(field: &'static str, s: &str) -> Result<PathBuf, EndpointError> {
     if s.is_empty() {
         return Err(bad(field, "is empty"));
     }
@@ -176,25 +131,25 @@ fn add_reply(a: &CniAdded) -> v1::CniAddReply {
     }
 }
 
-fn parse_addrs(addrs: &[v1::IpAddress]) -> Result<Vec<IpAddr>, ApiError> {
+fn parse_addrs(addrs: &[v1::IpAddress]) -> Result<Vec<IpAddr>, EndpointError> {
     addrs.iter().map(|a| IpAddr::try_from(a).map_err(|e| bad("addresses", e))).collect()
 }
 
 impl Service {
     /// The DNS service, unless the agent runs with --no-dns.
-    fn dns(&self) -> Result<&crate::dns::Dns, ApiError> {
-        self.agent.dns.as_ref().ok_or(ApiError::Dns(DnsError::Disabled))
+    fn dns(&self) -> Result<&crate::dns::Dns, DnsError> {
+        self.svc.dns.as_ref().ok_or(DnsError::Disabled)
     }
 
     /// Times a CNI command and counts its result.
     async fn timed<T>(
         &self,
         command: &str,
-        f: impl Future<Output = Result<T, ApiError>>,
+        f: impl Future<Output = Result<T, EndpointError>>,
     ) -> Result<T, Status> {
         let start = Instant::now();
         let r = f.await;
-        self.agent.metrics.observe_cni(command, r.is_ok(), start.elapsed().as_secs_f64());
+        self.svc.hub.metrics.observe_cni(command, r.is_ok(), start.elapsed().as_secs_f64());
         if let Err(e) = &r {
             debug!(command, error = %e, "CNI command failed");
         }
@@ -208,14 +163,14 @@ impl v1::agent_server::Agent for Service {
         &self,
         _: Request<v1::HelloRequest>,
     ) -> Result<Response<v1::HelloReply>, Status> {
-        let r = self.agent.ready.borrow().clone();
+        let r = self.svc.ready.borrow().clone();
         Ok(Response::new(v1::HelloReply {
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
             api_revision: weft_api::API_REVISION,
             ready: r.ready,
             not_ready_reason: r.reason,
-            peer_name: self.agent.identity.name.to_string(),
-            nickname: self.agent.identity.nickname.clone(),
+            peer_name: self.svc.hub.identity.name.to_string(),
+            nickname: self.svc.hub.identity.nickname.clone(),
             pid: std::process::id(),
         }))
     }
@@ -241,7 +196,7 @@ impl v1::agent_server::Agent for Service {
                 return Err(bad("container_id", "is empty"));
             }
             let wait_ready = Duration::from_millis(u64::from(req.wait_ready_ms));
-            self.agent.endpoints.cni_add(CniAdd { reserve, wait_ready }).await
+            self.svc.hub.endpoints.cni_add(CniAdd { reserve, wait_ready }).await
         };
         let added = self.timed("ADD", work).await?;
         Ok(Response::new(add_reply(&added)))
@@ -252,8 +207,9 @@ impl v1::agent_server::Agent for Service {
         req: Request<v1::CniDelRequest>,
     ) -> Result<Response<v1::CniDelReply>, Status> {
         let req = req.into_inner();
-        let found =
-            self.timed("DEL", self.agent.endpoints.cni_del(&req.container_id, &req.ifname)).await?;
+        let found = self
+            .timed("DEL", self.svc.hub.endpoints.cni_del(&req.container_id, &req.ifname))
+            .await?;
         Ok(Response::new(v1::CniDelReply { found }))
     }
 
@@ -270,7 +226,7 @@ impl v1::agent_server::Agent for Service {
                 .map(IpNet::try_from)
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| bad("expected", e))?;
-            self.agent.endpoints.cni_check(&req.container_id, &req.ifname, &netns, expected).await
+            self.svc.hub.endpoints.cni_check(&req.container_id, &req.ifname, &netns, expected).await
         };
         self.timed("CHECK", work).await?;
         Ok(Response::new(v1::CniCheckReply {}))
@@ -280,15 +236,15 @@ impl v1::agent_server::Agent for Service {
         &self,
         _: Request<v1::CniStatusRequest>,
     ) -> Result<Response<v1::CniStatusReply>, Status> {
-        let mut r = self.agent.ready.borrow().clone();
+        let mut r = self.svc.ready.borrow().clone();
         if r.ready {
             // Address space is part of readiness; asking also starts forming the ring, so a
             // runtime polling STATUS before the first pod does not wait for that pod.
-            if let Err(wait) = self.agent.endpoints.state().call(|s| s.ipam_prime()).await? {
+            if let Err(wait) = self.svc.hub.ipam.try_prime().await? {
                 r = Readiness::starting(wait.to_string());
             }
         }
-        self.agent.metrics.observe_cni("STATUS", r.ready, 0.0);
+        self.svc.hub.metrics.observe_cni("STATUS", r.ready, 0.0);
         Ok(Response::new(v1::CniStatusReply { ready: r.ready, reason: r.reason }))
     }
 
@@ -299,7 +255,8 @@ impl v1::agent_server::Agent for Service {
         let req = req.into_inner();
         let valid: Vec<(String, String)> =
             req.valid.into_iter().map(|a| (a.container_id, a.ifname)).collect();
-        let released = self.timed("GC", self.agent.endpoints.cni_gc(&req.network, &valid)).await?;
+        let released =
+            self.timed("GC", self.svc.hub.endpoints.cni_gc(&req.network, &valid)).await?;
         Ok(Response::new(v1::CniGcReply { released }))
     }
 
@@ -317,7 +274,7 @@ impl v1::agent_server::Agent for Service {
             hostname: (!req.hostname.is_empty()).then_some(req.hostname),
             multicast_route: req.multicast_route,
         };
-        let (rec, added) = self.agent.endpoints.attach(reserve).await?;
+        let (rec, added) = self.svc.hub.endpoints.attach(reserve).await?;
         Ok(Response::new(v1::AttachReply {
             endpoint: Some(endpoint_to_wire(&rec)),
             added: added.into_iter().map(Into::into).collect(),
@@ -330,7 +287,7 @@ impl v1::agent_server::Agent for Service {
     ) -> Result<Response<v1::DetachReply>, Status> {
         let req = req.into_inner();
         let reqs = parse_requests(&req.addresses).map_err(Status::from)?;
-        let removed = self.agent.endpoints.detach(&req.id, reqs).await?;
+        let removed = self.svc.hub.endpoints.detach(&req.id, reqs).await?;
         Ok(Response::new(v1::DetachReply {
             found: removed.is_some(),
             removed: removed.unwrap_or_default().into_iter().map(Into::into).collect(),
@@ -341,7 +298,7 @@ impl v1::agent_server::Agent for Service {
         &self,
         _: Request<v1::ListEndpointsRequest>,
     ) -> Result<Response<v1::ListEndpointsReply>, Status> {
-        let list = self.agent.endpoints.list().await?;
+        let list = self.svc.hub.endpoints.list().await?;
         Ok(Response::new(v1::ListEndpointsReply {
             endpoints: list.iter().map(endpoint_to_wire).collect(),
         }))
@@ -354,7 +311,7 @@ impl v1::agent_server::Agent for Service {
         let req = req.into_inner();
         let reqs = parse_requests(&req.addresses).map_err(Status::from)?;
         let hostname = (!req.hostname.is_empty()).then_some(req.hostname);
-        let addrs = self.agent.endpoints.expose(reqs, hostname).await?;
+        let addrs = self.svc.hub.endpoints.expose(reqs, hostname).await?;
         Ok(Response::new(v1::ExposeReply {
             addresses: addrs.into_iter().map(Into::into).collect(),
         }))
@@ -362,7 +319,7 @@ impl v1::agent_server::Agent for Service {
 
     async fn hide(&self, req: Request<v1::HideRequest>) -> Result<Response<v1::HideReply>, Status> {
         let reqs = parse_requests(&req.into_inner().addresses).map_err(Status::from)?;
-        let removed = self.agent.endpoints.hide(reqs).await?;
+        let removed = self.svc.hub.endpoints.hide(reqs).await?;
         Ok(Response::new(v1::HideReply { removed: removed.into_iter().map(Into::into).collect() }))
     }
 
@@ -374,11 +331,13 @@ impl v1::agent_server::Agent for Service {
         if let Some(bad) =
             req.peers.iter().find(|p| p.trim().is_empty() || p.contains(char::is_whitespace))
         {
-            return Err(
-                ApiError::invalid("peers", format!("{bad:?} is not HOST or HOST:PORT")).into()
-            );
+            return Err(EndpointError::invalid(
+                "peers",
+                format!("{bad:?} is not HOST or HOST:PORT"),
+            )
+            .into());
         }
-        let targets = self.agent.mesh.connect(req.peers, req.replace).await;
+        let targets = self.svc.hub.mesh.connect(req.peers, req.replace).await;
         Ok(Response::new(v1::ConnectReply { targets }))
     }
 
@@ -386,7 +345,7 @@ impl v1::agent_server::Agent for Service {
         &self,
         req: Request<v1::ForgetRequest>,
     ) -> Result<Response<v1::ForgetReply>, Status> {
-        let targets = self.agent.mesh.forget(req.into_inner().peers).await;
+        let targets = self.svc.hub.mesh.forget(req.into_inner().peers).await;
         Ok(Response::new(v1::ForgetReply { targets }))
     }
 
@@ -397,7 +356,7 @@ impl v1::agent_server::Agent for Service {
         let req = req.into_inner();
         let reqs = parse_requests(&req.addresses).map_err(Status::from)?;
         let budget = (req.wait_ms > 0).then(|| Duration::from_millis(u64::from(req.wait_ms)));
-        let addresses = self.agent.endpoints.reserve(req.id, reqs, budget).await?;
+        let addresses = self.svc.hub.endpoints.reserve(req.id, reqs, budget).await?;
         Ok(Response::new(v1::ReserveReply {
             addresses: addresses.into_iter().map(Into::into).collect(),
         }))
@@ -407,7 +366,7 @@ impl v1::agent_server::Agent for Service {
         &self,
         req: Request<v1::UnreserveRequest>,
     ) -> Result<Response<v1::UnreserveReply>, Status> {
-        let found = self.agent.endpoints.unreserve(&req.into_inner().id).await?;
+        let found = self.svc.hub.endpoints.unreserve(&req.into_inner().id).await?;
         Ok(Response::new(v1::UnreserveReply { found }))
     }
 
@@ -416,23 +375,8 @@ impl v1::agent_server::Agent for Service {
         req: Request<v1::RmPeerRequest>,
     ) -> Result<Response<v1::RmPeerReply>, Status> {
         let name = req.into_inner().peer.trim().to_owned();
-        let state = self.agent.endpoints.state();
-        let lookup = name.clone();
-        let peer = state
-            .call(move |s| s.ipam_resolve(&lookup))
-            .await?
-            .map_err(|m| ApiError::invalid("peer", m))?;
-        if self.agent.mesh.report().reachable().contains(&peer) {
-            return Err(ApiError::invalid(
-                "peer",
-                format!(
-                    "peer {name} is reachable: rmpeer is for peers that are gone for good \
-                     (run `weft reset` on that peer to make it hand its space over)"
-                ),
-            )
-            .into());
-        }
-        let moved = state.call(move |s| s.ipam_rmpeer(peer)).await?.map_err(ApiError::from)?;
+        let view = self.svc.hub.mesh.view().borrow().clone();
+        let moved = self.svc.hub.ipam.rmpeer(&name, &view).await?;
         Ok(Response::new(v1::RmPeerReply {
             addresses_taken_over: u64::try_from(moved).unwrap_or(u64::MAX),
         }))
@@ -444,7 +388,7 @@ impl v1::agent_server::Agent for Service {
     ) -> Result<Response<v1::PrimeReply>, Status> {
         let ms = req.into_inner().timeout_ms;
         let budget = Duration::from_millis(if ms == 0 { 60_000 } else { u64::from(ms) });
-        self.agent.endpoints.prime(budget).await?;
+        self.svc.hub.endpoints.prime(budget).await?;
         Ok(Response::new(v1::PrimeReply {}))
     }
 
@@ -456,7 +400,7 @@ impl v1::agent_server::Agent for Service {
         let req = req.into_inner();
         let addrs = parse_addrs(&req.addresses)?;
         let endpoint = (!req.endpoint_id.is_empty()).then_some(req.endpoint_id);
-        let added = dns.add(req.name, addrs, endpoint).await.map_err(ApiError::from)?;
+        let added = dns.add(req.name, addrs, endpoint).await?;
         Ok(Response::new(v1::DnsAddReply {
             records: added
                 .into_iter()
@@ -481,15 +425,18 @@ impl v1::agent_server::Agent for Service {
             addrs: parse_addrs(&req.addresses)?,
             endpoint: (!req.endpoint_id.is_empty()).then_some(req.endpoint_id),
         };
-        let removed = dns.remove(removal).await.map_err(ApiError::from)?;
-        Ok(Response::new(v1::DnsRemoveReply { removed }))
+        let removed = dns.remove(removal).await?;
+        for id in &removed.unnamed {
+            self.svc.hub.endpoints.set_hostname(id, None).await?;
+        }
+        Ok(Response::new(v1::DnsRemoveReply { removed: removed.pairs }))
     }
 
     async fn dns_lookup(
         &self,
         req: Request<v1::DnsLookupRequest>,
     ) -> Result<Response<v1::DnsLookupReply>, Status> {
-        let addrs = self.dns()?.lookup(&req.into_inner().name).map_err(ApiError::from)?;
+        let addrs = self.dns()?.lookup(&req.into_inner().name)?;
         Ok(Response::new(v1::DnsLookupReply {
             addresses: addrs.into_iter().map(Into::into).collect(),
         }))
@@ -499,7 +446,7 @@ impl v1::agent_server::Agent for Service {
         &self,
         _: Request<v1::StatusRequest>,
     ) -> Result<Response<v1::StatusReply>, Status> {
-        let report = self.agent.report().await;
+        let report = collect(&self.svc).await;
         let json = serde_json::to_vec(&report).map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(v1::StatusReply { report_json: json }))
     }
@@ -507,10 +454,10 @@ impl v1::agent_server::Agent for Service {
     async fn stop(&self, req: Request<v1::StopRequest>) -> Result<Response<v1::StopReply>, Status> {
         tracing::info!(leave = req.get_ref().leave, "stop requested through the API");
         if req.get_ref().leave {
-            self.agent.endpoints.leave(LEAVE_WAIT).await?;
+            self.svc.hub.endpoints.leave(LEAVE_WAIT).await?;
         }
         // The server shuts down gracefully: this reply, already in flight, is still sent.
-        self.agent.shutdown.cancel();
+        self.svc.hub.shutdown.cancel();
         Ok(Response::new(v1::StopReply {}))
     }
 }

@@ -111,9 +111,7 @@ pub async fn status(socket: &Path, what: Option<StatusView>, json: bool) -> Resu
         (Some(StatusView::Dns), true) => print_json(&r.dns),
         (Some(StatusView::Dns), false) => print_lines(render::dns(&r)),
         (Some(StatusView::Targets), true) => print_json(&r.mesh.targets),
-        (Some(StatusView::Targets), false) => {
-            print_lines(r.mesh.targets.iter().filter(|t| !t.discovered).map(|t| t.target.clone()))
-        }
+        (Some(StatusView::Targets), false) => print_lines(render::targets(&r.mesh.targets)),
     }
 }
 

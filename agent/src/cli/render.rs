@@ -4,8 +4,9 @@
 use ipnet::IpNet;
 use serde::Serialize;
 
-use crate::mesh::report::MeshReport;
-use crate::overlay::OverlayReport;
+use crate::mesh::report::{ConnState, MeshReport, TargetReport};
+use crate::overlay::health::Mode;
+use crate::overlay::{LinkReport, OverlayReport};
 use crate::status::report::Report;
 
 /// One line of `weft ps`.
@@ -162,9 +163,9 @@ pub fn dns(r: &Report) -> Vec<String> {
 
 fn connection_summary(m: &MeshReport) -> String {
     let total = m.connections.len();
-    let parts: Vec<String> = ["established", "connecting", "failed"]
+    let parts: Vec<String> = ConnState::ALL
         .iter()
-        .map(|s| (s, m.count(s)))
+        .map(|s| (s, m.connections.iter().filter(|c| c.state == *s).count()))
         .filter(|(_, n)| *n > 0)
         .map(|(s, n)| format!("{n} {s}"))
         .collect();
@@ -198,16 +199,17 @@ pub fn peers(m: &MeshReport) -> Vec<String> {
     out
 }
 
-/// `weft status connections`: our connections as Weave prints them, with the overlay each
-/// one uses and why.
+/// `weft status connections`: one line per peer, as Weave prints connections, with the
+/// overlay each one uses and, only when it is not at its best, why. Peers reached only
+/// through others follow, with their next hop.
 pub fn connections(m: &MeshReport, o: &OverlayReport) -> Vec<String> {
     let mut out: Vec<String> = m
         .connections
         .iter()
         .map(|c| {
             let dir = if c.outbound { "->" } else { "<-" };
-            let info = match c.state.as_str() {
-                "failed" => c.info.clone(),
+            let info = match c.state {
+                ConnState::Failed => c.info.clone(),
                 _ => {
                     let enc = if c.data_encrypted {
                         "encrypted"
@@ -217,19 +219,39 @@ pub fn connections(m: &MeshReport, o: &OverlayReport) -> Vec<String> {
                         "unencrypted"
                     };
                     let link = o.links.iter().find(|l| l.peer == c.peer);
-                    let overlay = link.map_or_else(String::new, |l| {
-                        format!("{} ({}; {})", l.mode, l.fastdp, l.sleeve)
-                    });
+                    let overlay = link.map_or_else(String::new, |l| overlay(l, &o.relayed));
                     format!("{overlay} {enc} {}", nick(&c.peer, &c.nickname))
                 }
             };
             format!("{dir} {:<22} {:<12} {info}", c.address, c.state).trim_end().to_owned()
         })
         .collect();
-    for (dst, via) in &o.relayed {
+    let direct =
+        |p: &str| m.connections.iter().any(|c| c.state == ConnState::Established && c.peer == p);
+    for (dst, via) in o.relayed.iter().filter(|(dst, _)| !direct(dst)) {
         out.push(format!("   {dst:<22} relayed      via {via}"));
     }
     out
+}
+
+/// The overlay of a link: the one in use (with the next hop when relayed) and, when the
+/// link is degraded, why.
+fn overlay(l: &LinkReport, relayed: &[(String, String)]) -> String {
+    let via = relayed.iter().find(|(dst, _)| *dst == l.peer).map(|(_, via)| via);
+    let mode = match (l.mode, via) {
+        (Mode::Relayed, Some(via)) => format!("relayed via {via}"),
+        (mode, _) => mode.to_string(),
+    };
+    if l.degraded.is_empty() { mode } else { format!("{mode} ({})", l.degraded) }
+}
+
+/// `weft status targets`: the addresses the mesh keeps connecting to, as given; discovered
+/// ones (learnt from peers, kept while connected) are marked.
+pub fn targets(targets: &[TargetReport]) -> Vec<String> {
+    targets
+        .iter()
+        .map(|t| if t.discovered { format!("{} (discovered)", t.target) } else { t.target.clone() })
+        .collect()
 }
 
 /// `weft ps`: `ID MAC ADDRESS...` like Weave, plus kind and pod.
@@ -247,6 +269,7 @@ pub fn ps(rows: &[EndpointRow]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mesh::report::ConnectionReport;
 
     #[test]
     fn status_shows_the_essentials() {
@@ -257,6 +280,74 @@ mod tests {
         assert!(text.contains("Status: ready"));
         assert!(text.contains("8a:3e:3e:3e:3e:3e"));
         assert!(text.contains("10.32.0.1/12"));
+    }
+
+    fn established(peer: &str, address: &str) -> ConnectionReport {
+        ConnectionReport {
+            peer: peer.into(),
+            nickname: format!("n{peer}"),
+            address: address.into(),
+            outbound: true,
+            state: ConnState::Established,
+            ..ConnectionReport::default()
+        }
+    }
+
+    fn link(peer: &str, mode: Mode, degraded: &str) -> LinkReport {
+        LinkReport {
+            peer: peer.into(),
+            mode,
+            fastdp: "fastdp probing".into(),
+            sleeve: "sleeve probing".into(),
+            encrypted: false,
+            degraded: degraded.into(),
+        }
+    }
+
+    #[test]
+    fn connections_are_one_line_per_peer_with_a_reason_only_when_degraded() {
+        let m = MeshReport {
+            connections: vec![
+                established("a", "10.99.0.2:6783"),
+                established("b", "10.99.0.3:6783"),
+                established("c", "10.99.0.4:6783"),
+            ],
+            ..MeshReport::default()
+        };
+        let o = OverlayReport {
+            links: vec![
+                link("a", Mode::Fastdp, ""),
+                link("b", Mode::Sleeve, "fastdp down: no heartbeat acknowledged"),
+                link("c", Mode::Relayed, "fastdp down: x; sleeve down: y"),
+            ],
+            relayed: vec![("c".into(), "a".into()), ("d".into(), "a".into())],
+            ..OverlayReport::default()
+        };
+        let lines = connections(&m, &o);
+        assert_eq!(
+            lines,
+            vec![
+                "-> 10.99.0.2:6783         established  fastdp unencrypted a(na)",
+                "-> 10.99.0.3:6783         established  sleeve (fastdp down: no heartbeat acknowledged) unencrypted b(nb)",
+                "-> 10.99.0.4:6783         established  relayed via a (fastdp down: x; sleeve down: y) unencrypted c(nc)",
+                "   d                      relayed      via a",
+            ]
+        );
+        assert!(lines.iter().all(|l| !l.contains("probing")), "{lines:?}");
+    }
+
+    #[test]
+    fn targets_list_discovered_ones_too() {
+        let t = |target: &str, discovered: bool| TargetReport {
+            target: target.into(),
+            discovered,
+            connected: true,
+            ..TargetReport::default()
+        };
+        assert_eq!(
+            targets(&[t("10.99.0.2", false), t("10.99.0.3:6783", true)]),
+            vec!["10.99.0.2", "10.99.0.3:6783 (discovered)"]
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! [`Dataplane`] on Linux, through rtnetlink and nftables netlink. Host-side operations use a
-//! socket opened in the agent's namespace; pod-side operations use a socket opened inside the
-//! pod's namespace by [`Netns::route_socket`].
+//! [`Dataplane`] on Linux, through the `rtnetlink` crate and nftables netlink. Host-side
+//! operations use a connection opened in the agent's namespace; pod-side operations use one
+//! opened inside the pod's namespace by [`Rtnl::netns`]. Each blocking method runs its whole
+//! operation on its own rtnetlink thread through [`block_on`].
 
 use ipnet::IpNet;
 use netlink_packet_route::link::{
@@ -9,21 +10,21 @@ use netlink_packet_route::link::{
 };
 use std::os::fd::AsRawFd;
 
-use super::netlink::{LinkInfo, Route, RouteSocket, family_of};
+use super::netlink::{LinkInfo, Route, Rtnl, block_on, family_of};
 use super::netns::{Netns, write_sysctl};
-use super::nft::{NftSocket, Table};
+use super::nft::{Family, NftSocket, Table};
 use super::{
     BridgeReport, BridgeSpec, Dataplane, EndpointSpec, EndpointState, HOST_IFNAME_PREFIX,
     KernelError, Mac, NlContext, RouteSpec,
 };
 
-/// The Linux implementation. Stateless: every call opens the sockets it needs, so calls from
-/// different threads never contend.
+/// The Linux implementation. Stateless: every call opens the connections it needs, so calls
+/// from different threads never contend for one socket.
 #[derive(Debug, Default)]
 pub struct LinuxDataplane;
 
-fn host_socket() -> Result<RouteSocket, KernelError> {
-    Ok(RouteSocket::open()?)
+fn host_socket() -> Result<Rtnl, KernelError> {
+    Ok(Rtnl::host()?)
 }
 
 fn is_link_local(net: &IpNet) -> bool {
@@ -34,7 +35,7 @@ fn is_link_local(net: &IpNet) -> bool {
 }
 
 impl LinuxDataplane {
-    fn create_bridge(sock: &mut RouteSocket, spec: &BridgeSpec) -> Result<(), KernelError> {
+    async fn create_bridge(sock: &Rtnl, spec: &BridgeSpec) -> Result<(), KernelError> {
         let mut msg = LinkMessage::default();
         msg.attributes.push(LinkAttribute::IfName(spec.name.clone()));
         msg.attributes.push(LinkAttribute::Address(spec.mac.0.to_vec()));
@@ -44,14 +45,14 @@ impl LinuxDataplane {
             // would stop reaching members behind the overlay ports (no IGMP querier there).
             NlLinkInfo::Data(InfoData::Bridge(vec![InfoBridge::MulticastSnooping(false)])),
         ]));
-        match sock.add_link(msg) {
+        match sock.add_link(msg).await {
             Err(e) if e.is(libc::EEXIST) => Ok(()),
             other => other.ctx(|| format!("creating bridge {}", spec.name)),
         }
     }
 
-    fn create_veth(
-        sock: &mut RouteSocket,
+    async fn create_veth(
+        sock: &Rtnl,
         spec: &EndpointSpec,
         netns: &Netns,
     ) -> Result<(), KernelError> {
@@ -69,21 +70,21 @@ impl LinuxDataplane {
             NlLinkInfo::Kind(InfoKind::Veth),
             NlLinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer))),
         ]));
-        match sock.add_link(msg) {
+        match sock.add_link(msg).await {
             // The host name was free (checked by the caller), so the clash is inside the pod.
             Err(e) if e.is(libc::EEXIST) => Err(KernelError::InterfaceExists(spec.ifname.clone())),
             other => other.ctx(|| format!("creating veth {}", spec.host_ifname)),
         }
     }
 
-    fn set_hairpin(sock: &mut RouteSocket, index: u32, on: bool) -> Result<(), KernelError> {
+    async fn set_hairpin(sock: &Rtnl, index: u32, on: bool) -> Result<(), KernelError> {
         let mut msg = LinkMessage::default();
         msg.header.index = index;
         msg.attributes.push(LinkAttribute::LinkInfo(vec![
             NlLinkInfo::PortKind(InfoPortKind::Bridge),
             NlLinkInfo::PortData(InfoPortData::BridgePort(vec![InfoBridgePort::HairpinMode(on)])),
         ]));
-        sock.modify_link(msg).ctx(|| "setting hairpin mode".into())
+        sock.modify_link(msg).await.ctx(|| "setting hairpin mode".into())
     }
 
     /// Routes for `spec`, preceded by an on-link route to any gateway outside the endpoint's
@@ -101,17 +102,18 @@ impl LinuxDataplane {
         }
         out
     }
-}
 
-impl Dataplane for LinuxDataplane {
-    fn ensure_bridge(&self, spec: &BridgeSpec) -> Result<BridgeReport, KernelError> {
-        let mut sock = host_socket()?;
+    async fn ensure_bridge(spec: BridgeSpec) -> Result<BridgeReport, KernelError> {
+        let spec = &spec;
+        let sock = host_socket()?;
         let mut repairs = Vec::new();
-        let mut link = sock.link_by_name(&spec.name).ctx(|| format!("looking up {}", spec.name))?;
+        let mut link =
+            sock.link_by_name(&spec.name).await.ctx(|| format!("looking up {}", spec.name))?;
         if link.is_none() {
-            Self::create_bridge(&mut sock, spec)?;
+            Self::create_bridge(&sock, spec).await?;
             repairs.push("created".to_owned());
-            link = sock.link_by_name(&spec.name).ctx(|| format!("looking up {}", spec.name))?;
+            link =
+                sock.link_by_name(&spec.name).await.ctx(|| format!("looking up {}", spec.name))?;
         }
         let info =
             LinkInfo::from_message(&link.ok_or_else(|| KernelError::NoBridge(spec.name.clone()))?);
@@ -119,11 +121,13 @@ impl Dataplane for LinuxDataplane {
             let mut msg = LinkMessage::default();
             msg.header.index = info.index;
             msg.attributes.push(LinkAttribute::Address(spec.mac.0.to_vec()));
-            sock.set_link(msg).ctx(|| "setting the bridge MAC".into())?;
+            sock.set_link(msg).await.ctx(|| "setting the bridge MAC".into())?;
             repairs.push(format!("mac -> {}", spec.mac));
         }
         if info.mtu != spec.mtu || !info.up {
-            sock.set_up(info.index, Some(spec.mtu), None).ctx(|| "setting the bridge up".into())?;
+            sock.set_up(info.index, Some(spec.mtu), None)
+                .await
+                .ctx(|| "setting the bridge up".into())?;
             if info.mtu != spec.mtu {
                 repairs.push(format!("mtu {} -> {}", info.mtu, spec.mtu));
             }
@@ -133,111 +137,130 @@ impl Dataplane for LinuxDataplane {
         }
         let present: Vec<IpNet> = sock
             .addresses(Some(info.index))
+            .await
             .ctx(|| "listing bridge addresses".into())?
             .into_iter()
             .map(|(_, n)| n)
             .collect();
         for net in &spec.addresses {
             if !present.contains(net) {
-                sock.add_address(info.index, *net).ctx(|| format!("adding {net} to the bridge"))?;
+                sock.add_address(info.index, *net)
+                    .await
+                    .ctx(|| format!("adding {net} to the bridge"))?;
                 repairs.push(format!("address {net} added"));
             }
         }
         for net in present.iter().filter(|n| !spec.addresses.contains(n) && !is_link_local(n)) {
-            sock.del_address(info.index, *net).ctx(|| format!("removing {net} from the bridge"))?;
+            sock.del_address(info.index, *net)
+                .await
+                .ctx(|| format!("removing {net} from the bridge"))?;
             repairs.push(format!("address {net} removed"));
         }
         Ok(BridgeReport { index: info.index, repairs })
     }
 
-    fn setup_endpoint(&self, spec: &EndpointSpec) -> Result<EndpointState, KernelError> {
+    async fn setup_endpoint(spec: EndpointSpec) -> Result<EndpointState, KernelError> {
+        let spec = &spec;
         let netns = Netns::open(&spec.netns)?;
-        let mut host = host_socket()?;
-        let mut pod = netns.route_socket()?;
+        let host = host_socket()?;
+        let pod = Rtnl::netns(&netns)?;
         let bridge = host
             .link_by_name(&spec.bridge)
+            .await
             .ctx(|| "looking up the bridge".into())?
             .ok_or_else(|| KernelError::NoBridge(spec.bridge.clone()))?;
         let bridge_index = bridge.header.index;
-        let existing = host.link_by_name(&spec.host_ifname).ctx(|| "looking up the veth".into())?;
+        let existing =
+            host.link_by_name(&spec.host_ifname).await.ctx(|| "looking up the veth".into())?;
         let pod_link =
-            pod.link_by_name(&spec.ifname).ctx(|| "looking up the pod interface".into())?;
+            pod.link_by_name(&spec.ifname).await.ctx(|| "looking up the pod interface".into())?;
         match (&existing, &pod_link) {
             (Some(_), Some(_)) => {}
             (Some(stale), None) => {
                 // Our host end survived, its peer did not: start over.
-                host.del_link(stale.header.index).ctx(|| "removing a stale veth".into())?;
-                Self::create_veth(&mut host, spec, &netns)?;
+                host.del_link(stale.header.index).await.ctx(|| "removing a stale veth".into())?;
+                Self::create_veth(&host, spec, &netns).await?;
             }
             (None, Some(_)) => return Err(KernelError::InterfaceExists(spec.ifname.clone())),
-            (None, None) => Self::create_veth(&mut host, spec, &netns)?,
+            (None, None) => Self::create_veth(&host, spec, &netns).await?,
         }
         let host_link = LinkInfo::from_message(
             &host
                 .link_by_name(&spec.host_ifname)
+                .await
                 .ctx(|| "looking up the veth".into())?
                 .ok_or_else(|| KernelError::Mismatch(format!("{} vanished", spec.host_ifname)))?,
         );
         host.set_up(host_link.index, Some(spec.mtu), Some(bridge_index))
+            .await
             .ctx(|| format!("attaching {} to {}", spec.host_ifname, spec.bridge))?;
-        Self::set_hairpin(&mut host, host_link.index, spec.hairpin)?;
+        Self::set_hairpin(&host, host_link.index, spec.hairpin).await?;
 
         let pod_link = LinkInfo::from_message(
             &pod.link_by_name(&spec.ifname)
+                .await
                 .ctx(|| "looking up the pod interface".into())?
                 .ok_or_else(|| KernelError::Mismatch(format!("{} vanished", spec.ifname)))?,
         );
-        if let Some(lo) = pod.link_by_name("lo").ctx(|| "looking up lo".into())? {
-            pod.set_up(lo.header.index, None, None).ctx(|| "setting lo up".into())?;
+        if let Some(lo) = pod.link_by_name("lo").await.ctx(|| "looking up lo".into())? {
+            pod.set_up(lo.header.index, None, None).await.ctx(|| "setting lo up".into())?;
         }
         pod.set_up(pod_link.index, Some(spec.mtu), None)
+            .await
             .ctx(|| format!("setting {} up", spec.ifname))?;
         for net in &spec.addresses {
             pod.add_address(pod_link.index, *net)
+                .await
                 .ctx(|| format!("adding {net} to {}", spec.ifname))?;
         }
         for route in Self::routes_with_onlink_gateways(spec, pod_link.index) {
-            pod.replace_route(&route).ctx(|| format!("adding route {}", route.destination))?;
+            pod.replace_route(&route)
+                .await
+                .ctx(|| format!("adding route {}", route.destination))?;
         }
         Ok(EndpointState { host_mac: Mac(host_link.mac), container_mac: Mac(pod_link.mac) })
     }
 
-    fn remove_addresses(
-        &self,
-        spec: &EndpointSpec,
-        addresses: &[IpNet],
+    async fn remove_addresses(
+        spec: EndpointSpec,
+        addresses: Vec<IpNet>,
     ) -> Result<(), KernelError> {
         let netns = Netns::open(&spec.netns)?;
-        let mut pod = netns.route_socket()?;
+        let pod = Rtnl::netns(&netns)?;
         let Some(link) =
-            pod.link_by_name(&spec.ifname).ctx(|| "looking up the pod interface".into())?
+            pod.link_by_name(&spec.ifname).await.ctx(|| "looking up the pod interface".into())?
         else {
             return Ok(());
         };
-        for net in addresses {
-            pod.del_address(link.header.index, *net).ctx(|| format!("removing {net}"))?;
+        for net in &addresses {
+            pod.del_address(link.header.index, *net).await.ctx(|| format!("removing {net}"))?;
         }
         Ok(())
     }
 
-    fn teardown_endpoint(&self, host_ifname: &str) -> Result<(), KernelError> {
-        let mut host = host_socket()?;
-        if let Some(link) = host.link_by_name(host_ifname).ctx(|| "looking up the veth".into())? {
-            host.del_link(link.header.index).ctx(|| format!("deleting {host_ifname}"))?;
+    async fn teardown_endpoint(host_ifname: String) -> Result<(), KernelError> {
+        let host_ifname = host_ifname.as_str();
+        let host = host_socket()?;
+        if let Some(link) =
+            host.link_by_name(host_ifname).await.ctx(|| "looking up the veth".into())?
+        {
+            host.del_link(link.header.index).await.ctx(|| format!("deleting {host_ifname}"))?;
         }
         Ok(())
     }
 
-    fn check_endpoint(&self, spec: &EndpointSpec) -> Result<(), KernelError> {
+    async fn check_endpoint(spec: EndpointSpec) -> Result<(), KernelError> {
+        let spec = &spec;
         let mismatch = |m: String| Err(KernelError::Mismatch(m));
-        let mut host = host_socket()?;
+        let host = host_socket()?;
         let Some(host_link) =
-            host.link_by_name(&spec.host_ifname).ctx(|| "looking up the veth".into())?
+            host.link_by_name(&spec.host_ifname).await.ctx(|| "looking up the veth".into())?
         else {
             return mismatch(format!("host interface {} is missing", spec.host_ifname));
         };
         let host_link = LinkInfo::from_message(&host_link);
-        let bridge = host.link_by_name(&spec.bridge).ctx(|| "looking up the bridge".into())?;
+        let bridge =
+            host.link_by_name(&spec.bridge).await.ctx(|| "looking up the bridge".into())?;
         if bridge.map(|b| b.header.index) != host_link.controller || host_link.controller.is_none()
         {
             return mismatch(format!(
@@ -246,9 +269,9 @@ impl Dataplane for LinuxDataplane {
             ));
         }
         let netns = Netns::open(&spec.netns)?;
-        let mut pod = netns.route_socket()?;
+        let pod = Rtnl::netns(&netns)?;
         let Some(link) =
-            pod.link_by_name(&spec.ifname).ctx(|| "looking up the pod interface".into())?
+            pod.link_by_name(&spec.ifname).await.ctx(|| "looking up the pod interface".into())?
         else {
             return mismatch(format!(
                 "interface {} is missing in {}",
@@ -262,6 +285,7 @@ impl Dataplane for LinuxDataplane {
         }
         let present: Vec<IpNet> = pod
             .addresses(Some(link.index))
+            .await
             .ctx(|| "listing addresses".into())?
             .into_iter()
             .map(|(_, n)| n)
@@ -271,7 +295,7 @@ impl Dataplane for LinuxDataplane {
         }
         for RouteSpec { destination, gateway } in &spec.routes {
             let routes =
-                pod.routes(family_of(destination.addr())).ctx(|| "listing routes".into())?;
+                pod.routes(family_of(destination.addr())).await.ctx(|| "listing routes".into())?;
             let found =
                 routes.iter().any(|r| r.destination == *destination && r.gateway == *gateway);
             if !found {
@@ -281,12 +305,14 @@ impl Dataplane for LinuxDataplane {
         Ok(())
     }
 
-    fn endpoint_links(&self, bridge: &str) -> Result<Vec<String>, KernelError> {
-        let mut host = host_socket()?;
-        let Some(br) = host.link_by_name(bridge).ctx(|| "looking up the bridge".into())? else {
+    async fn endpoint_links(bridge: String) -> Result<Vec<String>, KernelError> {
+        let bridge = bridge.as_str();
+        let host = host_socket()?;
+        let Some(br) = host.link_by_name(bridge).await.ctx(|| "looking up the bridge".into())?
+        else {
             return Ok(Vec::new());
         };
-        let links = host.links().ctx(|| "listing links".into())?;
+        let links = host.links().await.ctx(|| "listing links".into())?;
         Ok(links
             .iter()
             .map(LinkInfo::from_message)
@@ -297,6 +323,74 @@ impl Dataplane for LinuxDataplane {
             .collect())
     }
 
+    async fn underlay_mtu(exclude: String) -> Result<Option<u32>, KernelError> {
+        let exclude = exclude.as_str();
+        let sock = host_socket()?;
+        let links: Vec<LinkInfo> = sock
+            .links()
+            .await
+            .ctx(|| "listing links".into())?
+            .iter()
+            .map(LinkInfo::from_message)
+            .collect();
+        let usable = |l: &&LinkInfo| {
+            l.up && l.name != "lo" && l.name != exclude && !l.name.starts_with(HOST_IFNAME_PREFIX)
+        };
+        let routes = sock
+            .routes(netlink_packet_route::AddressFamily::Inet)
+            .await
+            .ctx(|| "listing routes".into())?;
+        if let Some(default) = routes.iter().find(|r| r.destination.prefix_len() == 0) {
+            if let Some(l) = links.iter().filter(usable).find(|l| l.index == default.oif) {
+                return Ok(Some(l.mtu));
+            }
+        }
+        let with_addr: Vec<u32> = sock
+            .addresses(None)
+            .await
+            .ctx(|| "listing addresses".into())?
+            .iter()
+            .filter(|(_, n)| !n.addr().is_loopback() && !is_link_local(n))
+            .map(|(i, _)| *i)
+            .collect();
+        Ok(links
+            .iter()
+            .filter(usable)
+            .filter(|l| with_addr.contains(&l.index))
+            .map(|l| l.mtu)
+            .min())
+    }
+}
+
+impl Dataplane for LinuxDataplane {
+    fn ensure_bridge(&self, spec: &BridgeSpec) -> Result<BridgeReport, KernelError> {
+        block_on(Self::ensure_bridge(spec.clone()))
+    }
+
+    fn setup_endpoint(&self, spec: &EndpointSpec) -> Result<EndpointState, KernelError> {
+        block_on(Self::setup_endpoint(spec.clone()))
+    }
+
+    fn remove_addresses(
+        &self,
+        spec: &EndpointSpec,
+        addresses: &[IpNet],
+    ) -> Result<(), KernelError> {
+        block_on(Self::remove_addresses(spec.clone(), addresses.to_vec()))
+    }
+
+    fn teardown_endpoint(&self, host_ifname: &str) -> Result<(), KernelError> {
+        block_on(Self::teardown_endpoint(host_ifname.to_owned()))
+    }
+
+    fn check_endpoint(&self, spec: &EndpointSpec) -> Result<(), KernelError> {
+        block_on(Self::check_endpoint(spec.clone()))
+    }
+
+    fn endpoint_links(&self, bridge: &str) -> Result<Vec<String>, KernelError> {
+        block_on(Self::endpoint_links(bridge.to_owned()))
+    }
+
     fn apply_firewall(&self, table: &Table) -> Result<(), KernelError> {
         NftSocket::open()?.replace_table(table)?;
         Ok(())
@@ -304,8 +398,12 @@ impl Dataplane for LinuxDataplane {
 
     fn remove_firewall(&self, name: &str) -> Result<(), KernelError> {
         let mut sock = NftSocket::open()?;
-        if sock.table_exists(crate::dataplane::nft::Family::Ip, name)? {
-            sock.delete_table(crate::dataplane::nft::Family::Ip, name)?;
+        // weft's table moved from family `ip` to `inet`: remove whichever is there, so a reset
+        // also clears a table left by an older agent.
+        for family in [Family::Ip, Family::Inet] {
+            if sock.table_exists(family, name)? {
+                sock.delete_table(family, name)?;
+            }
         }
         Ok(())
     }
@@ -323,36 +421,6 @@ impl Dataplane for LinuxDataplane {
     }
 
     fn underlay_mtu(&self, exclude: &str) -> Result<Option<u32>, KernelError> {
-        let mut sock = host_socket()?;
-        let links: Vec<LinkInfo> = sock
-            .links()
-            .ctx(|| "listing links".into())?
-            .iter()
-            .map(LinkInfo::from_message)
-            .collect();
-        let usable = |l: &&LinkInfo| {
-            l.up && l.name != "lo" && l.name != exclude && !l.name.starts_with(HOST_IFNAME_PREFIX)
-        };
-        let routes = sock
-            .routes(netlink_packet_route::AddressFamily::Inet)
-            .ctx(|| "listing routes".into())?;
-        if let Some(default) = routes.iter().find(|r| r.destination.prefix_len() == 0) {
-            if let Some(l) = links.iter().filter(usable).find(|l| l.index == default.oif) {
-                return Ok(Some(l.mtu));
-            }
-        }
-        let with_addr: Vec<u32> = sock
-            .addresses(None)
-            .ctx(|| "listing addresses".into())?
-            .iter()
-            .filter(|(_, n)| !n.addr().is_loopback() && !is_link_local(n))
-            .map(|(i, _)| *i)
-            .collect();
-        Ok(links
-            .iter()
-            .filter(usable)
-            .filter(|l| with_addr.contains(&l.index))
-            .map(|l| l.mtu)
-            .min())
+        block_on(Self::underlay_mtu(exclude.to_owned()))
     }
 }

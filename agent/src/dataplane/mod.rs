@@ -4,6 +4,8 @@
 //! idempotent ("ensure"), so the same calls serve first setup, retries and repair after restart.
 //! The trait names only weft's own types; [`linux::LinuxDataplane`] implements it with netlink.
 
+#[cfg(test)]
+pub mod fake;
 pub mod fastdp;
 pub mod linux;
 pub mod netlink;
@@ -18,40 +20,8 @@ use ipnet::IpNet;
 
 use self::netns::NetnsError;
 
-/// A MAC address.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Mac(pub [u8; 6]);
-
-impl std::fmt::Display for Mac {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let m = self.0;
-        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
-    }
-}
-
-impl std::str::FromStr for Mac {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Mac, String> {
-        let parts: Vec<&str> = s.split(':').collect();
-        if parts.len() != 6 {
-            return Err(format!("{s:?} is not a MAC address"));
-        }
-        let mut m = [0u8; 6];
-        for (i, p) in parts.iter().enumerate() {
-            m[i] = u8::from_str_radix(p, 16).map_err(|_| format!("{s:?} is not a MAC address"))?;
-        }
-        Ok(Mac(m))
-    }
-}
-
-impl Mac {
-    /// A locally administered unicast MAC derived from an IPv4 address (`0a:58:a:b:c:d`), so a
-    /// reused address keeps its MAC and neighbours' ARP caches stay valid.
-    pub fn for_ipv4(ip: std::net::Ipv4Addr) -> Mac {
-        let o = ip.octets();
-        Mac([0x0a, 0x58, o[0], o[1], o[2], o[3]])
-    }
-}
+pub use self::netlink::on_blocking_thread;
+pub use crate::addr::Mac;
 
 /// The desired bridge.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -99,24 +69,37 @@ pub struct EndpointState {
     pub container_mac: Mac,
 }
 
-/// Kernel failures, by what the caller can do about them.
+/// Kernel failures, by what the caller can do about them. Each message says everything once:
+/// variants that print an inner error do not also expose it as their `source`.
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
     #[error("network namespace: {0}")]
-    Netns(#[from] NetnsError),
+    Netns(NetnsError),
     #[error("interface {0} already exists in the namespace and is not weft's")]
     InterfaceExists(String),
     #[error("the bridge {0} does not exist")]
     NoBridge(String),
-    #[error("{what}: {source}")]
-    Netlink { what: String, source: netlink::NlError },
+    #[error("{what}: {error}")]
+    Netlink { what: String, error: netlink::NlError },
     #[error("nftables: {0}")]
-    Nft(#[from] nft::NftError),
-    #[error("{0}")]
+    Nft(nft::NftError),
+    #[error(transparent)]
     Io(#[from] std::io::Error),
     /// CHECK: the kernel state differs from the desired state.
     #[error("{0}")]
     Mismatch(String),
+}
+
+impl From<NetnsError> for KernelError {
+    fn from(e: NetnsError) -> KernelError {
+        KernelError::Netns(e)
+    }
+}
+
+impl From<nft::NftError> for KernelError {
+    fn from(e: nft::NftError) -> KernelError {
+        KernelError::Nft(e)
+    }
 }
 
 /// Adds context to netlink errors.
@@ -126,7 +109,7 @@ pub(crate) trait NlContext<T> {
 
 impl<T> NlContext<T> for Result<T, netlink::NlError> {
     fn ctx(self, what: impl FnOnce() -> String) -> Result<T, KernelError> {
-        self.map_err(|source| KernelError::Netlink { what: what(), source })
+        self.map_err(|error| KernelError::Netlink { what: what(), error })
     }
 }
 
@@ -159,6 +142,11 @@ pub trait Dataplane: Send + Sync + 'static {
     /// MTU of the underlay: the default route's interface, else the smallest MTU among
     /// interfaces with a global address (never `exclude`, the bridge, or weft's veths).
     fn underlay_mtu(&self, exclude: &str) -> Result<Option<u32>, KernelError>;
+    /// Fails unless `path` is a network namespace weft can enter (a vanished namespace means
+    /// its endpoint is gone).
+    fn check_netns(&self, path: &Path) -> Result<(), KernelError> {
+        netns::Netns::open(path).map(drop).map_err(KernelError::from)
+    }
 }
 
 /// Bytes the kernel's VXLAN encapsulation adds over IPv4 (outer IP 20, UDP 8, VXLAN 8,
@@ -185,11 +173,6 @@ pub fn host_ifname_for(endpoint_id: &str) -> String {
     format!("{HOST_IFNAME_PREFIX}{:012x}", h & 0xffff_ffff_ffff)
 }
 
-/// Whether `path` still exists (a namespace that vanished means its endpoint is gone).
-pub fn netns_exists(path: &Path) -> bool {
-    netns::Netns::open(path).is_ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -200,14 +183,5 @@ mod tests {
         assert_eq!(a, host_ifname_for("c1/eth0"));
         assert_ne!(a, host_ifname_for("c1/eth1"));
         assert_eq!(a.len(), 16 - 1, "IFNAMSIZ - 1");
-    }
-
-    #[test]
-    fn macs_parse_and_print() {
-        let m: Mac = "0a:58:0a:20:00:02".parse().unwrap();
-        assert_eq!(m.to_string(), "0a:58:0a:20:00:02");
-        assert_eq!(Mac::for_ipv4("10.32.0.2".parse().unwrap()), m);
-        assert!("0a:58".parse::<Mac>().is_err());
-        assert!("zz:58:0a:20:00:02".parse::<Mac>().is_err());
     }
 }

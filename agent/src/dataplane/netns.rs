@@ -1,15 +1,14 @@
 //! Network namespaces, entered only on short-lived dedicated OS threads. This type is the only
 //! place in weft that calls `setns`: tokio threads (workers and the blocking pool alike) never
 //! change namespace, so nothing else can run in the wrong one by accident. Netlink sockets
-//! opened inside a namespace stay bound to it and are used afterwards from any thread.
+//! opened inside a namespace stay bound to it and are used afterwards from any thread
+//! ([`super::netlink::Rtnl::netns`] is how the data plane gets one).
 
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-
-use super::netlink::RouteSocket;
 
 /// `NSFS_MAGIC` from linux/magic.h.
 const NSFS_MAGIC: i64 = 0x6e73_6673;
@@ -24,8 +23,8 @@ pub struct Netns {
 /// Why a path cannot be used as a network namespace.
 #[derive(Debug, thiserror::Error)]
 pub enum NetnsError {
-    #[error("{path}: {source}")]
-    Open { path: PathBuf, source: io::Error },
+    #[error("{path}: {error}")]
+    Open { path: PathBuf, error: io::Error },
     #[error("{0} is not a network namespace")]
     NotNetns(PathBuf),
 }
@@ -33,7 +32,7 @@ pub enum NetnsError {
 impl Netns {
     /// Opens the namespace at `path` (a bind mount such as /run/netns/x or /proc/PID/ns/net).
     pub fn open(path: &Path) -> Result<Netns, NetnsError> {
-        let open_err = |source| NetnsError::Open { path: path.to_path_buf(), source };
+        let open_err = |error| NetnsError::Open { path: path.to_path_buf(), error };
         let file = File::open(path).map_err(open_err)?;
         if fs_magic(&file).map_err(open_err)? != NSFS_MAGIC {
             return Err(NetnsError::NotNetns(path.to_path_buf()));
@@ -72,11 +71,6 @@ impl Netns {
             .join()
             .map_err(|_| io::Error::other("namespace worker thread panicked"))?
         })
-    }
-
-    /// An rtnetlink socket bound to this namespace.
-    pub fn route_socket(&self) -> io::Result<RouteSocket> {
-        self.run(RouteSocket::open)?
     }
 }
 

@@ -237,11 +237,19 @@ fn verdict(v: Verdict) -> Expr {
 
 const PAYLOAD_NETWORK: u32 = 1;
 const META_OIFNAME: u32 = 7;
+const META_NFPROTO: u32 = 15;
+const NFPROTO_IPV4: u8 = 2;
 /// NF_NAT_RANGE_PROTO_RANDOM_FULLY: avoids the SNAT port race behind 5 s DNS timeouts.
 const NAT_RANDOM_FULLY: u32 = 1 << 4;
 
+/// `ip saddr|daddr [!=] NET`. The `meta nfproto ipv4` guard comes first, as `nft` adds it in
+/// `inet` tables: without it the same offsets would be read from IPv6 headers.
 fn prefix_match(offset: u32, op: CmpOp, net: Ipv4Net) -> Vec<Expr> {
-    let mut v = vec![payload_load(PAYLOAD_NETWORK, offset, 4)];
+    let mut v = vec![
+        meta_load(META_NFPROTO),
+        cmp(CmpOp::Eq, &[NFPROTO_IPV4]),
+        payload_load(PAYLOAD_NETWORK, offset, 4),
+    ];
     if net.prefix_len() < 32 {
         v.push(bitwise(&net.netmask().octets()));
     }
@@ -391,7 +399,13 @@ impl NftSocket {
                 ));
             }
         }
-        self.send_batch(fam, &inner)
+        self.send_batch(fam, &inner)?;
+        if table.family == Family::Inet {
+            // Agents before 0.2 kept the same rules in `ip NAME`: an upgrade removes that table
+            // once its replacement is in place.
+            self.delete_table(Family::Ip, &table.name)?;
+        }
+        Ok(())
     }
 
     /// Deletes a table if it exists.
@@ -579,7 +593,8 @@ fn set_recv_timeout(sock: &Socket, t: Duration) -> io::Result<()> {
     if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
-/// The NAT and filter table weft installs for the overlay, `ip weft`.
+/// The NAT table weft installs for the overlay, `inet weft` (one table for IPv4 and IPv6, and
+/// later the policy chains; see docs/nftables.md).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OverlayFirewall {
     pub table: String,
@@ -620,7 +635,7 @@ impl OverlayFirewall {
             });
         }
         Table {
-            family: Family::Ip,
+            family: Family::Inet,
             name: self.table.clone(),
             chains: vec![Chain {
                 name: "postrouting".into(),
@@ -650,10 +665,11 @@ mod tests {
     #[test]
     fn prefix_matches_skip_the_mask_for_host_addresses() {
         let host: Ipv4Net = "10.0.0.1/32".parse().unwrap();
-        assert_eq!(prefix_match(12, CmpOp::Eq, host).len(), 2);
+        assert_eq!(prefix_match(12, CmpOp::Eq, host).len(), 4);
         let net: Ipv4Net = "10.32.0.0/12".parse().unwrap();
         let e = prefix_match(16, CmpOp::Neq, net);
-        assert_eq!(e.iter().map(|e| e.name).collect::<Vec<_>>(), ["payload", "bitwise", "cmp"]);
+        let names: Vec<&str> = e.iter().map(|e| e.name).collect();
+        assert_eq!(names, ["meta", "cmp", "payload", "bitwise", "cmp"], "guarded by nfproto");
     }
 
     #[test]
@@ -675,6 +691,7 @@ mod tests {
             exposed: vec!["10.2.2.0/24".parse().unwrap()],
         };
         let t = fw.table();
+        assert_eq!(t.family, Family::Inet);
         assert_eq!(t.rule_count(), 3);
         assert_eq!(t.chains[0].rules[1].action, Action::Masquerade);
     }

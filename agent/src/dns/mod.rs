@@ -5,6 +5,7 @@
 //! (`zone`), which the hickory-server listeners (`server`) read without waiting. Names
 //! registered by hand are persisted. The protocol and behaviour are specified in docs/dns.md.
 
+pub mod departed;
 pub mod domain;
 pub mod server;
 pub mod table;
@@ -30,12 +31,12 @@ use self::server::{Handler, Listeners, QueryCounts};
 use self::table::{EXTERN_ENDPOINT, Entry, Local, Table};
 use self::upstream::Upstream;
 use self::zone::Zone;
-use crate::endpoints::record::EndpointSummary;
-use crate::endpoints::state::StateHandle;
+use crate::endpoints::record::{EndpointFeed, EndpointSummary};
 use crate::identity::PeerName;
 use crate::mesh::gossip::{GossipChannel, GossipEvent};
-use crate::mesh::report::MeshReport;
+use crate::mesh::view::MeshView;
 use crate::store::{Op, Store, Table as StoreTable};
+use crate::subsystem::{Hub, Tasks};
 
 /// How long changes may gather before the answers show them.
 const SETTLE: Duration = Duration::from_millis(20);
@@ -168,7 +169,7 @@ enum Command {
     },
     Remove {
         removal: Removal,
-        reply: oneshot::Sender<Result<u32, DnsError>>,
+        reply: oneshot::Sender<Result<Removed, DnsError>>,
     },
     Report {
         reply: oneshot::Sender<DnsReport>,
@@ -204,8 +205,10 @@ impl Dns {
         rx.await.map_err(|_| DnsError::Stopped)?
     }
 
-    /// Removes the names matching `removal`; returns how many (name, address) pairs went.
-    pub async fn remove(&self, removal: Removal) -> Result<u32, DnsError> {
+    /// Removes the names matching `removal`. The names of endpoints (`attach --name`,
+    /// `expose -h`) stop being served at once; the caller clears them from the endpoints
+    /// listed in [`Removed::unnamed`].
+    pub async fn remove(&self, removal: Removal) -> Result<Removed, DnsError> {
         let (reply, rx) = oneshot::channel();
         self.commands
             .send(Command::Remove { removal, reply })
@@ -240,18 +243,43 @@ impl Dns {
     }
 }
 
+/// What `dns-remove` did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Removed {
+    /// (name, address) pairs that went.
+    pub pairs: u32,
+    /// Endpoints whose own name went: their records should forget it.
+    pub unnamed: Vec<String>,
+}
+
 /// What the service is fed with.
 #[derive(Debug)]
 pub struct Inputs {
     pub channel: GossipChannel,
-    pub endpoints: watch::Receiver<Arc<Vec<EndpointSummary>>>,
-    pub mesh: watch::Receiver<MeshReport>,
-    pub state: StateHandle,
+    pub endpoints: EndpointFeed,
+    pub mesh: watch::Receiver<MeshView>,
     pub store: Arc<Store>,
 }
 
-/// Starts the DNS service.
-pub fn start(cfg: DnsConfig, inputs: Inputs, shutdown: CancellationToken) -> Dns {
+/// Starts DNS as a subsystem: fed by the `dns` channel, the endpoint feed and the mesh view.
+pub fn start(cfg: DnsConfig, hub: &Hub, tasks: &mut Tasks) -> Dns {
+    let inputs = Inputs {
+        channel: hub.mesh.channel("dns"),
+        endpoints: hub.endpoints.feed(),
+        mesh: hub.mesh.view(),
+        store: hub.store.clone(),
+    };
+    let (dns, task) = build(cfg, inputs, tasks.shutdown().clone());
+    tasks.spawn("dns", task);
+    dns
+}
+
+/// Builds the DNS service from its inputs: its handle, and the task the caller spawns.
+pub fn build(
+    cfg: DnsConfig,
+    inputs: Inputs,
+    shutdown: CancellationToken,
+) -> (Dns, impl Future<Output = ()> + Send + 'static) {
     let me = inputs.channel.me();
     let zone = Arc::new(ArcSwap::from_pointee(Zone::build(&cfg.domain, cfg.ttl, [].iter())));
     let counts = Arc::new(QueryCounts::default());
@@ -276,13 +304,14 @@ pub fn start(cfg: DnsConfig, inputs: Inputs, shutdown: CancellationToken) -> Dns
         listen_problem: String::new(),
         externs,
         warned: BTreeSet::new(),
-        known: BTreeSet::new(),
+        unknown: departed::Unknown::default(),
         nicknames: BTreeMap::new(),
+        unnamed: BTreeMap::new(),
         dirty: true,
         inputs,
     };
-    tokio::spawn(service.run(rx, shutdown));
-    Dns { domain: cfg.domain, commands, zone, counts }
+    let task = service.run(rx, shutdown);
+    (Dns { domain: cfg.domain, commands, zone, counts }, task)
 }
 
 struct Service {
@@ -294,9 +323,13 @@ struct Service {
     externs: BTreeMap<String, ExternName>,
     /// Names already complained about (not in the domain).
     warned: BTreeSet<String>,
-    /// Peers in the topology: entries of other origins are dropped (within a second).
-    known: BTreeSet<PeerName>,
+    /// Origins the mesh view does not account for, and since when (their entries go after a
+    /// grace period).
+    unknown: departed::Unknown,
     nicknames: BTreeMap<PeerName, String>,
+    /// Endpoint names removed by `dns-remove`, by endpoint id, not served while the endpoint
+    /// feed still shows that name (its record is being updated).
+    unnamed: BTreeMap<String, String>,
     /// The answer snapshot is behind the table.
     dirty: bool,
     inputs: Inputs,
@@ -401,33 +434,38 @@ impl Service {
     }
 
     fn on_mesh(&mut self) {
-        let report = self.inputs.mesh.borrow_and_update();
-        self.nicknames = report
-            .peers
-            .iter()
-            .filter_map(|p| Some((p.name.parse().ok()?, p.nickname.clone())))
-            .collect();
-        self.known = self.nicknames.keys().copied().collect();
-        drop(report);
+        self.nicknames = self.inputs.mesh.borrow_and_update().peers.clone();
         self.forget_departed();
     }
 
-    /// Drops the entries of peers no longer in the topology, including entries a lagging
-    /// neighbour passed on after the peer left. (Entries are accepted from anyone: the
-    /// topology may learn of a new peer after its names arrive.)
+    /// Drops the entries of origins the mesh has not accounted for during a grace period:
+    /// entries a lagging neighbour passed on after their peer left. Entries are accepted from
+    /// anyone, and kept while their origin is in the topology or reachable, because names can
+    /// arrive before the topology has caught up with a new or restarted peer.
     fn forget_departed(&mut self) {
-        if !self.known.is_empty() {
-            let known = &self.known;
-            self.dirty |= self.table.retain_origins(|p| known.contains(&p));
+        let origins = self.table.origins();
+        // The latest view, even if its change has not been handled yet.
+        let view = self.inputs.mesh.borrow().clone();
+        let gone = self.unknown.departed(&origins, &view, std::time::Instant::now());
+        if !gone.is_empty() {
+            debug!(origins = ?gone, "dropping the names of peers that are not in the mesh");
+            self.dirty |= self.table.retain_origins(|p| !gone.contains(&p));
         }
     }
 
     /// The names this host wants registered: its endpoints' names and the dns-add names.
     fn wanted(&mut self) -> BTreeSet<Local> {
         let endpoints = self.inputs.endpoints.borrow().clone();
+        // A removed name stays unserved until the feed shows the endpoint without it.
+        self.unnamed.retain(|id, name| {
+            endpoints.iter().any(|e| &e.id == id && e.hostname.as_ref() == Some(name))
+        });
         let mut want = BTreeSet::new();
         for ep in endpoints.iter() {
             let Some(host) = &ep.hostname else { continue };
+            if self.unnamed.get(&ep.id) == Some(host) {
+                continue;
+            }
             match self.cfg.domain.qualify(host) {
                 Ok(name) => want.extend(ep.addrs.iter().map(|a| Local {
                     name: name.clone(),
@@ -492,7 +530,7 @@ impl Service {
                 let endpoints = self.inputs.endpoints.borrow().clone();
                 endpoints
                     .iter()
-                    .filter(|e| e.exposed)
+                    .filter(|e| e.is_exposed())
                     .flat_map(|e| e.addrs.iter().map(|a| SocketAddr::new(*a, *port)))
                     .collect()
             }
@@ -527,7 +565,7 @@ impl Service {
                 let _ = reply.send(result);
             }
             Command::Remove { removal, reply } => {
-                let result = self.remove(removal).await;
+                let result = self.remove(removal);
                 self.publish();
                 let _ = reply.send(result);
             }
@@ -586,7 +624,7 @@ impl Service {
             .collect())
     }
 
-    async fn remove(&mut self, r: Removal) -> Result<u32, DnsError> {
+    fn remove(&mut self, r: Removal) -> Result<Removed, DnsError> {
         if r.name.is_none() && r.addrs.is_empty() && r.endpoint.is_none() {
             return Err(DnsError::NothingToRemove);
         }
@@ -626,25 +664,22 @@ impl Service {
         }
         // Endpoint names (attach --name, expose -h): the endpoint forgets its name.
         let endpoints = self.inputs.endpoints.borrow().clone();
-        let unnamed: Vec<String> = endpoints
+        let unnamed: Vec<(String, String)> = endpoints
             .iter()
-            .filter(|ep| ep.hostname.is_some())
             .filter(|ep| going.iter().any(|l| l.endpoint == ep.id))
-            .filter(|ep| {
-                ep.hostname.as_ref().and_then(|h| self.cfg.domain.qualify(h).ok()).is_some_and(
-                    |n| lname.as_ref().is_none_or(|want| *want == n.to_ascii_lowercase()),
-                )
+            .filter_map(|ep| Some((ep.id.clone(), ep.hostname.clone()?)))
+            .filter(|(_, host)| {
+                self.cfg.domain.qualify(host).ok().is_some_and(|n| {
+                    lname.as_ref().is_none_or(|want| *want == n.to_ascii_lowercase())
+                })
             })
-            .map(|ep| ep.id.clone())
             .collect();
-        for id in unnamed {
-            let result = self.inputs.state.call(move |s| s.set_hostname(&id, None)).await;
-            if let Ok(Err(e)) | Err(e) = result.map(|r| r.map(|_| ())) {
-                warn!(error = %e, "cannot remove an endpoint's name");
-            }
-        }
+        self.unnamed.extend(unnamed.iter().cloned());
         self.sync_local();
-        Ok(u32::try_from(going.len()).unwrap_or(u32::MAX))
+        Ok(Removed {
+            pairs: u32::try_from(going.len()).unwrap_or(u32::MAX),
+            unnamed: unnamed.into_iter().map(|(id, _)| id).collect(),
+        })
     }
 
     /// Swaps in a new answer snapshot after changes.

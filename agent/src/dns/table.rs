@@ -211,6 +211,11 @@ impl Table {
         }
     }
 
+    /// The origins of the entries held, ourselves excluded.
+    pub fn origins(&self) -> BTreeSet<PeerName> {
+        self.entries.keys().map(|k| k.origin).filter(|o| *o != self.me).collect()
+    }
+
     /// Drops every entry of peers for which `keep` is false (peers that left the mesh).
     pub fn retain_origins(&mut self, keep: impl Fn(PeerName) -> bool) -> bool {
         let before = self.entries.len();

@@ -8,7 +8,7 @@ use prost::Message;
 
 use super::table::Entry;
 use crate::identity::PeerName;
-use crate::mesh::proto;
+use crate::proto;
 
 /// Bounds on what one message may carry.
 const MAX_ENTRIES: usize = 1 << 20;

@@ -4,8 +4,13 @@
 //! the allocation if the kernel work fails, so a failed ADD leaves nothing behind. Operations
 //! on the same endpoint are serialized by a per-endpoint lock.
 
+pub mod error;
+pub mod ipam;
 pub mod record;
+pub mod report;
 pub mod state;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -16,12 +21,18 @@ use ipnet::IpNet;
 use tokio::sync::{OwnedMutexGuard, watch};
 use tracing::{info, warn};
 
-use self::record::{EndpointRecord, Kind, cni_id};
-use self::state::{AttachReserve, CniReserve, State, StateHandle};
+use self::error::EndpointError;
+pub use self::ipam::IpamHandle;
+use self::record::{EndpointFeed, EndpointRecord, Kind, cni_id};
+use self::report::{BridgeReport, EndpointCounts, IpamReport};
+use self::state::{AttachReserve, CniReserve, State, StateConfig, StateHandle};
 use crate::addr::AddrRequest;
-use crate::dataplane::netns::Netns;
-use crate::dataplane::{Dataplane, EndpointState, KernelError, host_ifname_for};
-use crate::error::ApiError;
+use crate::dataplane::{
+    Dataplane, EndpointState, KernelError, host_ifname_for, on_blocking_thread,
+};
+use crate::ipam::IpamConfig;
+use crate::mesh::gossip::GossipSender;
+use crate::store::Store;
 
 /// How long `attach` and `expose` wait for address space before giving up.
 const ALLOC_WAIT: Duration = Duration::from_secs(20);
@@ -91,6 +102,8 @@ pub struct CniAdded {
 #[derive(Debug)]
 struct Inner {
     state: StateHandle,
+    ipam: IpamHandle,
+    feed: EndpointFeed,
     dp: Arc<dyn Dataplane>,
     locks: KeyedLocks,
     ready: watch::Receiver<Readiness>,
@@ -107,59 +120,105 @@ pub struct Endpoints {
 
 async fn blocking<R: Send + 'static>(
     f: impl FnOnce() -> Result<R, KernelError> + Send + 'static,
-) -> Result<R, ApiError> {
-    tokio::task::spawn_blocking(f).await.map_err(|_| ApiError::Stopped)?.map_err(ApiError::from)
+) -> Result<R, EndpointError> {
+    tokio::task::spawn_blocking(move || on_blocking_thread(f))
+        .await
+        .map_err(|_| EndpointError::Stopped)?
+        .map_err(EndpointError::from)
 }
 
-fn validate_ifname(name: &str) -> Result<(), ApiError> {
-    let ok = !name.is_empty()
-        && name.len() <= 15
-        && name != "."
-        && name != ".."
-        && !name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace());
-    if ok {
+fn validate_ifname(name: &str) -> Result<(), EndpointError> {
+    if weft_api::is_valid_ifname(name) {
         Ok(())
     } else {
-        Err(ApiError::invalid("ifname", format!("{name:?} is not a valid interface name")))
+        Err(EndpointError::invalid("ifname", format!("{name:?} is not a valid interface name")))
     }
 }
 
-fn check_netns(path: &Path) -> Result<(), ApiError> {
-    Netns::open(path).map(drop).map_err(|e| ApiError::Netns(e.to_string()))
+/// The endpoint state, started: the service, the allocation handle, and the owner's thread
+/// (joined on shutdown so its last writes land).
+#[derive(Debug)]
+pub struct Started {
+    pub endpoints: Endpoints,
+    pub ipam: IpamHandle,
+    pub thread: std::thread::JoinHandle<()>,
+}
+
+/// Loads the persisted endpoints and allocations and starts the state owner. IPAM messages
+/// go out on `ipam_out`.
+pub fn start(
+    store: Arc<Store>,
+    dp: Arc<dyn Dataplane>,
+    cfg: StateConfig,
+    ipam_cfg: IpamConfig,
+    ipam_out: GossipSender,
+    ready: watch::Receiver<Readiness>,
+) -> Result<Started, EndpointError> {
+    let bridge = cfg.bridge.clone();
+    let mut state = State::load(store, dp.clone(), cfg, ipam_cfg)?;
+    state.connect_ipam(ipam_out);
+    let ipam_changes = state.ipam_changes();
+    let feed = state.endpoint_summaries();
+    let (state, thread) = StateHandle::spawn(state).map_err(|e| EndpointError::Kernel(e.into()))?;
+    let ipam = IpamHandle::new(state.clone());
+    let inner = Inner {
+        state,
+        ipam: ipam.clone(),
+        feed,
+        dp,
+        locks: KeyedLocks::default(),
+        ready,
+        ipam_changes,
+        bridge,
+    };
+    Ok(Started { endpoints: Endpoints { inner: Arc::new(inner) }, ipam, thread })
 }
 
 impl Endpoints {
-    pub fn new(
-        state: StateHandle,
-        dp: Arc<dyn Dataplane>,
-        ready: watch::Receiver<Readiness>,
-        ipam_changes: watch::Receiver<u64>,
-        bridge: String,
-    ) -> Endpoints {
-        Endpoints {
-            inner: Arc::new(Inner {
-                state,
-                dp,
-                locks: KeyedLocks::default(),
-                ready,
-                ipam_changes,
-                bridge,
-            }),
-        }
+    /// The IP allocation state.
+    pub fn ipam(&self) -> &IpamHandle {
+        &self.inner.ipam
     }
 
-    pub fn state(&self) -> &StateHandle {
-        &self.inner.state
+    /// The endpoint feed (every endpoint, after every change).
+    pub fn feed(&self) -> EndpointFeed {
+        self.inner.feed.clone()
+    }
+
+    /// The state's part of the status report.
+    pub async fn report(
+        &self,
+    ) -> Result<(BridgeReport, IpamReport, EndpointCounts), EndpointError> {
+        self.inner.state.call(|s| s.report()).await
+    }
+
+    /// Sets or clears the DNS name of an endpoint; false if there is no such endpoint.
+    pub async fn set_hostname(
+        &self,
+        id: &str,
+        hostname: Option<String>,
+    ) -> Result<bool, EndpointError> {
+        let id = id.to_owned();
+        self.inner.state.call(move |s| s.set_hostname(&id, hostname)).await?
+    }
+
+    /// Ends the state owner once the calls queued so far are done.
+    pub fn stop(&self) {
+        self.inner.state.stop();
+    }
+
+    fn check_netns(&self, path: &Path) -> Result<(), EndpointError> {
+        self.inner.dp.check_netns(path).map_err(EndpointError::from)
     }
 
     /// Waits until the agent is ready, at most `budget`.
-    async fn wait_ready(&self, budget: Duration) -> Result<(), ApiError> {
+    async fn wait_ready(&self, budget: Duration) -> Result<(), EndpointError> {
         let mut rx = self.inner.ready.clone();
         let waited = tokio::time::timeout(budget, rx.wait_for(|r| r.ready)).await;
         match waited {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(_)) => Err(ApiError::Stopped),
-            Err(_) => Err(ApiError::NotReady(self.inner.ready.borrow().reason.clone())),
+            Ok(Err(_)) => Err(EndpointError::Stopped),
+            Err(_) => Err(EndpointError::NotReady(self.inner.ready.borrow().reason.clone())),
         }
     }
 
@@ -168,8 +227,8 @@ impl Endpoints {
     async fn allocating<R: Send + 'static>(
         &self,
         budget: Duration,
-        f: impl Fn(&mut State) -> Result<R, ApiError> + Send + Sync + 'static,
-    ) -> Result<R, ApiError> {
+        f: impl Fn(&mut State) -> Result<R, EndpointError> + Send + Sync + 'static,
+    ) -> Result<R, EndpointError> {
         let deadline = tokio::time::Instant::now() + budget;
         let f = Arc::new(f);
         let mut changes = self.inner.ipam_changes.clone();
@@ -177,10 +236,10 @@ impl Endpoints {
             changes.borrow_and_update();
             let call = f.clone();
             match self.inner.state.call(move |s| call(s)).await? {
-                Err(ApiError::IpamWait(why)) => {
+                Err(EndpointError::IpamWait(why)) => {
                     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
                     if left.is_zero() {
-                        return Err(ApiError::IpamWait(why));
+                        return Err(EndpointError::IpamWait(why));
                     }
                     // Woken by a change; the periodic retry covers what no change announces
                     // (a peer that became reachable without the ring moving).
@@ -192,15 +251,15 @@ impl Endpoints {
     }
 
     /// `weft prime`: waits until the ring exists (starting consensus if needed).
-    pub async fn prime(&self, budget: Duration) -> Result<(), ApiError> {
-        self.allocating(budget, |s| s.ipam_prime().map_err(ApiError::from)).await
+    pub async fn prime(&self, budget: Duration) -> Result<(), EndpointError> {
+        self.allocating(budget, |s| s.ipam_prime().map_err(EndpointError::from)).await
     }
 
     /// `weft reset`: hands this peer's ranges to a reachable peer and waits (at most
     /// `budget`) for it to confirm. Returns the heir, `None` if there was nothing to hand over
     /// or nobody to hand it to.
-    pub async fn leave(&self, budget: Duration) -> Result<Option<String>, ApiError> {
-        let Some(heir) = self.inner.state.call(|s| s.ipam_leave()).await? else {
+    pub async fn leave(&self, budget: Duration) -> Result<Option<String>, EndpointError> {
+        let Some(heir) = self.inner.ipam.leave().await? else {
             return Ok(None);
         };
         let waited = self
@@ -208,7 +267,7 @@ impl Endpoints {
                 if s.ipam_handed_over() {
                     Ok(())
                 } else {
-                    Err(ApiError::IpamWait(crate::ipam::Wait::Ring("handing over".into())))
+                    Err(EndpointError::IpamWait(crate::ipam::Wait::Ring("handing over".into())))
                 }
             })
             .await;
@@ -222,10 +281,10 @@ impl Endpoints {
     }
 
     /// Sets up the kernel side of `rec`; on failure removes the interface and the record.
-    async fn realize(&self, rec: EndpointRecord) -> Result<EndpointState, ApiError> {
+    async fn realize(&self, rec: EndpointRecord) -> Result<EndpointState, EndpointError> {
         let spec = rec
             .spec(&self.inner.bridge)
-            .ok_or_else(|| ApiError::invalid("netns", "endpoint without namespace"))?;
+            .ok_or_else(|| EndpointError::invalid("netns", "endpoint without namespace"))?;
         let dp = self.inner.dp.clone();
         match blocking(move || dp.setup_endpoint(&spec)).await {
             Ok(st) => {
@@ -255,9 +314,9 @@ impl Endpoints {
         }
     }
 
-    pub async fn cni_add(&self, req: CniAdd) -> Result<CniAdded, ApiError> {
+    pub async fn cni_add(&self, req: CniAdd) -> Result<CniAdded, EndpointError> {
         validate_ifname(&req.reserve.ifname)?;
-        check_netns(&req.reserve.netns)?;
+        self.check_netns(&req.reserve.netns)?;
         self.wait_ready(req.wait_ready).await?;
         let id = cni_id(&req.reserve.container_id, &req.reserve.ifname);
         let _guard = self.inner.locks.lock(&id).await;
@@ -269,12 +328,12 @@ impl Endpoints {
     }
 
     /// Removes an attachment; `Ok(false)` when nothing was known about it.
-    pub async fn cni_del(&self, container_id: &str, ifname: &str) -> Result<bool, ApiError> {
+    pub async fn cni_del(&self, container_id: &str, ifname: &str) -> Result<bool, EndpointError> {
         let id = cni_id(container_id, ifname);
         self.remove_endpoint(&id).await
     }
 
-    async fn remove_endpoint(&self, id: &str) -> Result<bool, ApiError> {
+    async fn remove_endpoint(&self, id: &str) -> Result<bool, EndpointError> {
         let _guard = self.inner.locks.lock(id).await;
         let id_owned = id.to_owned();
         let rec = self.inner.state.call(move |s| s.record(&id_owned)).await?;
@@ -295,33 +354,41 @@ impl Endpoints {
         ifname: &str,
         netns: &Path,
         expected: Vec<IpNet>,
-    ) -> Result<(), ApiError> {
-        check_netns(netns)?;
+    ) -> Result<(), EndpointError> {
+        self.check_netns(netns)?;
         let id = cni_id(container_id, ifname);
         let id2 = id.clone();
-        let rec =
-            self.inner.state.call(move |s| s.record(&id2)).await?.ok_or(ApiError::Unknown(id))?;
+        let rec = self
+            .inner
+            .state
+            .call(move |s| s.record(&id2))
+            .await?
+            .ok_or(EndpointError::Unknown(id))?;
         if rec.netns.as_deref() != Some(netns) {
-            return Err(ApiError::CheckFailed(format!(
+            return Err(EndpointError::CheckFailed(format!(
                 "the attachment lives in {}, not {}",
                 rec.netns.as_deref().map(|p| p.display().to_string()).unwrap_or_default(),
                 netns.display()
             )));
         }
         if let Some(missing) = expected.iter().find(|e| !rec.addresses.contains(e)) {
-            return Err(ApiError::CheckFailed(format!(
+            return Err(EndpointError::CheckFailed(format!(
                 "{missing} from prevResult is not allocated to this attachment"
             )));
         }
         let spec = rec
             .spec(&self.inner.bridge)
-            .ok_or_else(|| ApiError::CheckFailed("no namespace".into()))?;
+            .ok_or_else(|| EndpointError::CheckFailed("no namespace".into()))?;
         let dp = self.inner.dp.clone();
         blocking(move || dp.check_endpoint(&spec)).await
     }
 
     /// Releases every CNI attachment of `network` not in `valid`.
-    pub async fn cni_gc(&self, network: &str, valid: &[(String, String)]) -> Result<u32, ApiError> {
+    pub async fn cni_gc(
+        &self,
+        network: &str,
+        valid: &[(String, String)],
+    ) -> Result<u32, EndpointError> {
         let keep: std::collections::HashSet<String> =
             valid.iter().map(|(c, i)| cni_id(c, i)).collect();
         let network = network.to_owned();
@@ -352,9 +419,9 @@ impl Endpoints {
     pub async fn attach(
         &self,
         req: AttachReserve,
-    ) -> Result<(EndpointRecord, Vec<IpNet>), ApiError> {
+    ) -> Result<(EndpointRecord, Vec<IpNet>), EndpointError> {
         validate_ifname(&req.ifname)?;
-        check_netns(&req.netns)?;
+        self.check_netns(&req.netns)?;
         let _guard = self.inner.locks.lock(&req.id).await;
         let (record, added) =
             self.allocating(ALLOC_WAIT, move |s| s.reserve_attach(req.clone())).await?;
@@ -368,7 +435,7 @@ impl Endpoints {
         &self,
         id: &str,
         reqs: Vec<AddrRequest>,
-    ) -> Result<Option<Vec<IpNet>>, ApiError> {
+    ) -> Result<Option<Vec<IpNet>>, EndpointError> {
         let _guard = self.inner.locks.lock(id).await;
         let id_owned = id.to_owned();
         let Some((rec, removed)) =
@@ -386,7 +453,7 @@ impl Endpoints {
             let addrs = removed.clone();
             // A namespace that is gone has no addresses left to remove.
             match blocking(move || dp.remove_addresses(&spec, &addrs)).await {
-                Ok(()) | Err(ApiError::Netns(_)) => {}
+                Ok(()) | Err(EndpointError::Netns(_)) => {}
                 Err(e) => return Err(e),
             }
         }
@@ -401,16 +468,16 @@ impl Endpoints {
         id: String,
         reqs: Vec<AddrRequest>,
         budget: Option<Duration>,
-    ) -> Result<Vec<IpNet>, ApiError> {
+    ) -> Result<Vec<IpNet>, EndpointError> {
         if id.is_empty() {
-            return Err(ApiError::invalid("id", "is empty"));
+            return Err(EndpointError::invalid("id", "is empty"));
         }
         let _guard = self.inner.locks.lock(&id).await;
         self.allocating(budget.unwrap_or(ALLOC_WAIT), move |s| s.reserve(&id, &reqs)).await
     }
 
     /// `Unreserve`: releases everything `id` holds; false if it held nothing.
-    pub async fn unreserve(&self, id: &str) -> Result<bool, ApiError> {
+    pub async fn unreserve(&self, id: &str) -> Result<bool, EndpointError> {
         let _guard = self.inner.locks.lock(id).await;
         let id_owned = id.to_owned();
         let removed = self
@@ -418,7 +485,7 @@ impl Endpoints {
             .state
             .call(move |s| match s.record(&id_owned) {
                 Some(r) if r.kind == Kind::Reservation => s.remove(&id_owned).map(|r| r.is_some()),
-                Some(_) => Err(ApiError::invalid(
+                Some(_) => Err(EndpointError::invalid(
                     "id",
                     format!("{id_owned} is an endpoint, not a reservation"),
                 )),
@@ -434,28 +501,28 @@ impl Endpoints {
         &self,
         reqs: Vec<AddrRequest>,
         hostname: Option<String>,
-    ) -> Result<Vec<IpNet>, ApiError> {
+    ) -> Result<Vec<IpNet>, EndpointError> {
         let (named, _) =
             self.allocating(ALLOC_WAIT, move |s| s.expose(&reqs, hostname.clone())).await?;
         Ok(named)
     }
 
-    pub async fn hide(&self, reqs: Vec<AddrRequest>) -> Result<Vec<IpNet>, ApiError> {
+    pub async fn hide(&self, reqs: Vec<AddrRequest>) -> Result<Vec<IpNet>, EndpointError> {
         self.inner.state.call(move |s| s.hide(&reqs)).await?
     }
 
-    pub async fn list(&self) -> Result<Vec<EndpointRecord>, ApiError> {
+    pub async fn list(&self) -> Result<Vec<EndpointRecord>, EndpointError> {
         self.inner.state.call(|s| s.records()).await
     }
 
     /// Start-up and periodic repair: endpoints whose namespace is gone are released, the
     /// others are set up again if anything was lost; host interfaces that belong to no
     /// endpoint are removed.
-    pub async fn reconcile(&self, remove_orphans: bool) -> Result<(), ApiError> {
+    pub async fn reconcile(&self, remove_orphans: bool) -> Result<(), EndpointError> {
         let records = self.list().await?;
         for rec in records.iter().filter(|r| r.netns.is_some()) {
             let netns = rec.netns.clone().unwrap_or_default();
-            if !crate::dataplane::netns_exists(&netns) {
+            if self.inner.dp.check_netns(&netns).is_err() {
                 info!(endpoint = %rec.id, netns = %netns.display(), "namespace is gone; releasing the endpoint");
                 let _guard = self.inner.locks.lock(&rec.id).await;
                 self.discard(&rec.id, &rec.host_ifname).await;
@@ -494,7 +561,7 @@ impl Endpoints {
     }
 
     /// Reprograms the bridge and firewall if they drifted.
-    pub async fn reconcile_bridge(&self) -> Result<(), ApiError> {
+    pub async fn reconcile_bridge(&self) -> Result<(), EndpointError> {
         self.inner.state.call(|s| s.program_bridge(false)).await?
     }
 

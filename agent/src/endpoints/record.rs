@@ -120,30 +120,45 @@ mod mac_opt {
     }
 }
 
-/// What other subsystems (DNS) need to know of an endpoint, published by the state owner
-/// after every change.
+/// One endpoint as other subsystems (DNS, the overlay, later policy and the map) see it: the
+/// endpoint feed, published by the state owner after every change. Reservations (addresses
+/// without an interface) are not endpoints and are not in it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointSummary {
     pub id: String,
+    /// How it came to be: a CNI pod, an attached namespace, the host's own addresses.
+    pub kind: Kind,
     pub netns: Option<PathBuf>,
     /// The DNS name given to the endpoint, as given.
     pub hostname: Option<String>,
     pub addrs: Vec<IpAddr>,
-    /// The host's own addresses on the bridge.
-    pub exposed: bool,
+    /// The MAC of its interface (for the host's own addresses: none, the bridge's is known).
+    pub mac: Option<Mac>,
+    /// The Kubernetes pod, when the runtime said which.
+    pub pod: Option<PodRef>,
 }
 
 impl EndpointSummary {
     pub fn of(r: &EndpointRecord) -> EndpointSummary {
         EndpointSummary {
             id: r.id.clone(),
+            kind: r.kind,
             netns: r.netns.clone(),
             hostname: r.hostname.clone(),
             addrs: r.addresses.iter().map(IpNet::addr).collect(),
-            exposed: r.kind == Kind::Expose,
+            mac: if r.kind == Kind::Expose { None } else { r.mac },
+            pod: r.pod.clone(),
         }
     }
+
+    /// The host's own addresses on the bridge (`weft expose`).
+    pub fn is_exposed(&self) -> bool {
+        self.kind == Kind::Expose
+    }
 }
+
+/// The endpoint feed: every endpoint, after every change.
+pub type EndpointFeed = tokio::sync::watch::Receiver<std::sync::Arc<Vec<EndpointSummary>>>;
 
 /// The CNI attachment id: container id and interface name (the pair CNI identifies attachments by).
 pub fn cni_id(container_id: &str, ifname: &str) -> String {

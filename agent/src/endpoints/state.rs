@@ -15,16 +15,16 @@ use ipnet::IpNet;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
+use super::error::EndpointError;
 use super::record::{EXPOSE_ID, EndpointRecord, EndpointSummary, Kind, PodRef, Route};
+use super::report::{BridgeReport, EndpointCounts, IpamReport};
 use crate::addr::AddrRequest;
 use crate::dataplane::nft::{OverlayFirewall, Table as NftTable};
 use crate::dataplane::{BridgeSpec, Dataplane, Mac, host_ifname_for};
-use crate::error::ApiError;
 use crate::identity::PeerName;
 use crate::ipam::manager::{PersistedRing, Send as IpamSend};
 use crate::ipam::{Allocator, Ipam, IpamError, Wait};
 use crate::mesh::gossip::{GossipSender, SendKind};
-use crate::status::report::{BridgeReport, IpamReport};
 use crate::store::{Op, Store, Table};
 
 /// Fixed settings of the state owner.
@@ -108,7 +108,7 @@ impl State {
         dp: Arc<dyn Dataplane>,
         cfg: StateConfig,
         ipam_cfg: crate::ipam::IpamConfig,
-    ) -> Result<State, ApiError> {
+    ) -> Result<State, EndpointError> {
         let persisted: Option<PersistedRing> = match store.get(Table::Ipam, RING_KEY) {
             Ok(p) => p,
             Err(e) => {
@@ -164,7 +164,7 @@ impl State {
         self.ipam_changes.subscribe()
     }
 
-    /// The endpoints as they change (names and addresses, for DNS).
+    /// The endpoint feed.
     pub fn endpoint_summaries(&mut self) -> watch::Receiver<Arc<Vec<EndpointSummary>>> {
         self.publish_summaries();
         self.summaries.subscribe()
@@ -191,7 +191,11 @@ impl State {
     }
 
     /// Sets or clears the DNS name of an endpoint; returns whether the endpoint exists.
-    pub fn set_hostname(&mut self, id: &str, hostname: Option<String>) -> Result<bool, ApiError> {
+    pub fn set_hostname(
+        &mut self,
+        id: &str,
+        hostname: Option<String>,
+    ) -> Result<bool, EndpointError> {
         let Some(rec) = self.records.get(id) else { return Ok(false) };
         if rec.hostname == hostname {
             return Ok(true);
@@ -299,7 +303,7 @@ impl State {
         self.records.values().cloned().collect()
     }
 
-    fn persist(&mut self, recs: &[&EndpointRecord], deleted: &[&str]) -> Result<(), ApiError> {
+    fn persist(&mut self, recs: &[&EndpointRecord], deleted: &[&str]) -> Result<(), EndpointError> {
         self.summaries_stale = true;
         let mut ops = Vec::new();
         // A ring that changed with these records (space received) is written with them.
@@ -342,7 +346,7 @@ impl State {
         id: &str,
         have: &[IpNet],
         req: AddrRequest,
-    ) -> Result<(IpNet, bool), ApiError> {
+    ) -> Result<(IpNet, bool), EndpointError> {
         let subnet = match req {
             AddrRequest::Default => self.ipam.default_subnet(),
             AddrRequest::Subnet(n) => n,
@@ -372,7 +376,7 @@ impl State {
         id: &str,
         have: &[IpNet],
         reqs: &[AddrRequest],
-    ) -> Result<Vec<(IpNet, bool)>, ApiError> {
+    ) -> Result<Vec<(IpNet, bool)>, EndpointError> {
         let mut out: Vec<(IpNet, bool)> = Vec::new();
         for r in reqs {
             let mut known: Vec<IpNet> = have.to_vec();
@@ -402,7 +406,7 @@ impl State {
     }
 
     /// The bridge address that serves as gateway in `subnet`, exposing one if needed.
-    fn gateway_for(&mut self, subnet: IpNet) -> Result<Option<IpAddr>, ApiError> {
+    fn gateway_for(&mut self, subnet: IpNet) -> Result<Option<IpAddr>, EndpointError> {
         let exposed = self.records.get(EXPOSE_ID).map(|r| r.addresses.clone()).unwrap_or_default();
         if let Some(gw) = exposed.iter().find(|e| e.trunc() == subnet) {
             return Ok(Some(gw.addr()));
@@ -415,7 +419,7 @@ impl State {
     }
 
     /// CNI ADD, allocation half: the record to set up (existing one if the ADD is repeated).
-    pub fn reserve_cni(&mut self, req: CniReserve) -> Result<EndpointRecord, ApiError> {
+    pub fn reserve_cni(&mut self, req: CniReserve) -> Result<EndpointRecord, EndpointError> {
         let id = super::record::cni_id(&req.container_id, &req.ifname);
         if let Some(existing) = self.records.get(&id) {
             if existing.netns.as_ref() == Some(&req.netns) {
@@ -492,7 +496,7 @@ impl State {
     }
 
     /// Forgets an endpoint and releases its addresses. The caller has removed its interface.
-    pub fn remove(&mut self, id: &str) -> Result<Option<EndpointRecord>, ApiError> {
+    pub fn remove(&mut self, id: &str) -> Result<Option<EndpointRecord>, EndpointError> {
         if !self.records.contains_key(id) {
             return Ok(None);
         }
@@ -506,7 +510,7 @@ impl State {
     pub fn reserve_attach(
         &mut self,
         req: AttachReserve,
-    ) -> Result<(EndpointRecord, Vec<IpNet>), ApiError> {
+    ) -> Result<(EndpointRecord, Vec<IpNet>), EndpointError> {
         let have = self.records.get(&req.id).map(|r| r.addresses.clone()).unwrap_or_default();
         let reqs =
             if req.requests.is_empty() { vec![AddrRequest::Default] } else { req.requests.clone() };
@@ -566,10 +570,10 @@ impl State {
     }
 
     /// `Reserve`: addresses for `id` without an interface; idempotent.
-    pub fn reserve(&mut self, id: &str, reqs: &[AddrRequest]) -> Result<Vec<IpNet>, ApiError> {
+    pub fn reserve(&mut self, id: &str, reqs: &[AddrRequest]) -> Result<Vec<IpNet>, EndpointError> {
         let have = match self.records.get(id) {
             Some(r) if r.kind != Kind::Reservation => {
-                return Err(ApiError::invalid(
+                return Err(EndpointError::invalid(
                     "id",
                     format!("{id} is an endpoint, not a reservation"),
                 ));
@@ -630,7 +634,7 @@ impl State {
     }
 
     /// Drops `addrs` from `id` (the caller removed them from the interface).
-    pub fn drop_addresses(&mut self, id: &str, addrs: &[IpNet]) -> Result<(), ApiError> {
+    pub fn drop_addresses(&mut self, id: &str, addrs: &[IpNet]) -> Result<(), EndpointError> {
         let Some(mut rec) = self.records.get(id).cloned() else { return Ok(()) };
         rec.addresses.retain(|a| !addrs.contains(a));
         self.persist(&[&rec], &[])?;
@@ -647,7 +651,7 @@ impl State {
         &mut self,
         reqs: &[AddrRequest],
         hostname: Option<String>,
-    ) -> Result<(Vec<IpNet>, Vec<IpNet>), ApiError> {
+    ) -> Result<(Vec<IpNet>, Vec<IpNet>), EndpointError> {
         let have = self.records.get(EXPOSE_ID).map(|r| r.addresses.clone()).unwrap_or_default();
         let reqs = if reqs.is_empty() { vec![AddrRequest::Default] } else { reqs.to_vec() };
         let assigned = self.assign_all(EXPOSE_ID, &have, &reqs)?;
@@ -682,7 +686,7 @@ impl State {
     }
 
     /// Removes addresses from the bridge (`weft hide`); all when `reqs` is empty.
-    pub fn hide(&mut self, reqs: &[AddrRequest]) -> Result<Vec<IpNet>, ApiError> {
+    pub fn hide(&mut self, reqs: &[AddrRequest]) -> Result<Vec<IpNet>, EndpointError> {
         let Some(rec) = self.records.get(EXPOSE_ID) else { return Ok(Vec::new()) };
         let removed = self.select(rec, reqs);
         if removed.is_empty() {
@@ -741,7 +745,7 @@ impl State {
 
     /// Makes the bridge and the firewall match the state; logs what had to be repaired.
     /// `force` rewrites the firewall table even when it looks intact (its content changed).
-    pub fn program_bridge(&mut self, force: bool) -> Result<(), ApiError> {
+    pub fn program_bridge(&mut self, force: bool) -> Result<(), EndpointError> {
         let report = self.dp.ensure_bridge(&self.bridge_spec())?;
         if !report.repairs.is_empty() {
             info!(bridge = %self.cfg.bridge, repairs = ?report.repairs, "bridge reconciled");
@@ -764,7 +768,7 @@ impl State {
         }
     }
 
-    pub fn ipam_report(&self) -> IpamReport {
+    fn ipam_report(&self) -> IpamReport {
         let alloc = self.ipam.allocator();
         let (used, free) = self.ipam.counts();
         IpamReport {
@@ -787,7 +791,18 @@ impl State {
         }
     }
 
-    pub fn bridge_report(&self) -> BridgeReport {
+    /// The state's part of the status report.
+    pub fn report(&self) -> (BridgeReport, IpamReport, EndpointCounts) {
+        let count = |k: Kind| self.records.values().filter(|r| r.kind == k).count() as u32;
+        let counts = EndpointCounts {
+            cni: count(Kind::Cni),
+            attached: count(Kind::Attach),
+            reserved: count(Kind::Reservation),
+        };
+        (self.bridge_report(), self.ipam_report(), counts)
+    }
+
+    fn bridge_report(&self) -> BridgeReport {
         BridgeReport {
             name: self.cfg.bridge.clone(),
             mtu: self.cfg.mtu,
@@ -829,32 +844,36 @@ impl StateHandle {
     pub fn spawn(mut state: State) -> std::io::Result<(StateHandle, std::thread::JoinHandle<()>)> {
         let (tx, mut rx) = mpsc::unbounded_channel::<Msg>();
         let thread = std::thread::Builder::new().name("weft-state".into()).spawn(move || {
-            while let Some(Msg::Run(job)) = rx.blocking_recv() {
-                job(&mut state);
-                state.flush_ipam();
-                state.publish_summaries();
-            }
+            // The owner's own thread: kernel work it does (bridge, firewall) runs right here.
+            crate::dataplane::on_blocking_thread(|| {
+                while let Some(Msg::Run(job)) = rx.blocking_recv() {
+                    job(&mut state);
+                    state.flush_ipam();
+                    state.publish_summaries();
+                }
+            })
         })?;
         Ok((StateHandle { tx }, thread))
     }
 
     /// Ends the owner thread once the calls queued so far are done, even while handles
-    /// remain (later calls fail with [`ApiError::Stopped`]).
+    /// remain (later calls fail with [`EndpointError::Stopped`]).
     pub fn stop(&self) {
         let _ = self.tx.send(Msg::Stop);
     }
 
-    /// Runs `f` on the state and returns its result.
-    pub async fn call<R: Send + 'static>(
+    /// Runs `f` on the state and returns its result. Only `endpoints/` sends closures: the
+    /// rest of the agent uses [`super::Endpoints`] and [`super::IpamHandle`].
+    pub(in crate::endpoints) async fn call<R: Send + 'static>(
         &self,
         f: impl FnOnce(&mut State) -> R + Send + 'static,
-    ) -> Result<R, ApiError> {
+    ) -> Result<R, EndpointError> {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Msg::Run(Box::new(move |s| {
                 let _ = tx.send(f(s));
             })))
-            .map_err(|_| ApiError::Stopped)?;
-        rx.await.map_err(|_| ApiError::Stopped)
+            .map_err(|_| EndpointError::Stopped)?;
+        rx.await.map_err(|_| EndpointError::Stopped)
     }
 }

@@ -68,6 +68,9 @@ impl Allocator {
         self.free = Space::default();
         for r in &ranges {
             self.free.add(r.clone());
+            for k in block_zero_keys(r.clone()) {
+                self.free.remove(k..k + 1);
+            }
         }
         for k in self.used.keys() {
             self.free.remove(*k..*k + 1);
@@ -166,7 +169,7 @@ impl Allocator {
     pub fn release(&mut self, ip: IpAddr) -> Option<String> {
         let k = space::key(ip);
         let owner = self.used.remove(&k)?;
-        if self.owns(k) {
+        if self.owns(k) && !is_block_zero(k) {
             self.free.add(k..k + 1);
         }
         Some(owner)
@@ -205,6 +208,23 @@ impl Allocator {
     }
 }
 
+/// Whether `k` is an IPv4 address ending in `.0.0`. Inside a subnet larger than a /16 such
+/// an address is a host address, but people read `10.38.0.0` as a network address (and the
+/// first one a peer hands out in a fresh share becomes its bridge and DNS address), so it is
+/// never allocated; an explicit claim may still take it.
+pub fn is_block_zero(k: u128) -> bool {
+    k >> 32 == 0xffff && k & 0xffff == 0
+}
+
+/// The `.0.0` IPv4 addresses inside `r` (at most 65 536; none in IPv6 ranges).
+fn block_zero_keys(r: Range<u128>) -> impl Iterator<Item = u128> {
+    const BLOCK: u128 = 1 << 16;
+    const V4: Range<u128> = 0xffff_u128 << 32..0x1_0000_u128 << 32;
+    let (start, end) = (r.start.max(V4.start), r.end.min(V4.end));
+    let first = start.div_ceil(BLOCK) * BLOCK;
+    (first..end.max(first)).step_by(BLOCK as usize)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -226,6 +246,27 @@ mod tests {
         assert_eq!(a.allocate("y", d).unwrap().to_string(), "10.32.0.2/12");
         assert_eq!(a.release("10.32.0.1".parse().unwrap()).as_deref(), Some("x"));
         assert_eq!(a.allocate("z", d).unwrap().to_string(), "10.32.0.1/12");
+    }
+
+    #[test]
+    fn dot_zero_zero_addresses_of_big_subnets_are_never_handed_out() {
+        let range: IpNet = "10.32.0.0/12".parse().unwrap();
+        let mut a = Allocator::new(range, range);
+        // A share that starts on a /16 boundary inside the range (a peer's half or a donation).
+        let start = space::key("10.38.0.0".parse().unwrap());
+        let share = start..start + 4;
+        a.set_owned(vec![share]);
+        assert_eq!(a.allocate("x", range).unwrap().to_string(), "10.38.0.1/12");
+        assert_eq!(a.free_in_range(start..start + 4), 2, "10.38.0.0 does not count as free");
+        // Claimed on purpose and released, it does not become allocatable.
+        a.claim("y", "10.38.0.0/12".parse().unwrap()).unwrap();
+        a.release("10.38.0.0".parse().unwrap());
+        assert_eq!(a.allocate("z", range).unwrap().to_string(), "10.38.0.2/12");
+        assert_eq!(a.allocate("w", range).unwrap().to_string(), "10.38.0.3/12");
+        assert_eq!(a.allocate("v", range), Err(IpamError::Exhausted(range)));
+        // In a /24 the first address is the network address anyway.
+        let mut b = alloc("10.2.3.0/24");
+        assert_eq!(b.allocate("x", b.default_subnet()).unwrap().to_string(), "10.2.3.1/24");
     }
 
     #[test]

@@ -16,7 +16,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use super::allocator::{Allocator, IpamError};
-use super::paxos::Paxos;
+use super::paxos::{Claims, Paxos};
 use super::ring::{Ring, RingError};
 use super::space::{self, addr, host_range, key};
 use super::wire::{self, IpamMsg, WireError};
@@ -109,6 +109,10 @@ pub enum Wait {
     Owner { addr: IpAddr, owner: PeerName },
     #[error("{addr} belongs to peer {owner}, which is unreachable")]
     OwnerUnreachable { addr: IpAddr, owner: PeerName },
+    #[error(
+        "the free addresses in {0} were just taken over with rmpeer; they are used once the other peers confirm"
+    )]
+    TakenOver(IpNet),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -131,15 +135,52 @@ const FREE_REPORT_MS: u64 = 1_000;
 const ANTI_ENTROPY_MS: u64 = 30_000;
 /// A space request nobody has asked about for this long is dropped.
 const ASK_EXPIRY_MS: u64 = 60_000;
+/// What a donor answers when it has no free address in the range asked for: the only denial
+/// that says the asker should not wait for this donor.
+const NOTHING_TO_GIVE: &str = "no free space to give";
 
 #[derive(Clone, Debug)]
 struct SpaceAsk {
     subnet: IpNet,
     asked: Option<(PeerName, u64)>,
+    /// Asked in this round without a grant (denied, timed out or gone).
     denied: BTreeSet<PeerName>,
+    /// Answered that they have no free address in the subnet.
+    refused: BTreeSet<PeerName>,
     /// After every donor said no, nobody is asked again before this time.
     pause_until: Option<u64>,
+    /// When every reachable owner of space in the subnet had refused: the allocation fails
+    /// as exhausted (if it comes back soon enough for the answers to still be true).
+    exhausted_at: Option<u64>,
     touched: u64,
+}
+
+/// Space taken over with `rmpeer`, kept from the allocator until every peer that was
+/// reachable then has shown it has the takeover: one of them may have got part of that space
+/// from the dead peer without our hearing of it, and keeps what it uses there (§1, keeping
+/// what is in use), which we only learn from its ring.
+/// Persisted with the ring: a restart must not release it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hold {
+    from: PeerName,
+    /// The tokens taken over, with the version the takeover gave them.
+    tokens: Vec<(u128, u64)>,
+    waiting: BTreeSet<PeerName>,
+    #[serde(skip)]
+    last_sent: Option<u64>,
+}
+
+impl Hold {
+    /// Whether `theirs` has what `ours` (merged with it) has at every token taken over: then
+    /// they have seen the takeover, or something that beats it (their own use of the space,
+    /// kept), and both sides agree on who owns it. A competing takeover of the same space by
+    /// them does not count until one of the two has won on both sides.
+    fn agreed(&self, ours: &Ring, theirs: &Ring) -> bool {
+        self.tokens.iter().all(|(t, v)| {
+            let mine = ours.entry_at(*t);
+            mine.is_some_and(|e| e.version >= *v) && mine == theirs.entry_at(*t)
+        })
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -159,6 +200,13 @@ pub struct PersistedRing {
     /// The ring as an encoded `IpamMessage`.
     #[serde(with = "hex_bytes")]
     pub ring: Vec<u8>,
+    /// This elector's consensus claims while there is no ring: an acceptor must not forget
+    /// its promise or what it accepted across a restart (state files without it load).
+    #[serde(default)]
+    pub consensus: Option<Claims>,
+    /// Space taken over with `rmpeer` and not confirmed yet.
+    #[serde(default)]
+    pub holds: Vec<Hold>,
 }
 
 mod hex_bytes {
@@ -170,13 +218,25 @@ mod hex_bytes {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
         let s = String::deserialize(d)?;
+        decode(s.as_bytes()).map_err(serde::de::Error::custom)
+    }
+
+    /// Decodes over bytes, never slicing the string: a non-ASCII character in a damaged file
+    /// is an error, not a panic on a char boundary.
+    pub fn decode(s: &[u8]) -> Result<Vec<u8>, &'static str> {
         if s.len() % 2 != 0 {
-            return Err(serde::de::Error::custom("odd hex length"));
+            return Err("odd hex length");
         }
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(serde::de::Error::custom))
-            .collect()
+        s.chunks_exact(2).map(|pair| Ok(nibble(pair[0])? << 4 | nibble(pair[1])?)).collect()
+    }
+
+    fn nibble(c: u8) -> Result<u8, &'static str> {
+        match c {
+            b'0'..=b'9' => Ok(c - b'0'),
+            b'a'..=b'f' => Ok(c - b'a' + 10),
+            b'A'..=b'F' => Ok(c - b'A' + 10),
+            _ => Err("not a hex digit"),
+        }
     }
 }
 
@@ -196,13 +256,62 @@ pub struct PeerShare {
     pub ranges: Vec<String>,
 }
 
+/// Where the ring stands, as `weft status` shows it (serialised as the same sentence).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "String", from = "String")]
+pub enum RingState {
+    /// No ring, and nobody asked for an address yet.
+    #[default]
+    Idle,
+    /// Asked for, not there yet: why.
+    Waiting(String),
+    Ready,
+    HandingOver(String),
+    HandedOver(String),
+}
+
+const IDLE: &str = "idle: the ring is created on the first allocation";
+
+impl std::fmt::Display for RingState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RingState::Idle => f.write_str(IDLE),
+            RingState::Waiting(why) => f.write_str(why),
+            RingState::Ready => f.write_str("ready"),
+            RingState::HandingOver(heir) => write!(f, "handing over to {heir}"),
+            RingState::HandedOver(heir) => write!(f, "handed over to {heir}"),
+        }
+    }
+}
+
+impl From<RingState> for String {
+    fn from(s: RingState) -> String {
+        s.to_string()
+    }
+}
+
+impl From<String> for RingState {
+    fn from(s: String) -> RingState {
+        if s == "ready" {
+            RingState::Ready
+        } else if s.starts_with("idle") {
+            RingState::Idle
+        } else if let Some(h) = s.strip_prefix("handing over to ") {
+            RingState::HandingOver(h.to_owned())
+        } else if let Some(h) = s.strip_prefix("handed over to ") {
+            RingState::HandedOver(h.to_owned())
+        } else {
+            RingState::Waiting(s)
+        }
+    }
+}
+
 /// The allocation state for status and metrics.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct IpamStatus {
     pub mode: String,
-    /// "idle" (no ring, nobody asked), "awaiting consensus", "ready", ...
-    pub state: String,
+    pub state: RingState,
     pub ring_seeds: Vec<String>,
     pub peers: Vec<PeerShare>,
     /// Addresses owned by unreachable peers.
@@ -214,6 +323,8 @@ pub struct IpamStatus {
     /// Open requests for space and for addresses owned by others.
     pub pending_space: Vec<String>,
     pub pending_claims: Vec<String>,
+    /// Space taken over with `rmpeer` and not used yet: "RANGE from PEER, waiting for PEER...".
+    pub holding: Vec<String>,
 }
 
 /// The allocation state of one peer.
@@ -240,6 +351,7 @@ pub struct Ipam {
     ring_dirty: bool,
     changed: bool,
     leaving: Option<(PeerName, bool)>,
+    holds: Vec<Hold>,
 }
 
 fn fmt_range(r: &Range<u128>) -> String {
@@ -255,16 +367,22 @@ impl Ipam {
     pub fn new(cfg: IpamConfig, persisted: Option<PersistedRing>) -> (Ipam, Option<String>) {
         let range = space::net_range(cfg.range);
         let mut note = None;
-        let ring = match persisted.map(|p| Self::restore_ring(&cfg, p)) {
+        let (ring, claims, holds) = match persisted.map(|p| Self::restore_ring(&cfg, p)) {
             Some(Ok(r)) => r,
             Some(Err(why)) => {
                 note = Some(why);
-                Ring::new(range)
+                (Ring::new(range), None, Vec::new())
             }
-            None => Ring::new(range),
+            None => (Ring::new(range), None, Vec::new()),
         };
         let paxos = match &cfg.mode {
-            InitMode::Consensus(n) => Some(Paxos::new(cfg.me, cfg.incarnation, n / 2 + 1)),
+            InitMode::Consensus(n) => {
+                let mut px = Paxos::new(cfg.me, cfg.incarnation, n / 2 + 1);
+                if let Some(c) = claims {
+                    px.restore(c);
+                }
+                Some(px)
+            }
             _ => None,
         };
         let mut ipam = Ipam {
@@ -288,6 +406,7 @@ impl Ipam {
             ring_dirty: false,
             changed: false,
             leaving: None,
+            holds,
         };
         if !ipam.ring.is_empty() {
             ipam.paxos = None;
@@ -298,7 +417,10 @@ impl Ipam {
         (ipam, note)
     }
 
-    fn restore_ring(cfg: &IpamConfig, p: PersistedRing) -> Result<Ring, String> {
+    fn restore_ring(
+        cfg: &IpamConfig,
+        p: PersistedRing,
+    ) -> Result<(Ring, Option<Claims>, Vec<Hold>), String> {
         if p.peer != cfg.me {
             return Err(format!(
                 "the persisted ring belongs to peer {} (this peer is {}): discarded",
@@ -313,7 +435,7 @@ impl Ipam {
         }
         match wire::decode(&p.ring) {
             Ok(IpamMsg::Ring { ring, .. }) if ring.range() == space::net_range(cfg.range) => {
-                Ok(ring)
+                Ok((ring, p.consensus, p.holds))
             }
             Ok(_) => Err("the persisted ring does not match the range: discarded".into()),
             Err(e) => Err(format!("the persisted ring is unreadable ({e}): discarded")),
@@ -362,6 +484,8 @@ impl Ipam {
             peer: self.cfg.me,
             range: self.cfg.range,
             ring: wire::encode(&IpamMsg::Ring { ring: self.ring.clone(), reply: false }),
+            consensus: self.paxos.as_ref().map(|px| px.mine().clone()),
+            holds: self.holds.clone(),
         })
     }
 
@@ -380,12 +504,48 @@ impl Ipam {
     }
 
     fn sync_owned(&mut self) {
-        let owned = if self.ring.is_empty() { Vec::new() } else { self.ring.owned_by(self.cfg.me) };
+        let owned = self.allocatable();
         if owned != self.alloc.owned() {
             self.alloc.set_owned(owned);
             self.free_dirty = true;
             self.changed = true;
         }
+    }
+
+    /// This peer's share of the ring without the space it holds back after `rmpeer`.
+    pub fn allocatable(&self) -> Vec<Range<u128>> {
+        let me = self.cfg.me;
+        let held = self.held_tokens();
+        let mut out: Vec<Range<u128>> = Vec::new();
+        for (r, _) in self.ring.entries().filter(|(r, e)| e.peer == me && !held.contains(&r.start))
+        {
+            match out.last_mut() {
+                Some(last) if last.end == r.start => last.end = r.end,
+                _ => out.push(r),
+            }
+        }
+        out
+    }
+
+    /// Whether part of `within` is held back after `rmpeer`.
+    fn holds_any_in(&self, within: Range<u128>) -> bool {
+        let me = self.cfg.me;
+        self.holds.iter().flat_map(|h| &h.tokens).any(|(t, _)| {
+            self.ring.entries().any(|(r, e)| {
+                r.start == *t && e.peer == me && r.start < within.end && within.start < r.end
+            })
+        })
+    }
+
+    /// Whether `k` lies in space held back after `rmpeer`.
+    fn is_held(&self, k: u128) -> bool {
+        self.ring.owner(k) == Some(self.cfg.me)
+            && !self.alloc.owned().iter().any(|r| r.contains(&k))
+    }
+
+    /// The peers whose confirmation of a takeover this peer waits for (see `rmpeer`).
+    pub fn awaiting(&self) -> BTreeSet<PeerName> {
+        self.holds.iter().flat_map(|h| h.waiting.iter().copied()).collect()
     }
 
     fn ring_changed(&mut self) {
@@ -419,27 +579,52 @@ impl Ipam {
         }
     }
 
+    /// Our space in `subnet` is full: ask the other owners of space there. The allocation
+    /// fails as exhausted only when no peer can have a free address there: nobody else owns
+    /// space in it, or every reachable owner just said it has none (and the unreachable ones
+    /// last reported none).
     fn ask_space(&mut self, subnet: IpNet, now: u64) -> AllocError {
         if self.leaving.is_some() {
             return IpamError::Exhausted(subnet).into();
         }
         let within = host_range(subnet);
+        if self.holds_any_in(within.clone()) {
+            return Wait::TakenOver(subnet).into();
+        }
         let donors = self.ring.donors(within.clone(), self.cfg.me);
-        if donors.is_empty() {
-            return IpamError::Exhausted(subnet).into();
-        }
         if !donors.iter().any(|(p, _)| self.alive.contains(p)) {
-            let dead: Vec<String> = donors.iter().map(|(p, _)| p.to_string()).collect();
-            return Wait::SpaceUnreachable(subnet, dead.join(", ")).into();
+            let dead: Vec<String> =
+                donors.iter().filter(|(_, free)| *free > 0).map(|(p, _)| p.to_string()).collect();
+            return if dead.is_empty() {
+                IpamError::Exhausted(subnet).into()
+            } else {
+                Wait::SpaceUnreachable(subnet, dead.join(", ")).into()
+            };
         }
-        let ask = self.space.entry((within.start, within.end)).or_insert(SpaceAsk {
+        let id = (within.start, within.end);
+        let ask = self.space.entry(id).or_insert(SpaceAsk {
             subnet,
             asked: None,
             denied: BTreeSet::new(),
+            refused: BTreeSet::new(),
             pause_until: None,
+            exhausted_at: None,
             touched: now,
         });
         ask.touched = now;
+        match ask.exhausted_at {
+            Some(t) if now < t + ASK_TIMEOUT_MS => {
+                self.space.remove(&id);
+                return IpamError::Exhausted(subnet).into();
+            }
+            // Answers that old may no longer hold: ask again.
+            Some(_) => {
+                ask.exhausted_at = None;
+                ask.refused.clear();
+                ask.denied.clear();
+            }
+            None => {}
+        }
         self.pump_space(now);
         Wait::Space(subnet).into()
     }
@@ -459,6 +644,7 @@ impl Ipam {
         }
         self.ensure_ring(now)?;
         match self.ring.owner(k) {
+            Some(p) if p == self.cfg.me && self.is_held(k) => Err(Wait::TakenOver(net).into()),
             Some(p) if p == self.cfg.me => {
                 self.claims.remove(&k);
                 Ok(self.alloc.claim(owner, net)?)
@@ -541,18 +727,80 @@ impl Ipam {
     }
 
     /// Takes over every range of `peer` (which must be gone for good): `weft rmpeer`.
-    /// Returns the number of addresses taken over.
+    /// Returns the number of addresses taken over. The space is not allocated from until
+    /// every peer reachable now has shown, in its ring, that it has the takeover (see
+    /// [`Hold`]); the ring goes to each of them with a request to answer.
     pub fn rmpeer(&mut self, peer: PeerName) -> Result<u128, IpamError> {
-        if peer == self.cfg.me {
+        let me = self.cfg.me;
+        if peer == me {
             return Err(IpamError::Invalid("a peer cannot remove itself; use `weft reset`".into()));
         }
-        let moved = self.ring.transfer(peer, self.cfg.me);
+        // It will not answer any more: no takeover waits for it.
+        for h in &mut self.holds {
+            h.waiting.remove(&peer);
+        }
+        let taken: Vec<u128> =
+            self.ring.entries().filter(|(_, e)| e.peer == peer).map(|(r, _)| r.start).collect();
+        let moved = self.ring.transfer(peer, me);
+        let waiting: BTreeSet<PeerName> =
+            self.alive.iter().copied().filter(|p| *p != me && *p != peer).collect();
+        if moved > 0 && !waiting.is_empty() {
+            let tokens = taken
+                .into_iter()
+                .filter_map(|t| self.ring.entry_at(t).map(|e| (t, e.version)))
+                .collect();
+            self.holds.push(Hold { from: peer, tokens, waiting, last_sent: None });
+        }
+        self.release_confirmed_holds();
         if moved > 0 {
             self.ring_changed();
-            let msg = self.ring_msg(false);
-            self.outbox.push(Send::Broadcast(msg));
+            self.send_takeover();
         }
         Ok(moved)
+    }
+
+    /// Our ring to every peer a takeover waits for, asking for theirs.
+    fn send_takeover(&mut self) {
+        let msg = self.ring_msg(true);
+        for p in self.awaiting() {
+            self.outbox.push(Send::Unicast(p, msg.clone()));
+        }
+        let others = self.ring_msg(false);
+        self.outbox.push(Send::Broadcast(others));
+    }
+
+    /// Notes that `src`'s ring has our takeovers; holds nobody waits for any more end.
+    fn confirm_holds(&mut self, src: PeerName, theirs: &Ring) {
+        let ours = &self.ring;
+        for h in &mut self.holds {
+            if h.waiting.contains(&src) && h.agreed(ours, theirs) {
+                h.waiting.remove(&src);
+            }
+        }
+        self.release_confirmed_holds();
+    }
+
+    fn release_confirmed_holds(&mut self) {
+        let before = self.holds.len();
+        self.holds.retain(|h| !h.waiting.is_empty());
+        if self.holds.len() != before {
+            self.sync_owned();
+            self.changed = true;
+            self.ring_dirty = true;
+        }
+    }
+
+    /// Repeats the takeover to peers that have not confirmed it (messages get lost).
+    fn resend_takeover(&mut self, now: u64) {
+        let due = self.holds.iter().any(|h| h.last_sent.is_some_and(|t| now >= t + ASK_TIMEOUT_MS));
+        for h in &mut self.holds {
+            if due || h.last_sent.is_none() {
+                h.last_sent = Some(now);
+            }
+        }
+        if due {
+            self.send_takeover();
+        }
     }
 
     /// Hands this peer's ranges to another (leaving the network: `weft reset`). Returns the
@@ -667,7 +915,16 @@ impl Ipam {
         gossiped: bool,
         now: u64,
     ) -> Result<(), String> {
-        let msg = wire::decode(bytes).map_err(|e: WireError| e.to_string())?;
+        let msg = match wire::decode(bytes) {
+            Ok(msg) => msg,
+            // An older peer repeats its consensus state every second: say it once.
+            Err(e @ WireError::OldConsensus) => {
+                let text = e.to_string();
+                let new = self.mismatches.insert(src, text.clone()).as_ref() != Some(&text);
+                return if new { Err(text) } else { Ok(()) };
+            }
+            Err(e) => return Err(e.to_string()),
+        };
         match msg {
             IpamMsg::Ring { ring, reply } => self.on_ring(src, ring, reply, gossiped, now),
             IpamMsg::Paxos(nodes) => {
@@ -710,14 +967,17 @@ impl Ipam {
             Err(e) => return Err(e.to_string()),
         };
         self.mismatches.remove(&src);
+        if out.changed {
+            self.paxos = None;
+            self.ring_changed();
+        }
+        self.confirm_holds(src, &theirs);
         if let Some((heir, done)) = &mut self.leaving {
             if *heir == src && !theirs.is_empty() && theirs.owned_by(me).is_empty() {
                 *done = true;
             }
         }
         if out.changed {
-            self.paxos = None;
-            self.ring_changed();
             self.pass_on_to_heir();
             for r in &out.retained {
                 self.note_conflict(format!(
@@ -748,7 +1008,7 @@ impl Ipam {
         self.conflicts.push(text);
     }
 
-    fn on_paxos(&mut self, src: PeerName, nodes: &BTreeMap<PeerName, super::paxos::Claims>) {
+    fn on_paxos(&mut self, src: PeerName, nodes: &BTreeMap<PeerName, Claims>) {
         if !self.ring.is_empty() {
             let msg = self.ring_msg(false);
             self.outbox.push(Send::Unicast(src, msg));
@@ -757,6 +1017,8 @@ impl Ipam {
         let Some(px) = &mut self.paxos else { return };
         let merged = px.merge(nodes);
         let thought = px.think();
+        // Our claims changed: they are persisted before the message that carries them.
+        self.ring_dirty |= thought;
         if let Some(value) = px.consensus() {
             self.create_ring(&value);
             return;
@@ -788,15 +1050,21 @@ impl Ipam {
                 Err(format!("{} is not mine", addr(k)))
             } else if let Some(user) = self.alloc.owner_of(addr(k)) {
                 Err(format!("{user} on peer {me}"))
+            } else if self.is_held(k) {
+                // Giving it away would be using it: another peer may still have it.
+                Err(format!("{} was taken over recently; the takeover is not confirmed", addr(k)))
             } else {
                 Ok(k..k + 1)
             }
         } else {
-            self.alloc.donation(range.clone()).ok_or_else(|| "no free space to give".to_owned())
+            self.alloc.donation(range.clone()).ok_or_else(|| NOTHING_TO_GIVE.to_owned())
         };
         match grant.and_then(|g| self.ring.grant(me, g, src).map_err(|e| e.to_string())) {
             Ok(()) => {
                 self.ring_changed();
+                // The asker (and everyone) should see what we have left at once, not after
+                // our next periodic report.
+                self.report_free_now();
                 let msg = self.ring_msg(false);
                 self.outbox.push(Send::Broadcast(msg));
             }
@@ -804,6 +1072,7 @@ impl Ipam {
                 let denied = wire::encode(&IpamMsg::SpaceDenied { range, reason });
                 self.outbox.push(Send::Unicast(src, denied));
                 if !self.ring.is_empty() {
+                    self.report_free_now();
                     let msg = self.ring_msg(false);
                     self.outbox.push(Send::Unicast(src, msg));
                 }
@@ -811,12 +1080,33 @@ impl Ipam {
         }
     }
 
+    /// Puts this peer's current free counts into the ring.
+    fn report_free_now(&mut self) {
+        if self.report_free() {
+            self.ring_dirty = true;
+        }
+    }
+
+    /// Puts this peer's free counts into its entries, except those held after `rmpeer`: a
+    /// held entry must not change while others confirm it (see [`Ipam::confirm_holds`]).
+    fn report_free(&mut self) -> bool {
+        let held = self.held_tokens();
+        let alloc = &self.alloc;
+        self.ring.report_free(self.cfg.me, |r| {
+            (!held.contains(&r.start)).then(|| alloc.free_in_range(r))
+        })
+    }
+
+    fn held_tokens(&self) -> BTreeSet<u128> {
+        self.holds.iter().flat_map(|h| h.tokens.iter().map(|(t, _)| *t)).collect()
+    }
+
     fn on_denied(&mut self, src: PeerName, range: Range<u128>, reason: String, now: u64) {
         if range.end == range.start + 1 {
             if let Some(ask) = self.claims.get_mut(&range.start) {
                 // The owner still owns it and it is in use there: nothing to wait for.
                 if reason.contains(" on peer ") {
-                    ask.refused = Some(reason);
+                    ask.refused = Some(reason.clone());
                     self.changed = true;
                 } else {
                     ask.asked = None;
@@ -828,6 +1118,9 @@ impl Ipam {
             if ask.asked.is_some_and(|(p, _)| p == src) {
                 ask.asked = None;
                 ask.denied.insert(src);
+                if reason == NOTHING_TO_GIVE {
+                    ask.refused.insert(src);
+                }
             }
         }
         self.pump_space(now);
@@ -877,6 +1170,8 @@ impl Ipam {
     fn advance_paxos(&mut self) {
         let Some(px) = &mut self.paxos else { return };
         px.think();
+        // Called after a proposal: our claims changed.
+        self.ring_dirty = true;
         if let Some(value) = px.consensus() {
             self.create_ring(&value);
             return;
@@ -906,7 +1201,11 @@ impl Ipam {
     fn pump_space(&mut self, now: u64) {
         let me = self.cfg.me;
         let mut sends = Vec::new();
+        let mut concluded = false;
         for (&(s, e), ask) in &mut self.space {
+            if ask.exhausted_at.is_some() {
+                continue;
+            }
             if let Some((p, at)) = ask.asked {
                 if now < at + ASK_TIMEOUT_MS && self.alive.contains(&p) {
                     continue;
@@ -925,10 +1224,20 @@ impl Ipam {
                 .filter(|p| self.alive.contains(p))
                 .collect();
             let next = donors.iter().find(|p| !ask.denied.contains(p)).copied();
+            if next.is_none()
+                && !donors.is_empty()
+                && donors.iter().all(|p| ask.refused.contains(p))
+            {
+                // Every owner said it has nothing: the waiting allocation fails now.
+                ask.exhausted_at = Some(now);
+                concluded = true;
+                continue;
+            }
             if next.is_none() && !donors.is_empty() {
                 // Everyone said no; their space may change: start over, after a pause, so
                 // that peers without space do not answer each other in a loop.
                 ask.denied.clear();
+                ask.refused.clear();
                 ask.pause_until = Some(now + ASK_TIMEOUT_MS);
             }
             if let Some(p) = next {
@@ -940,6 +1249,9 @@ impl Ipam {
             }
         }
         self.outbox.extend(sends);
+        if concluded {
+            self.changed = true;
+        }
     }
 
     fn pump_claims(&mut self, now: u64) {
@@ -995,8 +1307,7 @@ impl Ipam {
         {
             self.free_dirty = false;
             self.last_free_report = now;
-            let alloc = &self.alloc;
-            if self.ring.report_free(self.cfg.me, |r| alloc.free_in_range(r)) {
+            if self.report_free() {
                 self.ring_dirty = true;
                 let msg = self.ring_msg(false);
                 self.outbox.push(Send::Gossip { except: None, payload: msg });
@@ -1012,6 +1323,7 @@ impl Ipam {
         if self.leaving.is_some_and(|(_, done)| !done) {
             self.resend_leave();
         }
+        self.resend_takeover(now);
         self.pump_space(now);
         self.pump_claims(now);
     }
@@ -1020,13 +1332,17 @@ impl Ipam {
 
     pub fn status(&self) -> IpamStatus {
         let state = if let Some((heir, done)) = self.leaving {
-            if done { format!("handed over to {heir}") } else { format!("handing over to {heir}") }
+            if done {
+                RingState::HandedOver(heir.to_string())
+            } else {
+                RingState::HandingOver(heir.to_string())
+            }
         } else if !self.ring.is_empty() {
-            "ready".into()
+            RingState::Ready
         } else if self.want_ring {
-            self.ring_wait_reason()
+            RingState::Waiting(self.ring_wait_reason())
         } else {
-            "idle: the ring is created on the first allocation".into()
+            RingState::Idle
         };
         let mut peers: Vec<PeerShare> = self
             .ring
@@ -1053,7 +1369,23 @@ impl Ipam {
             conflicts: self.conflicts.clone(),
             pending_space: self.space.values().map(|a| a.subnet.to_string()).collect(),
             pending_claims: self.claims.keys().map(|k| addr(*k).to_string()).collect(),
+            holding: self.holds.iter().map(|h| self.describe_hold(h)).collect(),
         }
+    }
+
+    fn describe_hold(&self, h: &Hold) -> String {
+        let held: u128 = self
+            .ring
+            .entries()
+            .filter(|(r, e)| e.peer == self.cfg.me && h.tokens.iter().any(|(t, _)| *t == r.start))
+            .map(|(r, _)| r.end - r.start)
+            .sum();
+        let waiting: Vec<String> = h.waiting.iter().map(PeerName::to_string).collect();
+        format!(
+            "{held} addresses taken over from {}, unused until {} confirm",
+            h.from,
+            waiting.join(", ")
+        )
     }
 
     /// Addresses in use by this peer and free in its share.
@@ -1098,7 +1430,7 @@ mod tests {
     fn a_single_peer_forms_its_ring_on_first_allocation() {
         let (mut a, _) = Ipam::new(cfg(1, InitMode::Consensus(1)), None);
         assert!(!a.ready());
-        assert!(a.status().state.starts_with("idle"));
+        assert_eq!(a.status().state, RingState::Idle);
         let got = a.allocate("c1", net("10.32.0.0/12"), 0).unwrap();
         assert_eq!(got, net("10.32.0.1/12"));
         assert!(a.take_ring_dirty().is_some());
@@ -1112,11 +1444,181 @@ mod tests {
         let x = a.allocate("c", net("10.32.0.0/12"), 0).unwrap();
         let y = b.allocate("c", net("10.32.0.0/12"), 0).unwrap();
         assert_ne!(x, y);
-        assert_eq!(
-            y,
-            net("10.40.0.0/12"),
-            "the first address of the second half is a host address"
-        );
+        assert_eq!(y, net("10.40.0.1/12"), "10.40.0.0 looks like a network address: skipped");
+    }
+
+    fn lab_cfg(me: u64, mode: InitMode) -> IpamConfig {
+        IpamConfig {
+            range: net("10.2.0.0/16"),
+            default_subnet: net("10.2.2.0/24"),
+            ..cfg(me, mode)
+        }
+    }
+
+    /// Delivers every message in flight among `peers` (peer `i` is `p(i + 1)`), in order,
+    /// until none is left; messages to a peer outside `up` are dropped.
+    fn deliver(peers: &mut [Ipam], up: &[bool], now: u64) {
+        for _ in 0..100 {
+            let mut any = false;
+            for i in 0..peers.len() {
+                for out in peers[i].take_outbox() {
+                    let (targets, bytes, gossiped): (Vec<usize>, Vec<u8>, bool) = match out {
+                        Send::Gossip { payload, .. } => ((0..peers.len()).collect(), payload, true),
+                        Send::Broadcast(b) => ((0..peers.len()).collect(), b, false),
+                        Send::Unicast(to, b) => (vec![to.get() as usize - 1], b, false),
+                    };
+                    for j in targets.into_iter().filter(|j| *j != i && up[*j] && up[i]) {
+                        any = true;
+                        let src = peers[i].me();
+                        peers[j].handle(src, &bytes, gossiped, now).expect("message accepted");
+                    }
+                }
+            }
+            if !any {
+                return;
+            }
+        }
+        panic!("messages without end");
+    }
+
+    /// Connects the peers: each is told the others are reachable.
+    fn connect(peers: &mut [Ipam], now: u64) {
+        let names: Vec<PeerName> = peers.iter().map(Ipam::me).collect();
+        for x in peers.iter_mut() {
+            let others: BTreeSet<PeerName> =
+                names.iter().copied().filter(|n| *n != x.me()).collect();
+            x.set_alive(others.clone(), now);
+            for o in others {
+                x.peer_up(o);
+            }
+        }
+    }
+
+    /// An allocation as the agent makes it: retried while the IPAM says wait, messages
+    /// delivered at once, no tick (so no periodic free report helps).
+    fn allocate_waiting(
+        peers: &mut [Ipam],
+        i: usize,
+        owner: &str,
+        subnet: IpNet,
+        now: u64,
+    ) -> Result<IpNet, AllocError> {
+        let up = vec![true; peers.len()];
+        let mut last = None;
+        for _ in 0..20 {
+            match peers[i].allocate(owner, subnet, now) {
+                Err(AllocError::Wait(w)) => last = Some(w),
+                done => return done,
+            }
+            deliver(peers, &up, now);
+        }
+        Err(AllocError::Wait(last.expect("waited")))
+    }
+
+    #[test]
+    fn allocation_right_after_the_ring_forms_asks_the_owner() {
+        let mode = InitMode::Consensus(2);
+        let mut peers =
+            [Ipam::new(lab_cfg(1, mode.clone()), None).0, Ipam::new(lab_cfg(2, mode), None).0];
+        let now = 5_000;
+        connect(&mut peers, now);
+        // p1 owns 10.2.0.0/17, so p2 has to ask for everything: the gateway and the pod in
+        // the default subnet, then both in another /24 right after the first grant.
+        for subnet in [net("10.2.2.0/24"), net("10.2.3.0/24")] {
+            for owner in ["gateway", "pod"] {
+                let got =
+                    allocate_waiting(&mut peers, 1, &format!("{owner}-{subnet}"), subnet, now)
+                        .unwrap_or_else(|e| panic!("{owner} in {subnet}: {e}"));
+                assert!(subnet.contains(&got.addr()), "{got} in {subnet}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_last_free_address_is_given_and_then_exhaustion_is_reported() {
+        let mode = InitMode::Seed(vec![p(1), p(2)]);
+        let mut peers =
+            [Ipam::new(lab_cfg(1, mode.clone()), None).0, Ipam::new(lab_cfg(2, mode), None).0];
+        let now = 5_000;
+        connect(&mut peers, now);
+        deliver(&mut peers, &[true, true], now);
+        let tiny = net("10.2.9.0/30"); // two host addresses, both p1's
+        assert_eq!(peers[0].allocate("a", tiny, now).unwrap(), net("10.2.9.1/30"));
+        let got = allocate_waiting(&mut peers, 1, "b", tiny, now).expect("the one left is given");
+        assert_eq!(got, net("10.2.9.2/30"));
+        let err = allocate_waiting(&mut peers, 1, "c", tiny, now).unwrap_err();
+        assert_eq!(err, AllocError::Failed(IpamError::Exhausted(tiny)), "nobody has one");
+    }
+
+    #[test]
+    fn space_taken_over_is_not_used_until_the_others_confirm() {
+        let mode = InitMode::Seed(vec![p(1), p(2), p(3)]);
+        let mut peers: Vec<Ipam> =
+            (1..=3).map(|i| Ipam::new(cfg(i, mode.clone()), None).0).collect();
+        let now = 5_000;
+        connect(&mut peers, now);
+        deliver(&mut peers, &[true; 3], now);
+        // p3 gives a block to p2, takes it back, and gives it again; only p2 hears of the
+        // last grant before p3 dies.
+        let block = net("10.46.0.0/16");
+        let r = space::net_range(block);
+        let mut ring = peers[2].ring().clone();
+        ring.grant(p(3), r.clone(), p(2)).unwrap();
+        ring.grant(p(2), r.clone(), p(3)).unwrap();
+        let known = wire::encode(&IpamMsg::Ring { ring: ring.clone(), reply: false });
+        ring.grant(p(3), r.clone(), p(2)).unwrap();
+        let latest = wire::encode(&IpamMsg::Ring { ring, reply: false });
+        peers[0].handle(p(3), &known, false, now).unwrap();
+        peers[1].handle(p(3), &latest, false, now).unwrap();
+        let used = peers[1].allocate("x", block, now).expect("p2 allocates in its block");
+        // p3 dies; p1 runs rmpeer at once.
+        let up = [true, true, false];
+        for (i, x) in peers.iter_mut().enumerate().take(2) {
+            x.set_alive(BTreeSet::from([p(2 - i as u64)]), now);
+        }
+        assert!(peers[0].rmpeer(p(3)).unwrap() > 0);
+        assert!(!peers[0].status().holding.is_empty());
+        let saved = peers[0].take_ring_dirty().expect("the takeover is persisted");
+        let again = IpamConfig { incarnation: 2, ..cfg(1, mode.clone()) };
+        let (restarted, _) = Ipam::new(again, Some(saved));
+        assert_eq!(restarted.status().holding, peers[0].status().holding, "kept across a restart");
+        match peers[0].allocate("y", block, now) {
+            Ok(got) => assert_ne!(got, used, "{got} handed out twice"),
+            Err(AllocError::Wait(_)) => {}
+            Err(e) => panic!("{e}"),
+        }
+        deliver(&mut peers, &up, now);
+        assert!(peers[0].status().holding.is_empty(), "p2 confirmed");
+        assert_eq!(peers[0].ring().owner(key(used.addr())), Some(p(2)), "p2 kept what it uses");
+        assert_eq!(peers[0].ring().owned_by(p(3)), vec![], "the rest is p1's");
+        assert!(peers[0].allocate("z", net("10.44.0.0/16"), now).is_ok(), "and usable");
+    }
+
+    #[test]
+    fn the_persisted_ring_decoder_refuses_non_ascii_without_panicking() {
+        for bad in ["é0", "0é", "zz", "abc", "0x"] {
+            let json =
+                format!(r#"{{"peer":"00:00:00:00:00:01","range":"10.32.0.0/12","ring":"{bad}"}}"#);
+            assert!(serde_json::from_str::<PersistedRing>(&json).is_err(), "{bad:?}");
+        }
+        let json = r#"{"peer":"00:00:00:00:00:01","range":"10.32.0.0/12","ring":"0aFF"}"#;
+        let old = serde_json::from_str::<PersistedRing>(json).expect("a state file from before");
+        assert_eq!(old.ring, vec![0x0a, 0xff]);
+        assert!(old.consensus.is_none());
+    }
+
+    #[test]
+    fn an_electors_claims_survive_a_restart() {
+        let (mut a, _) = Ipam::new(cfg(1, InitMode::Consensus(2)), None);
+        assert!(matches!(a.allocate("c", net("10.32.0.0/12"), 0), Err(AllocError::Wait(_))));
+        let saved = a.take_ring_dirty().expect("the proposal is persisted");
+        let promised = saved.consensus.clone().and_then(|c| c.promise).expect("a promise");
+        let restarted = IpamConfig { incarnation: 2, ..cfg(1, InitMode::Consensus(2)) };
+        let (b, note) = Ipam::new(restarted, Some(saved));
+        assert!(note.is_none(), "{note:?}");
+        let mine = b.paxos.as_ref().map(|px| px.mine().clone()).expect("an elector");
+        assert_eq!(mine.promise, Some(promised));
+        assert_eq!(mine.incarnation, 2);
     }
 
     #[test]

@@ -13,4 +13,4 @@ pub mod space;
 pub mod wire;
 
 pub use allocator::{Allocator, IpamError};
-pub use manager::{AllocError, InitMode, Ipam, IpamConfig, Wait};
+pub use manager::{AllocError, InitMode, Ipam, IpamConfig, RingState, Wait};

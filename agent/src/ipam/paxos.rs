@@ -4,20 +4,31 @@
 //! gossiped and merged (each node writes only its own claims, which only move forward). The
 //! value agreed on is the set of electors the winning proposer had heard of; each peer then
 //! seeds the ring with it. Pure: no I/O, no clock.
+//!
+//! Restarts: a ballot carries the proposer's incarnation, so a restarted elector never takes
+//! a ballot of its earlier life for its own (it cannot know which value that life accepted
+//! for it); agreement is counted per (ballot, value); and an elector's own claims are
+//! persisted with the ring and restored at start ([`Paxos::restore`]), so an acceptor keeps
+//! its promise and what it accepted.
 
 use std::collections::BTreeMap;
 
+use serde::{Deserialize, Serialize};
+
 use crate::identity::PeerName;
 
-/// A proposal number: rounds are ordered, the proposer's name breaks ties.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// A proposal number: rounds are ordered, the proposer's name and then its incarnation break
+/// ties, so every start of every elector proposes ballots of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Ballot {
     pub round: u64,
     pub proposer: PeerName,
+    #[serde(default)]
+    pub incarnation: u64,
 }
 
 /// What one node has said.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claims {
     /// Which start of the node these claims are from (a restarted node forgets its promises,
     /// so its new claims replace the old ones).
@@ -60,13 +71,32 @@ impl Paxos {
         &self.nodes
     }
 
-    fn mine(&self) -> &Claims {
+    /// This elector's own claims (persisted with the ring).
+    pub fn mine(&self) -> &Claims {
         // The constructor inserts our own claims and nothing removes them.
         &self.nodes[&self.me]
     }
 
     fn mine_mut(&mut self) -> &mut Claims {
         self.nodes.entry(self.me).or_default()
+    }
+
+    /// Takes back the claims this elector persisted in an earlier life: a promise and an
+    /// accepted value must survive a restart. The incarnation stays the new one.
+    pub fn restore(&mut self, persisted: Claims) {
+        let mine = self.mine_mut();
+        mine.promise = persisted.promise;
+        mine.accepted = persisted.accepted;
+        mine.value = persisted.value;
+    }
+
+    fn incarnation(&self) -> u64 {
+        self.mine().incarnation
+    }
+
+    /// Whether `b` is a ballot of this start of this elector.
+    fn is_mine(&self, b: Ballot) -> bool {
+        b.proposer == self.me && b.incarnation == self.incarnation()
     }
 
     /// Merges another elector's view; true if anything was new.
@@ -101,13 +131,13 @@ impl Paxos {
             .map(|b| b.round)
             .max()
             .unwrap_or(0);
-        let me = self.me;
-        self.mine_mut().promise = Some(Ballot { round: top + 1, proposer: me });
+        let (me, incarnation) = (self.me, self.incarnation());
+        self.mine_mut().promise = Some(Ballot { round: top + 1, proposer: me, incarnation });
     }
 
-    /// Whether this elector is driving a proposal of its own.
+    /// Whether this elector is driving a proposal of its own (of this start).
     pub fn proposing(&self) -> bool {
-        self.mine().promise.is_some_and(|b| b.proposer == self.me)
+        self.mine().promise.is_some_and(|b| self.is_mine(b))
     }
 
     /// Takes every step the current state allows; true if our claims changed.
@@ -120,7 +150,9 @@ impl Paxos {
         }
         let Some(ballot) = self.mine().promise else { return false };
         if self.mine().accepted != Some(ballot) {
-            if ballot.proposer == self.me {
+            // A ballot of an earlier start of ours is somebody else's: we do not know what
+            // that start accepted for it, so we never accept it with a value of our own.
+            if self.is_mine(ballot) {
                 self.accept_own(ballot);
             } else if let Some(value) = self.proposed_value(ballot) {
                 let mine = self.mine_mut();
@@ -156,15 +188,17 @@ impl Paxos {
         (c.accepted == Some(ballot)).then(|| c.value.clone())
     }
 
-    /// The agreed value, once a quorum accepted the same ballot.
+    /// The agreed value, once a quorum accepted the same ballot with the same value (a
+    /// ballot's value is unique in Paxos; counting per pair keeps a fault from adding up
+    /// votes for different values).
     pub fn consensus(&self) -> Option<Vec<PeerName>> {
-        let mut counts: BTreeMap<Ballot, (usize, &Vec<PeerName>)> = BTreeMap::new();
+        let mut counts: BTreeMap<(Ballot, &Vec<PeerName>), usize> = BTreeMap::new();
         for c in self.nodes.values() {
             if let Some(b) = c.accepted {
-                counts.entry(b).or_insert((0, &c.value)).0 += 1;
+                *counts.entry((b, &c.value)).or_insert(0) += 1;
             }
         }
-        counts.into_values().find(|(n, _)| *n >= self.quorum).map(|(_, v)| v.clone())
+        counts.into_iter().find(|(_, n)| *n >= self.quorum).map(|((_, v), _)| v.clone())
     }
 }
 
@@ -204,6 +238,80 @@ mod tests {
         assert_eq!(b.consensus(), Some(vec![p(1), p(2)]));
         c.merge(b.nodes());
         assert_eq!(c.consensus(), Some(vec![p(1), p(2)]));
+    }
+
+    /// An elector restarted without its state (its acceptance lost) hears of a stale promise
+    /// for the ballot of its earlier life: it must not accept that ballot with a value of
+    /// its own, or a second value wins (before ballots carried the incarnation, it did).
+    #[test]
+    fn a_restarted_elector_does_not_reuse_its_earlier_ballot() {
+        let mut a = Paxos::new(p(1), 1, 2);
+        let mut b = Paxos::new(p(2), 1, 2);
+        let mut c = Paxos::new(p(3), 1, 2);
+        a.propose();
+        a.think();
+        b.merge(a.nodes());
+        b.think(); // promises a's ballot
+        let stale_b = b.nodes().clone();
+        a.merge(b.nodes());
+        a.think(); // accepts with {1, 2}
+        b.merge(a.nodes());
+        b.think(); // accepts: agreed
+        let agreed = b.consensus().expect("agreed");
+        let mut a = Paxos::new(p(1), 2, 2);
+        a.merge(c.nodes());
+        a.merge(&stale_b);
+        a.think();
+        for _ in 0..2 {
+            c.merge(a.nodes());
+            c.think();
+            a.merge(c.nodes());
+            a.think();
+        }
+        for x in [&a, &b, &c] {
+            if let Some(v) = x.consensus() {
+                assert_eq!(v, agreed, "a second value won");
+            }
+        }
+    }
+
+    /// Restarted electors that restore their persisted claims keep the agreement.
+    #[test]
+    fn electors_restarting_with_their_persisted_claims_agree_on_one_value() {
+        let mut rng = StdRng::seed_from_u64(11);
+        for _ in 0..300 {
+            let n = rng.random_range(2..=6usize);
+            let quorum = n / 2 + 1;
+            let mut nodes: Vec<Paxos> =
+                (1..=n as u64).map(|i| Paxos::new(p(i), 1, quorum)).collect();
+            let mut incarnations = vec![1u64; n];
+            let mut agreed: Option<Vec<PeerName>> = None;
+            for _ in 0..1500 {
+                let i = rng.random_range(0..n);
+                if rng.random_bool(0.03) {
+                    // Claims are persisted before they are sent: restore the latest.
+                    let saved = nodes[i].mine().clone();
+                    incarnations[i] += 1;
+                    nodes[i] = Paxos::new(p(i as u64 + 1), incarnations[i], quorum);
+                    nodes[i].restore(saved);
+                }
+                if rng.random_bool(0.05) {
+                    nodes[i].propose();
+                }
+                nodes[i].think();
+                let j = rng.random_range(0..n);
+                if rng.random_bool(0.7) {
+                    let view = nodes[i].nodes().clone();
+                    nodes[j].merge(&view);
+                    nodes[j].think();
+                }
+                for x in &nodes {
+                    if let Some(v) = x.consensus() {
+                        assert_eq!(agreed.get_or_insert(v.clone()), &v, "two values agreed");
+                    }
+                }
+            }
+        }
     }
 
     /// Random gossip among electors with competing, repeated proposals and lost messages:

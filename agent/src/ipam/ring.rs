@@ -167,6 +167,11 @@ impl Ring {
         t..next
     }
 
+    /// The entry at token `t`, if `t` is a token.
+    pub fn entry_at(&self, t: u128) -> Option<&Entry> {
+        self.entries.get(&t)
+    }
+
     /// Who owns address key `k`.
     pub fn owner(&self, k: u128) -> Option<PeerName> {
         if !(self.start..self.end).contains(&k) {
@@ -237,9 +242,12 @@ impl Ring {
         if !mine.iter().any(|m| m.start <= r.start && r.end <= m.end) {
             return Err(RingError::Invalid("grant of space we do not own".into()));
         }
-        // The remainder after the grant stays ours: it needs a token of its own.
+        // The remainder after the grant stays ours: it needs a token of its own. Its hint is
+        // what the split entry said (clamped to the remainder), not 0: a 0 would tell every
+        // other peer there is nothing to ask for here until our next report.
         if r.end < self.end && !self.entries.contains_key(&r.end) {
-            self.entries.insert(r.end, Entry::new(me, 1, 0));
+            let hint = self.entries.range(..r.end).next_back().map_or(0, |(_, e)| e.free);
+            self.entries.insert(r.end, Entry::new(me, 1, hint));
         }
         let inside: Vec<u128> = self.entries.range(r.start..r.end).map(|(t, _)| *t).collect();
         for t in inside {
@@ -277,13 +285,18 @@ impl Ring {
         moved
     }
 
-    /// Updates the free-address hints of `me`'s entries; true if any changed.
-    pub fn report_free(&mut self, me: PeerName, free_in: impl Fn(Range<u128>) -> u128) -> bool {
+    /// Updates the free-address hints of `me`'s entries (those for which `free_in` has a
+    /// count); true if any changed.
+    pub fn report_free(
+        &mut self,
+        me: PeerName,
+        free_in: impl Fn(Range<u128>) -> Option<u128>,
+    ) -> bool {
         let tokens: Vec<u128> =
             self.entries.iter().filter(|(_, e)| e.peer == me).map(|(t, _)| *t).collect();
         let mut changed = false;
         for t in tokens {
-            let free = free_in(self.range_at(t));
+            let Some(free) = free_in(self.range_at(t)) else { continue };
             if let Some(e) = self.entries.get_mut(&t) {
                 if e.free != free {
                     e.free = free;
@@ -295,10 +308,12 @@ impl Ring {
         changed
     }
 
-    /// Peers other than `me` with free space in `within`, most free space first.
+    /// Peers other than `me` that own space in `within`, with their free-space hints, most
+    /// free space first. Peers whose hint is 0 are listed too (last): a hint can be stale, and
+    /// only the owner can say it has nothing to give.
     pub fn donors(&self, within: Range<u128>, me: PeerName) -> Vec<(PeerName, u128)> {
         let mut free: BTreeMap<PeerName, u128> = BTreeMap::new();
-        for (r, e) in self.entries().filter(|(_, e)| e.peer != me && e.free > 0) {
+        for (r, e) in self.entries().filter(|(_, e)| e.peer != me) {
             let overlap = r.end.min(within.end).saturating_sub(r.start.max(within.start));
             if overlap > 0 {
                 *free.entry(e.peer).or_default() += e.free.min(overlap);
@@ -475,16 +490,30 @@ mod tests {
     fn donors_by_free_space() {
         let mut r = Ring::new(0..1024);
         r.seed(&[p(1), p(2), p(3), p(4)]);
-        r.report_free(p(1), |_| 10);
+        r.report_free(p(1), |_| Some(10));
         // Only the owners' own hints are trusted, but merged rings carry everybody's.
         let mut other = r.clone();
-        other.report_free(p(2), |_| 200);
+        other.report_free(p(2), |_| Some(200));
         r.merge(&other, p(1), never).unwrap();
         let d = r.donors(0..1024, p(1));
         assert_eq!(d[0], (p(3), 256));
         assert!(d.contains(&(p(2), 200)));
         assert!(!d.iter().any(|(x, _)| *x == p(1)), "never ourselves");
         assert_eq!(r.donors(0..256, p(1)), vec![], "nothing in our own quarter");
+        // A peer that reported nothing free is still an owner to ask, after the others.
+        let mut full = r.clone();
+        full.report_free(p(2), |_| Some(0));
+        assert_eq!(full.donors(256..768, p(1)), vec![(p(3), 256), (p(2), 0)]);
+    }
+
+    #[test]
+    fn the_remainder_of_a_grant_keeps_a_free_hint() {
+        let mut r = Ring::new(0..1024);
+        r.seed(&[p(1), p(2)]);
+        r.grant(p(1), 128..192, p(2)).unwrap();
+        // Before p1 reports again, others must still see free space in 192..512.
+        assert_eq!(r.donors(256..512, p(2)), vec![(p(1), 256)]);
+        assert_eq!(r.donors(192..512, p(2))[0].0, p(1));
     }
 
     /// A random ring as peers would build it: seeded, then grants and transfers.

@@ -10,7 +10,7 @@ use prost::Message;
 use super::paxos::{Ballot, Claims};
 use super::ring::{Entry, Ring, RingError};
 use crate::identity::PeerName;
-use crate::mesh::proto;
+use crate::proto;
 
 /// A bound on consensus participants accepted from a peer.
 const MAX_ELECTORS: usize = 4096;
@@ -37,6 +37,11 @@ pub enum WireError {
     Peer(u64),
     #[error("too many electors")]
     TooMany,
+    #[error(
+        "consensus state from an older weft (its ballots lack the proposer's incarnation): \
+         refused; upgrade every elector, or give the ring's owners with --ipalloc-init seed=..."
+    )]
+    OldConsensus,
     #[error(transparent)]
     Ring(#[from] RingError),
 }
@@ -54,11 +59,18 @@ fn peer(v: u64) -> Result<PeerName, WireError> {
 }
 
 fn ballot(b: Option<proto::Ballot>) -> Result<Option<Ballot>, WireError> {
-    b.map(|b| Ok(Ballot { round: b.round, proposer: peer(b.proposer)? })).transpose()
+    b.map(|b| {
+        Ok(Ballot { round: b.round, proposer: peer(b.proposer)?, incarnation: b.incarnation })
+    })
+    .transpose()
 }
 
 fn ballot_to(b: Option<Ballot>) -> Option<proto::Ballot> {
-    b.map(|b| proto::Ballot { round: b.round, proposer: b.proposer.get() })
+    b.map(|b| proto::Ballot {
+        round: b.round,
+        proposer: b.proposer.get(),
+        incarnation: b.incarnation,
+    })
 }
 
 fn ring_to(ring: &Ring, reply: bool) -> proto::IpamRing {
@@ -115,6 +127,7 @@ pub fn encode(msg: &IpamMsg) -> Vec<u8> {
                     value: c.value.iter().map(|v| v.get()).collect(),
                 })
                 .collect(),
+            ballot_incarnations: true,
         }),
         IpamMsg::SpaceRequest { range, exact } => Kind::SpaceRequest(proto::SpaceRequest {
             start: key_bytes(range.start),
@@ -140,6 +153,9 @@ pub fn decode(bytes: &[u8]) -> Result<IpamMsg, WireError> {
             IpamMsg::Ring { ring: ring_from(r)?, reply }
         }
         Kind::Paxos(p) => {
+            if !p.ballot_incarnations {
+                return Err(WireError::OldConsensus);
+            }
             if p.nodes.len() > MAX_ELECTORS {
                 return Err(WireError::TooMany);
             }
@@ -187,7 +203,7 @@ mod tests {
             p(1),
             Claims {
                 incarnation: 5,
-                promise: Some(Ballot { round: 2, proposer: p(1) }),
+                promise: Some(Ballot { round: 2, proposer: p(1), incarnation: 9 }),
                 accepted: None,
                 value: vec![p(1), p(2)],
             },
@@ -215,5 +231,18 @@ mod tests {
             })),
         };
         assert!(matches!(decode(&bad.encode_to_vec()), Err(WireError::Address)));
+    }
+
+    #[test]
+    fn consensus_state_from_older_peers_is_refused_clearly() {
+        let old = proto::IpamMessage {
+            kind: Some(proto::ipam_message::Kind::Paxos(proto::PaxosState {
+                nodes: vec![],
+                ballot_incarnations: false,
+            })),
+        };
+        let err = decode(&old.encode_to_vec()).unwrap_err();
+        assert!(matches!(err, WireError::OldConsensus));
+        assert!(err.to_string().contains("older weft"), "{err}");
     }
 }

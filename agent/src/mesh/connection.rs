@@ -42,9 +42,9 @@ pub struct Setup {
 /// Why a connection could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnError {
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
-    #[error("{0}")]
+    #[error(transparent)]
     Protocol(#[from] ProtocolError),
     #[error("authentication failed: {0} (is the same --password set on both peers?)")]
     Auth(String),
@@ -273,11 +273,40 @@ async fn noise(
     Channel::new(state).map_err(auth)
 }
 
+/// Why a connection ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    /// We closed it (shutdown, or its send queue overflowed).
+    Closed,
+    ClosedByPeer,
+    /// No data, not even heartbeats, for this many seconds.
+    Silent(u64),
+    /// A newer connection to the same incarnation of the peer replaced it.
+    Replaced,
+    /// The peer came back with a new incarnation.
+    PeerRestarted,
+    /// Reading, writing, decoding or decrypting failed.
+    Failed(String),
+}
+
+impl std::fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CloseReason::Closed => f.write_str("closed"),
+            CloseReason::ClosedByPeer => f.write_str("closed by the peer"),
+            CloseReason::Silent(s) => write!(f, "no data for {s}s (heartbeats lost)"),
+            CloseReason::Replaced => f.write_str("replaced by a duplicate connection"),
+            CloseReason::PeerRestarted => f.write_str("the peer restarted"),
+            CloseReason::Failed(why) => f.write_str(why),
+        }
+    }
+}
+
 /// What the connection tasks tell the router.
 #[derive(Debug)]
 pub enum ConnEvent {
     Frame { id: u64, frame: proto::Frame, bytes: usize },
-    Closed { id: u64, reason: String },
+    Closed { id: u64, reason: CloseReason },
 }
 
 /// The router's handle on a running connection.
@@ -343,10 +372,10 @@ async fn write_loop(
             }
         };
         if let Err(e) = sealed {
-            break Some(format!("encryption failed: {e}"));
+            break Some(CloseReason::Failed(format!("encryption failed: {e}")));
         }
         if let Err(e) = writer.write_all(&wire).await {
-            break Some(format!("write failed: {e}"));
+            break Some(CloseReason::Failed(format!("write failed: {e}")));
         }
     };
     cancel.cancel();
@@ -373,18 +402,18 @@ async fn read_loop(
                     Ok(frame) => {
                         let _ = events.send(ConnEvent::Frame { id, frame, bytes: f.len() + 4 });
                     }
-                    Err(e) => break 'outer format!("undecodable frame: {e}"),
+                    Err(e) => break 'outer CloseReason::Failed(format!("undecodable frame: {e}")),
                 },
                 Ok(None) => break,
-                Err(e) => break 'outer e.to_string(),
+                Err(e) => break 'outer CloseReason::Failed(e.to_string()),
             }
         }
         let n = tokio::select! {
-            _ = cancel.cancelled() => break String::from("closed"),
+            _ = cancel.cancelled() => break CloseReason::Closed,
             r = tokio::time::timeout(SILENCE, reader.read(&mut buf)) => match r {
-                Err(_) => break format!("no data for {}s (heartbeats lost)", SILENCE.as_secs()),
-                Ok(Err(e)) => break format!("read failed: {e}"),
-                Ok(Ok(0)) => break String::from("closed by the peer"),
+                Err(_) => break CloseReason::Silent(SILENCE.as_secs()),
+                Ok(Err(e)) => break CloseReason::Failed(format!("read failed: {e}")),
+                Ok(Ok(0)) => break CloseReason::ClosedByPeer,
                 Ok(Ok(n)) => n,
             },
         };
@@ -395,7 +424,9 @@ async fn read_loop(
                     match o.next_plain() {
                         Ok(Some(p)) => frames.push(&p),
                         Ok(None) => break,
-                        Err(e) => break 'outer format!("decryption failed: {e}"),
+                        Err(e) => {
+                            break 'outer CloseReason::Failed(format!("decryption failed: {e}"));
+                        }
                     }
                 }
             }

@@ -1,9 +1,10 @@
-//! Which peers to dial and when: the direct targets (`weft launch PEER...`, `weft connect`),
-//! and, with discovery, the peers of our peers. Failed attempts back off exponentially with
+//! Which peers to dial and when: the direct targets, each tagged with the sources that want
+//! it (the user through `weft launch PEER...` and `weft connect`, or a peer source such as the
+//! Kubernetes Node list), and, with discovery, the peers of our peers. Failed attempts back off exponentially with
 //! jitter; a target that turned out to be ourselves is not retried. Pure: time and randomness
 //! are passed in.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -14,11 +15,35 @@ pub const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 /// Cap of the retry delay: a healed partition reconnects within this (plus a connect timeout).
 pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
+/// Who wants a direct target. A source replaces only its own targets, so a Node-list resync
+/// never drops what the user typed, and `weft connect --replace` never drops the Node list.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// The command line, `weft connect`, and what was persisted from them.
+    User,
+    /// The InternalIPs of the other Nodes of a Kubernetes cluster.
+    Kubernetes,
+}
+
 /// A target: a direct one as the user wrote it (`host` or `host:port`), or a discovered peer.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum TargetKey {
     Direct(String),
     Discovered(PeerName),
+}
+
+impl TargetKey {
+    /// The peer a target leads to: known in advance for a discovered one, learnt on
+    /// connecting for a direct one.
+    pub fn peer(&self, state: &TargetState) -> Option<PeerName> {
+        match self {
+            TargetKey::Direct(_) => state.peer,
+            TargetKey::Discovered(p) => Some(*p),
+        }
+    }
 }
 
 impl std::fmt::Display for TargetKey {
@@ -43,6 +68,8 @@ pub struct TargetState {
     pub peer: Option<PeerName>,
     /// Set for errors that retrying cannot fix (the target is ourselves).
     pub give_up: bool,
+    /// The sources that want a direct target (empty for discovered ones).
+    pub sources: BTreeSet<Source>,
 }
 
 impl TargetState {
@@ -55,6 +82,7 @@ impl TargetState {
             last_error: None,
             peer: None,
             give_up: false,
+            sources: BTreeSet::new(),
         }
     }
 }
@@ -83,44 +111,63 @@ impl Maker {
         Maker { targets: BTreeMap::new(), discovery }
     }
 
-    /// The direct targets, in order.
+    /// The direct targets the user wants (the ones persisted), in order.
     pub fn direct(&self) -> Vec<String> {
+        self.of_source(Source::User)
+    }
+
+    /// The direct targets `source` wants, in order.
+    pub fn of_source(&self, source: Source) -> Vec<String> {
         self.targets
-            .keys()
-            .filter_map(|k| match k {
-                TargetKey::Direct(s) => Some(s.clone()),
-                TargetKey::Discovered(_) => None,
+            .iter()
+            .filter_map(|(k, t)| match k {
+                TargetKey::Direct(s) if t.sources.contains(&source) => Some(s.clone()),
+                _ => None,
             })
             .collect()
     }
 
-    /// Adds direct targets (or replaces them all).
+    /// Adds the user's direct targets (or replaces all of the user's).
     pub fn add_direct(&mut self, specs: &[String], replace: bool, now: Instant) {
-        if replace {
-            self.targets.retain(|k, _| !matches!(k, TargetKey::Direct(_)));
+        let mut want: BTreeSet<String> =
+            if replace { BTreeSet::new() } else { self.direct().into_iter().collect() };
+        want.extend(specs.iter().cloned());
+        self.set_source(Source::User, &want, now);
+    }
+
+    /// Makes `specs` the direct targets of `source`: adds the new ones, and drops the ones no
+    /// source wants any more.
+    pub fn set_source(&mut self, source: Source, specs: &BTreeSet<String>, now: Instant) {
+        for (k, t) in self.targets.iter_mut() {
+            if let TargetKey::Direct(s) = k {
+                if !specs.contains(s) {
+                    t.sources.remove(&source);
+                }
+            }
         }
+        self.targets.retain(|k, t| matches!(k, TargetKey::Discovered(_)) || !t.sources.is_empty());
         for s in specs {
             self.targets
                 .entry(TargetKey::Direct(s.clone()))
-                .or_insert_with(|| TargetState::new(s.clone(), now));
+                .or_insert_with(|| TargetState::new(s.clone(), now))
+                .sources
+                .insert(source);
         }
     }
 
+    /// `weft forget`: the user no longer wants these (another source may still).
     pub fn forget(&mut self, specs: &[String]) {
-        for s in specs {
-            self.targets.remove(&TargetKey::Direct(s.clone()));
-        }
+        let want: BTreeSet<String> =
+            self.direct().into_iter().filter(|d| !specs.contains(d)).collect();
+        self.set_source(Source::User, &want, Instant::now());
     }
 
     /// Replaces the discovered targets with `candidates` (peer, address), keeping the state of
-    /// those that stay. Peers we are connected to, or that a direct target already leads to,
-    /// need no discovered target.
-    pub fn set_discovered(
-        &mut self,
-        candidates: &BTreeMap<PeerName, SocketAddr>,
-        connected: &[PeerName],
-        now: Instant,
-    ) {
+    /// those that stay. Peers that a direct target already leads to need no discovered target.
+    /// A discovered peer we are connected to stays a target (it is not dialled while
+    /// connected, and is dialled again if the connection ends), so status lists every
+    /// address the mesh keeps connecting to.
+    pub fn set_discovered(&mut self, candidates: &BTreeMap<PeerName, SocketAddr>, now: Instant) {
         let direct_peers: Vec<PeerName> = self
             .targets
             .iter()
@@ -130,7 +177,7 @@ impl Maker {
         let wanted: BTreeMap<PeerName, SocketAddr> = if self.discovery {
             candidates
                 .iter()
-                .filter(|(p, _)| !connected.contains(p) && !direct_peers.contains(p))
+                .filter(|(p, _)| !direct_peers.contains(p))
                 .map(|(p, a)| (*p, *a))
                 .collect()
         } else {
@@ -166,7 +213,7 @@ impl Maker {
             if busy >= limit {
                 break;
             }
-            let connected_already = s.peer.is_some_and(|p| connected.contains(&p));
+            let connected_already = k.peer(s).is_some_and(|p| connected.contains(&p));
             if s.dialing || s.give_up || connected_already || s.next_try > now {
                 continue;
             }
@@ -201,7 +248,7 @@ impl Maker {
 
     /// A connection that a target led to ended: retry soon (after the first back-off).
     pub fn on_disconnect(&mut self, peer: PeerName, now: Instant, unit: f64) {
-        for s in self.targets.values_mut().filter(|s| s.peer == Some(peer)) {
+        for (_, s) in self.targets.iter_mut().filter(|(k, s)| k.peer(s) == Some(peer)) {
             s.next_try = now + jittered(FIRST_BACKOFF, unit);
         }
     }
@@ -266,16 +313,49 @@ mod tests {
             (p(3), "10.0.0.3:6783".parse().unwrap()),
             (p(4), "10.0.0.4:6783".parse().unwrap()),
         ]);
-        m.set_discovered(&cands, &[p(4)], t0);
+        m.set_discovered(&cands, t0);
         assert_eq!(
             m.targets.keys().cloned().collect::<Vec<_>>(),
-            vec![TargetKey::Discovered(p(3))]
+            vec![TargetKey::Discovered(p(3)), TargetKey::Discovered(p(4))]
         );
-        m.set_discovered(&BTreeMap::new(), &[], t0);
+        m.set_discovered(&BTreeMap::new(), t0);
         assert!(m.targets.is_empty());
         let mut off = Maker::new(false);
-        off.set_discovered(&cands, &[], t0);
+        off.set_discovered(&cands, t0);
         assert!(off.targets.is_empty(), "--no-discovery");
+    }
+
+    #[test]
+    fn connected_discovered_peers_stay_targets_and_are_not_dialled() {
+        let t0 = Instant::now();
+        let mut m = Maker::new(true);
+        m.add_direct(&["10.0.0.2".into()], false, t0);
+        let direct = TargetKey::Direct("10.0.0.2".into());
+        assert_eq!(m.due(t0, &[], 0, 10).len(), 1);
+        m.on_result(&direct, DialOutcome::Connected(p(2)), t0, 0.0);
+        let cands = BTreeMap::from([
+            (p(2), "10.0.0.2:6783".parse().unwrap()),
+            (p(3), "10.0.0.3:6783".parse().unwrap()),
+        ]);
+        m.set_discovered(&cands, t0);
+        let found = TargetKey::Discovered(p(3));
+        assert!(
+            !m.targets.contains_key(&TargetKey::Discovered(p(2))),
+            "a direct target leads there"
+        );
+        assert_eq!(m.due(t0, &[p(2)], 1, 10), vec![(found.clone(), "10.0.0.3:6783".to_owned())]);
+        m.on_result(&found, DialOutcome::Connected(p(3)), t0, 0.0);
+        // Connected: still listed, but not dialled again while the connection lasts.
+        m.set_discovered(&cands, t0);
+        assert!(m.targets.contains_key(&found));
+        assert!(m.due(t0 + MAX_BACKOFF, &[p(2), p(3)], 2, 10).is_empty());
+        // Connected the other way (it dialled us): not dialled either.
+        let mut inbound = Maker::new(true);
+        inbound.set_discovered(&cands, t0);
+        assert!(inbound.due(t0, &[p(2), p(3)], 2, 10).is_empty());
+        // The connection ends: dialled again after the first back-off.
+        m.on_disconnect(p(3), t0, 0.5);
+        assert_eq!(m.due(t0 + FIRST_BACKOFF, &[p(2)], 1, 10).len(), 1);
     }
 
     #[test]
@@ -287,5 +367,26 @@ mod tests {
         assert_eq!(m.direct(), vec!["c".to_owned()]);
         m.forget(&["c".into()]);
         assert!(m.direct().is_empty());
+    }
+
+    #[test]
+    fn sources_replace_only_their_own_targets() {
+        let t0 = Instant::now();
+        let mut m = Maker::new(true);
+        m.add_direct(&["a".into(), "shared".into()], false, t0);
+        let kube: BTreeSet<String> = ["shared".to_owned(), "n2".to_owned()].into();
+        m.set_source(Source::Kubernetes, &kube, t0);
+        assert_eq!(m.targets.len(), 3);
+        // A Node-list resync without n2 keeps the user's targets.
+        m.set_source(Source::Kubernetes, &BTreeSet::new(), t0);
+        assert_eq!(m.direct(), vec!["a".to_owned(), "shared".to_owned()]);
+        assert_eq!(m.targets.len(), 2);
+        // The user's --replace keeps the Node list's.
+        m.set_source(Source::Kubernetes, &kube, t0);
+        m.add_direct(&["b".into()], true, t0);
+        assert_eq!(m.direct(), vec!["b".to_owned()]);
+        assert_eq!(m.of_source(Source::Kubernetes), vec!["n2".to_owned(), "shared".to_owned()]);
+        m.forget(&["shared".into()]);
+        assert!(m.targets.contains_key(&TargetKey::Direct("shared".into())), "still wanted");
     }
 }

@@ -14,12 +14,9 @@ pub mod routes;
 pub mod secure;
 pub mod sim;
 pub mod topology;
+pub mod view;
 
-/// The generated protocol messages (`weft.mesh.v1`).
-#[allow(missing_docs, missing_debug_implementations, unused_qualifications, clippy::all)]
-pub mod proto {
-    include!(concat!(env!("OUT_DIR"), "/weft.mesh.v1.rs"));
-}
+pub use crate::proto;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -30,8 +27,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use self::gossip::{GossipChannel, Outgoing};
+use self::maker::Source;
 use self::report::MeshReport;
-use self::router::{Command, Inputs, Router, RouterConfig};
+use self::router::{Command, Inputs, Outputs, Router, RouterConfig};
+use self::view::MeshView;
 use crate::identity::PeerName;
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -46,6 +45,7 @@ pub struct Mesh {
     commands: mpsc::UnboundedSender<Command>,
     outgoing: mpsc::UnboundedSender<Outgoing>,
     report: watch::Receiver<MeshReport>,
+    view: watch::Receiver<MeshView>,
     data_routes: watch::Receiver<BTreeMap<PeerName, PeerName>>,
 }
 
@@ -62,14 +62,14 @@ pub struct StartError {
 }
 
 impl Mesh {
-    /// Binds the listener and starts the router.
+    /// Binds the listener and builds the router; the caller spawns the returned task.
     pub async fn start(
         cfg: RouterConfig,
         bind: SocketAddr,
         store: Arc<Store>,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
-    ) -> Result<(Mesh, Links), StartError> {
+    ) -> Result<(Mesh, Links, impl Future<Output = ()> + Send + 'static), StartError> {
         let listener =
             TcpListener::bind(bind).await.map_err(|source| StartError { addr: bind, source })?;
         let me = cfg.setup.me;
@@ -78,13 +78,21 @@ impl Mesh {
         let (setup_tx, setup_rx) = mpsc::unbounded_channel();
         let (conn_tx, conn_rx) = mpsc::unbounded_channel();
         let (report_tx, report) = watch::channel(MeshReport::default());
+        let (view_tx, view) = watch::channel(MeshView::default());
         let (links_tx, links_rx) = mpsc::unbounded_channel();
         let (routes_tx, data_routes) = watch::channel(BTreeMap::new());
-        let router =
-            Router::new(cfg, store, metrics, report_tx, setup_tx, conn_tx, links_tx, routes_tx);
+        let out = Outputs {
+            report: report_tx,
+            view: view_tx,
+            setup: setup_tx,
+            conns: conn_tx,
+            links: links_tx,
+            data_routes: routes_tx,
+        };
+        let router = Router::new(cfg, store, metrics, out);
         let inputs = Inputs { commands: cmd_rx, outgoing: out_rx, setup: setup_rx, conns: conn_rx };
-        tokio::spawn(router.run(inputs, listener, shutdown));
-        Ok((Mesh { me, commands, outgoing, report, data_routes }, Links(links_rx)))
+        let task = router.run(inputs, listener, shutdown);
+        Ok((Mesh { me, commands, outgoing, report, view, data_routes }, Links(links_rx), task))
     }
 
     /// Tells the mesh whether data flows over the link to `peer`.
@@ -113,7 +121,23 @@ impl Mesh {
         GossipChannel::new(name.into(), self.me, rx, self.outgoing.clone())
     }
 
-    /// Adds direct targets (or replaces them); returns the direct targets.
+    /// A peer source states every target it wants now (see [`Source`]); the user's targets
+    /// and other sources' are left alone.
+    pub fn set_targets(&self, source: Source, targets: std::collections::BTreeSet<String>) {
+        let _ = self.commands.send(Command::SetTargets { source, targets });
+    }
+
+    /// The typed view of the mesh as it changes: what subsystems decide on.
+    pub fn view(&self) -> watch::Receiver<MeshView> {
+        self.view.clone()
+    }
+
+    /// The user's direct targets (command line, `weft connect`, persisted).
+    pub async fn targets(&self) -> Vec<String> {
+        self.connect(Vec::new(), false).await
+    }
+
+    /// Adds the user's direct targets (or replaces them); returns the user's targets.
     pub async fn connect(&self, peers: Vec<String>, replace: bool) -> Vec<String> {
         let (reply, rx) = oneshot::channel();
         let _ = self.commands.send(Command::Connect { peers, replace, reply });
@@ -127,11 +151,7 @@ impl Mesh {
         rx.await.unwrap_or_default()
     }
 
-    /// The mesh report as it changes.
-    pub fn report_watch(&self) -> watch::Receiver<MeshReport> {
-        self.report.clone()
-    }
-
+    /// The mesh's part of the status report (for people and scripts, not for decisions).
     pub fn report(&self) -> MeshReport {
         self.report.borrow().clone()
     }

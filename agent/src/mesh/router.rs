@@ -16,14 +16,15 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::connection::{self, ConnError, ConnEvent, Established, Handle, Setup};
+use super::connection::{self, CloseReason, ConnError, ConnEvent, Established, Handle, Setup};
 use super::frame::frame_of;
 use super::gossip::{GossipEvent, Outgoing, SendKind};
-use super::maker::{DialOutcome, Maker, TargetKey};
+use super::maker::{DialOutcome, Maker, Source, TargetKey};
 use super::proto;
-use super::report::{ConnectionReport, MeshReport, PeerEntryReport, TargetReport};
+use super::report::{ConnState, ConnectionReport, MeshReport, PeerEntryReport, TargetReport};
 use super::routes::{self, Graph, Routes};
 use super::topology::{ConnInfo, Entries, PeerInfo, Topology};
+use super::view::{ConnView, Encryption, MeshView};
 use crate::identity::PeerName;
 use crate::metrics::Metrics;
 use crate::store::{Op, Store, Table};
@@ -50,6 +51,11 @@ pub enum Command {
     Forget {
         peers: Vec<String>,
         reply: oneshot::Sender<Vec<String>>,
+    },
+    /// A peer source (e.g. the Kubernetes Node list) states all the targets it wants.
+    SetTargets {
+        source: Source,
+        targets: std::collections::BTreeSet<String>,
     },
     Register {
         name: String,
@@ -111,6 +117,17 @@ struct Conn {
     since: Instant,
 }
 
+/// Where the router publishes what it knows.
+#[derive(Debug)]
+pub struct Outputs {
+    pub report: watch::Sender<MeshReport>,
+    pub view: watch::Sender<MeshView>,
+    pub setup: mpsc::UnboundedSender<SetupEvent>,
+    pub conns: mpsc::UnboundedSender<ConnEvent>,
+    pub links: mpsc::UnboundedSender<LinkEvent>,
+    pub data_routes: watch::Sender<BTreeMap<PeerName, PeerName>>,
+}
+
 /// Router settings.
 #[derive(Clone, Debug)]
 pub struct RouterConfig {
@@ -134,9 +151,7 @@ pub struct Router {
     next_id: u64,
     store: Arc<Store>,
     metrics: Arc<Metrics>,
-    report: watch::Sender<MeshReport>,
-    setup_tx: mpsc::UnboundedSender<SetupEvent>,
-    conn_tx: mpsc::UnboundedSender<ConnEvent>,
+    out: Outputs,
     last_anti_entropy: Instant,
     /// Entries learnt or changed since the last tick, to pass on (coalesced per tick).
     pending: std::collections::BTreeSet<PeerName>,
@@ -144,8 +159,6 @@ pub struct Router {
     dirty: bool,
     /// Broadcast children per source, valid until the routes are recomputed.
     trees: HashMap<PeerName, Vec<PeerName>>,
-    links: mpsc::UnboundedSender<LinkEvent>,
-    data_routes: watch::Sender<BTreeMap<PeerName, PeerName>>,
 }
 
 impl std::fmt::Debug for Router {
@@ -174,16 +187,11 @@ fn now_millis() -> u64 {
 }
 
 impl Router {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         cfg: RouterConfig,
         store: Arc<Store>,
         metrics: Arc<Metrics>,
-        report: watch::Sender<MeshReport>,
-        setup_tx: mpsc::UnboundedSender<SetupEvent>,
-        conn_tx: mpsc::UnboundedSender<ConnEvent>,
-        links: mpsc::UnboundedSender<LinkEvent>,
-        data_routes: watch::Sender<BTreeMap<PeerName, PeerName>>,
+        out: Outputs,
     ) -> Router {
         let s = &cfg.setup;
         // Starting at the clock keeps our versions above those of earlier incarnations.
@@ -206,15 +214,11 @@ impl Router {
             next_id: 1,
             store,
             metrics,
-            report,
-            setup_tx,
-            conn_tx,
+            out,
             last_anti_entropy: Instant::now(),
             pending: std::collections::BTreeSet::new(),
             dirty: false,
             trees: HashMap::new(),
-            links,
-            data_routes,
         };
         r.persist_targets();
         r.publish();
@@ -231,7 +235,7 @@ impl Router {
         tokio::spawn(accept_loop(
             listener,
             self.cfg.setup.clone(),
-            self.setup_tx.clone(),
+            self.out.setup.clone(),
             shutdown.clone(),
         ));
         let mut tick = tokio::time::interval(TICK);
@@ -265,6 +269,10 @@ impl Router {
                 self.persist_targets();
                 self.publish();
                 let _ = reply.send(self.maker.direct());
+            }
+            Command::SetTargets { source, targets } => {
+                self.maker.set_source(source, &targets, Instant::now());
+                self.publish();
             }
             Command::Register { name, events } => {
                 self.channels.insert(name, events);
@@ -319,7 +327,7 @@ impl Router {
         let connected: Vec<PeerName> = self.conns.keys().copied().collect();
         for (key, address) in self.maker.due(now, &connected, self.conns.len(), self.cfg.conn_limit)
         {
-            let (setup, tx, port) = (self.cfg.setup.clone(), self.setup_tx.clone(), self.cfg.port);
+            let (setup, tx, port) = (self.cfg.setup.clone(), self.out.setup.clone(), self.cfg.port);
             debug!(target = %key, %address, "dialling");
             tokio::spawn(async move {
                 let ev = match connection::dial(&address, port, &setup).await {
@@ -384,7 +392,7 @@ impl Router {
             nickname: String::new(),
             address,
             outbound,
-            state: "failed".into(),
+            state: ConnState::Failed,
             info: reason,
             encrypted: false,
             data_encrypted: false,
@@ -392,6 +400,35 @@ impl Router {
         if self.failures.len() > RECENT_FAILURES {
             self.failures.remove(0);
         }
+    }
+
+    /// The addresses of targets known to lead to `peer`.
+    fn target_addresses(&self, peer: PeerName) -> Vec<&str> {
+        self.maker
+            .targets
+            .iter()
+            .filter(|(k, t)| k.peer(t) == Some(peer))
+            .map(|(_, t)| t.address.as_str())
+            .collect()
+    }
+
+    /// Whether an established connection supersedes failure `f` (see
+    /// [`ConnectionReport::superseded_by`]).
+    fn superseded(&self, f: &ConnectionReport) -> bool {
+        self.conns
+            .iter()
+            .any(|(p, c)| f.superseded_by(&p.to_string(), c.remote, &self.target_addresses(*p)))
+    }
+
+    /// A connection to `peer` is up: its earlier failures are history, in whichever direction
+    /// they happened.
+    fn forget_superseded_failures(&mut self, peer: PeerName) {
+        let Some(remote) = self.conns.get(&peer).map(|c| c.remote) else { return };
+        let name = peer.to_string();
+        let targets: Vec<String> =
+            self.target_addresses(peer).into_iter().map(str::to_owned).collect();
+        let targets: Vec<&str> = targets.iter().map(String::as_str).collect();
+        self.failures.retain(|f| !f.superseded_by(&name, remote, &targets));
     }
 
     fn register(&mut self, est: Established, target: Option<TargetKey>) {
@@ -409,14 +446,17 @@ impl Router {
                 return;
             }
             let reason = if existing.peer_uid == est.hello.uid {
-                "replaced by a duplicate connection"
+                CloseReason::Replaced
             } else {
-                "the peer restarted"
+                CloseReason::PeerRestarted
             };
-            self.drop_conn(peer, reason);
+            // Routes are refreshed below, once the new connection is in: refreshing now would
+            // collect the peer (and whoever is behind it) and tell subsystems it left.
+            self.close_conn(peer, reason);
         }
         if !est.outbound && self.conns.len() >= self.cfg.conn_limit {
             warn!(%peer, remote = %est.remote, limit = self.cfg.conn_limit, "refusing connection: --conn-limit reached");
+            self.refresh_routes();
             return;
         }
         let id = self.next_id;
@@ -442,7 +482,7 @@ impl Router {
             data_encrypted,
             nickname: est.hello.nickname.clone(),
             since: now,
-            handle: connection::start(est, id, self.conn_tx.clone()),
+            handle: connection::start(est, id, self.out.conns.clone()),
         };
         info!(%peer, nickname = %conn.nickname, remote = %conn.remote, outbound = conn.outbound, encrypted = conn.encrypted, "connection established");
         let info = ConnInfo {
@@ -454,11 +494,13 @@ impl Router {
         if let Some(t) = target {
             self.maker.on_result(&t, DialOutcome::Connected(peer), now, 0.0);
         }
-        self.failures.retain(|f| f.peer != peer.to_string());
+        self.forget_superseded_failures(peer);
         self.topology.set_connection(peer, info);
         self.on_local_change();
-        // Everything we know, to the new neighbour at once (directly: routes are recomputed
-        // only at the next tick).
+        // Subsystems answer `PeerUp` and `LinkEvent::Up` with a unicast of their whole state:
+        // the route to the new neighbour must exist before they are told, not at the next tick.
+        self.refresh_routes();
+        // Everything we know, to the new neighbour at once.
         let full = entries_to_wire(self.topology.entries()).encode_to_vec();
         let msg = proto::GossipMessage {
             channel: TOPOLOGY.into(),
@@ -474,21 +516,30 @@ impl Router {
         for ch in self.channels.values() {
             let _ = ch.try_send(GossipEvent::PeerUp(peer));
         }
-        let _ = self.links.send(LinkEvent::Up(link));
+        let _ = self.out.links.send(LinkEvent::Up(link));
     }
 
-    fn drop_conn(&mut self, peer: PeerName, reason: &str) {
-        if let Some(c) = self.conns.remove(&peer) {
-            c.handle.cancel.cancel();
-            info!(%peer, remote = %c.remote, reason, "connection closed");
-            if c.since.elapsed() < Duration::from_secs(5) || reason != "closed" {
-                self.note_failure(c.remote.to_string(), Some(peer), c.outbound, reason.to_owned());
-            }
-            self.maker.on_disconnect(peer, Instant::now(), rand::random());
-            self.topology.remove_connection(peer);
-            self.on_local_change();
-            let _ = self.links.send(LinkEvent::Down(peer));
+    /// A connection ended: routes stop using it at once (messages sent meanwhile would go to
+    /// a connection that is gone, or not around it).
+    fn drop_conn(&mut self, peer: PeerName, reason: CloseReason) {
+        if self.close_conn(peer, reason) {
+            self.refresh_routes();
         }
+    }
+
+    /// Closes and forgets a connection, without refreshing routes; returns whether it existed.
+    fn close_conn(&mut self, peer: PeerName, reason: CloseReason) -> bool {
+        let Some(c) = self.conns.remove(&peer) else { return false };
+        c.handle.cancel.cancel();
+        info!(%peer, remote = %c.remote, %reason, "connection closed");
+        if c.since.elapsed() < Duration::from_secs(5) || reason != CloseReason::Closed {
+            self.note_failure(c.remote.to_string(), Some(peer), c.outbound, reason.to_string());
+        }
+        self.maker.on_disconnect(peer, Instant::now(), rand::random());
+        self.topology.remove_connection(peer);
+        self.on_local_change();
+        let _ = self.out.links.send(LinkEvent::Down(peer));
+        true
     }
 
     // ---- frames ----
@@ -501,7 +552,7 @@ impl Router {
         match ev {
             ConnEvent::Closed { id, reason } => {
                 if let Some(peer) = self.peer_of(id) {
-                    self.drop_conn(peer, &reason);
+                    self.drop_conn(peer, reason);
                 }
             }
             ConnEvent::Frame { id, frame, bytes } => {
@@ -561,7 +612,7 @@ impl Router {
                 }
             }
             Some(Kind::Overlay(msg)) => {
-                let _ = self.links.send(LinkEvent::Control { peer: from, msg });
+                let _ = self.out.links.send(LinkEvent::Control { peer: from, msg });
             }
             Some(Kind::Heartbeat(_)) | None => {}
         }
@@ -621,12 +672,18 @@ impl Router {
         self.dirty = true;
     }
 
+    /// Recomputes routes now (a connection came or went) instead of at the next tick.
+    fn refresh_routes(&mut self) {
+        self.dirty = false;
+        self.recompute();
+    }
+
     fn recompute(&mut self) {
         let gone = self.topology.garbage_collect();
         self.routes = Routes::compute(&self.topology);
         self.trees.clear();
         let data = self.routes.table(Graph::Data).clone();
-        self.data_routes.send_if_modified(|cur| {
+        self.out.data_routes.send_if_modified(|cur| {
             let changed = *cur != data;
             *cur = data;
             changed
@@ -637,8 +694,7 @@ impl Router {
                 let _ = ch.try_send(GossipEvent::PeersGone(gone.clone()));
             }
         }
-        let connected: Vec<PeerName> = self.conns.keys().copied().collect();
-        self.maker.set_discovered(&self.discovery_candidates(), &connected, Instant::now());
+        self.maker.set_discovered(&self.discovery_candidates(), Instant::now());
         self.publish();
     }
 
@@ -745,7 +801,7 @@ impl Router {
                 nickname: c.nickname.clone(),
                 address: c.remote.to_string(),
                 outbound: c.outbound,
-                state: "established".into(),
+                state: ConnState::Established,
                 info: String::new(),
                 encrypted: c.encrypted,
                 data_encrypted: c.data_encrypted,
@@ -760,14 +816,22 @@ impl Router {
                 nickname: String::new(),
                 address: t.address.clone(),
                 outbound: true,
-                state: "connecting".into(),
+                state: ConnState::Connecting,
                 info: String::new(),
                 encrypted: false,
                 data_encrypted: false,
             });
         }
+        // A failure is shown while nothing newer covers it: a dial of the same address in
+        // progress, or a connection to the same peer or host (a failure that arrives after
+        // the connection, e.g. of a dial that was in flight, is hidden here).
         let live: HashSet<String> = connections.iter().map(|c| c.address.clone()).collect();
-        connections.extend(self.failures.iter().filter(|f| !live.contains(&f.address)).cloned());
+        connections.extend(
+            self.failures
+                .iter()
+                .filter(|f| !live.contains(&f.address) && !self.superseded(f))
+                .cloned(),
+        );
         let peers = self
             .topology
             .peers()
@@ -798,11 +862,14 @@ impl Router {
                     TargetKey::Discovered(_) => t.address.clone(),
                 },
                 discovered: matches!(k, TargetKey::Discovered(_)),
-                peer: t.peer.map(|p| p.to_string()).unwrap_or_default(),
+                peer: k.peer(t).map(|p| p.to_string()).unwrap_or_default(),
+                connected: k.peer(t).is_some_and(|p| self.conns.contains_key(&p)),
                 last_error: t.last_error.clone().unwrap_or_default(),
+                sources: t.sources.iter().copied().collect(),
             })
             .collect();
-        let _ = self.report.send(MeshReport {
+        self.publish_view();
+        let _ = self.out.report.send(MeshReport {
             name: me.to_string(),
             nickname: self.cfg.setup.nickname.clone(),
             port: self.cfg.port,
@@ -819,6 +886,36 @@ impl Router {
                 .iter()
                 .map(|(d, h)| (d.to_string(), h.to_string()))
                 .collect(),
+        });
+    }
+}
+
+impl Router {
+    /// The typed view, sent only when it changed (subscribers wake on real changes only).
+    fn publish_view(&self) {
+        let view = MeshView {
+            reachable: self.routes.table(Graph::Control).keys().copied().collect(),
+            peers: self.topology.peers().map(|(p, e)| (*p, e.nickname.clone())).collect(),
+            connections: self
+                .conns
+                .iter()
+                .map(|(p, c)| {
+                    let encryption = match (c.encrypted, c.data_encrypted) {
+                        (false, _) => Encryption::None,
+                        (true, false) => Encryption::ControlOnly,
+                        (true, true) => Encryption::Full,
+                    };
+                    let v = ConnView { remote: c.remote, outbound: c.outbound, encryption };
+                    (*p, v)
+                })
+                .collect(),
+        };
+        self.out.view.send_if_modified(|held| {
+            let changed = *held != view;
+            if changed {
+                *held = view;
+            }
+            changed
         });
     }
 }
@@ -909,4 +1006,73 @@ pub fn gossip_fanout(peers: usize) -> usize {
 /// A random, non-zero incarnation id.
 pub fn new_uid() -> u64 {
     rand::rng().random_range(1..=u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mesh::Mesh;
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port")
+    }
+
+    async fn mesh(nick: &str, port: u16, targets: Vec<String>, dir: &std::path::Path) -> Mesh {
+        let setup = Setup {
+            me: PeerName::random(),
+            uid: new_uid(),
+            nickname: nick.into(),
+            listen_port: port,
+            psk: None,
+            trusted: Vec::new(),
+            overlays: Vec::new(),
+            fastdp_port: 0,
+            sleeve_port: 0,
+        };
+        let cfg = RouterConfig {
+            setup,
+            port,
+            discovery: false,
+            conn_limit: 10,
+            initial_targets: Some(targets),
+        };
+        let store = Arc::new(Store::open(dir).expect("store"));
+        let bind = SocketAddr::from(([127, 0, 0, 1], port));
+        let (m, _links, task) =
+            Mesh::start(cfg, bind, store, Arc::new(Metrics::new()), CancellationToken::new())
+                .await
+                .expect("mesh starts");
+        tokio::spawn(task);
+        m
+    }
+
+    /// The first unicast a subsystem sends in answer to `PeerUp`, to the new neighbour.
+    async fn greeting(mut ch: crate::mesh::gossip::GossipChannel) -> Option<Vec<u8>> {
+        loop {
+            match ch.recv().await? {
+                GossipEvent::PeerUp(peer) => ch.unicast(peer, ch.me().to_string().into_bytes()),
+                GossipEvent::Unicast { payload, .. } => return Some(payload),
+                _ => {}
+            }
+        }
+    }
+
+    /// A subsystem's whole state, unicast on `PeerUp` (as DNS, MACs and IPAM do), arrives at
+    /// once on both ends of a new connection, not with the anti-entropy 30 s later.
+    #[tokio::test]
+    async fn state_unicast_on_peer_up_arrives_at_once() {
+        let (da, db) = (tempfile::tempdir().expect("dir"), tempfile::tempdir().expect("dir"));
+        let (pa, pb) = (free_port(), free_port());
+        let a = mesh("a", pa, Vec::new(), da.path()).await;
+        let b = mesh("b", pb, vec![format!("127.0.0.1:{pa}")], db.path()).await;
+        let (ga, gb) = (greeting(a.channel("test")), greeting(b.channel("test")));
+        let within = Duration::from_secs(2);
+        let (got_a, got_b) =
+            tokio::join!(tokio::time::timeout(within, ga), tokio::time::timeout(within, gb));
+        assert_eq!(got_a.ok().flatten(), Some(b.me().to_string().into_bytes()), "a hears b");
+        assert_eq!(got_b.ok().flatten(), Some(a.me().to_string().into_bytes()), "b hears a");
+    }
 }

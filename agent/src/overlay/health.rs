@@ -54,6 +54,24 @@ pub enum Mode {
     Relayed,
 }
 
+impl Mode {
+    pub const ALL: [Mode; 3] = [Mode::Fastdp, Mode::Sleeve, Mode::Relayed];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Fastdp => "fastdp",
+            Mode::Sleeve => "sleeve",
+            Mode::Relayed => "relayed",
+        }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.name())
+    }
+}
+
 /// Heartbeat bookkeeping of one overlay on one link.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Probe {
@@ -147,6 +165,18 @@ impl Link {
         self.mode
     }
 
+    /// Why the link is not at its best, given the descriptions of its two probes: `None` on
+    /// fastdp that works (or is still within its first probing grace); otherwise why fastdp
+    /// is not in use (on sleeve), or why neither overlay is (relayed). What `weft status
+    /// connections` prints next to the overlay in use.
+    pub fn degraded(&self, now: Instant, fastdp: &str, sleeve: &str) -> Option<String> {
+        match self.mode {
+            Mode::Fastdp if self.fastdp.usable(now, true) => None,
+            Mode::Fastdp | Mode::Sleeve => Some(fastdp.to_owned()),
+            Mode::Relayed => Some(format!("{fastdp}; {sleeve}")),
+        }
+    }
+
     /// Data can flow over this link (for data routes).
     pub fn established(&self, now: Instant) -> bool {
         self.fastdp.confirmed(now) || self.sleeve.confirmed(now)
@@ -230,6 +260,44 @@ mod tests {
         l.evaluate(t);
         assert_eq!(l.mode(), Mode::Sleeve);
         assert!(l.fastdp.describe("fastdp", t, 1450, 6784).contains("path MTU"));
+    }
+
+    /// The reason shown next to the overlay in use: none while fastdp works or is still
+    /// being probed on a new link, fastdp's problem on sleeve, both problems when relayed.
+    #[test]
+    fn only_a_degraded_link_says_why() {
+        let t0 = Instant::now();
+        let why = |l: &Link, t: Instant| {
+            l.degraded(
+                t,
+                &l.fastdp.describe("fastdp", t, 1450, 6784),
+                &l.sleeve.describe("sleeve", t, 1450, 6783),
+            )
+        };
+        let mut l = Link::new(t0, None);
+        assert_eq!(why(&l, t0), None, "a new link probing fastdp is not degraded");
+        let t = t0 + HEARTBEAT;
+        l.fastdp.ack(t, true);
+        l.sleeve.ack(t, true);
+        l.evaluate(t);
+        assert_eq!(why(&l, t), None);
+        // fastdp stops: sleeve carries the traffic, and the line says why.
+        let t = t + DEAD_AFTER + HEARTBEAT;
+        l.sleeve.ack(t, true);
+        l.evaluate(t);
+        assert_eq!(l.mode(), Mode::Sleeve);
+        let w = why(&l, t).expect("degraded");
+        assert!(w.starts_with("fastdp down: last heartbeat acknowledged"), "{w}");
+        // Nothing works: relayed, with both reasons.
+        let t = t + DEAD_AFTER + HEARTBEAT;
+        l.evaluate(t);
+        assert_eq!(l.mode(), Mode::Relayed);
+        let w = why(&l, t).expect("degraded");
+        assert!(w.contains("fastdp down") && w.contains("; sleeve down"), "{w}");
+        // Encrypted: sleeve by design, and the line says so.
+        let enc = Link::new(t0, Some("traffic to this peer is encrypted (sleeve only)".into()));
+        let w = why(&enc, t0).expect("not fastdp");
+        assert_eq!(w, "fastdp off: traffic to this peer is encrypted (sleeve only)");
     }
 
     #[test]

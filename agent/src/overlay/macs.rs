@@ -12,7 +12,7 @@ use prost::Message;
 use crate::dataplane::Mac;
 use crate::identity::PeerName;
 use crate::mesh::gossip::GossipData;
-use crate::mesh::proto;
+use crate::proto;
 
 /// One peer's MACs and their addresses.
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]

@@ -5,6 +5,7 @@
 //! MACs there, and probes every directly connected peer with heartbeats on both overlays.
 
 pub mod health;
+pub mod kernel;
 pub mod macs;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -13,23 +14,24 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
-use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use self::health::{HEARTBEAT, Link, Mode, Overlay};
+use self::kernel::OverlayKernel;
 use self::macs::MacTable;
-use crate::dataplane::fastdp::{self, FdbSpec, FrameSocket, HEARTBEAT_ETHERTYPE, Port, VxlanSpec};
+use crate::dataplane::fastdp::{FdbSpec, FrameSocket, HEARTBEAT_ETHERTYPE, Port, VxlanSpec};
 use crate::dataplane::sleeve::codec::{Cipher, HEADER, TAG};
 use crate::dataplane::sleeve::{Hop, Sleeve, SleeveEvent, StatsReport, Table};
-use crate::dataplane::{Mac, VXLAN_OVERHEAD};
-use crate::endpoints::Endpoints;
+use crate::dataplane::{Mac, VXLAN_OVERHEAD, on_blocking_thread};
+use crate::endpoints::record::EndpointFeed;
 use crate::identity::PeerName;
 use crate::mesh::gossip::{GossipChannel, GossipEvent};
 use crate::mesh::router::{LinkEvent, LinkInfo};
 use crate::mesh::{Links, Mesh, proto};
+use crate::subsystem::{Hub, Tasks};
 
 /// The VXLAN network identifier weft uses.
 pub const VNI: u32 = 0x77_6674;
@@ -44,8 +46,6 @@ const REPAIR: Duration = Duration::from_secs(10);
 /// them with ICMP "fragmentation needed" instead of the bridge dropping them silently.
 /// (A TAP's largest MTU: 65535 minus its Ethernet header.)
 pub const TAP_MTU: u32 = 65_521;
-/// How often this host's own MACs are re-read.
-const LOCAL_SCAN: Duration = Duration::from_secs(2);
 /// Full MAC table gossip interval.
 const MACS_ANTI_ENTROPY: Duration = Duration::from_secs(30);
 /// Bytes sleeve adds to a frame: outer IPv4 and UDP, its header (the tag comes on top).
@@ -83,14 +83,17 @@ impl OverlayConfig {
 }
 
 /// One peer link, as reported.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LinkReport {
     pub peer: String,
-    /// "fastdp", "sleeve" or "relayed".
-    pub mode: String,
+    pub mode: Mode,
     pub fastdp: String,
     pub sleeve: String,
     pub encrypted: bool,
+    /// Why the link is not at its best (empty when it is): why fastdp is not in use, or why
+    /// neither overlay is.
+    #[serde(default)]
+    pub degraded: String,
 }
 
 /// The data plane's part of the status report.
@@ -119,8 +122,9 @@ struct PeerLink {
 /// The data plane's owner.
 pub struct DataPlane {
     cfg: OverlayConfig,
+    kernel: Arc<dyn OverlayKernel>,
     mesh: Mesh,
-    endpoints: Endpoints,
+    endpoints: EndpointFeed,
     macs: MacTable,
     channel: GossipChannel,
     links: BTreeMap<PeerName, PeerLink>,
@@ -176,32 +180,39 @@ enum Input {
 }
 
 impl DataPlane {
-    /// Sets up the VXLAN device, the TAP and the sleeve socket, and starts the owner task.
+    /// Sets up the VXLAN device, the TAP and the sleeve socket; returns the report feed and
+    /// the owner task, for the caller to spawn.
     pub async fn start(
         cfg: OverlayConfig,
+        kernel: Arc<dyn OverlayKernel>,
         mesh: Mesh,
         links: Links,
-        endpoints: Endpoints,
+        endpoints: EndpointFeed,
         shutdown: CancellationToken,
-    ) -> anyhow::Result<watch::Receiver<OverlayReport>> {
+    ) -> Result<
+        (watch::Receiver<OverlayReport>, impl Future<Output = ()> + Send + 'static),
+        StartError,
+    > {
         let (inputs_tx, inputs_rx) = mpsc::unbounded_channel();
         let (sleeve_tx, mut sleeve_rx) = mpsc::unbounded_channel();
-        let sleeve =
-            Sleeve::start(&cfg.tap, SocketAddr::from(([0, 0, 0, 0], cfg.sleeve_port)), sleeve_tx)
-                .map_err(|e| {
-                anyhow::anyhow!(
-                    "starting sleeve (TAP {}, UDP port {}): {e}",
-                    cfg.tap,
-                    cfg.sleeve_port
-                )
-            })?;
+        let sleeve = Sleeve::start(
+            &cfg.tap,
+            SocketAddr::from(([0, 0, 0, 0], cfg.sleeve_port)),
+            sleeve_tx,
+        )
+        .map_err(|source| StartError {
+            tap: cfg.tap.clone(),
+            port: cfg.sleeve_port,
+            source,
+        })?;
         let fwd = inputs_tx.clone();
         tokio::spawn(async move {
             while let Some(e) = sleeve_rx.recv().await {
                 let _ = fwd.send(Input::Sleeve(e));
             }
         });
-        let (fastdp, fastdp_error) = match Self::start_fastdp(&cfg, inputs_tx).await {
+        let (fastdp, fastdp_error) = match Self::start_fastdp(&cfg, kernel.clone(), inputs_tx).await
+        {
             Ok(sock) => (Some(sock), None),
             Err(e) if cfg.no_fastdp => {
                 info!("fastdp {e}; all traffic goes through sleeve");
@@ -218,6 +229,7 @@ impl DataPlane {
             macs: MacTable::new(cfg.me),
             routes: mesh.data_routes(),
             cfg,
+            kernel,
             mesh,
             endpoints,
             channel,
@@ -230,22 +242,23 @@ impl DataPlane {
             report: report_tx,
             last_programmed: None,
         };
-        tokio::spawn(dp.run(links, inputs_rx, shutdown));
-        Ok(report_rx)
+        Ok((report_rx, dp.run(links, inputs_rx, shutdown)))
     }
 
     async fn start_fastdp(
         cfg: &OverlayConfig,
+        kernel: Arc<dyn OverlayKernel>,
         inputs: mpsc::UnboundedSender<Input>,
     ) -> Result<Arc<FrameSocket>, String> {
         if cfg.no_fastdp {
             return Err("disabled by --no-fastdp".into());
         }
         let spec = cfg.vxlan_spec();
-        let (_, repairs) = tokio::task::spawn_blocking(move || fastdp::ensure_vxlan(&spec))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+        let (_, repairs) =
+            tokio::task::spawn_blocking(move || on_blocking_thread(|| kernel.ensure_vxlan(&spec)))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
         if !repairs.is_empty() {
             info!(device = %cfg.vxlan, ?repairs, "VXLAN device set up");
         }
@@ -291,8 +304,8 @@ impl DataPlane {
         shutdown: CancellationToken,
     ) {
         let mut tick = tokio::time::interval(HEARTBEAT);
-        let mut last_scan = Instant::now() - LOCAL_SCAN;
         let mut last_gossip = Instant::now();
+        self.endpoints.mark_changed();
         let mut last_repair = Instant::now() - REPAIR;
         loop {
             tokio::select! {
@@ -301,6 +314,7 @@ impl DataPlane {
                 Some(i) = inputs.recv() => self.on_input(i),
                 Some(ev) = self.channel.recv() => self.on_gossip(ev),
                 Ok(()) = self.routes.changed() => self.program(),
+                Ok(()) = self.endpoints.changed() => self.scan_local(),
                 _ = tick.tick() => {
                     let now = Instant::now();
                     if now.duration_since(last_repair) >= REPAIR {
@@ -308,10 +322,6 @@ impl DataPlane {
                         self.repair_devices().await;
                     }
                     self.send_heartbeats();
-                    if now.duration_since(last_scan) >= LOCAL_SCAN {
-                        last_scan = now;
-                        self.scan_local().await;
-                    }
                     if now.duration_since(last_gossip) >= MACS_ANTI_ENTROPY {
                         last_gossip = now;
                         self.channel.gossip(crate::mesh::gossip::GossipData::encode_all(&self.macs));
@@ -330,7 +340,7 @@ impl DataPlane {
         if info.encrypt {
             return Some("traffic to this peer is encrypted (sleeve only)".into());
         }
-        if !info.overlays.iter().any(|o| o == "fastdp") {
+        if !info.overlays.iter().any(|o| Overlay::parse(o) == Some(Overlay::Fastdp)) {
             return Some("the peer does not offer fastdp".into());
         }
         if !info.remote.is_ipv4() {
@@ -424,22 +434,17 @@ impl DataPlane {
         }
     }
 
-    /// Reads this host's endpoints and bridge addresses; gossips them if they changed.
-    async fn scan_local(&mut self) {
+    /// This host's endpoints and bridge addresses, from the endpoint feed; gossiped if they
+    /// changed.
+    fn scan_local(&mut self) {
         let bridge_mac = self.cfg.bridge_mac;
-        let records = match self.endpoints.list().await {
-            Ok(r) => r,
-            Err(e) => {
-                debug!(error = %e, "cannot read endpoints");
-                return;
-            }
-        };
+        let endpoints = self.endpoints.borrow_and_update().clone();
         let mut local: BTreeMap<Mac, BTreeSet<IpAddr>> = BTreeMap::new();
         local.entry(bridge_mac).or_default();
-        for r in &records {
-            let mac = if r.netns.is_none() { Some(bridge_mac) } else { r.mac };
+        for e in endpoints.iter() {
+            let mac = if e.is_exposed() { Some(bridge_mac) } else { e.mac };
             if let Some(m) = mac {
-                local.entry(m).or_default().extend(r.addresses.iter().map(IpNet::addr));
+                local.entry(m).or_default().extend(e.addrs.iter().copied());
             }
         }
         let now_ms = std::time::SystemTime::now()
@@ -493,14 +498,17 @@ impl DataPlane {
     async fn repair_devices(&self) {
         let cfg = self.cfg.clone();
         let fastdp_on = self.fastdp.is_some();
+        let kernel = self.kernel.clone();
         let result = tokio::task::spawn_blocking(move || {
-            if fastdp_on {
-                let (_, repairs) = fastdp::ensure_vxlan(&cfg.vxlan_spec())?;
-                if !repairs.is_empty() {
-                    info!(device = %cfg.vxlan, ?repairs, "VXLAN device repaired");
+            on_blocking_thread(|| {
+                if fastdp_on {
+                    let (_, repairs) = kernel.ensure_vxlan(&cfg.vxlan_spec())?;
+                    if !repairs.is_empty() {
+                        info!(device = %cfg.vxlan, ?repairs, "VXLAN device repaired");
+                    }
                 }
-            }
-            fastdp::attach_port(&cfg.tap, &cfg.bridge, TAP_MTU)
+                kernel.attach_port(&cfg.tap, &cfg.bridge, TAP_MTU)
+            })
         })
         .await;
         if let Ok(Err(e)) = result {
@@ -545,8 +553,8 @@ impl DataPlane {
         let unchanged =
             self.last_programmed.as_ref().is_some_and(|(s, m)| *s == spec && *m == modes);
         if !unchanged && self.fastdp.is_some() {
-            let s = spec.clone();
-            tokio::task::spawn_blocking(move || match fastdp::sync(&s) {
+            let (s, kernel) = (spec.clone(), self.kernel.clone());
+            tokio::task::spawn_blocking(move || match on_blocking_thread(|| kernel.sync_fdb(&s)) {
                 Ok(c) if c.added + c.removed > 0 => {
                     debug!(added = c.added, removed = c.removed, "forwarding entries updated")
                 }
@@ -595,17 +603,18 @@ impl DataPlane {
         let links = self
             .links
             .iter()
-            .map(|(p, l)| LinkReport {
-                peer: p.to_string(),
-                mode: match l.link.mode() {
-                    Mode::Fastdp => "fastdp",
-                    Mode::Sleeve => "sleeve",
-                    Mode::Relayed => "relayed",
+            .map(|(p, l)| {
+                let (mtu, link) = (self.cfg.mtu, &l.link);
+                let fastdp = link.fastdp.describe("fastdp", now, mtu, self.cfg.fastdp_port);
+                let sleeve = link.sleeve.describe("sleeve", now, mtu, self.cfg.sleeve_port);
+                LinkReport {
+                    peer: p.to_string(),
+                    mode: link.mode(),
+                    degraded: link.degraded(now, &fastdp, &sleeve).unwrap_or_default(),
+                    fastdp,
+                    sleeve,
+                    encrypted: l.info.encrypt,
                 }
-                .into(),
-                fastdp: l.link.fastdp.describe("fastdp", now, self.cfg.mtu, self.cfg.fastdp_port),
-                sleeve: l.link.sleeve.describe("sleeve", now, self.cfg.mtu, self.cfg.sleeve_port),
-                encrypted: l.info.encrypt,
             })
             .collect();
         let relayed = routes
@@ -629,6 +638,33 @@ impl DataPlane {
             sleeve: self.sleeve.stats(),
         });
     }
+}
+
+/// Starts the data plane as a subsystem: fed by the mesh's link events, its `macs` channel
+/// and data routes, and the endpoint feed. Returns its report feed.
+pub async fn start(
+    cfg: OverlayConfig,
+    hub: &Hub,
+    links: Links,
+    tasks: &mut Tasks,
+) -> Result<watch::Receiver<OverlayReport>, StartError> {
+    let kernel = Arc::new(kernel::LinuxOverlay);
+    let shutdown = tasks.shutdown().clone();
+    let (report, task) =
+        DataPlane::start(cfg, kernel, hub.mesh.clone(), links, hub.endpoints.feed(), shutdown)
+            .await?;
+    tasks.spawn("overlay", task);
+    Ok(report)
+}
+
+/// The data plane could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("starting sleeve (TAP {tap}, UDP port {port})")]
+pub struct StartError {
+    tap: String,
+    port: u16,
+    #[source]
+    source: std::io::Error,
 }
 
 /// The endpoint MTU for an underlay MTU: fastdp's encapsulation is the largest fixed cost

@@ -5,17 +5,17 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use anyhow::Context;
 use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 
-use crate::daemon::Agent;
+use super::report::collect;
+use crate::services::Services;
 
-async fn healthz(State(agent): State<Arc<Agent>>) -> impl IntoResponse {
-    let r = agent.ready.borrow().clone();
+async fn healthz(State(svc): State<Arc<Services>>) -> impl IntoResponse {
+    let r = svc.ready.borrow().clone();
     if r.ready {
         (StatusCode::OK, "ok\n".to_owned())
     } else {
@@ -23,34 +23,42 @@ async fn healthz(State(agent): State<Arc<Agent>>) -> impl IntoResponse {
     }
 }
 
-async fn status(State(agent): State<Arc<Agent>>) -> impl IntoResponse {
-    let report = agent.report().await;
+async fn status(State(svc): State<Arc<Services>>) -> impl IntoResponse {
+    let report = collect(&svc).await;
     let code = if report.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (code, axum::Json(report))
 }
 
-async fn metrics(State(agent): State<Arc<Agent>>) -> impl IntoResponse {
-    let report = agent.report().await;
+async fn metrics(State(svc): State<Arc<Services>>) -> impl IntoResponse {
+    let report = collect(&svc).await;
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        agent.metrics.render(&report),
+        super::gauges::render(&svc.hub.metrics, &report),
     )
+}
+
+/// The status listener could not bind.
+#[derive(Debug, thiserror::Error)]
+#[error("--status-addr {addr}: cannot listen")]
+pub struct BindError {
+    addr: SocketAddr,
+    #[source]
+    source: std::io::Error,
 }
 
 /// Binds the listener (so a taken address fails the start) and returns the serving future.
 pub async fn serve(
-    agent: Arc<Agent>,
+    svc: Arc<Services>,
     addr: SocketAddr,
-) -> anyhow::Result<impl Future<Output = ()>> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("--status-addr {addr}"))?;
-    let shutdown = agent.shutdown.clone();
+) -> Result<impl Future<Output = ()> + Send + 'static, BindError> {
+    let listener =
+        tokio::net::TcpListener::bind(addr).await.map_err(|source| BindError { addr, source })?;
+    let shutdown = svc.hub.shutdown.clone();
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
-        .with_state(agent);
+        .with_state(svc);
     Ok(async move {
         if let Err(e) =
             axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await

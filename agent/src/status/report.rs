@@ -2,8 +2,9 @@
 //! returned by the `Status` RPC and rendered by `weft status`. Its schema is docs/status.md;
 //! fields are only ever added.
 
-use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
+
+use crate::services::Services;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Report {
@@ -12,9 +13,9 @@ pub struct Report {
     pub ready: bool,
     #[serde(default)]
     pub not_ready_reason: String,
-    pub bridge: BridgeReport,
-    pub ipam: IpamReport,
-    pub endpoints: EndpointCounts,
+    pub bridge: crate::endpoints::report::BridgeReport,
+    pub ipam: crate::endpoints::report::IpamReport,
+    pub endpoints: crate::endpoints::report::EndpointCounts,
     #[serde(default)]
     pub mesh: crate::mesh::report::MeshReport,
     #[serde(default)]
@@ -30,38 +31,27 @@ pub struct PeerReport {
     pub nickname: String,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BridgeReport {
-    pub name: String,
-    pub mtu: u32,
-    pub mac: String,
-    /// The host's own addresses on the bridge (exposed subnets).
-    pub addresses: Vec<IpNet>,
-    /// What the last reconciliation had to repair (empty when nothing was wrong).
-    #[serde(default)]
-    pub last_repairs: Vec<String>,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct IpamReport {
-    pub range: IpNet,
-    pub default_subnet: IpNet,
-    /// Addresses handed out by this peer.
-    pub used: u64,
-    /// Free addresses in the space this peer owns.
-    pub free: u64,
-    /// The address ranges this peer owns, as "first-last".
-    pub owned: Vec<String>,
-    /// The shared ring: mode, state, every peer's share, problems.
-    #[serde(flatten)]
-    pub ring: crate::ipam::manager::IpamStatus,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EndpointCounts {
-    pub cni: u32,
-    pub attached: u32,
-    /// Holders of addresses without an interface (the `Reserve` API).
-    #[serde(default)]
-    pub reserved: u32,
+/// The report, collected from every subsystem's own part.
+pub async fn collect(svc: &Services) -> Report {
+    let readiness = svc.ready.borrow().clone();
+    let (bridge, ipam, endpoints) = svc.hub.endpoints.report().await.unwrap_or_default();
+    let dns = match &svc.dns {
+        Some(d) => Some(d.report().await),
+        None => None,
+    };
+    Report {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        peer: PeerReport {
+            name: svc.hub.identity.name.to_string(),
+            nickname: svc.hub.identity.nickname.clone(),
+        },
+        ready: readiness.ready,
+        not_ready_reason: readiness.reason,
+        bridge,
+        ipam,
+        endpoints,
+        mesh: svc.hub.mesh.report(),
+        overlay: svc.overlay.borrow().clone(),
+        dns,
+    }
 }

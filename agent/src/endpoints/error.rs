@@ -1,12 +1,12 @@
-//! The errors the agent's operations return to API callers. They are mapped to gRPC status
-//! codes and error reasons once, in `api::server`.
+//! The errors of endpoint and allocation operations, by what a caller can do about them.
+//! They are mapped to gRPC status codes and error reasons once, at the edge (`api::status`).
 
 use crate::dataplane::KernelError;
 use crate::ipam::{AllocError, IpamError, Wait};
 use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
-pub enum ApiError {
+pub enum EndpointError {
     #[error(transparent)]
     Ipam(#[from] IpamError),
     /// The allocation cannot be served yet (no ring, space being obtained); worth retrying.
@@ -30,32 +30,30 @@ pub enum ApiError {
     Store(#[from] StoreError),
     #[error("the weft agent is shutting down")]
     Stopped,
-    #[error(transparent)]
-    Dns(#[from] crate::dns::DnsError),
 }
 
-impl ApiError {
-    pub fn invalid(field: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError::Invalid { field, message: message.into() }
+impl EndpointError {
+    pub fn invalid(field: &'static str, message: impl Into<String>) -> EndpointError {
+        EndpointError::Invalid { field, message: message.into() }
     }
 }
 
-impl From<AllocError> for ApiError {
-    fn from(e: AllocError) -> ApiError {
+impl From<AllocError> for EndpointError {
+    fn from(e: AllocError) -> EndpointError {
         match e {
-            AllocError::Failed(e) => ApiError::Ipam(e),
-            AllocError::Wait(w) => ApiError::IpamWait(w),
+            AllocError::Failed(e) => EndpointError::Ipam(e),
+            AllocError::Wait(w) => EndpointError::IpamWait(w),
         }
     }
 }
 
-impl From<KernelError> for ApiError {
-    fn from(e: KernelError) -> ApiError {
+impl From<KernelError> for EndpointError {
+    fn from(e: KernelError) -> EndpointError {
         match e {
-            KernelError::Netns(n) => ApiError::Netns(n.to_string()),
-            KernelError::InterfaceExists(name) => ApiError::InterfaceExists(name),
-            KernelError::Mismatch(m) => ApiError::CheckFailed(m),
-            other => ApiError::Kernel(other),
+            KernelError::Netns(n) => EndpointError::Netns(n.to_string()),
+            KernelError::InterfaceExists(name) => EndpointError::InterfaceExists(name),
+            KernelError::Mismatch(m) => EndpointError::CheckFailed(m),
+            other => EndpointError::Kernel(other),
         }
     }
 }

@@ -1,0 +1,41 @@
+//! The endpoint state's part of the status report: the bridge, the IP allocation and the
+//! endpoint counts, as the state owner describes them.
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BridgeReport {
+    pub name: String,
+    pub mtu: u32,
+    pub mac: String,
+    /// The host's own addresses on the bridge (exposed subnets).
+    pub addresses: Vec<IpNet>,
+    /// What the last reconciliation had to repair (empty when nothing was wrong).
+    #[serde(default)]
+    pub last_repairs: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpamReport {
+    pub range: IpNet,
+    pub default_subnet: IpNet,
+    /// Addresses handed out by this peer.
+    pub used: u64,
+    /// Free addresses in the space this peer owns.
+    pub free: u64,
+    /// The address ranges this peer owns, as "first-last".
+    pub owned: Vec<String>,
+    /// The shared ring: mode, state, every peer's share, problems.
+    #[serde(flatten)]
+    pub ring: crate::ipam::manager::IpamStatus,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointCounts {
+    pub cni: u32,
+    pub attached: u32,
+    /// Holders of addresses without an interface (the `Reserve` API).
+    #[serde(default)]
+    pub reserved: u32,
+}

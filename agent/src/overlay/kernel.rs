@@ -1,0 +1,41 @@
+//! The kernel operations of the overlay behind a trait: the VXLAN device, the sleeve's TAP
+//! port on the bridge, and the forwarding entries. [`LinuxOverlay`] does them with netlink
+//! (`dataplane::fastdp`); tests use a fake. All calls block: async callers use
+//! `spawn_blocking`.
+
+use crate::dataplane::KernelError;
+use crate::dataplane::fastdp::{self, FdbChanges, FdbSpec, VxlanSpec};
+
+/// What the overlay asks of the kernel.
+pub trait OverlayKernel: Send + Sync + 'static {
+    /// Creates or repairs the VXLAN device; its index and what was repaired.
+    fn ensure_vxlan(&self, spec: &VxlanSpec) -> Result<(u32, Vec<String>), KernelError>;
+    /// Attaches an existing interface (the sleeve TAP) to the bridge as an overlay port.
+    fn attach_port(&self, name: &str, bridge: &str, mtu: u32) -> Result<(), KernelError>;
+    /// Makes the forwarding entries match `spec`.
+    fn sync_fdb(&self, spec: &FdbSpec) -> Result<FdbChanges, KernelError>;
+}
+
+impl std::fmt::Debug for dyn OverlayKernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OverlayKernel")
+    }
+}
+
+/// The Linux implementation.
+#[derive(Debug, Default)]
+pub struct LinuxOverlay;
+
+impl OverlayKernel for LinuxOverlay {
+    fn ensure_vxlan(&self, spec: &VxlanSpec) -> Result<(u32, Vec<String>), KernelError> {
+        fastdp::ensure_vxlan(spec)
+    }
+
+    fn attach_port(&self, name: &str, bridge: &str, mtu: u32) -> Result<(), KernelError> {
+        fastdp::attach_port(name, bridge, mtu)
+    }
+
+    fn sync_fdb(&self, spec: &FdbSpec) -> Result<FdbChanges, KernelError> {
+        fastdp::sync(spec)
+    }
+}
