@@ -1,6 +1,7 @@
 //! The owner of the endpoint records, the IP allocation state and the bridge's own addresses.
-//! It runs on one dedicated thread and is reached only through [`StateHandle::call`], so every
-//! change is serialized, and every change is persisted before the caller hears about it. The
+//! It runs on one dedicated thread and is reached only through [`StateHandle::call`] (private
+//! to `endpoints/`: the rest of the agent uses `Endpoints` and `IpamHandle`), so every change
+//! is serialized, and every change is persisted before the caller hears about it. The
 //! bridge and the firewall table are derived from this state, so they are (re)programmed from
 //! here too: nobody can apply an older picture over a newer one. After every call the IPAM's
 //! ring is persisted if it changed and only then are its messages sent to other peers, so a
