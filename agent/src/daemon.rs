@@ -4,7 +4,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::UnixListener;
@@ -128,8 +128,7 @@ pub async fn run(cfg: AgentConfig, log_filter: &str) -> anyhow::Result<()> {
     let overlay =
         overlay::start(overlay_config(&cfg, &identity, mtu, underlay_mtu), &hub, links, &mut tasks)
             .await?;
-    let svc =
-        Arc::new(Services { cfg: cfg.clone(), hub, overlay, dns, ready, started: Instant::now() });
+    let svc = Arc::new(Services { hub, overlay, dns, ready });
     serve(&cfg, svc.clone(), &mut tasks).await?;
     tasks.spawn("signals", watch_signals(shutdown.clone()));
     tasks.spawn(

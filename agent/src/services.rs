@@ -1,11 +1,8 @@
 //! [`Services`]: the handles the local API and the status listener serve from. The daemon
 //! builds it once every subsystem has started; the servers only read it.
 
-use std::time::Instant;
-
 use tokio::sync::watch;
 
-use crate::config::AgentConfig;
 use crate::dns::Dns;
 use crate::endpoints::Readiness;
 use crate::overlay::OverlayReport;
@@ -13,12 +10,10 @@ use crate::subsystem::Hub;
 
 #[derive(Debug)]
 pub struct Services {
-    pub cfg: AgentConfig,
     /// Identity, mesh, endpoints, IP allocation, store, metrics, shutdown.
     pub hub: Hub,
     pub overlay: watch::Receiver<OverlayReport>,
     /// `None` with --no-dns.
     pub dns: Option<Dns>,
     pub ready: watch::Receiver<Readiness>,
-    pub started: Instant,
 }

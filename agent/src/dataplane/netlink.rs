@@ -97,25 +97,28 @@ pub fn on_blocking_thread<R>(f: impl FnOnce() -> R) -> R {
     r
 }
 
-/// Runs `op` on the thread's own runtime; `None` if this thread may not (or is already inside
-/// one).
-fn run_here<T, E, F>(op: F) -> Option<Result<T, E>>
+/// Runs `op` on the thread's own runtime, or hands it back if this thread may not (or is
+/// already inside that runtime).
+fn run_here<T, E, F>(op: F) -> Result<Result<T, E>, F>
 where
     F: Future<Output = Result<T, E>>,
     E: From<io::Error>,
 {
     if !MAY_BLOCK.get() {
-        return None;
+        return Err(op);
     }
     RUNTIME.with(|cell| {
-        let mut slot = cell.try_borrow_mut().ok()?;
+        let Ok(mut slot) = cell.try_borrow_mut() else { return Err(op) };
         if slot.is_none() {
             match tokio::runtime::Builder::new_current_thread().enable_io().build() {
                 Ok(rt) => *slot = Some(rt),
-                Err(e) => return Some(Err(E::from(e))),
+                Err(e) => return Ok(Err(E::from(e))),
             }
         }
-        slot.as_ref().map(|rt| rt.block_on(op))
+        match slot.as_ref() {
+            Some(rt) => Ok(rt.block_on(op)),
+            None => Err(op),
+        }
     })
 }
 
@@ -129,21 +132,7 @@ where
     T: Send,
     E: From<io::Error> + Send,
 {
-    if !MAY_BLOCK.get() {
-        return on_own_thread(op);
-    }
-    let mut op = Some(op);
-    let here = run_here(async {
-        match op.take() {
-            Some(f) => f.await,
-            None => Err(E::from(io::Error::other("operation already taken"))),
-        }
-    });
-    match (here, op) {
-        (Some(r), _) => r,
-        (None, Some(op)) => on_own_thread(op),
-        (None, None) => Err(E::from(io::Error::other("operation lost"))),
-    }
+    run_here(op).unwrap_or_else(on_own_thread)
 }
 
 fn on_own_thread<T, E, F>(op: F) -> Result<T, E>
