@@ -209,6 +209,7 @@ fn overlay_config(
         mtu,
         underlay_mtu,
         no_fastdp: cfg.mesh.no_fastdp,
+        password: cfg.mesh.password.is_some(),
     }
 }
 

@@ -307,3 +307,87 @@ fn forwarding_entries_of_a_peer_that_is_gone_are_pruned() {
     eprintln!("entries towards the departed peer pruned {:?} after the restart", start.elapsed());
     assert!(!p1.ping("10.32.2.2"), "pods still reach each other through stale entries");
 }
+
+/// How often `needle` occurs in `hay` (e.g. a marker in a capture).
+fn count(hay: &[u8], needle: &[u8]) -> usize {
+    hay.windows(needle.len()).filter(|w| *w == needle).count()
+}
+
+/// A pod that weft does not know: a namespace plugged into `a`'s bridge by hand, with `cidr` on
+/// its `eth0`. weft never learns its MAC, so frames to it stay unknown unicast on other hosts,
+/// as a pod's frames are while its MAC is being learned.
+fn unmanaged_pod(a: &Agent, cidr: &str) -> Netns {
+    let ns = Netns::new("p");
+    let port = unique("u");
+    must(std::process::Command::new("ip").args([
+        "link", "add", "eth0", "netns", &ns.name, "type", "veth", "peer", "name", &port, "netns",
+        &a.host().name,
+    ]));
+    must(a.cmd("ip").args(["link", "set", &port, "master", "weft", "up"]));
+    must(ns.cmd("ip").args(["addr", "add", cidr, "dev", "eth0"]));
+    must(ns.cmd("ip").args(["link", "set", "eth0", "up"]));
+    ns
+}
+
+/// Issue 13, item 3. Three hosts with a password; h1 and h2 trust each other, h3 trusts no
+/// one. Nothing sent from h1 to an endpoint on h3 may cross any wire in the clear: not to a pod
+/// whose MAC h1 knows, not to one whose MAC it does not know (such frames used to be flooded
+/// over the plaintext VXLAN link to h2), not as a broadcast, not relayed through h2 (the hop to
+/// h2 used to be unencrypted). Traffic between h1 and h2 may be in the clear, and is: that shows
+/// the capture would see a marker.
+#[test]
+fn with_trusted_subnets_traffic_for_an_untrusted_peer_is_never_in_the_clear() {
+    let (lab, hosts) = Lab::new(3, 1500);
+    let mut hosts = hosts.into_iter();
+    let mut start = |nick: &str, extra: &[&str]| {
+        let e = [&["--password", "s3cret"][..], extra].concat();
+        Agent::start_in(hosts.next().expect("host"), opts(nick, &e))
+    };
+    let h1 = start("h1", &["--trusted-subnets", "10.99.0.2/32"]);
+    let h2 = start("h2", &["--trusted-subnets", "10.99.0.1/32", lab.ip(1)]);
+    let h3 = start("h3", &[lab.ip(1), lab.ip(2)]);
+    let (n2, n3) = (h2.peer_name(), h3.peer_name());
+    wait_mode(&h1, &n2, "fastdp", T);
+    wait_mode(&h1, &n3, "sleeve", T);
+    wait_mode(&h2, &n3, "sleeve", T);
+    let (p1, p2, p3) = (h1.pod("10.32.1.2/12"), h2.pod("10.32.2.2/12"), h3.pod("10.32.3.2/12"));
+    let hidden = unmanaged_pod(&h3, "10.32.3.77/12");
+    for ip in ["10.32.2.2", "10.32.3.2", "10.32.3.77"] {
+        wait_until(T, &format!("p1 to reach {ip}"), || p1.ping(ip));
+    }
+    // Each kind of traffic in a capture of its own, so a failure says which one leaked.
+    let marker = format!("WEFT-MARKER-{}", unique("m"));
+    let seen = |work: &dyn Fn()| {
+        let cap = lab.capture(work);
+        assert!(cap.len() > 1000, "the capture saw the traffic ({} bytes)", cap.len());
+        count(&cap, marker.as_bytes())
+    };
+    let trusted = seen(&|| assert_eq!(transfer(&p1, &p2, "10.32.2.2", &marker), 10 << 20));
+    let known = seen(&|| assert_eq!(transfer(&p1, &p3, "10.32.3.2", &marker), 10 << 20));
+    let unknown = seen(&|| assert_eq!(transfer(&p1, &hidden, "10.32.3.77", &marker), 10 << 20));
+    let broadcast = seen(&|| {
+        let rx = Server::start(&p3, &["udp-recv", "9999", "10"]);
+        must(p1.cmd("python3").arg(nettool()).args(["udp-send", "10.47.255.255", "9999", &marker]));
+        assert_eq!(rx.result().trim(), marker, "a broadcast from p1 reaches p3");
+    });
+    // Without a direct path, h1 reaches h3 through h2, which it trusts.
+    lab.cut(1, 3);
+    wait_until(Duration::from_secs(60), "h1 to reach h3 through h2", || {
+        let s = h1.status().unwrap_or_default();
+        s["overlay"]["relayed"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|r| r[0] == n3.as_str() && r[1] == n2.as_str()))
+            && p1.ping("10.32.3.2")
+    });
+    let relayed = seen(&|| assert_eq!(transfer(&p1, &p3, "10.32.3.2", &marker), 10 << 20));
+    eprintln!(
+        "markers in the clear: p1->p2 (trusted) {trusted}, p1->p3 {known}, \
+         p1->unknown MAC on h3 {unknown}, broadcast {broadcast}, p1->p3 relayed by h2 {relayed}"
+    );
+    assert!(trusted > 1000, "h1-h2 traffic is in the clear, and the capture sees it");
+    assert_eq!(
+        (known, unknown, broadcast, relayed),
+        (0, 0, 0, 0),
+        "traffic for h3 crossed a wire in the clear"
+    );
+}

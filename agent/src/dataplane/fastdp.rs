@@ -35,6 +35,10 @@ pub struct VxlanSpec {
     pub port: u16,
     pub mtu: u32,
     pub bridge: String,
+    /// Whether the bridge may flood broadcast, multicast and unknown unicast out of the VXLAN
+    /// port. Off with a password: such a frame may be for a peer that must only get it
+    /// encrypted, so floods go through sleeve, which encrypts them.
+    pub flood: bool,
 }
 
 /// Where the bridge sends a remote MAC.
@@ -137,9 +141,10 @@ async fn link_index(sock: &Rtnl, name: &str) -> Result<Option<u32>, KernelError>
 }
 
 /// Bridge port settings of an overlay port: isolated (frames from one overlay port never go
-/// out another, so nothing loops between peers), no MAC learning (the agent programs it), and
-/// neighbour suppression (ARP/ND for addresses the bridge knows is answered on this host).
-async fn set_overlay_port(sock: &Rtnl, index: u32) -> Result<(), KernelError> {
+/// out another, so nothing loops between peers), no MAC learning (the agent programs it),
+/// neighbour suppression (ARP/ND for addresses the bridge knows is answered on this host), and
+/// whether broadcast, multicast and unknown unicast are flooded out of it.
+async fn set_overlay_port(sock: &Rtnl, index: u32, flood: bool) -> Result<(), KernelError> {
     let mut msg = LinkMessage::default();
     msg.header.index = index;
     msg.attributes.push(LinkAttribute::LinkInfo(vec![
@@ -148,13 +153,16 @@ async fn set_overlay_port(sock: &Rtnl, index: u32) -> Result<(), KernelError> {
             InfoBridgePort::Isolated(true),
             InfoBridgePort::Learning(false),
             InfoBridgePort::NeighSupress(true),
+            InfoBridgePort::UnicastFlood(flood),
+            InfoBridgePort::MulticastFlood(flood),
+            InfoBridgePort::BroadcastFlood(flood),
         ])),
     ]));
     sock.modify_link(msg).await.ctx(|| "setting overlay port flags".into())
 }
 
 /// Attaches an existing interface (the sleeve TAP) to the bridge as an overlay port, up, with
-/// the given MTU.
+/// the given MTU, receiving every flood.
 pub fn attach_port(name: &str, bridge: &str, mtu: u32) -> Result<(), KernelError> {
     let (name, bridge) = (name.to_owned(), bridge.to_owned());
     block_on(async move {
@@ -171,7 +179,7 @@ pub fn attach_port(name: &str, bridge: &str, mtu: u32) -> Result<(), KernelError
                 .await
                 .ctx(|| format!("attaching {name}"))?;
         }
-        set_overlay_port(&sock, info.index).await
+        set_overlay_port(&sock, info.index, true).await
     })
 }
 
@@ -261,7 +269,7 @@ async fn ensure_vxlan_on(sock: &Rtnl, spec: &VxlanSpec) -> Result<(u32, Vec<Stri
             repairs.push("re-attached".to_owned());
         }
     }
-    set_overlay_port(sock, info.index).await?;
+    set_overlay_port(sock, info.index, spec.flood).await?;
     Ok((info.index, repairs))
 }
 

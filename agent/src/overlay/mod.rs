@@ -67,6 +67,10 @@ pub struct OverlayConfig {
     pub underlay_mtu: u32,
     /// Never use fastdp (`--no-fastdp`).
     pub no_fastdp: bool,
+    /// A password is set. fastdp (unencrypted) then carries only unicast frames for MACs known
+    /// to be behind a trusted peer; broadcast, multicast and unknown unicast, which may be for
+    /// an untrusted peer's endpoint, go through sleeve, encrypted on every hop.
+    pub password: bool,
 }
 
 impl OverlayConfig {
@@ -78,6 +82,7 @@ impl OverlayConfig {
             port: self.fastdp_port,
             mtu: self.mtu,
             bridge: self.bridge.clone(),
+            flood: !self.password,
         }
     }
 }
@@ -355,10 +360,12 @@ impl DataPlane {
                 let now = Instant::now();
                 let disabled = self.fastdp_disabled(&info);
                 let key = |k: &[u8]| (!k.is_empty()).then(|| Cipher::new(k)).flatten();
+                // With a password, sleeve encrypts on trusted links too: it carries the floods
+                // and the relayed frames, which may be for an untrusted peer's endpoint.
                 let hop = Arc::new(Hop {
                     addr: SocketAddr::new(info.remote, info.sleeve_port),
-                    send: if info.encrypt { key(&info.our_key) } else { None },
-                    recv: if info.encrypt { key(&info.their_key) } else { None },
+                    send: key(&info.our_key),
+                    recv: key(&info.their_key),
                     seq: AtomicU64::new(1),
                 });
                 if info.encrypt && (hop.send.is_none() || hop.recv.is_none()) {
@@ -534,7 +541,9 @@ impl DataPlane {
             }
             spec.vxlan_entries.insert((l.peer_mac, l.info.remote));
             if l.link.mode() == Mode::Fastdp {
-                spec.vxlan_entries.insert((Mac([0; 6]), l.info.remote));
+                if !self.cfg.password {
+                    spec.vxlan_entries.insert((Mac([0; 6]), l.info.remote));
+                }
                 for (mac, owner) in &remote {
                     if owner == peer {
                         spec.vxlan_entries.insert((*mac, l.info.remote));
@@ -580,10 +589,8 @@ impl DataPlane {
                 next_hop.insert(*p, *p);
             }
         }
-        let mut flood: Vec<PeerName> =
-            next_hop.keys().copied().filter(|p| mode_of(p) != Mode::Fastdp).collect();
-        flood.sort();
-        let encrypted_any = self.links.values().any(|l| l.info.encrypt);
+        let flood = sleeve_flood(next_hop.keys().copied(), self.cfg.password, mode_of);
+        let encrypted_any = self.links.values().any(|l| l.hop.send.is_some());
         let chunk = (self.cfg.underlay_mtu as usize)
             .saturating_sub(SLEEVE_OVERHEAD + if encrypted_any { TAG } else { 0 })
             .max(256);
@@ -640,6 +647,22 @@ impl DataPlane {
     }
 }
 
+/// The peers that sleeve sends broadcast, multicast and unknown-unicast frames to, in order:
+/// those the VXLAN port does not flood to. With a password it floods to no one (such a frame
+/// may be for an untrusted peer's endpoint, and fastdp is unencrypted), so sleeve sends to every
+/// reachable peer, encrypted.
+fn sleeve_flood(
+    reachable: impl Iterator<Item = PeerName>,
+    password: bool,
+    mode_of: &dyn Fn(&PeerName) -> Mode,
+) -> Vec<PeerName> {
+    let mut flood: Vec<PeerName> =
+        reachable.filter(|p| password || mode_of(p) != Mode::Fastdp).collect();
+    flood.sort();
+    flood.dedup();
+    flood
+}
+
 /// Starts the data plane as a subsystem: fed by the mesh's link events, its `macs` channel
 /// and data routes, and the endpoint feed. Returns its report feed.
 pub async fn start(
@@ -692,6 +715,16 @@ mod tests {
         assert_eq!(parse_heartbeat(&f[..20]), None);
         assert_eq!(ack_seq(5, true) >> 63, 1);
         assert_eq!(ack_seq(5, false), 5);
+    }
+
+    #[test]
+    fn with_a_password_floods_go_through_sleeve_to_every_peer() {
+        let peer = |n| PeerName::new(n).expect("peer name");
+        let (fast, slow, relayed) = (peer(3), peer(1), peer(2));
+        let mode_of = |p: &PeerName| if *p == fast { Mode::Fastdp } else { Mode::Sleeve };
+        let reachable = || [fast, relayed, slow].into_iter();
+        assert_eq!(sleeve_flood(reachable(), false, &mode_of), vec![slow, relayed]);
+        assert_eq!(sleeve_flood(reachable(), true, &mode_of), vec![slow, relayed, fast]);
     }
 
     #[test]
