@@ -602,7 +602,7 @@ impl Lab {
         let mut tcpdump = self
             .underlay
             .cmd("tcpdump")
-            .args(["-i", "br0", "--immediate-mode", "-U", "-s", "0", "-w"])
+            .args(["-i", "br0", "--immediate-mode", "-U", "-B", "65536", "-s", "0", "-w"])
             .arg(&file)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
