@@ -234,12 +234,14 @@ pub fn connections(m: &MeshReport, o: &OverlayReport) -> Vec<String> {
     out
 }
 
-/// The overlay of a link: the one in use (with the next hop when relayed) and, when the
-/// link is degraded, why.
+/// The overlay of a link: the one in use (with the next hop when relayed, with the path
+/// MTU sleeve found when direct) and, when the link is degraded, why.
 fn overlay(l: &LinkReport, relayed: &[(String, String)]) -> String {
     let via = relayed.iter().find(|(dst, _)| *dst == l.peer).map(|(_, via)| via);
     let mode = match (l.mode, via) {
         (Mode::Relayed, Some(via)) => format!("relayed via {via}"),
+        (Mode::Relayed, None) => Mode::Relayed.to_string(),
+        (mode, _) if l.path_mtu > 0 => format!("{mode} path-mtu={}", l.path_mtu),
         (mode, _) => mode.to_string(),
     };
     if l.degraded.is_empty() { mode } else { format!("{mode} ({})", l.degraded) }
@@ -301,6 +303,7 @@ mod tests {
             sleeve: "sleeve probing".into(),
             encrypted: false,
             degraded: degraded.into(),
+            path_mtu: 0,
         }
     }
 
@@ -317,7 +320,10 @@ mod tests {
         let o = OverlayReport {
             links: vec![
                 link("a", Mode::Fastdp, ""),
-                link("b", Mode::Sleeve, "fastdp down: no heartbeat acknowledged"),
+                LinkReport {
+                    path_mtu: 720,
+                    ..link("b", Mode::Sleeve, "fastdp down: no heartbeat acknowledged")
+                },
                 link("c", Mode::Relayed, "fastdp down: x; sleeve down: y"),
             ],
             relayed: vec![("c".into(), "a".into()), ("d".into(), "a".into())],
@@ -328,7 +334,7 @@ mod tests {
             lines,
             vec![
                 "-> 10.99.0.2:6783         established  fastdp unencrypted a(na)",
-                "-> 10.99.0.3:6783         established  sleeve (fastdp down: no heartbeat acknowledged) unencrypted b(nb)",
+                "-> 10.99.0.3:6783         established  sleeve path-mtu=720 (fastdp down: no heartbeat acknowledged) unencrypted b(nb)",
                 "-> 10.99.0.4:6783         established  relayed via a (fastdp down: x; sleeve down: y) unencrypted c(nc)",
                 "   d                      relayed      via a",
             ]

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::dataplane::VXLAN_OVERHEAD;
+
 /// Heartbeats are sent this often on each overlay.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 /// An overlay whose full-size heartbeats have not been acknowledged for this long is down.
@@ -87,12 +89,12 @@ impl Probe {
         Probe { started: now, last_full: None, last_small: None, disabled }
     }
 
-    /// A heartbeat of ours was acknowledged; `full` if it had the full frame size.
-    pub fn ack(&mut self, now: Instant, full: bool) {
-        if full {
-            self.last_full = Some(now);
-        } else {
-            self.last_small = Some(now);
+    /// A heartbeat of ours was acknowledged at `at`; `full` if it had the full size (for
+    /// sleeve: the datagram size in use on the link). An older time never replaces a newer.
+    pub fn ack(&mut self, at: Instant, full: bool) {
+        let t = if full { &mut self.last_full } else { &mut self.last_small };
+        if t.is_none_or(|t| t < at) {
+            *t = Some(at);
         }
     }
 
@@ -114,8 +116,17 @@ impl Probe {
                 && now.duration_since(self.started) < GRACE)
     }
 
-    /// A line for `weft status connections`.
-    pub fn describe(&self, name: &str, now: Instant, mtu: u32, port: u16) -> String {
+    /// A line for `weft status connections`. `mtu` is the frame size (without Ethernet
+    /// header) this overlay's full heartbeats carry; `path_mtu` the largest underlay packet
+    /// known to arrive (found by sleeve), if known.
+    pub fn describe(
+        &self,
+        name: &str,
+        now: Instant,
+        mtu: u32,
+        port: u16,
+        path_mtu: Option<u32>,
+    ) -> String {
         if let Some(d) = &self.disabled {
             return format!("{name} off: {d}");
         }
@@ -125,6 +136,11 @@ impl Probe {
         let age =
             |t: Option<Instant>| t.map(|t| format!("{}s ago", now.duration_since(t).as_secs()));
         match (age(self.last_full), Self::recent(self.last_small, now)) {
+            (_, true) if path_mtu.is_some_and(|p| p < mtu + VXLAN_OVERHEAD) => format!(
+                "{name} down: only small heartbeats arrive (the path carries packets of at most {} bytes; {name} needs {})",
+                path_mtu.unwrap_or_default(),
+                mtu + VXLAN_OVERHEAD
+            ),
             (_, true) => format!(
                 "{name} down: only small heartbeats arrive (path MTU below the {}-byte frames?)",
                 mtu + 14
@@ -259,7 +275,20 @@ mod tests {
         l.sleeve.ack(t, true);
         l.evaluate(t);
         assert_eq!(l.mode(), Mode::Sleeve);
-        assert!(l.fastdp.describe("fastdp", t, 1450, 6784).contains("path MTU"));
+        assert!(l.fastdp.describe("fastdp", t, 1450, 6784, None).contains("path MTU"));
+        let why = l.fastdp.describe("fastdp", t, 1450, 6784, Some(720));
+        assert!(why.contains("at most 720 bytes; fastdp needs 1500"), "{why}");
+        // Sleeve keeps confirming (at the smaller datagram size path-MTU discovery found):
+        // the link stays on sleeve, it does not become relayed.
+        let mut t = t;
+        for _ in 0..10 {
+            t += HEARTBEAT;
+            l.fastdp.ack(t, false);
+            l.sleeve.ack(t, true);
+            l.evaluate(t);
+            assert_eq!(l.mode(), Mode::Sleeve);
+        }
+        assert!(l.established(t));
     }
 
     /// The reason shown next to the overlay in use: none while fastdp works or is still
@@ -270,8 +299,8 @@ mod tests {
         let why = |l: &Link, t: Instant| {
             l.degraded(
                 t,
-                &l.fastdp.describe("fastdp", t, 1450, 6784),
-                &l.sleeve.describe("sleeve", t, 1450, 6783),
+                &l.fastdp.describe("fastdp", t, 1450, 6784, None),
+                &l.sleeve.describe("sleeve", t, 1450, 6783, None),
             )
         };
         let mut l = Link::new(t0, None);

@@ -2,16 +2,18 @@
 //! traffic (fastdp, sleeve, or relayed through others), and programs the kernel (VXLAN and
 //! bridge forwarding entries, ARP answers) and the sleeve's forwarding table accordingly. It
 //! learns where remote MACs live from the `macs` gossip channel, publishes this host's own
-//! MACs there, and probes every directly connected peer with heartbeats on both overlays.
+//! MACs there, and probes every directly connected peer with heartbeats on both overlays
+//! (sleeve's heartbeats also find the path MTU, which sizes its datagrams to that peer).
 
 pub mod health;
 pub mod kernel;
 pub mod macs;
+pub mod pmtu;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -22,9 +24,10 @@ use tracing::{debug, info, warn};
 use self::health::{HEARTBEAT, Link, Mode, Overlay};
 use self::kernel::OverlayKernel;
 use self::macs::MacTable;
+use self::pmtu::PathMtu;
 use crate::dataplane::fastdp::{FdbSpec, FrameSocket, HEARTBEAT_ETHERTYPE, Port, VxlanSpec};
-use crate::dataplane::sleeve::codec::{Cipher, HEADER, TAG};
-use crate::dataplane::sleeve::{Hop, Sleeve, SleeveEvent, StatsReport, Table};
+use crate::dataplane::sleeve::codec::Cipher;
+use crate::dataplane::sleeve::{Hop, MIN_DATAGRAM, Sleeve, SleeveEvent, StatsReport, Table};
 use crate::dataplane::{Mac, VXLAN_OVERHEAD, on_blocking_thread};
 use crate::endpoints::record::EndpointFeed;
 use crate::identity::PeerName;
@@ -48,8 +51,15 @@ const REPAIR: Duration = Duration::from_secs(10);
 pub const TAP_MTU: u32 = 65_521;
 /// Full MAC table gossip interval.
 const MACS_ANTI_ENTROPY: Duration = Duration::from_secs(30);
-/// Bytes sleeve adds to a frame: outer IPv4 and UDP, its header (the tag comes on top).
-pub const SLEEVE_OVERHEAD: usize = 20 + 8 + HEADER;
+/// The smallest underlay packet every IPv4 path carries (RFC 791): path-MTU discovery's floor.
+const MIN_PATH_MTU_V4: usize = 576;
+/// The smallest underlay packet every IPv6 path carries (RFC 8200).
+const MIN_PATH_MTU_V6: usize = 1280;
+
+/// Outer IP and UDP header bytes in front of a sleeve datagram to `remote`.
+fn ip_udp_overhead(remote: IpAddr) -> usize {
+    if remote.is_ipv4() { 20 + 8 } else { 40 + 8 }
+}
 
 /// Settings of the data plane.
 #[derive(Clone, Debug)]
@@ -63,7 +73,8 @@ pub struct OverlayConfig {
     pub sleeve_port: u16,
     /// Endpoint (and bridge) MTU.
     pub mtu: u32,
-    /// MTU of the underlay interface (sizes sleeve datagrams).
+    /// MTU of the underlay interface (the largest sleeve datagrams; path-MTU discovery may
+    /// find a smaller size per peer).
     pub underlay_mtu: u32,
     /// Never use fastdp (`--no-fastdp`).
     pub no_fastdp: bool,
@@ -99,6 +110,10 @@ pub struct LinkReport {
     /// neither overlay is.
     #[serde(default)]
     pub degraded: String,
+    /// The largest underlay packet (outer IP header included) that sleeve's path-MTU probes
+    /// got through to the peer recently; 0 while none did.
+    #[serde(default)]
+    pub path_mtu: u32,
 }
 
 /// The data plane's part of the status report.
@@ -118,10 +133,20 @@ pub struct OverlayReport {
 struct PeerLink {
     info: LinkInfo,
     link: Link,
+    /// Sleeve's path-MTU discovery towards this peer, in datagram sizes.
+    pmtu: PathMtu,
     hop: Arc<Hop>,
     peer_mac: Mac,
     /// What the mesh was last told about this link.
     established: bool,
+}
+
+impl PeerLink {
+    /// The largest underlay packet known to reach the peer (sleeve's probes), if any.
+    fn path_mtu(&self, now: Instant) -> Option<u32> {
+        let size = self.pmtu.verified(now)? + ip_udp_overhead(self.info.remote);
+        u32::try_from(size).ok()
+    }
 }
 
 /// The data plane's owner.
@@ -362,11 +387,13 @@ impl DataPlane {
                 let key = |k: &[u8]| (!k.is_empty()).then(|| Cipher::new(k)).flatten();
                 // With a password, sleeve encrypts on trusted links too: it carries the floods
                 // and the relayed frames, which may be for an untrusted peer's endpoint.
+                let pmtu = self.new_path_mtu(info.remote);
                 let hop = Arc::new(Hop {
                     addr: SocketAddr::new(info.remote, info.sleeve_port),
                     send: key(&info.our_key),
                     recv: key(&info.their_key),
                     seq: AtomicU64::new(1),
+                    datagram: AtomicUsize::new(pmtu.size(now)),
                 });
                 if info.encrypt && (hop.send.is_none() || hop.recv.is_none()) {
                     warn!(peer = %info.peer, "encryption required but no sleeve keys were exchanged; not sending data to this peer");
@@ -375,6 +402,7 @@ impl DataPlane {
                 let peer = info.peer;
                 let link = PeerLink {
                     link: Link::new(now, disabled),
+                    pmtu,
                     hop,
                     peer_mac: peer.mac(),
                     info,
@@ -394,10 +422,20 @@ impl DataPlane {
             LinkEvent::Control { peer, msg } => {
                 let Some(l) = self.links.get_mut(&peer) else { return };
                 let Some(proto::overlay_control::Kind::Ack(ack)) = msg.kind else { return };
-                let full = ack.seq >> 63 == 1;
+                let (full, now) = (ack.seq >> 63 == 1, Instant::now());
                 match Overlay::parse(&msg.overlay) {
-                    Some(Overlay::Fastdp) => l.link.fastdp.ack(Instant::now(), full),
-                    Some(Overlay::Sleeve) => l.link.sleeve.ack(Instant::now(), full),
+                    Some(Overlay::Fastdp) => l.link.fastdp.ack(now, full),
+                    Some(Overlay::Sleeve) if full => {
+                        // An agent without path-MTU discovery acknowledges without a size:
+                        // its full heartbeats are the size in use.
+                        let size = match ack.size {
+                            0 => l.pmtu.size(now),
+                            n => n as usize,
+                        };
+                        l.pmtu.ack(size, now);
+                        l.link.sleeve.ack(now, size >= l.pmtu.size(now));
+                    }
+                    Some(Overlay::Sleeve) => l.link.sleeve.ack(now, false),
                     None => {}
                 }
             }
@@ -405,10 +443,10 @@ impl DataPlane {
     }
 
     fn on_input(&mut self, i: Input) {
-        let (from, id, full, overlay) = match i {
-            Input::FastdpHeartbeat { from, id, full } => (from, id, full, Overlay::Fastdp),
-            Input::Sleeve(SleeveEvent::Heartbeat { from, id, full }) => {
-                (from, id, full, Overlay::Sleeve)
+        let (from, id, full, size, overlay) = match i {
+            Input::FastdpHeartbeat { from, id, full } => (from, id, full, 0, Overlay::Fastdp),
+            Input::Sleeve(SleeveEvent::Heartbeat { from, id, full, size }) => {
+                (from, id, full, u32::try_from(size).unwrap_or(u32::MAX), Overlay::Sleeve)
             }
         };
         if self.links.contains_key(&from) {
@@ -416,6 +454,7 @@ impl DataPlane {
                 overlay: overlay.name().into(),
                 kind: Some(proto::overlay_control::Kind::Ack(proto::HeartbeatAck {
                     seq: ack_seq(id, full),
+                    size,
                 })),
             };
             self.mesh.send_overlay(from, msg);
@@ -464,10 +503,20 @@ impl DataPlane {
         }
     }
 
+    /// Path-MTU discovery for a new link to `remote`: from the smallest packet every path
+    /// carries up to the underlay interface's MTU.
+    fn new_path_mtu(&self, remote: IpAddr) -> PathMtu {
+        let overhead = ip_udp_overhead(remote);
+        let floor = if remote.is_ipv4() { MIN_PATH_MTU_V4 } else { MIN_PATH_MTU_V6 };
+        let ceiling = (self.cfg.underlay_mtu as usize).saturating_sub(overhead);
+        PathMtu::new(floor - overhead, ceiling.max(MIN_DATAGRAM))
+    }
+
     fn send_heartbeats(&mut self) {
         self.heartbeat_id = self.heartbeat_id.wrapping_add(1);
         let id = self.heartbeat_id;
-        for (peer, l) in &self.links {
+        let now = Instant::now();
+        for (peer, l) in self.links.iter_mut() {
             if let Some(sock) = self.fastdp.as_ref().filter(|_| l.link.fastdp.disabled.is_none()) {
                 for full in [false, true] {
                     let f = heartbeat_frame(
@@ -483,15 +532,34 @@ impl DataPlane {
                     }
                 }
             }
-            self.sleeve.heartbeat(*peer, id, false);
-            self.sleeve.heartbeat(*peer, id, true);
+            self.sleeve.heartbeat(*peer, id, None);
+            for size in l.pmtu.tick(now) {
+                self.sleeve.heartbeat(*peer, id, Some(size));
+            }
+            let size = l.pmtu.size(now);
+            if l.hop.datagram.swap(size, Ordering::Relaxed) != size {
+                let path_mtu = size + ip_udp_overhead(l.info.remote);
+                info!(%peer, path_mtu, datagram = size, "sleeve datagram size changed");
+            }
         }
     }
 
     fn evaluate(&mut self, now: Instant) {
         for (peer, l) in self.links.iter_mut() {
+            // Sleeve is confirmed by datagrams of the size in use, which may have just changed.
+            if let Some(t) = l.pmtu.confirmed_at(now) {
+                l.link.sleeve.ack(t, true);
+            }
             if let Some(mode) = l.link.evaluate(now) {
-                info!(%peer, ?mode, fastdp = %l.link.fastdp.describe("fastdp", now, self.cfg.mtu, self.cfg.fastdp_port), "overlay switched");
+                let path_mtu = l.path_mtu(now);
+                let fastdp = l.link.fastdp.describe(
+                    "fastdp",
+                    now,
+                    self.cfg.mtu,
+                    self.cfg.fastdp_port,
+                    path_mtu,
+                );
+                info!(%peer, ?mode, %fastdp, "overlay switched");
             }
             let established = l.link.established(now);
             if established != l.established {
@@ -590,17 +658,12 @@ impl DataPlane {
             }
         }
         let flood = sleeve_flood(next_hop.keys().copied(), self.cfg.password, mode_of);
-        let encrypted_any = self.links.values().any(|l| l.hop.send.is_some());
-        let chunk = (self.cfg.underlay_mtu as usize)
-            .saturating_sub(SLEEVE_OVERHEAD + if encrypted_any { TAG } else { 0 })
-            .max(256);
         self.sleeve.set_table(Table {
             me: Some(self.cfg.me),
             macs: remote.iter().map(|(m, p)| (*m, *p)).collect(),
             flood,
             next_hop,
             hops: self.links.iter().map(|(p, l)| (*p, l.hop.clone())).collect(),
-            chunk,
             max_frame: self.cfg.mtu as usize + 14,
         });
     }
@@ -611,9 +674,11 @@ impl DataPlane {
             .links
             .iter()
             .map(|(p, l)| {
-                let (mtu, link) = (self.cfg.mtu, &l.link);
-                let fastdp = link.fastdp.describe("fastdp", now, mtu, self.cfg.fastdp_port);
-                let sleeve = link.sleeve.describe("sleeve", now, mtu, self.cfg.sleeve_port);
+                let (mtu, link, path_mtu) = (self.cfg.mtu, &l.link, l.path_mtu(now));
+                let fastdp =
+                    link.fastdp.describe("fastdp", now, mtu, self.cfg.fastdp_port, path_mtu);
+                // Sleeve adapts its datagrams to the path: the path MTU explains nothing there.
+                let sleeve = link.sleeve.describe("sleeve", now, mtu, self.cfg.sleeve_port, None);
                 LinkReport {
                     peer: p.to_string(),
                     mode: link.mode(),
@@ -621,6 +686,7 @@ impl DataPlane {
                     fastdp,
                     sleeve,
                     encrypted: l.info.encrypt,
+                    path_mtu: path_mtu.unwrap_or(0),
                 }
             })
             .collect();

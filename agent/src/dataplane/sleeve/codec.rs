@@ -377,6 +377,50 @@ pub fn frag_needed(frame: &[u8], mtu: u16) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// An ICMPv6 "packet too big" reply (type 2, code 0, RFC 4443) to an oversize IPv6 frame, as
+/// an Ethernet frame to write back towards its sender; `None` if the frame is not IPv6 or
+/// carries an ICMPv6 error (never answered with an error).
+pub fn packet_too_big(frame: &[u8], mtu: u32) -> Option<Vec<u8>> {
+    let ip = frame.get(14..)?;
+    if frame.get(12..14)? != [0x86, 0xdd] || ip.len() < 40 || ip[0] >> 4 != 6 {
+        return None;
+    }
+    if ip[6] == 58 && ip.get(40).is_none_or(|t| *t < 128) {
+        return None;
+    }
+    // The reply, quote included, must not exceed the minimum IPv6 MTU.
+    let quoted = &ip[..ip.len().min(1280 - 40 - 8)];
+    let (src, dst) = (&ip[24..40], &ip[8..24]); // from the destination back to the sender
+    let mut icmp = vec![2u8, 0, 0, 0];
+    icmp.extend_from_slice(&mtu.to_be_bytes());
+    icmp.extend_from_slice(quoted);
+    let mut pseudo = Vec::with_capacity(40 + icmp.len());
+    pseudo.extend_from_slice(src);
+    pseudo.extend_from_slice(dst);
+    pseudo.extend_from_slice(&(icmp.len() as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, 58]);
+    pseudo.extend_from_slice(&icmp);
+    let c = checksum(&pseudo);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut out = Vec::with_capacity(14 + 40 + icmp.len());
+    out.extend_from_slice(&frame[6..12]); // back to the sender's MAC
+    out.extend_from_slice(&frame[0..6]);
+    out.extend_from_slice(&[0x86, 0xdd]);
+    out.extend_from_slice(&[0x60, 0, 0, 0]);
+    out.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
+    out.extend_from_slice(&[58, 64]);
+    out.extend_from_slice(src);
+    out.extend_from_slice(dst);
+    out.extend_from_slice(&icmp);
+    Some(out)
+}
+
+/// The ICMP error telling the sender of an oversize frame the largest size that crosses:
+/// "fragmentation needed" for IPv4 with DF, "packet too big" for IPv6.
+pub fn too_big(frame: &[u8], mtu: u16) -> Option<Vec<u8>> {
+    frag_needed(frame, mtu).or_else(|| packet_too_big(frame, u32::from(mtu)))
+}
+
 fn checksum(b: &[u8]) -> u16 {
     let mut sum: u32 = 0;
     for c in b.chunks(2) {
@@ -520,5 +564,38 @@ mod tests {
         assert_eq!(checksum(&reply[14..34]), 0, "valid IP header checksum");
         frame[14 + 6] = 0;
         assert!(frag_needed(&frame, 1450).is_none(), "no DF, no reply");
+    }
+
+    #[test]
+    fn packet_too_big_for_oversize_ipv6() {
+        let mut frame = vec![0u8; 14 + 3000];
+        frame[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
+        frame[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
+        frame[12..14].copy_from_slice(&[0x86, 0xdd]);
+        frame[14] = 0x60;
+        frame[14 + 6] = 6; // TCP
+        frame[14 + 8..14 + 24]
+            .copy_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        frame[14 + 24..14 + 40]
+            .copy_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+        let reply = too_big(&frame, 1450).expect("a reply");
+        assert_eq!(reply.len(), 14 + 1280, "capped at the minimum IPv6 MTU");
+        assert_eq!(&reply[0..6], &frame[6..12]);
+        let ip = &reply[14..];
+        assert_eq!(ip[6], 58, "ICMPv6");
+        assert_eq!(&ip[8..24], &frame[14 + 24..14 + 40], "from the unreachable destination");
+        assert_eq!(&ip[24..40], &frame[14 + 8..14 + 24], "to the sender");
+        assert_eq!(&ip[40..42], &[2, 0], "type 2 code 0");
+        assert_eq!(&ip[44..48], &1450u32.to_be_bytes());
+        let mut pseudo = Vec::new();
+        pseudo.extend_from_slice(&ip[8..40]);
+        pseudo.extend_from_slice(&((ip.len() - 40) as u32).to_be_bytes());
+        pseudo.extend_from_slice(&[0, 0, 0, 58]);
+        pseudo.extend_from_slice(&ip[40..]);
+        assert_eq!(checksum(&pseudo), 0, "valid ICMPv6 checksum");
+        // An ICMPv6 error is not answered.
+        frame[14 + 6] = 58;
+        frame[14 + 40] = 1;
+        assert!(too_big(&frame, 1450).is_none());
     }
 }

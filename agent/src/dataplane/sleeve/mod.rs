@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -25,13 +25,14 @@ use tracing::{debug, warn};
 
 use self::codec::{
     Cipher, HEADER, Header, Kind, MAX_HOPS, Reassembly, ReplayWindow, TAG, VNET_HDR, chunk_into,
-    frag_needed,
+    too_big,
 };
 use self::io::{Tap, Udp};
 use super::Mac;
 use crate::identity::PeerName;
 
-/// A next hop: a directly connected peer's sleeve address and the link's keys.
+/// A next hop: a directly connected peer's sleeve address, the link's keys and the size of
+/// the datagrams that reach it.
 #[derive(Debug)]
 pub struct Hop {
     pub addr: SocketAddr,
@@ -40,6 +41,20 @@ pub struct Hop {
     /// Decrypts what this peer sends us (its key, from its Hello).
     pub recv: Option<Cipher>,
     pub seq: AtomicU64,
+    /// Largest datagram (UDP payload: header, chunk and tag) to send on this hop; set by
+    /// the overlay's path-MTU discovery.
+    pub datagram: AtomicUsize,
+}
+
+/// The smallest datagram size a hop is given: room for the header, the tag and a chunk.
+pub const MIN_DATAGRAM: usize = HEADER + TAG + 256;
+
+impl Hop {
+    /// Payload bytes per datagram on this hop.
+    pub fn chunk(&self) -> usize {
+        let tag = if self.send.is_some() { TAG } else { 0 };
+        self.datagram.load(Relaxed).max(MIN_DATAGRAM) - HEADER - tag
+    }
 }
 
 /// Everything the packet threads need to forward, replaced as a whole by the overlay.
@@ -53,18 +68,17 @@ pub struct Table {
     /// Destination peer -> next hop, for every peer sleeve can reach.
     pub next_hop: HashMap<PeerName, PeerName>,
     pub hops: HashMap<PeerName, Arc<Hop>>,
-    /// Payload bytes per datagram (path MTU minus IP, UDP, sleeve header and tag).
-    pub chunk: usize,
     /// Largest frame (Ethernet header included) pods may send; bigger IPv4 DF frames are
-    /// answered with ICMP "fragmentation needed".
+    /// answered with ICMP "fragmentation needed", bigger IPv6 ones with "packet too big".
     pub max_frame: usize,
 }
 
 /// What the packet threads report to the overlay.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SleeveEvent {
-    /// A heartbeat from `from` arrived.
-    Heartbeat { from: PeerName, id: u32, full: bool },
+    /// A heartbeat from `from` arrived; `size` is its datagram's length (a path-MTU probe's
+    /// size, acknowledged to the sender).
+    Heartbeat { from: PeerName, id: u32, full: bool, size: usize },
 }
 
 /// Counters, for status and metrics.
@@ -160,14 +174,16 @@ impl Sleeve {
         self.shared.stats.report()
     }
 
-    /// Sends a heartbeat to a directly connected peer; `full` pads it to the largest datagram.
-    pub fn heartbeat(&self, peer: PeerName, id: u32, full: bool) {
+    /// Sends a heartbeat to a directly connected peer: a small one (`probe` = None) or a
+    /// path-MTU probe padded to a datagram of `probe` bytes (tag included).
+    pub fn heartbeat(&self, peer: PeerName, id: u32, probe: Option<usize>) {
         let table = self.shared.table.load();
         let (Some(me), Some(hop)) = (table.me, table.hops.get(&peer)) else { return };
-        let len = if full { HEADER + table.chunk } else { HEADER + 8 };
+        let tag = if hop.send.is_some() { TAG } else { 0 };
+        let len = probe.map_or(HEADER + 8, |size| size.max(HEADER + 8 + tag) - tag);
         let mut d = vec![0u8; len + TAG];
         let h = Header {
-            kind: if full { Kind::HeartbeatFull } else { Kind::Heartbeat },
+            kind: if probe.is_some() { Kind::HeartbeatFull } else { Kind::Heartbeat },
             ttl: 1,
             hop: me,
             origin: me,
@@ -220,7 +236,7 @@ fn tx_loop(s: &Shared) {
         let frame = &buf[VNET_HDR..n];
         let gso = buf[1] != 0; // gso_type: a super-frame the kernel will segment at the receiver
         if !gso && frame.len() > table.max_frame && table.max_frame > 0 {
-            if let Some(reply) = frag_needed(frame, (table.max_frame - 14) as u16) {
+            if let Some(reply) = too_big(frame, (table.max_frame - 14) as u16) {
                 s.stats.frag_needed.fetch_add(1, Relaxed);
                 let _ = s.tap.write_plain(&reply);
             }
@@ -242,14 +258,13 @@ fn tx_loop(s: &Shared) {
     }
 }
 
-/// Sequence numbers and the hop for sending `chunks` datagrams to `dst`.
-fn reserve(s: &Shared, table: &Table, dst: PeerName, chunks: u64) -> Option<(Arc<Hop>, u64)> {
-    let Some(hop) = table.next_hop.get(&dst).and_then(|h| table.hops.get(h)) else {
+/// The hop for sending to `dst` (counted as dropped if there is none).
+fn next_hop<'t>(s: &Shared, table: &'t Table, dst: PeerName) -> Option<&'t Arc<Hop>> {
+    let hop = table.next_hop.get(&dst).and_then(|h| table.hops.get(h));
+    if hop.is_none() {
         s.stats.dropped_no_route.fetch_add(1, Relaxed);
-        return None;
-    };
-    let first = hop.seq.fetch_add(chunks, Relaxed);
-    Some((hop.clone(), first))
+    }
+    hop
 }
 
 fn counted(s: &Shared, r: std::io::Result<()>, dst: PeerName, bytes: usize) {
@@ -283,9 +298,10 @@ fn send_in_place(
     payload: &mut [u8],
     scratch: &mut Scratch,
 ) {
-    let chunk = table.chunk;
+    let Some(hop) = next_hop(s, table, dst) else { return };
+    let chunk = hop.chunk();
     let n = codec::chunk_count(payload.len(), chunk);
-    let Some((hop, first)) = reserve(s, table, dst, n as u64) else { return };
+    let first = hop.seq.fetch_add(n as u64, Relaxed);
     let mut header = Header {
         kind: Kind::Data,
         ttl: MAX_HOPS,
@@ -353,8 +369,10 @@ fn send_copy(
     payload: &[u8],
     out: &mut Vec<u8>,
 ) {
-    let chunks = codec::chunk_count(payload.len(), table.chunk) as u64;
-    let Some((hop, first)) = reserve(s, table, dst, chunks) else { return };
+    let Some(hop) = next_hop(s, table, dst) else { return };
+    let chunk = hop.chunk();
+    let chunks = codec::chunk_count(payload.len(), chunk) as u64;
+    let first = hop.seq.fetch_add(chunks, Relaxed);
     let header = Header {
         kind: Kind::Data,
         ttl: MAX_HOPS,
@@ -367,7 +385,7 @@ fn send_copy(
         chunks: 0,
     };
     let sealed = hop.send.is_some();
-    let ranges = chunk_into(out, payload, table.chunk, header, first, sealed);
+    let ranges = chunk_into(out, payload, chunk, header, first, sealed);
     if let Some(c) = &hop.send {
         for (i, r) in ranges.iter().enumerate() {
             let slice = &mut out[r.start..r.end + TAG];
@@ -377,7 +395,7 @@ fn send_copy(
             }
         }
     }
-    let segment = HEADER + table.chunk + if sealed { TAG } else { 0 };
+    let segment = HEADER + chunk + if sealed { TAG } else { 0 };
     let per_call = (GSO_MAX_BYTES / segment).clamp(1, GSO_MAX_SEGMENTS) * segment;
     let mut r = Ok(());
     for batch in out.chunks(per_call) {
@@ -442,6 +460,7 @@ fn handle_datagram(
     let bad = || {
         s.stats.dropped_bad.fetch_add(1, Relaxed);
     };
+    let size = d.len();
     let Some(h) = Header::parse(d) else { return bad() };
     let Some(hop) = table.hops.get(&h.hop) else { return bad() };
     let payload_len = match &hop.recv {
@@ -468,6 +487,7 @@ fn handle_datagram(
                     from: h.hop,
                     id: h.frame,
                     full: h.kind == Kind::HeartbeatFull,
+                    size,
                 });
             }
         }
