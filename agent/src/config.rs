@@ -357,8 +357,8 @@ mod tests {
 
     #[test]
     fn kubernetes_mode_flags() {
-        let cfg = validate(&["--kube", "--node-name", "n1", "--kube-namespace", "net"])
-            .expect("valid");
+        let cfg =
+            validate(&["--kube", "--node-name", "n1", "--kube-namespace", "net"]).expect("valid");
         let k = cfg.kube.expect("kube mode");
         assert_eq!((k.node_name.as_str(), k.namespace.as_str()), ("n1", "net"));
         assert_eq!(k.cni_conf_dir, PathBuf::from("/etc/cni/net.d"));

@@ -24,7 +24,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use self::api::{ApiError, NodeInfo};
+use self::api::{ApiError, KubeApi, NodeInfo};
 use self::client::KubeClient;
 use self::reclaim::{Reclaimer, Takeover};
 use crate::dataplane::Dataplane;
@@ -167,6 +167,17 @@ impl Takeover for HubTakeover {
 
 /// How often the reclaim pass (and the check of the CNI file) runs.
 const PASS_EVERY: Duration = Duration::from_secs(5);
+/// How long a deleted Node's agent waits for the heir of its space to confirm.
+const LEAVE_BUDGET: Duration = Duration::from_secs(10);
+
+/// What the agent knows of its own Node.
+#[derive(Debug, Default)]
+struct OwnNode {
+    /// Passes in a row that found it NotFound.
+    missing: u8,
+    /// Its space was handed over because it was deleted.
+    left: bool,
+}
 
 struct NodeTask {
     cfg: KubeConfig,
@@ -188,6 +199,7 @@ impl NodeTask {
         self.write_cni();
         self.register().await;
         let mut reclaimer = Reclaimer::new(self.cfg.node_name.clone(), self.me);
+        let mut own = OwnNode::default();
         let mut every = tokio::time::interval(PASS_EVERY);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut listed = self.listed();
@@ -206,11 +218,52 @@ impl NodeTask {
             }
             listed = self.listed();
             self.write_cni();
+            if self.own_node(&mut own).await {
+                continue; // this Node is gone: not a member of the cluster now
+            }
             match reclaimer.pass(self.api.as_ref(), &self.takeover, &listed, unix_now()).await {
                 Ok(outcomes) => reclaim::log(&outcomes),
                 Err(e) => warn!(error = %e, "node reclaim pass failed; retrying"),
             }
         }
+    }
+
+    /// Follows this agent's own Node. Deleted (NotFound on two passes in a row) while the
+    /// agent still runs (its kubelet stopped, say): the agent hands its address space to a
+    /// reachable peer itself, exactly as `weft reset` does, and removes its registry entry;
+    /// the others could not take it over while the mesh still reaches it. Back again: it
+    /// registers again and asks for space when it needs some. Returns whether the Node is
+    /// gone.
+    async fn own_node(&self, own: &mut OwnNode) -> bool {
+        match self.api.node_exists(&self.cfg.node_name).await {
+            Ok(true) => {
+                own.missing = 0;
+                if own.left {
+                    info!(node = %self.cfg.node_name, "this Node is back; registering again");
+                    own.left = false;
+                    self.register().await;
+                }
+            }
+            Ok(false) => own.missing = own.missing.saturating_add(1),
+            Err(_) => {} // unknown: nothing changes
+        }
+        if own.missing >= 2 && !own.left {
+            warn!(
+                node = %self.cfg.node_name,
+                "this Node was deleted while the agent runs; handing its address space over"
+            );
+            match self.endpoints.leave(LEAVE_BUDGET).await {
+                Ok(heir) => info!(heir = ?heir, "address space handed over"),
+                Err(e) => warn!(error = %e, "handing the address space over failed"),
+            }
+            if let Err(e) =
+                registry::unregister(self.api.as_ref(), &self.cfg.node_name, self.me).await
+            {
+                warn!(error = %e, "cannot remove this Node from the registry");
+            }
+            own.left = true;
+        }
+        own.left
     }
 
     fn listed(&self) -> BTreeSet<String> {

@@ -114,6 +114,21 @@ pub async fn register(api: &dyn KubeApi, node: &str, me: PeerName) -> Result<Reg
     }
 }
 
+/// Removes `node`'s entry if it still names `me` (this agent's Node was deleted and it
+/// handed its space over itself).
+pub async fn unregister(api: &dyn KubeApi, node: &str, me: PeerName) -> Result<(), ApiError> {
+    loop {
+        let mut reg = read(api).await?;
+        if reg.peers.get(node) != Some(&me) {
+            return Ok(());
+        }
+        reg.peers.remove(node);
+        if write(api, &reg).await? == Write::Done {
+            return Ok(());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -152,6 +167,16 @@ mod tests {
             j.await.expect("task").expect("register");
         }
         assert_eq!(read(api.as_ref()).await.expect("read").peers.len(), 10);
+    }
+
+    #[tokio::test]
+    async fn unregister_removes_only_its_own_entry() {
+        let api = FakeApi::default();
+        register(&api, "a", p(1)).await.expect("reg");
+        unregister(&api, "a", p(2)).await.expect("other peer");
+        assert!(read(&api).await.expect("read").peers.contains_key("a"));
+        unregister(&api, "a", p(1)).await.expect("own");
+        assert!(read(&api).await.expect("read").peers.is_empty());
     }
 
     #[tokio::test]
