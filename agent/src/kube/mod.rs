@@ -179,6 +179,37 @@ struct OwnNode {
     left: bool,
 }
 
+/// What to do after a look at the agent's own Node.
+#[derive(Debug, PartialEq, Eq)]
+enum OwnAction {
+    Nothing,
+    /// NotFound twice in a row: hand the space over and unregister.
+    Leave,
+    /// Back after a Leave.
+    Register,
+}
+
+impl OwnNode {
+    /// `exists`: the direct GET's answer, `None` when it failed (which changes nothing).
+    fn step(&mut self, exists: Option<bool>) -> OwnAction {
+        match exists {
+            Some(true) => {
+                self.missing = 0;
+                if std::mem::take(&mut self.left) {
+                    return OwnAction::Register;
+                }
+            }
+            Some(false) => self.missing = self.missing.saturating_add(1),
+            None => {}
+        }
+        if self.missing >= 2 && !self.left {
+            self.left = true;
+            return OwnAction::Leave;
+        }
+        OwnAction::Nothing
+    }
+}
+
 struct NodeTask {
     cfg: KubeConfig,
     api: Arc<KubeClient>,
@@ -235,33 +266,28 @@ impl NodeTask {
     /// registers again and asks for space when it needs some. Returns whether the Node is
     /// gone.
     async fn own_node(&self, own: &mut OwnNode) -> bool {
-        match self.api.node_exists(&self.cfg.node_name).await {
-            Ok(true) => {
-                own.missing = 0;
-                if own.left {
-                    info!(node = %self.cfg.node_name, "this Node is back; registering again");
-                    own.left = false;
-                    self.register().await;
+        let exists = self.api.node_exists(&self.cfg.node_name).await.ok();
+        match own.step(exists) {
+            OwnAction::Nothing => {}
+            OwnAction::Register => {
+                info!(node = %self.cfg.node_name, "this Node is back; registering again");
+                self.register().await;
+            }
+            OwnAction::Leave => {
+                warn!(
+                    node = %self.cfg.node_name,
+                    "this Node was deleted while the agent runs; handing its address space over"
+                );
+                match self.endpoints.leave(LEAVE_BUDGET).await {
+                    Ok(heir) => info!(heir = ?heir, "address space handed over"),
+                    Err(e) => warn!(error = %e, "handing the address space over failed"),
+                }
+                if let Err(e) =
+                    registry::unregister(self.api.as_ref(), &self.cfg.node_name, self.me).await
+                {
+                    warn!(error = %e, "cannot remove this Node from the registry");
                 }
             }
-            Ok(false) => own.missing = own.missing.saturating_add(1),
-            Err(_) => {} // unknown: nothing changes
-        }
-        if own.missing >= 2 && !own.left {
-            warn!(
-                node = %self.cfg.node_name,
-                "this Node was deleted while the agent runs; handing its address space over"
-            );
-            match self.endpoints.leave(LEAVE_BUDGET).await {
-                Ok(heir) => info!(heir = ?heir, "address space handed over"),
-                Err(e) => warn!(error = %e, "handing the address space over failed"),
-            }
-            if let Err(e) =
-                registry::unregister(self.api.as_ref(), &self.cfg.node_name, self.me).await
-            {
-                warn!(error = %e, "cannot remove this Node from the registry");
-            }
-            own.left = true;
         }
         own.left
     }
@@ -364,4 +390,25 @@ fn unix_now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_node_leaves_only_after_two_not_found_and_returns() {
+        let mut own = OwnNode::default();
+        assert_eq!(own.step(Some(true)), OwnAction::Nothing);
+        assert_eq!(own.step(Some(false)), OwnAction::Nothing);
+        assert_eq!(own.step(None), OwnAction::Nothing, "a failed GET is not NotFound");
+        assert_eq!(own.step(Some(true)), OwnAction::Nothing, "back before the second look");
+        assert_eq!(own.step(Some(false)), OwnAction::Nothing);
+        assert_eq!(own.step(Some(false)), OwnAction::Leave);
+        assert!(own.left);
+        assert_eq!(own.step(Some(false)), OwnAction::Nothing, "only once");
+        assert_eq!(own.step(None), OwnAction::Nothing);
+        assert_eq!(own.step(Some(true)), OwnAction::Register);
+        assert_eq!(own.step(Some(true)), OwnAction::Nothing);
+    }
 }
