@@ -274,6 +274,18 @@ impl NodeTask {
                 self.register().await;
             }
             OwnAction::Leave => {
+                // Under the reclaim Lease, so that no survivor takes the same space over at
+                // the same time (it re-reads the registry under the Lease and finds the entry
+                // gone).
+                let held = match lease::acquire(self.api.as_ref(), &self.cfg.node_name, unix_now())
+                    .await
+                {
+                    Ok(Some(held)) => held,
+                    _ => {
+                        own.left = false; // tried again on the next pass
+                        return true;
+                    }
+                };
                 warn!(
                     node = %self.cfg.node_name,
                     "this Node was deleted while the agent runs; handing its address space over"
@@ -286,6 +298,9 @@ impl NodeTask {
                     registry::unregister(self.api.as_ref(), &self.cfg.node_name, self.me).await
                 {
                     warn!(error = %e, "cannot remove this Node from the registry");
+                }
+                if let Err(e) = lease::release(self.api.as_ref(), &held).await {
+                    warn!(error = %e, "cannot release the reclaim Lease; it expires on its own");
                 }
             }
         }
