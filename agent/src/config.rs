@@ -128,6 +128,26 @@ pub struct AgentArgs {
     /// How long to wait for each upstream resolver, in seconds.
     #[arg(long, default_value_t = 5)]
     pub dns_fallback_timeout: u64,
+
+    /// Kubernetes mode: peers from the Node list, the ring agreed through a ConfigMap, the
+    /// CNI configuration written when ready, node reclaim (docs/kubernetes-agent.md). On by
+    /// itself when KUBERNETES_SERVICE_HOST is set; `--kube=false` keeps it off even then.
+    #[arg(long, env = "WEFT_KUBE", num_args = 0..=1, default_missing_value = "true",
+          require_equals = true, value_name = "BOOL")]
+    pub kube: Option<bool>,
+
+    /// This Node's name (Kubernetes mode; the downward API's spec.nodeName).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+
+    /// Namespace of weft's ConfigMaps and Lease (default: the ServiceAccount's, else
+    /// kube-system).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub kube_namespace: Option<String>,
+
+    /// Where Kubernetes mode writes 10-weft.conflist.
+    #[arg(long, env = "WEFT_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
+    pub cni_conf_dir: PathBuf,
 }
 
 /// `--status-addr`: an address, or off.
@@ -164,6 +184,8 @@ pub struct AgentConfig {
     pub mesh: MeshSettings,
     /// `None` with --no-dns.
     pub dns: Option<crate::dns::DnsConfig>,
+    /// `None` outside Kubernetes mode.
+    pub kube: Option<crate::kube::KubeConfig>,
 }
 
 /// Mesh settings after validation.
@@ -194,6 +216,32 @@ fn err(flag: &'static str, message: impl Into<String>) -> ConfigError {
 }
 
 impl AgentArgs {
+    /// Kubernetes mode: asked for, or running in a pod (KUBERNETES_SERVICE_HOST set).
+    fn kube_config(
+        &self,
+        socket: &std::path::Path,
+        mesh_port: u16,
+    ) -> Result<Option<crate::kube::KubeConfig>, ConfigError> {
+        let in_pod = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some_and(|v| !v.is_empty());
+        if !self.kube.unwrap_or(in_pod) {
+            return Ok(None);
+        }
+        let node_name = self.node_name.clone().filter(|n| !n.is_empty()).ok_or_else(|| {
+            err(
+                "node-name",
+                "is required in Kubernetes mode (set NODE_NAME from the downward API's \
+                 spec.nodeName)",
+            )
+        })?;
+        Ok(Some(crate::kube::KubeConfig {
+            node_name,
+            namespace: self.kube_namespace.clone().unwrap_or_else(crate::kube::default_namespace),
+            cni_conf_dir: self.cni_conf_dir.clone(),
+            socket: socket.to_path_buf(),
+            mesh_port,
+        }))
+    }
+
     pub fn validate(&self, socket: PathBuf) -> Result<AgentConfig, ConfigError> {
         let range = self.ipalloc_range;
         if range.trunc() != range {
@@ -263,7 +311,9 @@ impl AgentArgs {
                 "must differ from --port (sleeve uses that UDP port)",
             ));
         }
+        let kube = self.kube_config(&socket, mesh.port)?;
         Ok(AgentConfig {
+            kube,
             socket,
             state_dir: self.state_dir.clone(),
             bridge: self.bridge.clone(),
@@ -284,5 +334,39 @@ impl AgentArgs {
                 upstream_timeout: std::time::Duration::from_secs(self.dns_fallback_timeout.max(1)),
             }),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser, Debug)]
+    struct Args {
+        #[command(flatten)]
+        agent: AgentArgs,
+    }
+
+    fn validate(args: &[&str]) -> Result<AgentConfig, ConfigError> {
+        let parsed = Args::try_parse_from(std::iter::once("weft").chain(args.iter().copied()))
+            .expect("parse");
+        parsed.agent.validate(PathBuf::from("/run/weft/weft.sock"))
+    }
+
+    #[test]
+    fn kubernetes_mode_flags() {
+        let cfg =
+            validate(&["--kube", "--node-name", "n1", "--kube-namespace", "net"]).expect("valid");
+        let k = cfg.kube.expect("kube mode");
+        assert_eq!((k.node_name.as_str(), k.namespace.as_str()), ("n1", "net"));
+        assert_eq!(k.cni_conf_dir, PathBuf::from("/etc/cni/net.d"));
+        assert_eq!(k.socket, PathBuf::from("/run/weft/weft.sock"));
+        assert!(validate(&["--kube=false", "--node-name", "n1"]).expect("valid").kube.is_none());
+        if std::env::var_os("NODE_NAME").is_none() {
+            let e = validate(&["--kube"]).expect_err("no node name");
+            assert!(e.to_string().contains("--node-name"), "{e}");
+        }
     }
 }
