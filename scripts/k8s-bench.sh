@@ -6,7 +6,7 @@
 #   pods    a Deployment of 30 pods: time from `kubectl apply` to all 30 Running, and per pod
 #           creationTimestamp -> container started (median, max)
 # Prints one line per figure; docs/benchmarks.md records them. Needs what tests/k8s/weft.sh needs.
-#   sudo scripts/k8s-bench.sh [ROUNDS]     (default 1 round of each)
+#   sudo scripts/k8s-bench.sh [ROUNDS]     (default 1 round of each; BENCH_CNIS="weft bridge" picks)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 LAB=$ROOT/scripts/k8s-lab.sh
@@ -88,7 +88,7 @@ print('median %.1f s, max %.1f s' % (statistics.median(d), d[-1]))")
 }
 
 for r in $(seq 1 "$ROUNDS"); do
-  for cni in weft bridge; do
+  for cni in ${BENCH_CNIS:-weft bridge}; do
     "$LAB" down >/dev/null 2>&1 || true
     "$LAB" up --nodes $NODES >/dev/null 2>&1 || die "lab up failed"
     eval "$("$LAB" env)"

@@ -24,7 +24,7 @@
 # WEFT_JOURNEY="apply helm upgrade reclaim uninstall" selects phases (each needs the ones before
 # it, except that helm runs alone too). WK8S_KEEP=1 keeps the lab after a failure.
 set -euo pipefail
-ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 LAB=$ROOT/scripts/k8s-lab.sh
 D=${WK8S_DIR:-/var/lib/wk8s}
 APP=weft-journey          # namespace of the test workloads
@@ -357,7 +357,8 @@ spec:
   - name: c
     image: localhost/weft-test:latest
     imagePullPolicy: Never
-    command: ["sh", "-c", "nc -l -p 9000 > /tmp/recv; touch /tmp/ended; sleep 3600"]
+    # busybox nc ends the connection when its stdin ends: give it one that does not
+    command: ["sh", "-c", "sleep 100000 | nc -l -p 9000 > /tmp/recv; touch /tmp/ended; sleep 3600"]
 EOF
   kubectl -n $APP wait --for=condition=Ready pod/stream-server --timeout=60s >/dev/null
   local srv; srv=$(kubectl -n $APP get pod stream-server -o jsonpath='{.status.podIP}')
@@ -552,28 +553,33 @@ phase_uninstall() {
 
 # ---------------------------------------------------------------------------------------------
 
-[ "$(id -u)" = 0 ] || fail "run as root"
-# the lab is one per machine: wait for someone else's run to finish rather than tearing it down
-end=$(( $(date +%s) + ${WEFT_LAB_WAIT:-600} ))
-while ip netns list | grep -q '^wk8s-'; do
-  [ "$(date +%s)" -lt "$end" ] || fail "the lab (netns wk8s-*) is in use; '$LAB down' if it is stale"
-  [ -n "${waited:-}" ] || { echo "the lab is in use (netns wk8s-*): waiting up to ${WEFT_LAB_WAIT:-600} s"; waited=1; }
-  sleep 5
-done
-[ ! -e "$D" ] || "$LAB" down >/dev/null 2>&1 || true
-trap finish EXIT
+main() {
+  [ "$(id -u)" = 0 ] || fail "run as root"
+  # the lab is one per machine: wait for someone else's run to finish rather than tearing it down
+  end=$(( $(date +%s) + ${WEFT_LAB_WAIT:-600} ))
+  while ip netns list | grep -q '^wk8s-'; do
+    [ "$(date +%s)" -lt "$end" ] || fail "the lab (netns wk8s-*) is in use; '$LAB down' if it is stale"
+    [ -n "${waited:-}" ] || { echo "the lab is in use (netns wk8s-*): waiting up to ${WEFT_LAB_WAIT:-600} s"; waited=1; }
+    sleep 5
+  done
+  [ ! -e "$D" ] || "$LAB" down >/dev/null 2>&1 || true
+  trap finish EXIT
 
-step "manifests: chart lint and drift check"
-"$ROOT/scripts/manifests.sh" --check
-step "image"
-"$ROOT/scripts/image.sh"
-step "lab up ($NODES nodes)"
-"$LAB" up --nodes $NODES
-eval "$("$LAB" env)"
-[ "$(kubectl get nodes -o name | wc -l)" = $NODES ] || fail "expected $NODES nodes"
+  step "manifests: chart lint and drift check"
+  "$ROOT/scripts/manifests.sh" --check
+  step "image"
+  "$ROOT/scripts/image.sh"
+  step "lab up ($NODES nodes)"
+  "$LAB" up --nodes $NODES
+  eval "$("$LAB" env)"
+  [ "$(kubectl get nodes -o name | wc -l)" = $NODES ] || fail "expected $NODES nodes"
 
-if want apply; then phase_apply; fi
-if want helm; then phase_helm; fi
-if want upgrade; then phase_upgrade; fi
-if want reclaim; then phase_reclaim; fi
-if want uninstall; then phase_uninstall; fi
+  if want apply; then phase_apply; fi
+  if want helm; then phase_helm; fi
+  if want upgrade; then phase_upgrade; fi
+  if want reclaim; then phase_reclaim; fi
+  if want uninstall; then phase_uninstall; fi
+}
+
+# sourcing the script (for debugging) only defines the functions
+[ "${BASH_SOURCE[0]}" != "$0" ] || main "$@"
