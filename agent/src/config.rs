@@ -128,6 +128,25 @@ pub struct AgentArgs {
     /// How long to wait for each upstream resolver, in seconds.
     #[arg(long, default_value_t = 5)]
     pub dns_fallback_timeout: u64,
+
+    /// Kubernetes mode: peers from the Node list, the ring agreed through a ConfigMap, the
+    /// CNI configuration written when ready, node reclaim (docs/kubernetes-agent.md). On by
+    /// itself when KUBERNETES_SERVICE_HOST is set.
+    #[arg(long, env = "WEFT_KUBE")]
+    pub kube: bool,
+
+    /// This Node's name (Kubernetes mode; the downward API's spec.nodeName).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+
+    /// Namespace of weft's ConfigMaps and Lease (default: the ServiceAccount's, else
+    /// kube-system).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub kube_namespace: Option<String>,
+
+    /// Where Kubernetes mode writes 10-weft.conflist.
+    #[arg(long, env = "WEFT_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
+    pub cni_conf_dir: PathBuf,
 }
 
 /// `--status-addr`: an address, or off.
@@ -164,6 +183,8 @@ pub struct AgentConfig {
     pub mesh: MeshSettings,
     /// `None` with --no-dns.
     pub dns: Option<crate::dns::DnsConfig>,
+    /// `None` outside Kubernetes mode.
+    pub kube: Option<crate::kube::KubeConfig>,
 }
 
 /// Mesh settings after validation.
@@ -194,6 +215,32 @@ fn err(flag: &'static str, message: impl Into<String>) -> ConfigError {
 }
 
 impl AgentArgs {
+    /// Kubernetes mode: asked for, or running in a pod (KUBERNETES_SERVICE_HOST set).
+    fn kube_config(
+        &self,
+        socket: &std::path::Path,
+        mesh_port: u16,
+    ) -> Result<Option<crate::kube::KubeConfig>, ConfigError> {
+        let in_pod = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some_and(|v| !v.is_empty());
+        if !(self.kube || in_pod) {
+            return Ok(None);
+        }
+        let node_name = self.node_name.clone().filter(|n| !n.is_empty()).ok_or_else(|| {
+            err(
+                "node-name",
+                "is required in Kubernetes mode (set NODE_NAME from the downward API's \
+                 spec.nodeName)",
+            )
+        })?;
+        Ok(Some(crate::kube::KubeConfig {
+            node_name,
+            namespace: self.kube_namespace.clone().unwrap_or_else(crate::kube::default_namespace),
+            cni_conf_dir: self.cni_conf_dir.clone(),
+            socket: socket.to_path_buf(),
+            mesh_port,
+        }))
+    }
+
     pub fn validate(&self, socket: PathBuf) -> Result<AgentConfig, ConfigError> {
         let range = self.ipalloc_range;
         if range.trunc() != range {
@@ -263,7 +310,9 @@ impl AgentArgs {
                 "must differ from --port (sleeve uses that UDP port)",
             ));
         }
+        let kube = self.kube_config(&socket, mesh.port)?;
         Ok(AgentConfig {
+            kube,
             socket,
             state_dir: self.state_dir.clone(),
             bridge: self.bridge.clone(),

@@ -99,13 +99,23 @@ pub async fn run(cfg: AgentConfig, log_filter: &str) -> anyhow::Result<()> {
     let mut tasks = Tasks::new(shutdown.clone());
     let metrics = Arc::new(Metrics::new());
     let (mesh, links) = start_mesh(&cfg, &identity, &store, &metrics, &mut tasks).await?;
+    // Kubernetes mode decides the ring's init mode, so it comes before IP allocation.
+    let kube = match cfg.kube.clone() {
+        Some(k) => Some(
+            crate::kube::prepare(k, identity.name, cfg.ipalloc_init.is_some())
+                .await
+                .context("Kubernetes mode")?,
+        ),
+        None => None,
+    };
+    let kube_mode = kube.as_ref().and_then(crate::kube::Prepared::init_mode);
     let (ready_tx, ready) = watch::channel(Readiness::starting("setting up the bridge"));
     let ipam_channel = mesh.channel("ipam");
     let state = endpoints::start(
         store.clone(),
         dp.clone(),
         state_config(&cfg, &identity, mtu),
-        ipam_config(&cfg, &identity, &mesh).await,
+        ipam_config(&cfg, &identity, &mesh, kube_mode).await,
         ipam_channel.sender(),
         ready.clone(),
     )?;
@@ -128,6 +138,9 @@ pub async fn run(cfg: AgentConfig, log_filter: &str) -> anyhow::Result<()> {
     let overlay =
         overlay::start(overlay_config(&cfg, &identity, mtu, underlay_mtu), &hub, links, &mut tasks)
             .await?;
+    if let Some(k) = kube {
+        crate::kube::start(k, dp.clone(), &hub, &mut tasks);
+    }
     let svc = Arc::new(Services { hub, overlay, dns, ready });
     serve(&cfg, svc.clone(), &mut tasks).await?;
     tasks.spawn("signals", watch_signals(shutdown.clone()));
@@ -175,13 +188,18 @@ fn state_config(cfg: &AgentConfig, identity: &Identity, mtu: u32) -> StateConfig
     }
 }
 
-async fn ipam_config(cfg: &AgentConfig, identity: &Identity, mesh: &Mesh) -> IpamConfig {
+async fn ipam_config(
+    cfg: &AgentConfig,
+    identity: &Identity,
+    mesh: &Mesh,
+    kube_mode: Option<InitMode>,
+) -> IpamConfig {
     let ipam = IpamConfig {
         me: identity.name,
         incarnation: incarnation(),
         range: cfg.range,
         default_subnet: cfg.default_subnet,
-        mode: match cfg.ipalloc_init.clone() {
+        mode: match cfg.ipalloc_init.clone().or(kube_mode) {
             Some(mode) => mode,
             // Weave's default: agreement among the peers this one was told about, and itself.
             None => InitMode::Consensus(mesh.targets().await.len() + 1),

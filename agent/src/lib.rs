@@ -19,6 +19,7 @@ pub mod dns;
 pub mod endpoints;
 pub mod identity;
 pub mod ipam;
+pub mod kube;
 pub mod mesh;
 pub mod metrics;
 pub mod overlay;

@@ -63,7 +63,26 @@ async fn run_verb(cli: Cli) -> Result<(), CliError> {
         Command::DnsLookup { name, json } => client::dns_lookup(s, name, json).await,
         Command::Hide { addrs } => client::hide(s, &addrs).await,
         Command::Version { json } => client::version(s, json).await,
+        Command::InstallCni { bin_dir, plugins } => install_cni(&bin_dir, &plugins),
     }
+}
+
+/// `weft install-cni`: reports each plugin installed on stderr (the init step's log).
+fn install_cni(bin_dir: &std::path::Path, plugins: &[String]) -> Result<(), CliError> {
+    use weft::kube::cni;
+    for name in plugins {
+        let src = cni::find_plugin(name).ok_or_else(|| {
+            CliError::Failed(format!(
+                "{name}: not found next to weft, in /usr/local/bin or in /usr/bin"
+            ))
+        })?;
+        let changed = cni::install_plugin(&src, bin_dir, name).map_err(|e| {
+            CliError::Failed(format!("installing {name} into {}: {e}", bin_dir.display()))
+        })?;
+        let what = if changed { "installed" } else { "already up to date" };
+        eprintln!("{name}: {what} in {} (from {})", bin_dir.display(), src.display());
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {

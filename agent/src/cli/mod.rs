@@ -182,6 +182,17 @@ pub enum Command {
     },
     /// Remove the host's addresses from the weft network (all by default).
     Hide { addrs: Vec<AddrRequest> },
+    /// Install CNI plugin binaries into a directory atomically (the init step of the
+    /// Kubernetes DaemonSet): each is looked up next to this `weft`, then in /usr/local/bin
+    /// and /usr/bin, copied to a temporary file in DIR, and renamed into place.
+    InstallCni {
+        /// The host's CNI plugin directory (as mounted, e.g. /host/opt/cni/bin).
+        #[arg(long, default_value = "/opt/cni/bin")]
+        bin_dir: PathBuf,
+        /// Plugins to install.
+        #[arg(default_value = "weft-cni")]
+        plugins: Vec<String>,
+    },
     /// Print the versions of this binary and of the running agent.
     Version {
         #[arg(long)]

@@ -26,6 +26,7 @@ pub enum Op {
     ApplyFirewall,
     FirewallIntact,
     SetSysctl,
+    LoadModule,
     RemoveFirewall,
     UnderlayMtu,
     CheckNetns,
@@ -195,6 +196,10 @@ impl Dataplane for RecordingDataplane {
 
     fn set_sysctl(&self, key: &str, _value: &str) -> Result<(), KernelError> {
         self.record(Op::SetSysctl, key)
+    }
+
+    fn load_module(&self, name: &str) -> Result<(), KernelError> {
+        self.record(Op::LoadModule, name)
     }
 
     fn remove_firewall(&self, name: &str) -> Result<(), KernelError> {

@@ -420,6 +420,10 @@ impl Dataplane for LinuxDataplane {
         Ok(write_sysctl(key, value)?)
     }
 
+    fn load_module(&self, name: &str) -> Result<(), KernelError> {
+        Ok(super::module::load(name)?)
+    }
+
     fn underlay_mtu(&self, exclude: &str) -> Result<Option<u32>, KernelError> {
         block_on(Self::underlay_mtu(exclude.to_owned()))
     }

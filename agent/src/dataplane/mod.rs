@@ -8,6 +8,7 @@
 pub mod fake;
 pub mod fastdp;
 pub mod linux;
+pub mod module;
 pub mod netlink;
 pub mod netns;
 pub mod nft;
@@ -136,6 +137,8 @@ pub trait Dataplane: Send + Sync + 'static {
     fn firewall_intact(&self, table: &nft::Table) -> Result<bool, KernelError>;
     /// Sets a sysctl in the agent's namespace (e.g. net/ipv4/ip_forward).
     fn set_sysctl(&self, key: &str, value: &str) -> Result<(), KernelError>;
+    /// Loads a kernel module (and its dependencies) unless it is loaded or built in.
+    fn load_module(&self, name: &str) -> Result<(), KernelError>;
 
     /// Removes weft's firewall table `name` if it exists (`weft reset`).
     fn remove_firewall(&self, name: &str) -> Result<(), KernelError>;

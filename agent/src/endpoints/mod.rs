@@ -202,6 +202,11 @@ impl Endpoints {
         self.inner.state.call(move |s| s.set_hostname(&id, hostname)).await?
     }
 
+    /// Whether the agent is ready (the bridge, the firewall and the endpoints are in place).
+    pub fn readiness(&self) -> watch::Receiver<Readiness> {
+        self.inner.ready.clone()
+    }
+
     /// Ends the state owner once the calls queued so far are done.
     pub fn stop(&self) {
         self.inner.state.stop();
