@@ -36,6 +36,9 @@ trap 'rm -rf "$R"' EXIT
 mkdir -p "$R/usr/local/bin" "$R/usr/local/lib/weft/cni" "$R/etc" "$R/tmp" "$R/proc" "$R/sys" "$R/dev" \
   "$R/run" "$R/var/lib/weft"
 chmod 1777 "$R/tmp"
+# runtimes give pods' network namespaces as /var/run/netns/...: /var/run is /run, as on the node
+mkdir -p "$R/var"
+ln -s ../run "$R/var/run"
 for b in weft weft-cni; do
   strip -o "$R/usr/local/bin/$b" "$BIN/$b"
 done
