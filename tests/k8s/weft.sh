@@ -505,6 +505,21 @@ EOF
   new_ips=$(kubectl -n $APP get pods -l app=after-reclaim -o jsonpath='{.items[*].status.podIP}')
   in_gone=$(for ip in $new_ips; do covers "[\"$ip-$ip\"]" "$ranges" && echo "$ip"; done || true)
   figure "reclaim: 8 new pods on $owner Running ($new_ips); in $gone's former space: ${in_gone:-none}"
+  # the node's allocator picks its older space first; ask for an address inside the reclaimed
+  # space explicitly, for a network namespace on that node (what weft-cni asks for a pod)
+  local sub agent got
+  sub=$(python3 -c "
+import ipaddress, json, sys
+a, b = json.loads(sys.argv[1])[0].split('-')
+print(next(ipaddress.summarize_address_range(ipaddress.ip_address(a), ipaddress.ip_address(b))))" "$ranges")
+  "$LAB" exec "$owner" ip netns add reclaim-probe
+  agent=$(kubectl -n $SYS get pods -l app.kubernetes.io/name=weft --field-selector spec.nodeName="$owner" -o name)
+  got=$(kubectl -n $SYS exec "$agent" -c weft -- weft attach "net:$sub" --netns /run/netns/reclaim-probe) ||
+    fail "reclaim: $owner cannot give an address in the reclaimed $sub: $got"
+  covers "[\"${got%/*}-${got%/*}\"]" "$ranges" || fail "reclaim: attach in $sub gave $got, outside $ranges"
+  figure "reclaim: $owner hands out ${got} from $gone's former space ($sub)"
+  kubectl -n $SYS exec "$agent" -c weft -- weft detach --netns /run/netns/reclaim-probe >/dev/null
+  "$LAB" exec "$owner" ip netns del reclaim-probe
   # the pods of the deleted node are removed by the pod garbage collector; the Deployment replaces them
   poll "web back to 6 Ready pods" 120 sh -c "[ \"\$(kubectl -n $APP get deploy web -o jsonpath='{.status.readyReplicas}')\" = 6 ]"
   no_duplicate_ips
