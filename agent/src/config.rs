@@ -131,9 +131,10 @@ pub struct AgentArgs {
 
     /// Kubernetes mode: peers from the Node list, the ring agreed through a ConfigMap, the
     /// CNI configuration written when ready, node reclaim (docs/kubernetes-agent.md). On by
-    /// itself when KUBERNETES_SERVICE_HOST is set.
-    #[arg(long, env = "WEFT_KUBE")]
-    pub kube: bool,
+    /// itself when KUBERNETES_SERVICE_HOST is set; `--kube=false` keeps it off even then.
+    #[arg(long, env = "WEFT_KUBE", num_args = 0..=1, default_missing_value = "true",
+          require_equals = true, value_name = "BOOL")]
+    pub kube: Option<bool>,
 
     /// This Node's name (Kubernetes mode; the downward API's spec.nodeName).
     #[arg(long, env = "NODE_NAME")]
@@ -222,7 +223,7 @@ impl AgentArgs {
         mesh_port: u16,
     ) -> Result<Option<crate::kube::KubeConfig>, ConfigError> {
         let in_pod = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some_and(|v| !v.is_empty());
-        if !(self.kube || in_pod) {
+        if !self.kube.unwrap_or(in_pod) {
             return Ok(None);
         }
         let node_name = self.node_name.clone().filter(|n| !n.is_empty()).ok_or_else(|| {
@@ -333,5 +334,39 @@ impl AgentArgs {
                 upstream_timeout: std::time::Duration::from_secs(self.dns_fallback_timeout.max(1)),
             }),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser, Debug)]
+    struct Args {
+        #[command(flatten)]
+        agent: AgentArgs,
+    }
+
+    fn validate(args: &[&str]) -> Result<AgentConfig, ConfigError> {
+        let parsed = Args::try_parse_from(std::iter::once("weft").chain(args.iter().copied()))
+            .expect("parse");
+        parsed.agent.validate(PathBuf::from("/run/weft/weft.sock"))
+    }
+
+    #[test]
+    fn kubernetes_mode_flags() {
+        let cfg = validate(&["--kube", "--node-name", "n1", "--kube-namespace", "net"])
+            .expect("valid");
+        let k = cfg.kube.expect("kube mode");
+        assert_eq!((k.node_name.as_str(), k.namespace.as_str()), ("n1", "net"));
+        assert_eq!(k.cni_conf_dir, PathBuf::from("/etc/cni/net.d"));
+        assert_eq!(k.socket, PathBuf::from("/run/weft/weft.sock"));
+        assert!(validate(&["--kube=false", "--node-name", "n1"]).expect("valid").kube.is_none());
+        if std::env::var_os("NODE_NAME").is_none() {
+            let e = validate(&["--kube"]).expect_err("no node name");
+            assert!(e.to_string().contains("--node-name"), "{e}");
+        }
     }
 }

@@ -26,6 +26,12 @@ pub struct StateLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PodLabels {
+    pub namespace: String,
+    pub pod: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
     pub kind: String,
 }
@@ -62,6 +68,7 @@ pub struct Metrics {
     pub sleeve_datagrams: Family<KindLabel, Counter>,
     pub dns_entries: Gauge,
     pub dns_queries: Family<KindLabel, Counter>,
+    pub pod_addresses: Family<PodLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -105,6 +112,12 @@ impl Metrics {
         );
         let endpoints = Family::<StateLabel, Gauge>::default();
         registry.register("endpoints", "Endpoints on this host, by kind", endpoints.clone());
+        let pod_addresses = Family::<PodLabels, Gauge>::default();
+        registry.register(
+            "pod_addresses",
+            "Addresses held by each Kubernetes pod on this host",
+            pod_addresses.clone(),
+        );
         let gossip = Family::<ChannelDirection, Counter>::default();
         registry.register(
             "gossip_bytes",
@@ -170,6 +183,7 @@ impl Metrics {
             ring_ready,
             ring_mismatches,
             endpoints,
+            pod_addresses,
             gossip,
             connections,
             peers,

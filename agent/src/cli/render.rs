@@ -49,6 +49,7 @@ pub fn status(r: &Report) -> Vec<String> {
         field("IP allocation", format!("{} ({})", r.ipam.ring.state, r.ipam.ring.mode)),
         field("Addresses", format!("{} used, {} free", r.ipam.used, r.ipam.free)),
         field("Endpoints", format!("{} pods, {} attached", r.endpoints.cni, r.endpoints.attached)),
+        field("Kubernetes pods", kube_pods(&r.endpoints.pods)),
         String::new(),
         field("Encryption", if r.mesh.encryption { "enabled" } else { "disabled" }),
         field("Peer discovery", if r.mesh.discovery { "enabled" } else { "disabled" }),
@@ -252,6 +253,19 @@ pub fn targets(targets: &[TargetReport]) -> Vec<String> {
         .iter()
         .map(|t| if t.discovered { format!("{} (discovered)", t.target) } else { t.target.clone() })
         .collect()
+}
+
+/// "N (namespace: n, ...)" for the pods the runtime named, or "none".
+fn kube_pods(pods: &[crate::endpoints::report::PodAddresses]) -> String {
+    if pods.is_empty() {
+        return "none".to_owned();
+    }
+    let mut by_ns: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
+    for p in pods {
+        *by_ns.entry(p.namespace.as_str()).or_default() += 1;
+    }
+    let parts: Vec<String> = by_ns.iter().map(|(ns, n)| format!("{ns}: {n}")).collect();
+    format!("{} ({})", pods.len(), parts.join(", "))
 }
 
 /// `weft ps`: `ID MAC ADDRESS...` like Weave, plus kind and pod.

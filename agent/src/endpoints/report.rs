@@ -38,4 +38,15 @@ pub struct EndpointCounts {
     /// Holders of addresses without an interface (the `Reserve` API).
     #[serde(default)]
     pub reserved: u32,
+    /// The Kubernetes pods among the CNI endpoints, with their addresses.
+    #[serde(default)]
+    pub pods: Vec<PodAddresses>,
+}
+
+/// A Kubernetes pod on this host and the addresses it holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodAddresses {
+    pub namespace: String,
+    pub name: String,
+    pub addresses: Vec<IpNet>,
 }

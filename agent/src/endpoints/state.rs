@@ -18,7 +18,7 @@ use tracing::{info, warn};
 
 use super::error::EndpointError;
 use super::record::{EXPOSE_ID, EndpointRecord, EndpointSummary, Kind, PodRef, Route};
-use super::report::{BridgeReport, EndpointCounts, IpamReport};
+use super::report::{BridgeReport, EndpointCounts, IpamReport, PodAddresses};
 use crate::addr::AddrRequest;
 use crate::dataplane::nft::{OverlayFirewall, Table as NftTable};
 use crate::dataplane::{BridgeSpec, Dataplane, Mac, host_ifname_for};
@@ -799,6 +799,18 @@ impl State {
             cni: count(Kind::Cni),
             attached: count(Kind::Attach),
             reserved: count(Kind::Reservation),
+            pods: self
+                .records
+                .values()
+                .filter(|r| r.kind == Kind::Cni)
+                .filter_map(|r| {
+                    r.pod.as_ref().map(|p| PodAddresses {
+                        namespace: p.namespace.clone(),
+                        name: p.name.clone(),
+                        addresses: r.addresses.clone(),
+                    })
+                })
+                .collect(),
         };
         (self.bridge_report(), self.ipam_report(), counts)
     }

@@ -298,3 +298,26 @@ async fn expose_programs_the_bridge_and_firewall_once_per_change() {
     assert_eq!(r.endpoints.hide(vec![]).await.unwrap(), addrs);
     assert_eq!(r.dp.firewall().unwrap().rule_count(), 2);
 }
+
+#[tokio::test]
+async fn pod_names_reach_the_report() {
+    let r = rig();
+    let mut req = add("c1", "/run/netns/p1");
+    req.reserve.pod = Some(crate::endpoints::record::PodRef {
+        namespace: "shop".into(),
+        name: "web-1".into(),
+        uid: "u1".into(),
+    });
+    let added = r.endpoints.cni_add(req).await.unwrap();
+    r.endpoints.cni_add(add("c2", "/run/netns/p2")).await.unwrap();
+    let (_, _, counts) = r.endpoints.report().await.unwrap();
+    assert_eq!(counts.cni, 2);
+    assert_eq!(
+        counts.pods,
+        vec![crate::endpoints::report::PodAddresses {
+            namespace: "shop".into(),
+            name: "web-1".into(),
+            addresses: added.record.addresses.clone(),
+        }]
+    );
+}

@@ -218,15 +218,21 @@ impl NodeTask {
     }
 
     /// What kube-proxy needs of the kernel: bridged traffic through iptables/nftables.
+    /// The sysctls exist once br_netfilter is there (built in, or loaded by us or the host).
     fn kernel_settings(&self) {
-        if let Err(e) = self.dp.load_module("br_netfilter") {
-            warn!(
-                error = %e,
-                "cannot load br_netfilter (mount the host's /lib/modules, or run `modprobe \
-                 br_netfilter` on the host); Services may not work for pods on one node"
-            );
+        const KEYS: [&str; 2] =
+            ["net/bridge/bridge-nf-call-iptables", "net/bridge/bridge-nf-call-ip6tables"];
+        if self.dp.set_sysctl(KEYS[0], "1").is_err() {
+            if let Err(e) = self.dp.load_module("br_netfilter") {
+                warn!(
+                    error = %e,
+                    "cannot load br_netfilter (mount the host's /lib/modules read-only, or run \
+                     `modprobe br_netfilter` on the host); Services may not work between pods \
+                     of one node"
+                );
+            }
         }
-        for key in ["net/bridge/bridge-nf-call-iptables", "net/bridge/bridge-nf-call-ip6tables"] {
+        for key in KEYS {
             if let Err(e) = self.dp.set_sysctl(key, "1") {
                 warn!(error = %e, key, "cannot set this sysctl; kube-proxy's rules miss bridged traffic");
             }

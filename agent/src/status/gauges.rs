@@ -8,7 +8,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use super::report::Report;
 use crate::ipam::RingState;
 use crate::mesh::report::ConnState;
-use crate::metrics::{ConnectionLabels, KindLabel, Metrics, StateLabel};
+use crate::metrics::{ConnectionLabels, KindLabel, Metrics, PodLabels, StateLabel};
 use crate::overlay::health::Mode;
 
 fn set(f: &Family<StateLabel, Gauge>, state: &str, v: u64) {
@@ -35,6 +35,11 @@ pub fn render(m: &Metrics, report: &Report) -> String {
     m.ring_mismatches.set(i64::try_from(ring.mismatches.len()).unwrap_or(i64::MAX));
     set(&m.endpoints, "cni", u64::from(report.endpoints.cni));
     set(&m.endpoints, "attached", u64::from(report.endpoints.attached));
+    m.pod_addresses.clear();
+    for p in &report.endpoints.pods {
+        let labels = PodLabels { namespace: p.namespace.clone(), pod: p.name.clone() };
+        m.pod_addresses.get_or_create(&labels).set(p.addresses.len() as i64);
+    }
     m.connections.clear();
     for state in ConnState::ALL {
         for (encryption, enc) in [("yes", true), ("no", false)] {
@@ -91,6 +96,21 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("weft_ipam_addresses{state=\"used\"} 0"), "{text}");
+    }
+
+    #[test]
+    fn pods_are_labelled_by_namespace_and_name() {
+        let m = Metrics::new();
+        let mut r = Report::default();
+        r.endpoints.pods = vec![crate::endpoints::report::PodAddresses {
+            namespace: "shop".into(),
+            name: "web-1".into(),
+            addresses: vec!["10.32.0.5/12".parse().expect("net")],
+        }];
+        let text = render(&m, &r);
+        assert!(text.contains("weft_pod_addresses{namespace=\"shop\",pod=\"web-1\"} 1"), "{text}");
+        r.endpoints.pods.clear();
+        assert!(!render(&m, &r).contains("web-1"), "a deleted pod's series goes away");
     }
 
     #[test]
