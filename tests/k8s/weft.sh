@@ -504,6 +504,7 @@ EOF
   local new_ips in_gone
   new_ips=$(kubectl -n $APP get pods -l app=after-reclaim -o jsonpath='{.items[*].status.podIP}')
   in_gone=$(for ip in $new_ips; do covers "[\"$ip-$ip\"]" "$ranges" && echo "$ip"; done || true)
+  in_gone=$(echo $in_gone)
   figure "reclaim: 8 new pods on $owner Running ($new_ips); in $gone's former space: ${in_gone:-none}"
   # the node's allocator picks its older space first; ask for an address inside the reclaimed
   # space explicitly, for a network namespace on that node (what weft-cni asks for a pod)
@@ -579,6 +580,9 @@ main() {
   done
   [ ! -e "$D" ] || "$LAB" down >/dev/null 2>&1 || true
   trap finish EXIT
+  # killed (e.g. by a CI timeout): fail with diagnostics, never report a pass
+  trap 'exit 143' TERM
+  trap 'exit 130' INT
 
   step "manifests: chart lint and drift check"
   "$ROOT/scripts/manifests.sh" --check
