@@ -296,6 +296,10 @@ node_mounts() { # I
     done
     script="$script; mount --bind '$n/root$d' '$d'"
   done
+  # The pods' network namespaces (nsfs mounts the runtime makes under /run/netns) must propagate
+  # into containers that mount /run/netns with HostToContainer (a CNI agent such as weft's): as
+  # on a systemd host, where / is rshared, the mount is a shared one.
+  script="$script; mount --make-shared /run/netns"
   # `ip netns exec` remounted /sys, which drops the cgroup mounts under it: mount the host's
   # cgroup hierarchies again (the same hierarchies, so containers land where the host sees them),
   # and a bpf filesystem of the node's own

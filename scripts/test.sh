@@ -1,7 +1,8 @@
 #!/bin/sh
 # The whole test suite: formatting, lints, unit and property tests, the end-to-end tests in
 # network namespaces with real agents, containerd's CRI and podman, and a real Kubernetes cluster
-# built from source (the first run on a machine compiles it: ~11 min). Installs what it needs.
+# built from source (the first run on a machine compiles it: ~11 min), on which weft is installed with
+# kubectl and helm (tests/k8s/weft.sh). Installs what it needs.
 # Run as root on a Debian/Ubuntu machine:   ./scripts/test.sh
 set -eu
 cd "$(dirname "$0")/.."
@@ -23,4 +24,8 @@ echo "==> IP allocation simulation (long; prints its operation count)"
 cargo test --locked --release -p weft --lib a_hundred_thousand_operations -- --nocapture
 echo "==> Kubernetes lab (a real cluster built from source; the first run on a machine builds it)"
 tests/k8s/smoke.sh
+echo "==> Helm chart: helm lint, and manifests/weft.yaml is the chart's output"
+scripts/manifests.sh --check
+echo "==> Kubernetes journey: weft installed by kubectl and helm on a 3-node cluster (tests/k8s/weft.sh)"
+tests/k8s/weft.sh
 echo "==> all tests passed"
