@@ -312,6 +312,12 @@ impl AgentArgs {
             ));
         }
         let kube = self.kube_config(&socket, mesh.port)?;
+        // A Node's name is what Kubernetes users know a host by (and where the hostname is not
+        // the Node name, the only one that matches `kubectl get nodes`).
+        let nickname = self.nickname.clone().unwrap_or_else(|| match &kube {
+            Some(k) => k.node_name.clone(),
+            None => crate::identity::hostname(),
+        });
         Ok(AgentConfig {
             kube,
             socket,
@@ -323,7 +329,7 @@ impl AgentArgs {
             status_addr: self.status_addr.0,
             mtu: self.mtu,
             name: self.name,
-            nickname: self.nickname.clone().unwrap_or_else(crate::identity::hostname),
+            nickname,
             nft_table: self.nft_table.clone(),
             mesh,
             dns: (!self.no_dns).then(|| crate::dns::DnsConfig {
@@ -363,6 +369,7 @@ mod tests {
         assert_eq!((k.node_name.as_str(), k.namespace.as_str()), ("n1", "net"));
         assert_eq!(k.cni_conf_dir, PathBuf::from("/etc/cni/net.d"));
         assert_eq!(k.socket, PathBuf::from("/run/weft/weft.sock"));
+        assert_eq!(cfg.nickname, "n1", "a Node's agent is known by the Node's name");
         assert!(validate(&["--kube=false", "--node-name", "n1"]).expect("valid").kube.is_none());
         if std::env::var_os("NODE_NAME").is_none() {
             let e = validate(&["--kube"]).expect_err("no node name");
