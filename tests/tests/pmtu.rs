@@ -106,7 +106,9 @@ fn small_path_carries_large_packets(extra: &[&str]) {
         assert!((SMALL_PATH - 20..=SMALL_PATH).contains(&pmtu), "path MTU found: {l}");
         let why = l["degraded"].as_str().unwrap_or_default();
         let text = must(x.weft().args(["status", "connections"]));
-        assert!(text.contains(&format!("sleeve path-mtu={pmtu} (fastdp ")), "{text}");
+        let line = text.lines().find(|l| l.contains(peer.as_str())).unwrap_or_default();
+        assert!(line.contains(" sleeve (fastdp "), "{text}");
+        assert!(line.ends_with(&format!(" path-mtu={pmtu}")), "{text}");
         if !encrypted {
             assert!(why.contains(&format!("at most {pmtu} bytes; fastdp needs 1500")), "{l}");
         }

@@ -221,7 +221,11 @@ pub fn connections(m: &MeshReport, o: &OverlayReport) -> Vec<String> {
                     };
                     let link = o.links.iter().find(|l| l.peer == c.peer);
                     let overlay = link.map_or_else(String::new, |l| overlay(l, &o.relayed));
-                    format!("{overlay} {enc} {}", nick(&c.peer, &c.nickname))
+                    // Last, as Weave printed its `mtu=`: the path MTU sleeve measured.
+                    let mtu = link
+                        .filter(|l| l.path_mtu > 0 && l.mode != Mode::Relayed)
+                        .map_or_else(String::new, |l| format!(" path-mtu={}", l.path_mtu));
+                    format!("{overlay} {enc} {}{mtu}", nick(&c.peer, &c.nickname))
                 }
             };
             format!("{dir} {:<22} {:<12} {info}", c.address, c.state).trim_end().to_owned()
@@ -235,14 +239,12 @@ pub fn connections(m: &MeshReport, o: &OverlayReport) -> Vec<String> {
     out
 }
 
-/// The overlay of a link: the one in use (with the next hop when relayed, with the path
-/// MTU sleeve found when direct) and, when the link is degraded, why.
+/// The overlay of a link: the one in use (with the next hop when relayed) and, when the
+/// link is degraded, why.
 fn overlay(l: &LinkReport, relayed: &[(String, String)]) -> String {
     let via = relayed.iter().find(|(dst, _)| *dst == l.peer).map(|(_, via)| via);
     let mode = match (l.mode, via) {
         (Mode::Relayed, Some(via)) => format!("relayed via {via}"),
-        (Mode::Relayed, None) => Mode::Relayed.to_string(),
-        (mode, _) if l.path_mtu > 0 => format!("{mode} path-mtu={}", l.path_mtu),
         (mode, _) => mode.to_string(),
     };
     if l.degraded.is_empty() { mode } else { format!("{mode} ({})", l.degraded) }
@@ -348,7 +350,7 @@ mod tests {
             lines,
             vec![
                 "-> 10.99.0.2:6783         established  fastdp unencrypted a(na)",
-                "-> 10.99.0.3:6783         established  sleeve path-mtu=720 (fastdp down: no heartbeat acknowledged) unencrypted b(nb)",
+                "-> 10.99.0.3:6783         established  sleeve (fastdp down: no heartbeat acknowledged) unencrypted b(nb) path-mtu=720",
                 "-> 10.99.0.4:6783         established  relayed via a (fastdp down: x; sleeve down: y) unencrypted c(nc)",
                 "   d                      relayed      via a",
             ]
