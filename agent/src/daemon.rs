@@ -224,6 +224,8 @@ fn overlay_config(
         tap,
         fastdp_port: cfg.mesh.fastdp_port,
         sleeve_port: cfg.mesh.port,
+        bind: cfg.mesh.bind,
+        filter_table: overlay::filter_table(&cfg.nft_table),
         mtu,
         underlay_mtu,
         no_fastdp: cfg.mesh.no_fastdp,

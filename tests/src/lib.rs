@@ -433,6 +433,10 @@ impl Drop for Agent {
                 for family in ["inet", "ip"] {
                     let _ = Command::new("nft").args(["delete", "table", family, table]).status();
                 }
+                // The overlay's VXLAN filter (with a password).
+                let filter = format!("{table}-overlay");
+                let _ =
+                    Command::new("nft").args(["delete", "table", "inet", filter.as_str()]).status();
             }
         }
         if std::thread::panicking() {

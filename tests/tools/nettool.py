@@ -7,6 +7,8 @@ they listen, so tests can wait for that line instead of sleeping.
   nettool.py stream IP PORT SECONDS         send continuously for SECONDS; exit 1 on any error (e.g. a reset)
   nettool.py udp-recv PORT TIMEOUT [GROUP]  wait for one datagram (joining multicast GROUP), print it
   nettool.py udp-send IP PORT MESSAGE       send one datagram (broadcast allowed, multicast TTL 4)
+  nettool.py udp-collect PORT STOP TIMEOUT  receive datagrams until one equals STOP; print them all,
+                                            space-separated (a timeout prints what arrived, then TIMEOUT)
 """
 import socket, struct, sys, time
 
@@ -66,6 +68,22 @@ def udp_send(ip, port, message):
     s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 4)
     s.sendto(message.encode(), (ip, port))
 
+def udp_collect(port, stop, timeout):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("", port))
+    s.settimeout(timeout)
+    print("ready", flush=True)
+    seen = []
+    try:
+        while True:
+            data, _ = s.recvfrom(65536)
+            seen.append(data.decode(errors="replace"))
+            if seen[-1] == stop:
+                break
+    except socket.timeout:
+        seen.append("TIMEOUT")
+    print(" ".join(seen), flush=True)
+
 cmd, args = sys.argv[1], sys.argv[2:]
 if cmd == "serve":
     serve(int(args[0]))
@@ -75,6 +93,8 @@ elif cmd == "stream":
     stream(args[0], int(args[1]), float(args[2]))
 elif cmd == "udp-recv":
     udp_recv(int(args[0]), float(args[1]), args[2] if len(args) > 2 else "")
+elif cmd == "udp-collect":
+    udp_collect(int(args[0]), args[1], float(args[2]))
 elif cmd == "udp-send":
     udp_send(args[0], int(args[1]), args[2])
 else:

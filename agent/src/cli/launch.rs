@@ -169,6 +169,7 @@ pub async fn reset(
         dp.teardown_endpoint(link).map_err(kernel)?;
     }
     dp.remove_firewall(nft_table).map_err(kernel)?;
+    dp.remove_firewall(&crate::overlay::filter_table(nft_table)).map_err(kernel)?;
     for file in [crate::store::STATE_FILE, PID_FILE] {
         match std::fs::remove_file(state_dir.join(file)) {
             Ok(()) => {}

@@ -120,6 +120,8 @@ pub enum Match {
     IpDaddr(CmpOp, Ipv4Net),
     /// `oifname [!=] NAME`
     Oifname(CmpOp, String),
+    /// `udp dport PORT` (IPv4 and IPv6)
+    UdpDport(u16),
 }
 
 /// The final statement of a rule.
@@ -236,6 +238,9 @@ fn verdict(v: Verdict) -> Expr {
 }
 
 const PAYLOAD_NETWORK: u32 = 1;
+const PAYLOAD_TRANSPORT: u32 = 2;
+const META_L4PROTO: u32 = 16;
+const IPPROTO_UDP: u8 = 17;
 const META_OIFNAME: u32 = 7;
 const META_NFPROTO: u32 = 15;
 const NFPROTO_IPV4: u8 = 2;
@@ -269,6 +274,12 @@ impl Match {
             Match::IpSaddr(op, net) => prefix_match(12, *op, *net),
             Match::IpDaddr(op, net) => prefix_match(16, *op, *net),
             Match::Oifname(op, n) => vec![meta_load(META_OIFNAME), cmp(*op, &ifname_bytes(n))],
+            Match::UdpDport(port) => vec![
+                meta_load(META_L4PROTO),
+                cmp(CmpOp::Eq, &[IPPROTO_UDP]),
+                payload_load(PAYLOAD_TRANSPORT, 2, 2),
+                cmp(CmpOp::Eq, &port.to_be_bytes()),
+            ],
         }
     }
 }
@@ -670,6 +681,13 @@ mod tests {
         let e = prefix_match(16, CmpOp::Neq, net);
         let names: Vec<&str> = e.iter().map(|e| e.name).collect();
         assert_eq!(names, ["meta", "cmp", "payload", "bitwise", "cmp"], "guarded by nfproto");
+    }
+
+    #[test]
+    fn udp_port_matches_check_the_protocol_first() {
+        let e = Match::UdpDport(6784).exprs();
+        let names: Vec<&str> = e.iter().map(|e| e.name).collect();
+        assert_eq!(names, ["meta", "cmp", "payload", "cmp"]);
     }
 
     #[test]

@@ -1,10 +1,11 @@
 //! The kernel operations of the overlay behind a trait: the VXLAN device, the sleeve's TAP
-//! port on the bridge, and the forwarding entries. [`LinuxOverlay`] does them with netlink
+//! port on the bridge, the forwarding entries, and the table filtering who may send VXLAN. [`LinuxOverlay`] does them with netlink
 //! (`dataplane::fastdp`); tests use a fake. All calls block: async callers use
 //! `spawn_blocking`.
 
 use crate::dataplane::KernelError;
 use crate::dataplane::fastdp::{self, FdbChanges, FdbSpec, VxlanSpec};
+use crate::dataplane::nft::{Family, NftSocket, Table};
 
 /// What the overlay asks of the kernel.
 pub trait OverlayKernel: Send + Sync + 'static {
@@ -14,6 +15,11 @@ pub trait OverlayKernel: Send + Sync + 'static {
     fn attach_port(&self, name: &str, bridge: &str, mtu: u32) -> Result<(), KernelError>;
     /// Makes the forwarding entries match `spec`.
     fn sync_fdb(&self, spec: &FdbSpec) -> Result<FdbChanges, KernelError>;
+    /// Installs or replaces an nftables table of the overlay's own, unless it is already
+    /// there with as many rules (a repair check, so an unchanged table is not rewritten).
+    fn ensure_table(&self, table: &Table, replace: bool) -> Result<(), KernelError>;
+    /// Removes an nftables table of the overlay's if it exists.
+    fn remove_table(&self, family: Family, name: &str) -> Result<(), KernelError>;
 }
 
 impl std::fmt::Debug for dyn OverlayKernel {
@@ -37,5 +43,24 @@ impl OverlayKernel for LinuxOverlay {
 
     fn sync_fdb(&self, spec: &FdbSpec) -> Result<FdbChanges, KernelError> {
         fastdp::sync(spec)
+    }
+
+    fn ensure_table(&self, table: &Table, replace: bool) -> Result<(), KernelError> {
+        let mut sock = NftSocket::open()?;
+        let intact = !replace
+            && sock.table_exists(table.family, &table.name)?
+            && sock.rule_count(table.family, &table.name)? == table.rule_count();
+        if !intact {
+            sock.replace_table(table)?;
+        }
+        Ok(())
+    }
+
+    fn remove_table(&self, family: Family, name: &str) -> Result<(), KernelError> {
+        let mut sock = NftSocket::open()?;
+        if sock.table_exists(family, name)? {
+            sock.delete_table(family, name)?;
+        }
+        Ok(())
     }
 }

@@ -4,7 +4,9 @@
 //! learns where remote MACs live from the `macs` gossip channel, publishes this host's own
 //! MACs there, and probes every directly connected peer with heartbeats on both overlays
 //! (sleeve's heartbeats also find the path MTU, which sizes its datagrams to that peer).
+//! With a password it lets VXLAN in only from the peers fastdp is allowed for ([`filter`]).
 
+pub mod filter;
 pub mod health;
 pub mod kernel;
 pub mod macs;
@@ -21,6 +23,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use self::filter::VxlanFilter;
 use self::health::{HEARTBEAT, Link, Mode, Overlay};
 use self::kernel::OverlayKernel;
 use self::macs::MacTable;
@@ -71,6 +74,10 @@ pub struct OverlayConfig {
     pub tap: String,
     pub fastdp_port: u16,
     pub sleeve_port: u16,
+    /// Address the sleeve socket binds (`--mesh-bind`).
+    pub bind: IpAddr,
+    /// Name of the nftables table (family inet) that limits who may send VXLAN.
+    pub filter_table: String,
     /// Endpoint (and bridge) MTU.
     pub mtu: u32,
     /// MTU of the underlay interface (the largest sleeve datagrams; path-MTU discovery may
@@ -166,6 +173,9 @@ pub struct DataPlane {
     heartbeat_id: u32,
     report: watch::Sender<OverlayReport>,
     last_programmed: Option<(FdbSpec, Vec<(PeerName, Mode)>)>,
+    /// With a password and fastdp: the VXLAN senders to allow, as last asked of the kernel
+    /// (applied by blocking tasks, each of which installs the latest).
+    vxlan_filter: Option<Arc<std::sync::Mutex<VxlanFilter>>>,
 }
 
 impl std::fmt::Debug for DataPlane {
@@ -225,16 +235,11 @@ impl DataPlane {
     > {
         let (inputs_tx, inputs_rx) = mpsc::unbounded_channel();
         let (sleeve_tx, mut sleeve_rx) = mpsc::unbounded_channel();
-        let sleeve = Sleeve::start(
-            &cfg.tap,
-            SocketAddr::from(([0, 0, 0, 0], cfg.sleeve_port)),
-            sleeve_tx,
-        )
-        .map_err(|source| StartError {
-            tap: cfg.tap.clone(),
-            port: cfg.sleeve_port,
-            source,
-        })?;
+        // A specific mesh address is the sleeve's too (peers accept datagrams only from it);
+        // an unspecified one keeps the IPv4 socket sleeve always had.
+        let bind = if cfg.bind.is_unspecified() { IpAddr::from([0, 0, 0, 0]) } else { cfg.bind };
+        let sleeve = Sleeve::start(&cfg.tap, SocketAddr::new(bind, cfg.sleeve_port), sleeve_tx)
+            .map_err(|source| StartError { tap: cfg.tap.clone(), port: cfg.sleeve_port, source })?;
         let fwd = inputs_tx.clone();
         tokio::spawn(async move {
             while let Some(e) = sleeve_rx.recv().await {
@@ -255,6 +260,13 @@ impl DataPlane {
         };
         let (report_tx, report_rx) = watch::channel(OverlayReport::default());
         let channel = mesh.channel("macs");
+        let vxlan_filter = (fastdp.is_some() && cfg.password).then(|| {
+            Arc::new(std::sync::Mutex::new(VxlanFilter {
+                table: cfg.filter_table.clone(),
+                port: cfg.fastdp_port,
+                allowed: BTreeSet::new(),
+            }))
+        });
         let dp = DataPlane {
             macs: MacTable::new(cfg.me),
             routes: mesh.data_routes(),
@@ -271,6 +283,7 @@ impl DataPlane {
             heartbeat_id: 0,
             report: report_tx,
             last_programmed: None,
+            vxlan_filter,
         };
         Ok((report_rx, dp.run(links, inputs_rx, shutdown)))
     }
@@ -283,6 +296,7 @@ impl DataPlane {
         if cfg.no_fastdp {
             return Err("disabled by --no-fastdp".into());
         }
+        Self::start_vxlan_filter(cfg, kernel.clone()).await?;
         let spec = cfg.vxlan_spec();
         let (_, repairs) =
             tokio::task::spawn_blocking(move || on_blocking_thread(|| kernel.ensure_vxlan(&spec)))
@@ -325,6 +339,35 @@ impl DataPlane {
             })
             .map_err(|e| e.to_string())?;
         Ok(sock)
+    }
+
+    /// With a password, lets nobody send VXLAN until peers that may are known (before the
+    /// device exists, so it never takes a frame unfiltered); without, removes the filter a
+    /// previous run with a password left. fastdp does not start if the filter cannot be set.
+    async fn start_vxlan_filter(
+        cfg: &OverlayConfig,
+        kernel: Arc<dyn OverlayKernel>,
+    ) -> Result<(), String> {
+        let (password, name) = (cfg.password, cfg.filter_table.clone());
+        let table =
+            VxlanFilter { table: name.clone(), port: cfg.fastdp_port, ..Default::default() }
+                .table();
+        let result = tokio::task::spawn_blocking(move || {
+            on_blocking_thread(|| match password {
+                true => kernel.ensure_table(&table, true),
+                false => kernel.remove_table(table.family, &name),
+            })
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        match result {
+            Err(e) if password => Err(format!("cannot filter VXLAN senders: {e}")),
+            Err(e) => {
+                warn!(error = %e, table = %cfg.filter_table, "cannot remove the VXLAN filter");
+                Ok(())
+            }
+            Ok(()) => Ok(()),
+        }
     }
 
     async fn run(
@@ -384,20 +427,15 @@ impl DataPlane {
             LinkEvent::Up(info) => {
                 let now = Instant::now();
                 let disabled = self.fastdp_disabled(&info);
-                let key = |k: &[u8]| (!k.is_empty()).then(|| Cipher::new(k)).flatten();
-                // With a password, sleeve encrypts on trusted links too: it carries the floods
-                // and the relayed frames, which may be for an untrusted peer's endpoint.
                 let pmtu = self.new_path_mtu(info.remote);
-                let hop = Arc::new(Hop {
-                    addr: SocketAddr::new(info.remote, info.sleeve_port),
-                    send: key(&info.our_key),
-                    recv: key(&info.their_key),
-                    seq: AtomicU64::new(1),
-                    datagram: AtomicUsize::new(pmtu.size(now)),
-                });
-                if info.encrypt && (hop.send.is_none() || hop.recv.is_none()) {
-                    warn!(peer = %info.peer, "encryption required but no sleeve keys were exchanged; not sending data to this peer");
-                }
+                let Some(hop) = new_hop(&info, self.cfg.password, pmtu.size(now)) else {
+                    warn!(peer = %info.peer, "encryption required but the sleeve keys are missing or invalid; no data-plane link to this peer");
+                    if self.links.remove(&info.peer).is_some() {
+                        self.program();
+                    }
+                    return;
+                };
+                let hop = Arc::new(hop);
                 info!(peer = %info.peer, remote = %info.remote, fastdp = disabled.is_none(), encrypted = info.encrypt, "data-plane link up");
                 let peer = info.peer;
                 let link = PeerLink {
@@ -569,13 +607,19 @@ impl DataPlane {
         }
     }
 
-    /// Puts back the VXLAN device and the TAP port if they were changed or removed.
+    /// Puts back the VXLAN device, the TAP port and the VXLAN filter if they were changed or
+    /// removed.
     async fn repair_devices(&self) {
         let cfg = self.cfg.clone();
         let fastdp_on = self.fastdp.is_some();
         let kernel = self.kernel.clone();
+        let filter = self.vxlan_filter.clone();
         let result = tokio::task::spawn_blocking(move || {
             on_blocking_thread(|| {
+                if let Some(f) = &filter {
+                    let f = f.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    kernel.ensure_table(&f.table(), false)?;
+                }
                 if fastdp_on {
                     let (_, repairs) = kernel.ensure_vxlan(&cfg.vxlan_spec())?;
                     if !repairs.is_empty() {
@@ -627,6 +671,7 @@ impl DataPlane {
         let modes: Vec<(PeerName, Mode)> =
             self.links.iter().map(|(p, l)| (*p, l.link.mode())).collect();
         self.program_sleeve(&remote, &mode_of);
+        self.program_vxlan_filter();
         let unchanged =
             self.last_programmed.as_ref().is_some_and(|(s, m)| *s == spec && *m == modes);
         if !unchanged && self.fastdp.is_some() {
@@ -643,6 +688,36 @@ impl DataPlane {
             self.last_programmed = Some((spec, modes));
         }
         self.publish(now);
+    }
+
+    /// Lets VXLAN in from the linked peers fastdp may be used with (IPv4 underlay only).
+    fn program_vxlan_filter(&self) {
+        let Some(filter) = &self.vxlan_filter else { return };
+        let allowed: BTreeSet<std::net::Ipv4Addr> = self
+            .links
+            .values()
+            .filter(|l| l.link.fastdp.disabled.is_none())
+            .filter_map(|l| match l.info.remote {
+                IpAddr::V4(a) => Some(a),
+                IpAddr::V6(a) => a.to_ipv4_mapped(),
+            })
+            .collect();
+        {
+            let mut f = filter.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if f.allowed == allowed {
+                return;
+            }
+            f.allowed = allowed;
+        }
+        let (filter, kernel) = (filter.clone(), self.kernel.clone());
+        tokio::task::spawn_blocking(move || {
+            // Applied under the lock, so whichever task runs last installs the latest set.
+            let f = filter.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            match on_blocking_thread(|| kernel.ensure_table(&f.table(), true)) {
+                Ok(()) => debug!(allowed = ?f.allowed, "VXLAN senders updated"),
+                Err(e) => warn!(error = %e, "cannot update the VXLAN filter; will retry"),
+            }
+        });
     }
 
     fn program_sleeve(
@@ -665,6 +740,7 @@ impl DataPlane {
             next_hop,
             hops: self.links.iter().map(|(p, l)| (*p, l.hop.clone())).collect(),
             max_frame: self.cfg.mtu as usize + 14,
+            encrypted: self.cfg.password,
         });
     }
 
@@ -711,6 +787,25 @@ impl DataPlane {
             sleeve: self.sleeve.stats(),
         });
     }
+}
+
+/// The sleeve hop for a new link, sending datagrams of `datagram` bytes at first. With a
+/// password every hop is encrypted, trusted ones too (sleeve carries floods and relayed
+/// frames, which may be for an untrusted peer's endpoint): without both keys there is no hop,
+/// never one that would send or accept plaintext.
+fn new_hop(info: &LinkInfo, password: bool, datagram: usize) -> Option<Hop> {
+    let key = |k: &[u8]| (!k.is_empty()).then(|| Cipher::new(k)).flatten();
+    let (send, recv) = (key(&info.our_key), key(&info.their_key));
+    if (password || info.encrypt) && (send.is_none() || recv.is_none()) {
+        return None;
+    }
+    Some(Hop {
+        addr: SocketAddr::new(info.remote, info.sleeve_port),
+        send,
+        recv,
+        seq: AtomicU64::new(1),
+        datagram: AtomicUsize::new(datagram),
+    })
 }
 
 /// The peers that sleeve sends broadcast, multicast and unknown-unicast frames to, in order:
@@ -762,6 +857,11 @@ pub fn derived_mtu(underlay: u32) -> u32 {
     underlay.saturating_sub(VXLAN_OVERHEAD).max(576)
 }
 
+/// The nftables table (family inet) of the VXLAN filter, next to weft's own `table`.
+pub fn filter_table(table: &str) -> String {
+    format!("{table}-overlay")
+}
+
 /// The interface names the data plane uses for a bridge (at most 15 characters).
 pub fn device_names(bridge: &str) -> (String, String) {
     let short: String = bridge.chars().take(12).collect();
@@ -791,6 +891,31 @@ mod tests {
         let reachable = || [fast, relayed, slow].into_iter();
         assert_eq!(sleeve_flood(reachable(), false, &mode_of), vec![slow, relayed]);
         assert_eq!(sleeve_flood(reachable(), true, &mode_of), vec![slow, relayed, fast]);
+    }
+
+    #[test]
+    fn encrypted_links_without_valid_keys_get_no_hop() {
+        let info = |encrypt, our: &[u8], their: &[u8]| LinkInfo {
+            peer: PeerName::new(7).expect("peer name"),
+            conn_uid: 1,
+            remote: IpAddr::from([10, 0, 0, 2]),
+            overlays: vec![],
+            fastdp_port: FASTDP_PORT,
+            sleeve_port: 6783,
+            encrypt,
+            our_key: our.to_vec(),
+            their_key: their.to_vec(),
+        };
+        let key = [7u8; 32];
+        assert!(new_hop(&info(true, &key, &[]), true, 1400).is_none(), "their key missing");
+        assert!(new_hop(&info(true, &[], &key), true, 1400).is_none(), "our key missing");
+        assert!(new_hop(&info(true, &key, &[1, 2, 3]), true, 1400).is_none(), "malformed key");
+        assert!(new_hop(&info(false, &key, &[]), true, 1400).is_none(), "trusted, password set");
+        assert!(new_hop(&info(true, &key, &[]), false, 1400).is_none(), "encrypt without keys");
+        let hop = new_hop(&info(true, &key, &key), true, 1400).expect("both keys");
+        assert!(hop.send.is_some() && hop.recv.is_some());
+        let plain = new_hop(&info(false, &[], &[]), false, 1400).expect("no password");
+        assert!(plain.send.is_none() && plain.recv.is_none());
     }
 
     #[test]

@@ -251,11 +251,29 @@ pub fn chunk_into(
     ranges
 }
 
-/// Frames being put back together, bounded in count and age. Chunks usually arrive in order:
-/// those are appended once to the frame's buffer; only early ones wait aside.
+/// The largest payload (virtio-net header and frame) a sender puts into one frame's chunks: a
+/// TAP read of a 64 KiB segmentation-offload super-frame with its headers.
+pub const MAX_PAYLOAD: usize = 65_535 + VNET_HDR + 64;
+/// The smallest chunk a sender cuts (all but a frame's last chunk have at least this size): a
+/// hop's datagrams are never smaller than the header, the tag and this.
+pub const MIN_CHUNK: usize = 256;
+/// The most chunks a legal frame has.
+pub const MAX_CHUNKS: u16 = MAX_PAYLOAD.div_ceil(MIN_CHUNK) as u16;
+/// What all partial frames together may hold (buffers and early chunks): 512 super-frames.
+pub const MAX_BUFFERED: usize = 32 << 20;
+
+/// Frames being put back together, bounded in count, bytes and age. Chunks usually arrive in
+/// order: those are appended once to the frame's buffer; only early ones wait aside. A frame
+/// can only grow to [`MAX_PAYLOAD`], and a chunk that no legal frame has (too many chunks,
+/// chunks of unequal or too small size) is refused before anything is allocated for it.
 #[derive(Debug)]
 pub struct Reassembly {
     partial: HashMap<(PeerName, u32), Partial>,
+    /// Frames in the order they were started, for expiry and eviction (entries of frames
+    /// that completed or restarted meanwhile are skipped when they come up).
+    order: std::collections::VecDeque<(Instant, (PeerName, u32))>,
+    /// Bytes held by all partial frames (buffer capacity and early chunks).
+    bytes: usize,
     max: usize,
     ttl: Duration,
 }
@@ -264,74 +282,154 @@ pub struct Reassembly {
 struct Partial {
     chunks: u16,
     next: u16,
+    /// The size of every chunk but the last, once one such chunk was seen.
+    chunk_len: Option<usize>,
     buf: Vec<u8>,
     early: std::collections::BTreeMap<u16, Vec<u8>>,
+    /// Payload bytes received (buffer and early chunks).
+    len: usize,
     born: Instant,
+}
+
+impl Partial {
+    fn new(chunks: u16, born: Instant) -> Partial {
+        let (chunk_len, buf, early, len) = (None, Vec::new(), Default::default(), 0);
+        Partial { chunks, next: 0, chunk_len, buf, early, len, born }
+    }
+
+    fn cost(&self) -> usize {
+        self.buf.capacity() + self.early.values().map(Vec::len).sum::<usize>()
+    }
+
+    /// Whether a chunk of `len` bytes at `index` fits this frame's shape.
+    fn fits(&mut self, index: u16, len: usize) -> bool {
+        let last = index + 1 == self.chunks;
+        match self.chunk_len {
+            Some(c) if (last && len > c) || (!last && len != c) => return false,
+            Some(_) => {}
+            None if last => {}
+            None => {
+                // The last chunk may have come first: it must not be longer than the others.
+                let last = self.early.get(&(self.chunks - 1));
+                if last.is_some_and(|d| d.len() > len) {
+                    return false;
+                }
+                self.chunk_len = Some(len);
+            }
+        }
+        self.len + len <= MAX_PAYLOAD
+    }
+}
+
+/// Whether a chunk of `len` bytes, `index` of `chunks`, can belong to a legal frame.
+pub fn legal_chunk(index: u16, chunks: u16, len: usize) -> bool {
+    let full = usize::from(chunks - 1);
+    if chunks > MAX_CHUNKS || len > MAX_PAYLOAD {
+        return false;
+    }
+    if index + 1 == chunks {
+        full * MIN_CHUNK + len <= MAX_PAYLOAD
+    } else {
+        len >= MIN_CHUNK && full * len < MAX_PAYLOAD
+    }
 }
 
 impl Reassembly {
     pub fn new(max: usize, ttl: Duration) -> Reassembly {
-        Reassembly { partial: HashMap::new(), max, ttl }
+        let order = std::collections::VecDeque::new();
+        Reassembly { partial: HashMap::new(), order, bytes: 0, max, ttl }
     }
 
-    fn make_room(&mut self, now: Instant) {
-        if self.partial.len() < self.max {
-            return;
-        }
-        let ttl = self.ttl;
-        self.partial.retain(|_, p| now.duration_since(p.born) < ttl);
-        if self.partial.len() >= self.max {
-            // Still full: drop the oldest (its frame is lost; TCP retransmits).
-            if let Some(k) = self.partial.iter().min_by_key(|(_, p)| p.born).map(|(k, _)| *k) {
-                self.partial.remove(&k);
+    fn remove(&mut self, key: &(PeerName, u32)) -> Option<Partial> {
+        let p = self.partial.remove(key)?;
+        self.bytes -= p.cost();
+        Some(p)
+    }
+
+    /// Drops frames older than the age limit, then the oldest while more than `count` frames
+    /// or `bytes` bytes would be held.
+    fn make_room(&mut self, now: Instant, count: usize, bytes: usize) {
+        while let Some(&(born, key)) = self.order.front() {
+            let live = self.partial.get(&key).is_some_and(|p| p.born == born);
+            let expired = now.duration_since(born) >= self.ttl;
+            let over = self.partial.len() > count || self.bytes > bytes;
+            if live && !expired && !over {
+                break;
+            }
+            self.order.pop_front();
+            if live {
+                self.remove(&key);
             }
         }
+        // Completed frames leave stale entries behind; keep the queue in proportion.
+        if self.order.len() > 2 * self.max.max(self.partial.len()) {
+            let partial = &self.partial;
+            self.order.retain(|(born, key)| partial.get(key).is_some_and(|p| p.born == *born));
+        }
     }
 
-    /// Adds a chunk; returns the whole payload once the last missing chunk arrives.
+    /// Adds a chunk; returns the whole payload once the last missing chunk arrives. A chunk
+    /// that cannot belong to a legal frame is dropped, and so is the frame it claims to be in.
     pub fn add(&mut self, h: &Header, data: &[u8], now: Instant) -> Option<Vec<u8>> {
         if h.chunks == 1 {
-            return Some(data.to_vec());
+            return (data.len() <= MAX_PAYLOAD).then(|| data.to_vec());
         }
         let key = (h.origin, h.frame);
-        if !self.partial.contains_key(&key) {
-            self.make_room(now);
+        if !legal_chunk(h.chunk, h.chunks, data.len()) {
+            self.remove(&key);
+            return None;
         }
-        let p = self.partial.entry(key).or_insert_with(|| Partial {
-            chunks: h.chunks,
-            next: 0,
-            buf: Vec::with_capacity(usize::from(h.chunks) * data.len()),
-            early: std::collections::BTreeMap::new(),
-            born: now,
-        });
-        if p.chunks != h.chunks {
+        if self.partial.get(&key).is_some_and(|p| p.chunks != h.chunks) {
             // A frame id reused with another shape: start over.
-            *p = Partial {
-                chunks: h.chunks,
-                next: 0,
-                buf: Vec::new(),
-                early: std::collections::BTreeMap::new(),
-                born: now,
-            };
+            self.remove(&key);
         }
+        let fresh = !self.partial.contains_key(&key);
+        // Room for what this chunk may take: for a new frame, the buffer for all its chunks.
+        let reserve =
+            if fresh { (usize::from(h.chunks) * data.len()).min(MAX_PAYLOAD) } else { data.len() };
+        let count = if fresh { self.max.saturating_sub(1) } else { self.max };
+        self.make_room(now, count, MAX_BUFFERED.saturating_sub(reserve));
+        if fresh {
+            let mut p = Partial::new(h.chunks, now);
+            p.buf.reserve_exact(reserve);
+            self.bytes += p.cost();
+            self.partial.insert(key, p);
+            self.order.push_back((now, key));
+        }
+        let p = self.partial.get_mut(&key)?;
+        if !p.fits(h.chunk, data.len()) {
+            self.remove(&key);
+            return None;
+        }
+        let before = p.cost();
         if h.chunk == p.next {
             p.buf.extend_from_slice(data);
+            p.len += data.len();
             p.next += 1;
             while let Some(d) = p.early.remove(&p.next) {
                 p.buf.extend_from_slice(&d);
                 p.next += 1;
             }
-        } else if h.chunk > p.next {
-            p.early.entry(h.chunk).or_insert_with(|| data.to_vec());
+        } else if h.chunk > p.next && !p.early.contains_key(&h.chunk) {
+            p.early.insert(h.chunk, data.to_vec());
+            p.len += data.len();
         }
-        if p.next < p.chunks {
+        let (done, after) = (p.next >= p.chunks, p.cost());
+        self.bytes = self.bytes + after - before;
+        if !done {
             return None;
         }
-        self.partial.remove(&key).map(|p| p.buf)
+        self.remove(&key).map(|p| p.buf)
     }
 
+    /// Frames being reassembled.
     pub fn pending(&self) -> usize {
         self.partial.len()
+    }
+
+    /// Bytes the frames being reassembled hold.
+    pub fn buffered(&self) -> usize {
+        self.bytes
     }
 }
 
@@ -505,7 +603,7 @@ mod tests {
     proptest! {
         /// Any frame survives chunking and reassembly in any chunk order.
         #[test]
-        fn chunks_reassemble(payload in proptest::collection::vec(any::<u8>(), 0..20000), chunk in 100usize..2000, seed in any::<u64>()) {
+        fn chunks_reassemble(payload in proptest::collection::vec(any::<u8>(), 0..20000), chunk in MIN_CHUNK..2000, seed in any::<u64>()) {
             let mut buf = Vec::new();
             let ranges = chunk_into(&mut buf, &payload, chunk, hdr(), 10, false);
             let mut order: Vec<usize> = (0..ranges.len()).collect();
@@ -535,14 +633,68 @@ mod tests {
     }
 
     #[test]
-    fn reassembly_is_bounded() {
+    fn reassembly_is_bounded_in_count() {
         let mut r = Reassembly::new(4, Duration::from_millis(100));
         let now = Instant::now();
         for f in 0..100u32 {
             let h = Header { frame: f, chunks: 2, ..hdr() };
-            assert!(r.add(&h, b"x", now).is_none());
+            assert!(r.add(&h, &[0; MIN_CHUNK], now).is_none());
         }
-        assert!(r.pending() <= 4);
+        assert_eq!(r.pending(), 4);
+    }
+
+    /// Issue 16, item 5: no frame larger than the largest legal one is ever buffered for.
+    #[test]
+    fn reassembly_refuses_frames_no_sender_makes() {
+        let mut r = Reassembly::new(4096, Duration::from_millis(500));
+        let now = Instant::now();
+        let chunk = vec![0u8; 1400];
+        let h = Header { chunks: 65535, ..hdr() };
+        assert!(r.add(&h, &chunk, now).is_none());
+        assert_eq!((r.pending(), r.buffered()), (0, 0), "65535 chunks: nothing buffered");
+        // 60 000-byte chunks: two of them already exceed a 64 KiB frame.
+        let h = Header { chunks: 3, ..hdr() };
+        assert!(r.add(&h, &vec![0u8; 60_000], now).is_none());
+        assert_eq!(r.pending(), 0, "oversize chunks");
+        // Tiny chunks would make many small allocations per frame.
+        assert!(r.add(&Header { chunks: 200, ..hdr() }, &[0; 8], now).is_none());
+        assert_eq!(r.pending(), 0, "chunks below the smallest a sender cuts");
+        // A legal frame, then chunks of another size: the frame is dropped.
+        assert!(r.add(&Header { chunks: 3, ..hdr() }, &chunk, now).is_none());
+        assert_eq!(r.pending(), 1);
+        assert!(r.add(&Header { chunk: 1, chunks: 3, ..hdr() }, &chunk[..1000], now).is_none());
+        assert_eq!((r.pending(), r.buffered()), (0, 0), "chunks of unequal size");
+        // The last chunk may be short, not longer than the others.
+        assert!(r.add(&Header { chunk: 1, chunks: 2, ..hdr() }, &chunk, now).is_none());
+        let whole = r.add(&Header { chunks: 2, ..hdr() }, &chunk[..700], now);
+        assert!(whole.is_none(), "a first chunk shorter than the last");
+        assert_eq!(r.pending(), 0);
+    }
+
+    /// Issue 16, item 5: partial frames expire by age on every insert, and all of them
+    /// together never hold more than the byte budget.
+    #[test]
+    fn reassembly_expires_by_age_and_stays_within_its_byte_budget() {
+        let mut r = Reassembly::new(4096, Duration::from_millis(500));
+        let t0 = Instant::now();
+        let chunk = vec![0u8; 1400];
+        for f in 0..10u32 {
+            assert!(r.add(&Header { frame: f, chunks: 40, ..hdr() }, &chunk, t0).is_none());
+        }
+        assert_eq!(r.pending(), 10);
+        let later = t0 + Duration::from_millis(600);
+        assert!(r.add(&Header { frame: 99, chunks: 2, ..hdr() }, &chunk, later).is_none());
+        assert_eq!(r.pending(), 1, "only the new frame is left");
+        assert!(r.buffered() <= 2 * chunk.len());
+        // Many large frames, each missing its last chunk, stay within the budget.
+        let mut peak = 0;
+        for f in 0..4000u32 {
+            let h = Header { frame: 1000 + f, chunks: 46, ..hdr() };
+            assert!(r.add(&h, &chunk, later).is_none());
+            peak = peak.max(r.buffered());
+        }
+        assert!(peak <= MAX_BUFFERED, "peak {peak} bytes");
+        assert!(r.pending() < 4000 && r.pending() > 100, "{} pending", r.pending());
     }
 
     #[test]

@@ -13,7 +13,7 @@ pub mod io;
 
 use std::collections::HashMap;
 use std::io::IoSlice;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
@@ -24,8 +24,8 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use self::codec::{
-    Cipher, HEADER, Header, Kind, MAX_HOPS, Reassembly, ReplayWindow, TAG, VNET_HDR, chunk_into,
-    too_big,
+    Cipher, HEADER, Header, Kind, MAX_HOPS, MAX_PAYLOAD, MIN_CHUNK, Reassembly, ReplayWindow, TAG,
+    chunk_into, too_big,
 };
 use self::io::{Tap, Udp};
 use super::Mac;
@@ -47,7 +47,7 @@ pub struct Hop {
 }
 
 /// The smallest datagram size a hop is given: room for the header, the tag and a chunk.
-pub const MIN_DATAGRAM: usize = HEADER + TAG + 256;
+pub const MIN_DATAGRAM: usize = HEADER + TAG + MIN_CHUNK;
 
 impl Hop {
     /// Payload bytes per datagram on this hop.
@@ -71,6 +71,16 @@ pub struct Table {
     /// Largest frame (Ethernet header included) pods may send; bigger IPv4 DF frames are
     /// answered with ICMP "fragmentation needed", bigger IPv6 ones with "packet too big".
     pub max_frame: usize,
+    /// A password is set: a hop without both keys is never used, in either direction (the
+    /// overlay installs no such hop; this guards the packet threads all the same).
+    pub encrypted: bool,
+}
+
+impl Table {
+    /// The hop to send to `peer` on, if it may be used.
+    fn usable_hop(&self, peer: &PeerName) -> Option<&Arc<Hop>> {
+        self.hops.get(peer).filter(|h| !self.encrypted || (h.send.is_some() && h.recv.is_some()))
+    }
 }
 
 /// What the packet threads report to the overlay.
@@ -138,7 +148,7 @@ pub struct Sleeve {
 }
 
 /// Largest TAP read: a 64 KiB super-frame plus headers.
-const TAP_BUF: usize = 65_535 + VNET_HDR + 64;
+const TAP_BUF: usize = MAX_PAYLOAD;
 /// UDP_SEGMENT sends at most this many bytes (and 64 datagrams) per call.
 const GSO_MAX_BYTES: usize = 65_000;
 const GSO_MAX_SEGMENTS: usize = 64;
@@ -178,7 +188,7 @@ impl Sleeve {
     /// path-MTU probe padded to a datagram of `probe` bytes (tag included).
     pub fn heartbeat(&self, peer: PeerName, id: u32, probe: Option<usize>) {
         let table = self.shared.table.load();
-        let (Some(me), Some(hop)) = (table.me, table.hops.get(&peer)) else { return };
+        let (Some(me), Some(hop)) = (table.me, table.usable_hop(&peer)) else { return };
         let tag = if hop.send.is_some() { TAG } else { 0 };
         let len = probe.map_or(HEADER + 8, |size| size.max(HEADER + 8 + tag) - tag);
         let mut d = vec![0u8; len + TAG];
@@ -228,12 +238,12 @@ fn tx_loop(s: &Shared) {
                 return;
             }
         };
-        if n <= VNET_HDR {
+        if n <= codec::VNET_HDR {
             continue;
         }
         let table = s.table.load();
         let Some(me) = table.me else { continue };
-        let frame = &buf[VNET_HDR..n];
+        let frame = &buf[codec::VNET_HDR..n];
         let gso = buf[1] != 0; // gso_type: a super-frame the kernel will segment at the receiver
         if !gso && frame.len() > table.max_frame && table.max_frame > 0 {
             if let Some(reply) = too_big(frame, (table.max_frame - 14) as u16) {
@@ -260,7 +270,7 @@ fn tx_loop(s: &Shared) {
 
 /// The hop for sending to `dst` (counted as dropped if there is none).
 fn next_hop<'t>(s: &Shared, table: &'t Table, dst: PeerName) -> Option<&'t Arc<Hop>> {
-    let hop = table.next_hop.get(&dst).and_then(|h| table.hops.get(h));
+    let hop = table.next_hop.get(&dst).and_then(|h| table.usable_hop(h));
     if hop.is_none() {
         s.stats.dropped_no_route.fetch_add(1, Relaxed);
     }
@@ -414,7 +424,7 @@ fn rx_loop(s: &Shared, events: &mpsc::UnboundedSender<SleeveEvent>) {
     let mut reassembly = Reassembly::new(4096, Duration::from_millis(500));
     let mut relay_buf = vec![0u8; 65_536];
     loop {
-        let (n, segment, _from) = match s.udp.recv(&mut buf) {
+        let (n, segment, from) = match s.udp.recv(&mut buf) {
             Ok(x) => x,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
@@ -435,7 +445,7 @@ fn rx_loop(s: &Shared, events: &mpsc::UnboundedSender<SleeveEvent>) {
                 relay_buf: &mut relay_buf,
                 now,
             };
-            handle_datagram(s, &table, me, &mut buf[at..end], &mut ctx, events);
+            handle_datagram(s, &table, me, from.ip(), &mut buf[at..end], &mut ctx, events);
             at = end;
         }
     }
@@ -449,35 +459,49 @@ struct RxContext<'a> {
     now: Instant,
 }
 
+/// Checks a received datagram and decrypts it in place: its hop sender must be a peer we
+/// have a link with, it must come from that peer's address, and, on an encrypted hop (every
+/// hop with a password), be authentic and not replayed. Returns the header and the payload
+/// length; `None` for a datagram to drop as bad.
+fn open_datagram(
+    table: &Table,
+    from: IpAddr,
+    d: &mut [u8],
+    windows: &mut HashMap<PeerName, (usize, ReplayWindow)>,
+) -> Option<(Header, usize)> {
+    let h = Header::parse(d)?;
+    let hop = table.hops.get(&h.hop)?;
+    // Only the peer's own address may speak for it (a dual-stack socket reports IPv4
+    // senders as IPv4-mapped IPv6 addresses).
+    if from.to_canonical() != hop.addr.ip().to_canonical() {
+        return None;
+    }
+    let Some(c) = &hop.recv else {
+        return (!table.encrypted).then_some((h, d.len() - HEADER));
+    };
+    let n = c.open(d, h.seq)?;
+    // One window per key: a new connection (new key) starts a new window.
+    let key_id = Arc::as_ptr(hop) as usize;
+    let w = windows.entry(h.hop).or_insert_with(|| (key_id, ReplayWindow::default()));
+    if w.0 != key_id {
+        *w = (key_id, ReplayWindow::default());
+    }
+    w.1.accept(h.seq).then_some((h, n))
+}
+
 fn handle_datagram(
     s: &Shared,
     table: &Table,
     me: PeerName,
+    from: IpAddr,
     d: &mut [u8],
     ctx: &mut RxContext<'_>,
     events: &mpsc::UnboundedSender<SleeveEvent>,
 ) {
-    let bad = || {
-        s.stats.dropped_bad.fetch_add(1, Relaxed);
-    };
     let size = d.len();
-    let Some(h) = Header::parse(d) else { return bad() };
-    let Some(hop) = table.hops.get(&h.hop) else { return bad() };
-    let payload_len = match &hop.recv {
-        Some(c) => {
-            let Some(n) = c.open(d, h.seq) else { return bad() };
-            // One window per key: a new connection (new key) starts a new window.
-            let key_id = Arc::as_ptr(hop) as usize;
-            let w = ctx.windows.entry(h.hop).or_insert_with(|| (key_id, ReplayWindow::default()));
-            if w.0 != key_id {
-                *w = (key_id, ReplayWindow::default());
-            }
-            if !w.1.accept(h.seq) {
-                return bad();
-            }
-            n
-        }
-        None => d.len() - HEADER,
+    let Some((h, payload_len)) = open_datagram(table, from, d, ctx.windows) else {
+        s.stats.dropped_bad.fetch_add(1, Relaxed);
+        return;
     };
     let payload = &d[HEADER..HEADER + payload_len];
     match h.kind {
@@ -493,11 +517,13 @@ fn handle_datagram(
         }
         // A frame in one datagram goes straight to the TAP device, without a copy.
         Kind::Data if h.dst == me && h.chunks == 1 => deliver(s, payload),
-        Kind::Data if h.dst == me => {
-            if let Some(whole) = ctx.reassembly.add(&h, payload, ctx.now) {
-                deliver(s, &whole);
+        Kind::Data if h.dst == me => match ctx.reassembly.add(&h, payload, ctx.now) {
+            Some(whole) => deliver(s, &whole),
+            None if !codec::legal_chunk(h.chunk, h.chunks, payload.len()) => {
+                s.stats.dropped_bad.fetch_add(1, Relaxed);
             }
-        }
+            None => {}
+        },
         Kind::Data => relay(s, table, me, &h, payload, ctx.relay_buf),
     }
 }
@@ -517,7 +543,7 @@ fn relay(s: &Shared, table: &Table, me: PeerName, h: &Header, payload: &[u8], ou
         s.stats.dropped_no_route.fetch_add(1, Relaxed);
         return;
     }
-    let Some(next) = table.next_hop.get(&h.dst).and_then(|n| table.hops.get(n)) else {
+    let Some(next) = table.next_hop.get(&h.dst).and_then(|n| table.usable_hop(n)) else {
         s.stats.dropped_no_route.fetch_add(1, Relaxed);
         return;
     };
@@ -537,5 +563,88 @@ fn relay(s: &Shared, table: &Table, me: PeerName, h: &Header, payload: &[u8], ou
     };
     if s.udp.sock.send_to(&out[..n], next.addr).is_ok() {
         s.stats.relayed.fetch_add(1, Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(n: u64) -> PeerName {
+        PeerName::new(n).expect("peer name")
+    }
+
+    fn hop(addr: &str, key: Option<[u8; 32]>) -> Arc<Hop> {
+        Arc::new(Hop {
+            addr: addr.parse().expect("address"),
+            send: key.and_then(|k| Cipher::new(&k)),
+            recv: key.and_then(|k| Cipher::new(&k)),
+            seq: AtomicU64::new(1),
+            datagram: AtomicUsize::new(1400),
+        })
+    }
+
+    fn table(hop: Arc<Hop>, encrypted: bool) -> Table {
+        let hops = [(peer(2), hop)].into();
+        Table { me: Some(peer(1)), hops, encrypted, ..Table::default() }
+    }
+
+    /// A data datagram from peer 2 to peer 1, sealed with `key` if given.
+    fn datagram(seq: u64, key: Option<[u8; 32]>) -> Vec<u8> {
+        let h = Header {
+            kind: Kind::Data,
+            ttl: MAX_HOPS,
+            hop: peer(2),
+            origin: peer(2),
+            dst: peer(1),
+            seq,
+            frame: 1,
+            chunk: 0,
+            chunks: 1,
+        };
+        let mut d = vec![0u8; HEADER + 20 + TAG];
+        h.write(&mut d);
+        let n = match key.and_then(|k| Cipher::new(&k)) {
+            Some(c) => c.seal(&mut d, HEADER + 20, seq).expect("sealed"),
+            None => HEADER + 20,
+        };
+        d.truncate(n);
+        d
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("address")
+    }
+
+    /// Issue 16, item 2: a datagram is accepted only from the address of the hop it claims.
+    #[test]
+    fn datagrams_are_accepted_only_from_the_claimed_hops_address() {
+        let t = table(hop("10.0.0.2:6783", None), false);
+        let mut w = HashMap::new();
+        let forged = open_datagram(&t, ip("10.0.0.99"), &mut datagram(5, None), &mut w);
+        assert_eq!(forged, None, "another address claiming peer 2");
+        let (h, n) = open_datagram(&t, ip("10.0.0.2"), &mut datagram(6, None), &mut w)
+            .expect("from peer 2's address");
+        assert_eq!((h.hop, n), (peer(2), 20));
+        let mapped = open_datagram(&t, ip("::ffff:10.0.0.2"), &mut datagram(7, None), &mut w);
+        assert!(mapped.is_some(), "an IPv4-mapped sender is that IPv4 address");
+        // The address check comes before (and besides) authentication.
+        let key = Some([3u8; 32]);
+        let t = table(hop("10.0.0.2:6783", key), true);
+        let forged = open_datagram(&t, ip("10.0.0.99"), &mut datagram(8, key), &mut w);
+        assert_eq!(forged, None, "a sealed datagram replayed from elsewhere");
+        assert!(open_datagram(&t, ip("10.0.0.2"), &mut datagram(9, key), &mut w).is_some());
+    }
+
+    /// Issue 16, item 13: with a password, a hop without keys neither accepts nor sends.
+    #[test]
+    fn with_a_password_a_hop_without_keys_is_never_used() {
+        let t = table(hop("10.0.0.2:6783", None), true);
+        let mut w = HashMap::new();
+        let plain = open_datagram(&t, ip("10.0.0.2"), &mut datagram(1, None), &mut w);
+        assert_eq!(plain, None, "plaintext accepted with a password");
+        assert!(t.usable_hop(&peer(2)).is_none(), "plaintext would be sent");
+        let open = table(hop("10.0.0.2:6783", None), false);
+        assert!(open.usable_hop(&peer(2)).is_some(), "without a password the hop is used");
     }
 }
