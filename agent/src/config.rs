@@ -338,6 +338,7 @@ impl AgentArgs {
                 listen: self.dns_listen.clone(),
                 resolv_conf: self.resolv_conf.clone(),
                 upstream_timeout: std::time::Duration::from_secs(self.dns_fallback_timeout.max(1)),
+                clients: vec![range, default_subnet],
             }),
         })
     }

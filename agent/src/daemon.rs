@@ -15,6 +15,7 @@ use tracing::{error, info, warn};
 use crate::config::AgentConfig;
 use crate::dataplane::Dataplane;
 use crate::dataplane::linux::LinuxDataplane;
+use crate::dataplane::nft::L4;
 use crate::endpoints::error::EndpointError;
 use crate::endpoints::state::StateConfig;
 use crate::endpoints::{self, Endpoints, Readiness};
@@ -185,6 +186,12 @@ fn state_config(cfg: &AgentConfig, identity: &Identity, mtu: u32) -> StateConfig
         bridge_mac: identity.name.mac(),
         mtu,
         firewall_table: cfg.nft_table.clone(),
+        // Pods must not join the mesh or inject overlay traffic through their gateway.
+        guarded_ports: vec![
+            (L4::Tcp, cfg.mesh.port),
+            (L4::Udp, cfg.mesh.port),
+            (L4::Udp, cfg.mesh.fastdp_port),
+        ],
     }
 }
 

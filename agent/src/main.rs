@@ -85,13 +85,24 @@ fn install_cni(bin_dir: &std::path::Path, plugins: &[String]) -> Result<(), CliE
     Ok(())
 }
 
+/// Before any thread exists (capabilities are per thread): more file descriptors, fewer
+/// privileges (see `weft::harden`).
+fn harden(kube: bool) -> anyhow::Result<()> {
+    if let Err(e) = weft::harden::raise_fd_limit() {
+        eprintln!("weft agent: cannot raise the file descriptor limit: {e}");
+    }
+    weft::harden::restrict_capabilities(weft::harden::agent_capabilities(kube))?;
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Command::Agent(args) = &cli.command {
-        let result = args
-            .validate(cli.socket.clone())
-            .map_err(anyhow::Error::from)
-            .and_then(|cfg| runtime()?.block_on(weft::daemon::run(cfg, &args.log_level)));
+        let result =
+            args.validate(cli.socket.clone()).map_err(anyhow::Error::from).and_then(|cfg| {
+                harden(cfg.kube.is_some())?;
+                runtime()?.block_on(weft::daemon::run(cfg, &args.log_level))
+            });
         return match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -343,11 +343,28 @@ impl Endpoints {
         let id_owned = id.to_owned();
         let rec = self.inner.state.call(move |s| s.record(&id_owned)).await?;
         // The interface name is derived from the id, so an interface left over by a crash is
-        // found even when no record exists.
-        let host_ifname =
-            rec.as_ref().map(|r| r.host_ifname.clone()).unwrap_or_else(|| host_ifname_for(id));
-        let dp = self.inner.dp.clone();
-        blocking(move || dp.teardown_endpoint(&host_ifname)).await?;
+        // found even when no record exists. Without a record the name is only a 48-bit hash
+        // of a caller-chosen id: never remove an interface another endpoint owns.
+        let host_ifname = match &rec {
+            Some(r) => Some(r.host_ifname.clone()),
+            None => {
+                let name = host_ifname_for(id);
+                let probe = name.clone();
+                let owned = self
+                    .inner
+                    .state
+                    .call(move |s| s.records().iter().any(|r| r.host_ifname == probe))
+                    .await?;
+                if owned {
+                    warn!(endpoint = %id, interface = %name, "DEL of an unknown endpoint names another endpoint's interface; leaving it");
+                }
+                (!owned).then_some(name)
+            }
+        };
+        if let Some(host_ifname) = host_ifname {
+            let dp = self.inner.dp.clone();
+            blocking(move || dp.teardown_endpoint(&host_ifname)).await?;
+        }
         let id_owned = id.to_owned();
         let removed = self.inner.state.call(move |s| s.remove(&id_owned)).await??;
         Ok(removed.is_some())
@@ -527,11 +544,20 @@ impl Endpoints {
         let records = self.list().await?;
         for rec in records.iter().filter(|r| r.netns.is_some()) {
             let netns = rec.netns.clone().unwrap_or_default();
-            if self.inner.dp.check_netns(&netns).is_err() {
-                info!(endpoint = %rec.id, netns = %netns.display(), "namespace is gone; releasing the endpoint");
-                let _guard = self.inner.locks.lock(&rec.id).await;
-                self.discard(&rec.id, &rec.host_ifname).await;
-                continue;
+            match self.inner.dp.check_netns(&netns) {
+                Ok(()) => {}
+                Err(e) if e.netns_gone() => {
+                    info!(endpoint = %rec.id, netns = %netns.display(), "namespace is gone; releasing the endpoint");
+                    let _guard = self.inner.locks.lock(&rec.id).await;
+                    self.discard(&rec.id, &rec.host_ifname).await;
+                    continue;
+                }
+                // Out of file descriptors or memory says nothing about the pod: keep it and
+                // look again next time.
+                Err(e) => {
+                    warn!(endpoint = %rec.id, error = %e, "cannot check the namespace; keeping the endpoint");
+                    continue;
+                }
             }
             let Some(spec) = rec.spec(&self.inner.bridge) else { continue };
             let dp = self.inner.dp.clone();
