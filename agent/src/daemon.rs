@@ -45,6 +45,22 @@ fn init_logging(filter: &str) {
         .try_init();
 }
 
+/// Creates `dir` (and its parents) with mode 0700: the state file holds the peer's identity
+/// and every endpoint. An existing directory is left as it is, with a warning if others can
+/// enter it (it may be shared on purpose, e.g. a mount).
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if let Ok(m) = std::fs::metadata(dir) {
+        if m.is_dir() && m.permissions().mode() & 0o077 != 0 {
+            warn!(dir = %dir.display(), mode = format!("{:o}", m.permissions().mode() & 0o7777), "the state directory is open to other users; 0700 is expected");
+        }
+        if m.is_dir() {
+            return Ok(());
+        }
+    }
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+}
+
 /// Binds the API socket, refusing to steal it from a running agent.
 async fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
     if let Some(dir) = path.parent() {
@@ -87,6 +103,9 @@ fn mtus(cfg: &AgentConfig, dp: &dyn Dataplane) -> (u32, u32) {
 /// Runs the agent until it is asked to stop.
 pub async fn run(cfg: AgentConfig, log_filter: &str) -> anyhow::Result<()> {
     init_logging(log_filter);
+    for w in &cfg.warnings {
+        warn!("{w}");
+    }
     let store = open_store(&cfg)?;
     let identity = load_identity(&cfg, &store)?;
     let dp: Arc<dyn Dataplane> = Arc::new(LinuxDataplane);
@@ -166,7 +185,7 @@ pub async fn run(cfg: AgentConfig, log_filter: &str) -> anyhow::Result<()> {
 }
 
 fn open_store(cfg: &AgentConfig) -> anyhow::Result<Arc<Store>> {
-    std::fs::create_dir_all(&cfg.state_dir)
+    create_private_dir(&cfg.state_dir)
         .with_context(|| format!("creating --state-dir {}", cfg.state_dir.display()))?;
     Ok(Arc::new(Store::open(&cfg.state_dir)?))
 }
@@ -360,7 +379,7 @@ async fn bring_up(
     info!("weft agent ready");
 
     let mut fast = tokio::time::interval(Duration::from_secs(5));
-    let mut slow = tokio::time::interval(Duration::from_secs(60));
+    let mut slow = tokio::time::interval(cfg.reconcile_interval);
     fast.tick().await;
     slow.tick().await;
     loop {

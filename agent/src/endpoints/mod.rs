@@ -6,6 +6,7 @@
 
 pub mod error;
 pub mod ipam;
+pub mod queue;
 pub mod record;
 pub mod report;
 pub mod state;
@@ -596,28 +597,32 @@ impl Endpoints {
         self.inner.state.call(|s| s.program_bridge(false)).await?
     }
 
-    /// Carries out DEL requests that `weft-cni` queued while the agent was down.
+    /// Carries out DEL requests that `weft-cni` queued while the agent was down. The queue
+    /// is read on the blocking pool (see [`queue`] for what is refused).
     pub async fn drain_del_queue(&self, dir: &Path) -> usize {
-        let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+        let d = dir.to_owned();
+        let read = match tokio::task::spawn_blocking(move || queue::read_all(&d)).await {
+            Ok(Ok(read)) => read,
+            Ok(Err(e)) => {
+                warn!(error = %e, "the DEL queue is not usable");
+                return 0;
+            }
+            Err(_) => return 0,
+        };
         let mut done = 0;
-        let files: Vec<PathBuf> = entries
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|x| x == "del"))
-            .collect();
-        for path in files {
-            let parsed = std::fs::read(&path).ok().and_then(|b| {
-                <weft_api::v1::CniDelRequest as prost::Message>::decode(b.as_slice()).ok()
-            });
-            let Some(req) = parsed else {
-                warn!(file = %path.display(), "unreadable queued DEL; removing it");
-                let _ = std::fs::remove_file(&path);
-                continue;
+        for (path, parsed) in read {
+            let req = match parsed {
+                Ok(req) => req,
+                Err(e) => {
+                    warn!(error = %e, "unusable queued DEL; removing it");
+                    let _ = tokio::fs::remove_file(&path).await;
+                    continue;
+                }
             };
             match self.cni_del(&req.container_id, &req.ifname).await {
                 Ok(found) => {
                     info!(container = %req.container_id, ifname = %req.ifname, found, "queued DEL carried out");
-                    let _ = std::fs::remove_file(&path);
+                    let _ = tokio::fs::remove_file(&path).await;
                     done += 1;
                 }
                 Err(e) => {
