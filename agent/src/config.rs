@@ -259,7 +259,7 @@ impl AgentArgs {
     /// Kubernetes mode: asked for, or running in a pod (KUBERNETES_SERVICE_HOST set).
     fn kube_config(
         &self,
-        socket: &std::path::Path,
+        socket: &Path,
         mesh_port: u16,
     ) -> Result<Option<crate::kube::KubeConfig>, ConfigError> {
         let in_pod = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some_and(|v| !v.is_empty());

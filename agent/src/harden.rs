@@ -101,7 +101,7 @@ pub fn restrict_capabilities(keep: u64) -> Result<(), HardenError> {
     let mut data = [CapData::default(); 2];
     // SAFETY: header and two data structs, as capget(2) requires for version 3.
     sys("capget", unsafe {
-        libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) as libc::c_int
+        libc::syscall(libc::SYS_capget, &raw mut header, data.as_mut_ptr()) as libc::c_int
     })?;
     for (i, d) in data.iter_mut().enumerate() {
         let mask = (keep >> (32 * i)) as u32;
@@ -111,7 +111,7 @@ pub fn restrict_capabilities(keep: u64) -> Result<(), HardenError> {
     }
     // SAFETY: as for capget.
     sys("capset", unsafe {
-        libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) as libc::c_int
+        libc::syscall(libc::SYS_capset, &raw mut header, data.as_ptr()) as libc::c_int
     })?;
     // SAFETY: prctl with integer arguments only.
     sys("prctl(PR_SET_NO_NEW_PRIVS)", unsafe {

@@ -183,10 +183,10 @@ fn pods_cannot_reach_the_agents_mesh_and_overlay_ports_but_dns_answers() {
     let probe = "table inet wteprobe {\n\
         chain early { type filter hook input priority -10; policy accept;\n\
           iifname \"weft\" udp dport { 6783, 6784 } counter comment \"early-udp\"\n\
-          iifname \"weft\" tcp dport 6783 counter comment \"early-tcp\" }\n\
+          iifname \"weft\" tcp dport 6783 counter comment \"early-tcp\"\n}\n\
         chain late { type filter hook input priority 10; policy accept;\n\
           iifname \"weft\" udp dport { 6783, 6784 } counter comment \"late-udp\"\n\
-          iifname \"weft\" tcp dport 6783 counter comment \"late-tcp\" }\n}\n";
+          iifname \"weft\" tcp dport 6783 counter comment \"late-tcp\"\n}\n}\n";
     let mut nft = a.host().cmd("nft").args(["-f", "-"]).stdin(Stdio::piped()).spawn().expect("nft");
     std::io::Write::write_all(&mut nft.stdin.take().expect("stdin"), probe.as_bytes())
         .expect("nft");
