@@ -2,7 +2,7 @@
 //! validation into an [`AgentConfig`].
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::Args;
 use ipnet::IpNet;
@@ -129,6 +129,10 @@ pub struct AgentArgs {
     #[arg(long, default_value_t = 5)]
     pub dns_fallback_timeout: u64,
 
+    /// Seconds between checks of every endpoint's namespace and interfaces (tests shorten it).
+    #[arg(long, default_value_t = 60, hide = true)]
+    pub reconcile_interval: u64,
+
     /// Kubernetes mode: peers from the Node list, the ring agreed through a ConfigMap, the
     /// CNI configuration written when ready, node reclaim (docs/kubernetes-agent.md). On by
     /// itself when KUBERNETES_SERVICE_HOST is set; `--kube=false` keeps it off even then.
@@ -186,6 +190,42 @@ pub struct AgentConfig {
     pub dns: Option<crate::dns::DnsConfig>,
     /// `None` outside Kubernetes mode.
     pub kube: Option<crate::kube::KubeConfig>,
+    pub reconcile_interval: std::time::Duration,
+    /// Things the operator should fix (logged once logging is up).
+    pub warnings: Vec<String>,
+}
+
+/// Why a password file is readable by others, if it is.
+pub fn password_file_warning(path: &Path, mode: u32) -> Option<String> {
+    (mode & 0o077 != 0).then(|| {
+        format!(
+            "the password file {} has mode {:o}: anyone who can read it can join the mesh; \
+             make it 0600 (or 0400)",
+            path.display(),
+            mode & 0o7777
+        )
+    })
+}
+
+/// A `weft agent` command line with `--password X`/`--password=X` taken out (it would be in
+/// /proc/PID/cmdline for every local user to read), and the password; `None` without one.
+pub fn strip_password(argv: &[String]) -> Option<(Vec<String>, String)> {
+    let mut out = Vec::with_capacity(argv.len());
+    let mut password = None;
+    let mut args = argv.iter();
+    while let Some(a) = args.next() {
+        if a == "--" {
+            out.push(a.clone());
+            out.extend(args.by_ref().cloned());
+        } else if a == "--password" {
+            password = args.next().cloned();
+        } else if let Some(p) = a.strip_prefix("--password=") {
+            password = Some(p.to_owned());
+        } else {
+            out.push(a.clone());
+        }
+    }
+    password.map(|p| (out, p))
 }
 
 /// Mesh settings after validation.
@@ -219,7 +259,7 @@ impl AgentArgs {
     /// Kubernetes mode: asked for, or running in a pod (KUBERNETES_SERVICE_HOST set).
     fn kube_config(
         &self,
-        socket: &std::path::Path,
+        socket: &Path,
         mesh_port: u16,
     ) -> Result<Option<crate::kube::KubeConfig>, ConfigError> {
         let in_pod = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some_and(|v| !v.is_empty());
@@ -276,9 +316,16 @@ impl AgentArgs {
         if !socket.is_absolute() {
             return Err(err("socket", format!("{} must be an absolute path", socket.display())));
         }
+        let mut warnings = Vec::new();
         let password = match (&self.password, &self.password_file) {
             (Some(p), _) => Some(p.as_bytes().to_vec()),
             (None, Some(path)) => {
+                use std::os::unix::fs::MetadataExt;
+                if let Some(w) =
+                    std::fs::metadata(path).ok().and_then(|m| password_file_warning(path, m.mode()))
+                {
+                    warnings.push(w);
+                }
                 let mut bytes = std::fs::read(path)
                     .map_err(|e| err("password-file", format!("{}: {e}", path.display())))?;
                 while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
@@ -290,6 +337,14 @@ impl AgentArgs {
         };
         if password.as_ref().is_some_and(Vec::is_empty) {
             return Err(err("password", "is empty"));
+        }
+        if password.is_none() && !self.mesh_bind.is_loopback() {
+            warnings.push(
+                "no --password: anyone who reaches the mesh port can join the mesh and change \
+                 its DNS, MAC and topology state; set --password (a long random one, e.g. \
+                 `openssl rand -base64 32`)"
+                    .to_owned(),
+            );
         }
         if self.conn_limit == 0 {
             return Err(err("conn-limit", "must be at least 1"));
@@ -338,7 +393,10 @@ impl AgentArgs {
                 listen: self.dns_listen.clone(),
                 resolv_conf: self.resolv_conf.clone(),
                 upstream_timeout: std::time::Duration::from_secs(self.dns_fallback_timeout.max(1)),
+                clients: vec![range, default_subnet],
             }),
+            reconcile_interval: std::time::Duration::from_secs(self.reconcile_interval.max(1)),
+            warnings,
         })
     }
 }
@@ -348,6 +406,28 @@ mod tests {
     use clap::Parser;
 
     use super::*;
+
+    #[test]
+    fn a_password_on_the_command_line_is_taken_out() {
+        let argv = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let (rest, p) =
+            strip_password(&argv(&["weft", "agent", "--password", "s3cret", "--port", "1"]))
+                .unwrap();
+        assert_eq!((rest, p.as_str()), (argv(&["weft", "agent", "--port", "1"]), "s3cret"));
+        let (rest, p) = strip_password(&argv(&["weft", "agent", "--password=x y"])).unwrap();
+        assert_eq!((rest, p.as_str()), (argv(&["weft", "agent"]), "x y"));
+        assert!(strip_password(&argv(&["weft", "agent", "--", "--password", "x"])).is_none());
+        assert!(strip_password(&argv(&["weft", "agent", "--password-file", "/p"])).is_none());
+    }
+
+    #[test]
+    fn a_password_file_readable_by_others_is_warned_about() {
+        let p = Path::new("/etc/weft/pw");
+        assert!(password_file_warning(p, 0o100600).is_none());
+        assert!(password_file_warning(p, 0o100400).is_none());
+        assert!(password_file_warning(p, 0o100644).unwrap().contains("644"));
+        assert!(password_file_warning(p, 0o100640).is_some());
+    }
 
     #[derive(Parser, Debug)]
     struct Args {

@@ -15,6 +15,7 @@ use tracing::{error, info, warn};
 use crate::config::AgentConfig;
 use crate::dataplane::Dataplane;
 use crate::dataplane::linux::LinuxDataplane;
+use crate::dataplane::nft::L4;
 use crate::endpoints::error::EndpointError;
 use crate::endpoints::state::StateConfig;
 use crate::endpoints::{self, Endpoints, Readiness};
@@ -42,6 +43,22 @@ fn init_logging(filter: &str) {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .try_init();
+}
+
+/// Creates `dir` (and its parents) with mode 0700: the state file holds the peer's identity
+/// and every endpoint. An existing directory is left as it is, with a warning if others can
+/// enter it (it may be shared on purpose, e.g. a mount).
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if let Ok(m) = std::fs::metadata(dir) {
+        if m.is_dir() && m.permissions().mode() & 0o077 != 0 {
+            warn!(dir = %dir.display(), mode = format!("{:o}", m.permissions().mode() & 0o7777), "the state directory is open to other users; 0700 is expected");
+        }
+        if m.is_dir() {
+            return Ok(());
+        }
+    }
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
 }
 
 /// Binds the API socket, refusing to steal it from a running agent.
@@ -86,6 +103,9 @@ fn mtus(cfg: &AgentConfig, dp: &dyn Dataplane) -> (u32, u32) {
 /// Runs the agent until it is asked to stop.
 pub async fn run(cfg: AgentConfig, log_filter: &str) -> anyhow::Result<()> {
     init_logging(log_filter);
+    for w in &cfg.warnings {
+        warn!("{w}");
+    }
     let store = open_store(&cfg)?;
     let identity = load_identity(&cfg, &store)?;
     let dp: Arc<dyn Dataplane> = Arc::new(LinuxDataplane);
@@ -165,7 +185,7 @@ pub async fn run(cfg: AgentConfig, log_filter: &str) -> anyhow::Result<()> {
 }
 
 fn open_store(cfg: &AgentConfig) -> anyhow::Result<Arc<Store>> {
-    std::fs::create_dir_all(&cfg.state_dir)
+    create_private_dir(&cfg.state_dir)
         .with_context(|| format!("creating --state-dir {}", cfg.state_dir.display()))?;
     Ok(Arc::new(Store::open(&cfg.state_dir)?))
 }
@@ -185,6 +205,12 @@ fn state_config(cfg: &AgentConfig, identity: &Identity, mtu: u32) -> StateConfig
         bridge_mac: identity.name.mac(),
         mtu,
         firewall_table: cfg.nft_table.clone(),
+        // Pods must not join the mesh or inject overlay traffic through their gateway.
+        guarded_ports: vec![
+            (L4::Tcp, cfg.mesh.port),
+            (L4::Udp, cfg.mesh.port),
+            (L4::Udp, cfg.mesh.fastdp_port),
+        ],
     }
 }
 
@@ -355,7 +381,7 @@ async fn bring_up(
     info!("weft agent ready");
 
     let mut fast = tokio::time::interval(Duration::from_secs(5));
-    let mut slow = tokio::time::interval(Duration::from_secs(60));
+    let mut slow = tokio::time::interval(cfg.reconcile_interval);
     fast.tick().await;
     slow.tick().await;
     loop {

@@ -85,13 +85,48 @@ fn install_cni(bin_dir: &std::path::Path, plugins: &[String]) -> Result<(), CliE
     Ok(())
 }
 
+/// `weft agent --password X` puts the password in /proc/PID/cmdline, readable by every local
+/// user: the agent starts itself again (same pid) with the password in its environment, which
+/// only root can read. Returns only if there was nothing to do or the exec failed.
+fn hide_password() {
+    let Some(argv) =
+        std::env::args_os().map(|a| a.into_string().ok()).collect::<Option<Vec<String>>>()
+    else {
+        return;
+    };
+    let Some((rest, password)) = weft::config::strip_password(&argv) else { return };
+    eprintln!(
+        "weft agent: --password on the command line is visible to every local user; moving it \
+         to the environment (prefer --password-file or WEFT_PASSWORD)"
+    );
+    let Ok(exe) = std::env::current_exe() else { return };
+    use std::os::unix::process::CommandExt;
+    let err = std::process::Command::new(exe)
+        .args(rest.iter().skip(1))
+        .env("WEFT_PASSWORD", password)
+        .exec();
+    eprintln!("weft agent: cannot restart without the password in argv ({err}); continuing");
+}
+
+/// Before any thread exists (capabilities are per thread): more file descriptors, fewer
+/// privileges (see `weft::harden`).
+fn harden(kube: bool) -> anyhow::Result<()> {
+    if let Err(e) = weft::harden::raise_fd_limit() {
+        eprintln!("weft agent: cannot raise the file descriptor limit: {e}");
+    }
+    weft::harden::restrict_capabilities(weft::harden::agent_capabilities(kube))?;
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Command::Agent(args) = &cli.command {
-        let result = args
-            .validate(cli.socket.clone())
-            .map_err(anyhow::Error::from)
-            .and_then(|cfg| runtime()?.block_on(weft::daemon::run(cfg, &args.log_level)));
+        hide_password();
+        let result =
+            args.validate(cli.socket.clone()).map_err(anyhow::Error::from).and_then(|cfg| {
+                harden(cfg.kube.is_some())?;
+                runtime()?.block_on(weft::daemon::run(cfg, &args.log_level))
+            });
         return match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -97,6 +97,12 @@ impl Store {
             redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse(path.clone()),
             other => StoreError::Open { path: path.clone(), error: other.into() },
         })?;
+        // The identity and every endpoint are in here: the owner only, whatever the umask.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| StoreError::Open { path: path.clone(), error: redb::Error::Io(e) })?;
+        }
         let txn = db.begin_write().map_err(db_err)?;
         for t in Table::ALL {
             txn.open_table(t.definition()).map_err(db_err)?;

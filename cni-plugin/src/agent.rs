@@ -67,7 +67,11 @@ impl SocketAgent {
         let dir = weft_api::del_queue_dir(&self.socket);
         let io =
             |e: std::io::Error| CniError::Io(format!("queueing DEL in {}: {e}", dir.display()));
-        std::fs::create_dir_all(&dir).map_err(io)?;
+        // Only the agent's user may put requests here (the agent refuses anything else).
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(io)?;
+        }
         let name = weft_api::del_queue_file_name(&req.container_id, &req.ifname);
         let tmp = dir.join(format!(".{name}.{}", std::process::id()));
         let mut f = std::fs::File::create(&tmp).map_err(io)?;

@@ -75,14 +75,22 @@ pub async fn launch(socket: &Path, state_dir: &Path, wait: Duration) -> Result<(
             )));
         }
     }
-    std::fs::create_dir_all(state_dir)
+    crate::daemon::create_private_dir(state_dir)
         .map_err(|e| failed(format!("creating {}: {e}", state_dir.display())))?;
     let log_path = state_dir.join(LOG_FILE);
-    let log = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .map_err(|e| failed(format!("opening {}: {e}", log_path.display())))?;
+    let log = {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&log_path)
+            .map_err(|e| failed(format!("opening {}: {e}", log_path.display())))?;
+        // An older log may have been created under a looser umask.
+        log.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| failed(format!("restricting {}: {e}", log_path.display())))?;
+        log
+    };
     let log2 = log.try_clone().map_err(|e| failed(e.to_string()))?;
     let exe =
         std::env::current_exe().map_err(|e| failed(format!("finding the weft binary: {e}")))?;

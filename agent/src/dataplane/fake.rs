@@ -50,6 +50,8 @@ struct Kernel {
     /// Host interfaces on the bridge that belong to no endpoint spec (leftovers).
     stray: BTreeSet<String>,
     gone_netns: BTreeSet<PathBuf>,
+    /// Namespaces that cannot be opened for a reason other than being gone (errno).
+    unopenable_netns: BTreeMap<PathBuf, i32>,
     firewall: Option<nft::Table>,
 }
 
@@ -98,6 +100,11 @@ impl RecordingDataplane {
     /// The namespace at `path` disappears (its pod was deleted).
     pub fn remove_netns(&self, path: &Path) {
         self.lock().gone_netns.insert(path.to_owned());
+    }
+
+    /// Opening the namespace at `path` fails with `errno` (e.g. EMFILE) although it exists.
+    pub fn fail_netns(&self, path: &Path, errno: i32) {
+        self.lock().unopenable_netns.insert(path.to_owned(), errno);
     }
 
     /// The endpoint's interface disappears (someone deleted it).
@@ -215,6 +222,12 @@ impl Dataplane for RecordingDataplane {
 
     fn check_netns(&self, path: &Path) -> Result<(), KernelError> {
         self.record(Op::CheckNetns, path.display().to_string())?;
+        if let Some(&errno) = self.lock().unopenable_netns.get(path) {
+            return Err(KernelError::Netns(NetnsError::Open {
+                path: path.to_owned(),
+                error: std::io::Error::from_raw_os_error(errno),
+            }));
+        }
         if self.netns_alive(path) {
             Ok(())
         } else {

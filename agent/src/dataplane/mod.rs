@@ -91,6 +91,14 @@ pub enum KernelError {
     Mismatch(String),
 }
 
+impl KernelError {
+    /// Whether this error shows that an endpoint's namespace no longer exists (as opposed to
+    /// a failure that says nothing about it, such as running out of file descriptors).
+    pub fn netns_gone(&self) -> bool {
+        matches!(self, KernelError::Netns(e) if e.means_gone())
+    }
+}
+
 impl From<NetnsError> for KernelError {
     fn from(e: NetnsError) -> KernelError {
         KernelError::Netns(e)
@@ -145,10 +153,10 @@ pub trait Dataplane: Send + Sync + 'static {
     /// MTU of the underlay: the default route's interface, else the smallest MTU among
     /// interfaces with a global address (never `exclude`, the bridge, or weft's veths).
     fn underlay_mtu(&self, exclude: &str) -> Result<Option<u32>, KernelError>;
-    /// Fails unless `path` is a network namespace weft can enter (a vanished namespace means
-    /// its endpoint is gone).
+    /// Fails unless `path` is a network namespace weft can enter and not the agent's own
+    /// ([`KernelError::netns_gone`] tells whether the failure means the namespace is gone).
     fn check_netns(&self, path: &Path) -> Result<(), KernelError> {
-        netns::Netns::open(path).map(drop).map_err(KernelError::from)
+        netns::check_foreign(path).map_err(KernelError::from)
     }
 }
 

@@ -27,6 +27,35 @@ pub enum NetnsError {
     Open { path: PathBuf, error: io::Error },
     #[error("{0} is not a network namespace")]
     NotNetns(PathBuf),
+    #[error("{0} is the weft agent's own network namespace")]
+    Own(PathBuf),
+}
+
+impl NetnsError {
+    /// Whether the namespace is known to be gone (the path vanished, or the bind mount was
+    /// removed and left a plain file). Anything else — out of file descriptors, out of memory,
+    /// permission — says nothing about the pod, and its endpoint must be kept.
+    pub fn means_gone(&self) -> bool {
+        match self {
+            NetnsError::NotNetns(_) => true,
+            NetnsError::Open { error, .. } => {
+                matches!(error.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR | libc::ESRCH))
+            }
+            NetnsError::Own(_) => false,
+        }
+    }
+}
+
+/// Fails unless `path` is a network namespace other than the agent's own: an endpoint in the
+/// host namespace would put a pod's address and routes on the host itself.
+pub fn check_foreign(path: &Path) -> Result<(), NetnsError> {
+    let ns = Netns::open(path)?;
+    let own = Netns::current()?;
+    let id = |n: &Netns| n.id().map_err(|error| NetnsError::Open { path: n.path.clone(), error });
+    if id(&ns)? == id(&own)? {
+        return Err(NetnsError::Own(path.to_path_buf()));
+    }
+    Ok(())
 }
 
 impl Netns {
@@ -96,4 +125,35 @@ fn fs_magic(file: &File) -> io::Result<i64> {
 /// `write_sysctl("net/ipv4/ip_forward", "1")`.
 pub fn write_sysctl(key: &str, value: &str) -> io::Result<()> {
     std::fs::write(Path::new("/proc/sys").join(key), value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_agents_own_namespace_is_refused() {
+        let err = check_foreign(Path::new("/proc/self/ns/net")).unwrap_err();
+        assert!(matches!(err, NetnsError::Own(_)), "{err}");
+        assert!(!err.means_gone());
+        let err = check_foreign(Path::new("/proc/thread-self/ns/net")).unwrap_err();
+        assert!(matches!(err, NetnsError::Own(_)), "{err}");
+    }
+
+    #[test]
+    fn only_a_vanished_namespace_counts_as_gone() {
+        let open = |errno| NetnsError::Open {
+            path: "/run/netns/p".into(),
+            error: io::Error::from_raw_os_error(errno),
+        };
+        assert!(open(libc::ENOENT).means_gone());
+        assert!(NetnsError::NotNetns("/run/netns/p".into()).means_gone());
+        for errno in [libc::EMFILE, libc::ENFILE, libc::ENOMEM, libc::EACCES, libc::EINTR] {
+            assert!(!open(errno).means_gone(), "errno {errno}");
+        }
+        let err = check_foreign(Path::new("/nonexistent/ns")).unwrap_err();
+        assert!(err.means_gone(), "{err}");
+        let err = check_foreign(Path::new("/proc/self/status")).unwrap_err();
+        assert!(err.means_gone(), "a plain file is not a namespace: {err}");
+    }
 }

@@ -120,8 +120,17 @@ pub enum Match {
     IpDaddr(CmpOp, Ipv4Net),
     /// `oifname [!=] NAME`
     Oifname(CmpOp, String),
-    /// `udp dport PORT` (IPv4 and IPv6)
-    UdpDport(u16),
+    /// `iifname [!=] NAME`
+    Iifname(CmpOp, String),
+    /// `tcp dport PORT` / `udp dport PORT` (with the `meta l4proto` guard `nft` adds).
+    Dport(L4, u16),
+}
+
+/// Transport protocols of [`Match::Dport`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum L4 {
+    Tcp = 6,
+    Udp = 17,
 }
 
 /// The final statement of a rule.
@@ -239,9 +248,9 @@ fn verdict(v: Verdict) -> Expr {
 
 const PAYLOAD_NETWORK: u32 = 1;
 const PAYLOAD_TRANSPORT: u32 = 2;
-const META_L4PROTO: u32 = 16;
-const IPPROTO_UDP: u8 = 17;
+const META_IIFNAME: u32 = 6;
 const META_OIFNAME: u32 = 7;
+const META_L4PROTO: u32 = 16;
 const META_NFPROTO: u32 = 15;
 const NFPROTO_IPV4: u8 = 2;
 /// NF_NAT_RANGE_PROTO_RANDOM_FULLY: avoids the SNAT port race behind 5 s DNS timeouts.
@@ -274,9 +283,10 @@ impl Match {
             Match::IpSaddr(op, net) => prefix_match(12, *op, *net),
             Match::IpDaddr(op, net) => prefix_match(16, *op, *net),
             Match::Oifname(op, n) => vec![meta_load(META_OIFNAME), cmp(*op, &ifname_bytes(n))],
-            Match::UdpDport(port) => vec![
+            Match::Iifname(op, n) => vec![meta_load(META_IIFNAME), cmp(*op, &ifname_bytes(n))],
+            Match::Dport(l4, port) => vec![
                 meta_load(META_L4PROTO),
-                cmp(CmpOp::Eq, &[IPPROTO_UDP]),
+                cmp(CmpOp::Eq, &[*l4 as u8]),
                 payload_load(PAYLOAD_TRANSPORT, 2, 2),
                 cmp(CmpOp::Eq, &port.to_be_bytes()),
             ],
@@ -614,6 +624,9 @@ pub struct OverlayFirewall {
     pub range: Ipv4Net,
     /// Exposed subnets: traffic into them from outside is masqueraded (so replies return here).
     pub exposed: Vec<Ipv4Net>,
+    /// The agent's own ports (mesh TCP, sleeve UDP, fastdp UDP) that pods must not reach:
+    /// dropped on input from the bridge, whatever address they are sent to.
+    pub guarded: Vec<(L4, u16)>,
 }
 
 const MULTICAST: Ipv4Net = match Ipv4Net::new(Ipv4Addr::new(224, 0, 0, 0), 4) {
@@ -645,17 +658,34 @@ impl OverlayFirewall {
                 action: Action::Masquerade,
             });
         }
-        Table {
-            family: Family::Inet,
-            name: self.table.clone(),
-            chains: vec![Chain {
-                name: "postrouting".into(),
-                kind: ChainType::Nat,
-                hook: Hook::Postrouting,
-                priority: 100,
-                rules: post,
-            }],
+        let mut chains = vec![Chain {
+            name: "postrouting".into(),
+            kind: ChainType::Nat,
+            hook: Hook::Postrouting,
+            priority: 100,
+            rules: post,
+        }];
+        if !self.guarded.is_empty() {
+            let input = self
+                .guarded
+                .iter()
+                .map(|&(l4, port)| Rule {
+                    matches: vec![
+                        Match::Iifname(CmpOp::Eq, self.bridge.clone()),
+                        Match::Dport(l4, port),
+                    ],
+                    action: Action::Verdict(Verdict::Drop),
+                })
+                .collect();
+            chains.push(Chain {
+                name: "input".into(),
+                kind: ChainType::Filter,
+                hook: Hook::Input,
+                priority: 0,
+                rules: input,
+            });
         }
+        Table { family: Family::Inet, name: self.table.clone(), chains }
     }
 }
 
@@ -684,13 +714,6 @@ mod tests {
     }
 
     #[test]
-    fn udp_port_matches_check_the_protocol_first() {
-        let e = Match::UdpDport(6784).exprs();
-        let names: Vec<&str> = e.iter().map(|e| e.name).collect();
-        assert_eq!(names, ["meta", "cmp", "payload", "cmp"]);
-    }
-
-    #[test]
     fn message_splitting_stops_at_truncation() {
         let mut buf = Vec::new();
         push_message(&mut buf, 2, 0, 7, 0, 0, &[0, 0, 0, 0]);
@@ -707,10 +730,25 @@ mod tests {
             bridge: "weft".into(),
             range: "10.32.0.0/12".parse().unwrap(),
             exposed: vec!["10.2.2.0/24".parse().unwrap()],
+            guarded: vec![(L4::Tcp, 6783), (L4::Udp, 6783), (L4::Udp, 6784)],
         };
         let t = fw.table();
         assert_eq!(t.family, Family::Inet);
-        assert_eq!(t.rule_count(), 3);
+        assert_eq!(t.rule_count(), 6);
         assert_eq!(t.chains[0].rules[1].action, Action::Masquerade);
+        let input = &t.chains[1];
+        assert_eq!((input.hook, input.kind), (Hook::Input, ChainType::Filter));
+        assert_eq!(
+            input.rules[0].matches,
+            [Match::Iifname(CmpOp::Eq, "weft".into()), Match::Dport(L4::Tcp, 6783)]
+        );
+        assert!(input.rules.iter().all(|r| r.action == Action::Verdict(Verdict::Drop)));
+    }
+
+    #[test]
+    fn dport_matches_are_guarded_by_the_protocol() {
+        let e = Match::Dport(L4::Udp, 6784).exprs();
+        let names: Vec<&str> = e.iter().map(|e| e.name).collect();
+        assert_eq!(names, ["meta", "cmp", "payload", "cmp"]);
     }
 }

@@ -76,6 +76,8 @@ pub struct DnsConfig {
     pub listen: Listen,
     pub resolv_conf: PathBuf,
     pub upstream_timeout: Duration,
+    /// Addresses that may query (the allocation range); the host is always allowed.
+    pub clients: Vec<ipnet::IpNet>,
 }
 
 /// A DNS operation failed.
@@ -287,6 +289,8 @@ pub fn build(
         zone: zone.clone(),
         upstream: Arc::new(Upstream::new(cfg.resolv_conf.clone(), cfg.upstream_timeout)),
         counts: counts.clone(),
+        forwards: Arc::new(tokio::sync::Semaphore::new(server::MAX_FORWARDS)),
+        clients: Arc::new(cfg.clients.clone()),
     };
     let (commands, rx) = mpsc::channel(64);
     let externs = match inputs.store.all::<ExternName>(StoreTable::Dns) {

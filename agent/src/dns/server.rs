@@ -2,7 +2,7 @@
 //! from the current [`Zone`] snapshot and forwards the rest upstream. Listeners are replaced
 //! as a whole when the addresses to listen on change (the bridge got or lost an address).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -16,6 +16,7 @@ use hickory_server::proto::op::{
 };
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
+use ipnet::IpNet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -24,6 +25,15 @@ use super::zone::{Answer, Zone};
 
 /// How long an idle TCP client is kept.
 const TCP_IDLE: Duration = Duration::from_secs(10);
+
+/// Forwarded queries in flight at once, over all workers. Each holds a UDP socket for up to
+/// the upstream timeout per server, so this bounds the file descriptors DNS load can take;
+/// queries beyond it are answered REFUSED at once.
+pub const MAX_FORWARDS: usize = 256;
+
+/// The largest UDP answer, whatever the client's EDNS size (the DNS flag day 2020 value:
+/// no IP fragmentation, little amplification).
+pub const MAX_UDP_PAYLOAD: u16 = 1232;
 
 /// Query counts by outcome.
 #[derive(Debug, Default)]
@@ -40,6 +50,26 @@ pub struct Handler {
     pub zone: Arc<ArcSwap<Zone>>,
     pub upstream: Arc<Upstream>,
     pub counts: Arc<QueryCounts>,
+    /// Permits for forwarded queries ([`MAX_FORWARDS`]).
+    pub forwards: Arc<tokio::sync::Semaphore>,
+    /// Who may ask: the weft network; the host itself is always allowed.
+    pub clients: Arc<Vec<IpNet>>,
+}
+
+/// Whether `src` may use this server: loopback, an address in `clients` (pods and the host's
+/// own bridge addresses), or any other address of the host itself. Everyone else — an
+/// underlay host routing the range through this one — is refused.
+pub fn client_allowed(
+    src: IpAddr,
+    clients: &[IpNet],
+    is_local: impl FnOnce(IpAddr) -> bool,
+) -> bool {
+    src.is_loopback() || clients.iter().any(|n| n.contains(&src)) || is_local(src)
+}
+
+/// Whether `ip` is one of this host's addresses (binding to it succeeds only then).
+fn is_local_address(ip: IpAddr) -> bool {
+    std::net::UdpSocket::bind((ip, 0)).is_ok()
 }
 
 fn failure(request: &Request, code: ResponseCode) -> ResponseInfo {
@@ -72,9 +102,14 @@ impl Handler {
         mut response: R,
     ) -> Result<ResponseInfo, hickory_server::net::NetError> {
         let builder = MessageResponseBuilder::from_message_request(request);
+        if !client_allowed(request.src().ip(), &self.clients, is_local_address) {
+            self.counts.failed.fetch_add(1, Ordering::Relaxed);
+            let msg = builder.error_msg(&request.metadata, ResponseCode::Refused);
+            return response.send_response(msg).await;
+        }
         let edns = request.edns.as_ref().map(|req| {
             let mut e = Edns::new();
-            e.set_max_payload(req.max_payload().max(512));
+            e.set_max_payload(req.max_payload().clamp(512, MAX_UDP_PAYLOAD));
             e
         });
         let mut builder = builder;
@@ -109,6 +144,11 @@ impl Handler {
             }
             Answer::Forward => {
                 drop(zone);
+                let Ok(_permit) = self.forwards.try_acquire() else {
+                    self.counts.failed.fetch_add(1, Ordering::Relaxed);
+                    let msg = builder.error_msg(&request.metadata, ResponseCode::Refused);
+                    return response.send_response(msg).await;
+                };
                 let tcp = request.protocol() == Protocol::Tcp;
                 let upstream = self
                     .upstream
@@ -282,4 +322,22 @@ fn bind(
     let tcp = std::net::TcpListener::bind(addr)?;
     tcp.set_nonblocking(true)?;
     Ok((udps, tcp))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_weft_network_and_the_host_may_ask() {
+        let clients: Vec<IpNet> = vec!["10.32.0.0/12".parse().unwrap()];
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(client_allowed(ip("10.32.0.5"), &clients, |_| false));
+        assert!(client_allowed(ip("127.0.0.1"), &clients, |_| false));
+        assert!(client_allowed(ip("::1"), &clients, |_| false));
+        assert!(client_allowed(ip("192.168.1.2"), &clients, |_| true), "the host's own address");
+        assert!(!client_allowed(ip("192.168.1.9"), &clients, |_| false), "an underlay host");
+        assert!(is_local_address(ip("127.0.0.1")));
+        assert!(!is_local_address(ip("192.0.2.77")), "TEST-NET-1 is nobody's address here");
+    }
 }

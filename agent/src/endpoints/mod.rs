@@ -6,6 +6,7 @@
 
 pub mod error;
 pub mod ipam;
+pub mod queue;
 pub mod record;
 pub mod report;
 pub mod state;
@@ -13,7 +14,7 @@ pub mod state;
 mod tests;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -343,11 +344,28 @@ impl Endpoints {
         let id_owned = id.to_owned();
         let rec = self.inner.state.call(move |s| s.record(&id_owned)).await?;
         // The interface name is derived from the id, so an interface left over by a crash is
-        // found even when no record exists.
-        let host_ifname =
-            rec.as_ref().map(|r| r.host_ifname.clone()).unwrap_or_else(|| host_ifname_for(id));
-        let dp = self.inner.dp.clone();
-        blocking(move || dp.teardown_endpoint(&host_ifname)).await?;
+        // found even when no record exists. Without a record the name is only a 48-bit hash
+        // of a caller-chosen id: never remove an interface another endpoint owns.
+        let host_ifname = match &rec {
+            Some(r) => Some(r.host_ifname.clone()),
+            None => {
+                let name = host_ifname_for(id);
+                let probe = name.clone();
+                let owned = self
+                    .inner
+                    .state
+                    .call(move |s| s.records().iter().any(|r| r.host_ifname == probe))
+                    .await?;
+                if owned {
+                    warn!(endpoint = %id, interface = %name, "DEL of an unknown endpoint names another endpoint's interface; leaving it");
+                }
+                (!owned).then_some(name)
+            }
+        };
+        if let Some(host_ifname) = host_ifname {
+            let dp = self.inner.dp.clone();
+            blocking(move || dp.teardown_endpoint(&host_ifname)).await?;
+        }
         let id_owned = id.to_owned();
         let removed = self.inner.state.call(move |s| s.remove(&id_owned)).await??;
         Ok(removed.is_some())
@@ -527,11 +545,20 @@ impl Endpoints {
         let records = self.list().await?;
         for rec in records.iter().filter(|r| r.netns.is_some()) {
             let netns = rec.netns.clone().unwrap_or_default();
-            if self.inner.dp.check_netns(&netns).is_err() {
-                info!(endpoint = %rec.id, netns = %netns.display(), "namespace is gone; releasing the endpoint");
-                let _guard = self.inner.locks.lock(&rec.id).await;
-                self.discard(&rec.id, &rec.host_ifname).await;
-                continue;
+            match self.inner.dp.check_netns(&netns) {
+                Ok(()) => {}
+                Err(e) if e.netns_gone() => {
+                    info!(endpoint = %rec.id, netns = %netns.display(), "namespace is gone; releasing the endpoint");
+                    let _guard = self.inner.locks.lock(&rec.id).await;
+                    self.discard(&rec.id, &rec.host_ifname).await;
+                    continue;
+                }
+                // Out of file descriptors or memory says nothing about the pod: keep it and
+                // look again next time.
+                Err(e) => {
+                    warn!(endpoint = %rec.id, error = %e, "cannot check the namespace; keeping the endpoint");
+                    continue;
+                }
             }
             let Some(spec) = rec.spec(&self.inner.bridge) else { continue };
             let dp = self.inner.dp.clone();
@@ -570,28 +597,32 @@ impl Endpoints {
         self.inner.state.call(|s| s.program_bridge(false)).await?
     }
 
-    /// Carries out DEL requests that `weft-cni` queued while the agent was down.
+    /// Carries out DEL requests that `weft-cni` queued while the agent was down. The queue
+    /// is read on the blocking pool (see [`queue`] for what is refused).
     pub async fn drain_del_queue(&self, dir: &Path) -> usize {
-        let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+        let d = dir.to_owned();
+        let read = match tokio::task::spawn_blocking(move || queue::read_all(&d)).await {
+            Ok(Ok(read)) => read,
+            Ok(Err(e)) => {
+                warn!(error = %e, "the DEL queue is not usable");
+                return 0;
+            }
+            Err(_) => return 0,
+        };
         let mut done = 0;
-        let files: Vec<PathBuf> = entries
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|x| x == "del"))
-            .collect();
-        for path in files {
-            let parsed = std::fs::read(&path).ok().and_then(|b| {
-                <weft_api::v1::CniDelRequest as prost::Message>::decode(b.as_slice()).ok()
-            });
-            let Some(req) = parsed else {
-                warn!(file = %path.display(), "unreadable queued DEL; removing it");
-                let _ = std::fs::remove_file(&path);
-                continue;
+        for (path, parsed) in read {
+            let req = match parsed {
+                Ok(req) => req,
+                Err(e) => {
+                    warn!(error = %e, "unusable queued DEL; removing it");
+                    let _ = tokio::fs::remove_file(&path).await;
+                    continue;
+                }
             };
             match self.cni_del(&req.container_id, &req.ifname).await {
                 Ok(found) => {
                     info!(container = %req.container_id, ifname = %req.ifname, found, "queued DEL carried out");
-                    let _ = std::fs::remove_file(&path);
+                    let _ = tokio::fs::remove_file(&path).await;
                     done += 1;
                 }
                 Err(e) => {

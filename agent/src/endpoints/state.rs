@@ -20,7 +20,7 @@ use super::error::EndpointError;
 use super::record::{EXPOSE_ID, EndpointRecord, EndpointSummary, Kind, PodRef, Route};
 use super::report::{BridgeReport, EndpointCounts, IpamReport, PodAddresses};
 use crate::addr::AddrRequest;
-use crate::dataplane::nft::{OverlayFirewall, Table as NftTable};
+use crate::dataplane::nft::{L4, OverlayFirewall, Table as NftTable};
 use crate::dataplane::{BridgeSpec, Dataplane, Mac, host_ifname_for};
 use crate::identity::PeerName;
 use crate::ipam::manager::{PersistedRing, Send as IpamSend};
@@ -35,6 +35,8 @@ pub struct StateConfig {
     pub bridge_mac: Mac,
     pub mtu: u32,
     pub firewall_table: String,
+    /// The agent's ports pods must not reach (see [`OverlayFirewall::guarded`]).
+    pub guarded_ports: Vec<(L4, u16)>,
 }
 
 /// A CNI ADD as the state needs it.
@@ -739,6 +741,7 @@ impl State {
                 bridge: self.cfg.bridge.clone(),
                 range,
                 exposed,
+                guarded: self.cfg.guarded_ports.clone(),
             }
             .table(),
         )

@@ -40,6 +40,7 @@ fn rig_in(dir: tempfile::TempDir, dp: Arc<RecordingDataplane>) -> Rig {
         bridge_mac: Mac([0x02, 0, 0, 0, 0, 1]),
         mtu: 1450,
         firewall_table: "weft".into(),
+        guarded_ports: vec![],
     };
     let ipam = IpamConfig {
         me: me(),
@@ -191,6 +192,20 @@ async fn reconcile_releases_gone_pods_repairs_lost_interfaces_and_removes_strays
         "an interface no endpoint owns is removed"
     );
     assert_eq!(used(&r.endpoints).await, 2);
+}
+
+#[tokio::test]
+async fn reconcile_keeps_pods_whose_namespace_cannot_be_opened_for_lack_of_fds() {
+    let r = rig();
+    let a = r.endpoints.cni_add(add("c1", "/run/netns/p1")).await.unwrap();
+    r.endpoints.cni_add(add("c2", "/run/netns/p2")).await.unwrap();
+    r.dp.fail_netns(std::path::Path::new("/run/netns/p1"), libc::EMFILE);
+    r.dp.fail_netns(std::path::Path::new("/run/netns/p2"), libc::ENFILE);
+    r.endpoints.reconcile(true).await.unwrap();
+    assert_eq!(pods(&r.endpoints).await.len(), 2, "no pod is released on EMFILE/ENFILE");
+    assert!(r.dp.links().contains_key(&a.record.host_ifname));
+    assert_eq!(r.dp.count(Op::TeardownEndpoint), 0);
+    assert_eq!(used(&r.endpoints).await, 3);
 }
 
 #[tokio::test]

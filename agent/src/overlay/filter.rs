@@ -10,7 +10,7 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 
 use crate::dataplane::nft::{
-    Action, Chain, ChainType, CmpOp, Family, Hook, Match, Rule, Table, Verdict,
+    Action, Chain, ChainType, CmpOp, Family, Hook, L4, Match, Rule, Table, Verdict,
 };
 
 /// The senders VXLAN is accepted from.
@@ -30,13 +30,13 @@ impl VxlanFilter {
             .map(|a| Rule {
                 matches: vec![
                     Match::IpSaddr(CmpOp::Eq, Ipv4Net::from(*a)),
-                    Match::UdpDport(self.port),
+                    Match::Dport(L4::Udp, self.port),
                 ],
                 action: Action::Verdict(Verdict::Accept),
             })
             .collect();
         rules.push(Rule {
-            matches: vec![Match::UdpDport(self.port)],
+            matches: vec![Match::Dport(L4::Udp, self.port)],
             action: Action::Verdict(Verdict::Drop),
         });
         Table {
@@ -69,9 +69,9 @@ mod tests {
         let rules = &t.chains[0].rules;
         assert_eq!(rules.len(), 3);
         let first = Match::IpSaddr(CmpOp::Eq, "10.0.0.1/32".parse().expect("net"));
-        assert_eq!(rules[0].matches, [first, Match::UdpDport(6784)]);
+        assert_eq!(rules[0].matches, [first, Match::Dport(L4::Udp, 6784)]);
         assert_eq!(rules[0].action, Action::Verdict(Verdict::Accept));
-        assert_eq!(rules[2].matches, [Match::UdpDport(6784)], "the rest is dropped");
+        assert_eq!(rules[2].matches, [Match::Dport(L4::Udp, 6784)], "the rest is dropped");
         assert_eq!(rules[2].action, Action::Verdict(Verdict::Drop));
         let nobody = VxlanFilter { allowed: BTreeSet::new(), ..f };
         assert_eq!(nobody.table().rule_count(), 1, "without trusted peers, nobody");
