@@ -17,6 +17,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod dns;
 pub mod endpoints;
+pub mod fuzz;
 pub mod harden;
 pub mod identity;
 pub mod ipam;

@@ -296,6 +296,12 @@ impl Agent {
             .unwrap_or_default()
     }
 
+    /// The agent's process id while it runs (`ip netns exec` execs the agent in place, so this
+    /// is the agent itself), for reading `/proc/PID`.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();

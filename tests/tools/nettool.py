@@ -3,6 +3,7 @@
 they listen, so tests can wait for that line instead of sleeping.
 
   nettool.py serve PORT                     accept one TCP connection, count bytes to EOF, print the count
+  nettool.py serve-many PORT                accept TCP connections one after another, each read to EOF, until killed
   nettool.py send IP PORT BYTES [MARKER]    send BYTES bytes (MARKER repeated in them), print the count
   nettool.py stream IP PORT SECONDS         send continuously for SECONDS; exit 1 on any error (e.g. a reset)
   nettool.py udp-recv PORT TIMEOUT [GROUP]  wait for one datagram (joining multicast GROUP), print it
@@ -26,6 +27,22 @@ def serve(port):
             break
         n += len(d)
     print(n, flush=True)
+
+def serve_many(port):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", port))
+    s.listen(16)
+    print("ready", flush=True)
+    while True:
+        c, _ = s.accept()
+        c.settimeout(20)
+        try:
+            while c.recv(1 << 16):
+                pass
+        except OSError:
+            pass
+        c.close()
 
 def send(ip, port, total, marker):
     s = socket.create_connection((ip, port), timeout=20)
@@ -87,6 +104,8 @@ def udp_collect(port, stop, timeout):
 cmd, args = sys.argv[1], sys.argv[2:]
 if cmd == "serve":
     serve(int(args[0]))
+elif cmd == "serve-many":
+    serve_many(int(args[0]))
 elif cmd == "send":
     send(args[0], int(args[1]), int(args[2]), args[3] if len(args) > 3 else "")
 elif cmd == "stream":
