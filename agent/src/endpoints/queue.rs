@@ -87,10 +87,11 @@ pub fn read_entry(path: &Path) -> Result<CniDelRequest, QueueError> {
         .map_err(|_| QueueError::Undecodable(path.to_owned()))
 }
 
+/// A queue entry and what reading it gave.
+pub type Entry = (PathBuf, Result<CniDelRequest, QueueError>);
+
 /// Every entry of the queue with what reading it gave.
-pub fn read_all(
-    dir: &Path,
-) -> Result<Vec<(PathBuf, Result<CniDelRequest, QueueError>)>, QueueError> {
+pub fn read_all(dir: &Path) -> Result<Vec<Entry>, QueueError> {
     if !check_dir(dir)? {
         return Ok(Vec::new());
     }
