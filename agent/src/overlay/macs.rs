@@ -219,7 +219,9 @@ mod tests {
                 let b = i.to_be_bytes();
                 (Mac([2, 0, b[0], b[1], b[2], b[3]]), BTreeSet::new())
             })
-            .chain([([0; 6], BTreeSet::new()), ([0xff; 6], BTreeSet::new())].map(|(m, s)| (Mac(m), s)))
+            .chain(
+                [([0; 6], BTreeSet::new()), ([0xff; 6], BTreeSet::new())].map(|(m, s)| (Mac(m), s)),
+            )
             .chain([(Mac([1, 0, 0x5e, 0, 0, 1]), BTreeSet::new())])
             .collect();
         t.set_local(many, 100).unwrap();
@@ -238,7 +240,11 @@ mod tests {
             (2..MAX_ORIGINS as u64 + 12).map(|i| (p(i), o.clone())).collect();
         assert_eq!(t.merge(&all).len(), MAX_ORIGINS);
         let newer = Origin { version: 2, macs: BTreeMap::new() };
-        assert_eq!(t.merge(&BTreeMap::from([(p(2), newer)])), vec![p(2)], "known origins still update");
+        assert_eq!(
+            t.merge(&BTreeMap::from([(p(2), newer)])),
+            vec![p(2)],
+            "known origins still update"
+        );
     }
 
     #[test]
