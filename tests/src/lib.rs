@@ -242,14 +242,10 @@ impl Agent {
             .expect("agent log");
         let mut cmd = self.cmd(self.bins.weft.to_str().unwrap_or_default());
         cmd.arg("--socket").arg(&self.socket).arg("agent").arg("--state-dir").arg(self.state_dir());
-        cmd.args([
-            "--status-addr",
-            "off",
-            "--ipalloc-range",
-            &self.opts.range,
-            "--log-level",
-            "debug",
-        ]);
+        if !self.opts.extra.iter().any(|a| a == "--status-addr") {
+            cmd.args(["--status-addr", "off"]);
+        }
+        cmd.args(["--ipalloc-range", &self.opts.range, "--log-level", "debug"]);
         cmd.args(&self.opts.extra);
         cmd.stdin(Stdio::null()).stdout(log.try_clone().expect("log")).stderr(log);
         self.child = Some(cmd.spawn().expect("starting the agent"));

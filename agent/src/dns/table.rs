@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use crate::identity::PeerName;
+use crate::mesh::gossip::version_ok;
 
 /// The endpoint of names registered without one (`weft dns-add IP -h NAME`).
 pub const EXTERN_ENDPOINT: &str = "weft:extern";
@@ -18,6 +19,9 @@ pub const EXTERN_ENDPOINT: &str = "weft:extern";
 /// How long a tombstone is kept (seconds): long enough for every copy of the entry to have
 /// been overtaken.
 pub const TOMBSTONE_LIFETIME: u64 = 30 * 60;
+/// Entries held in all; entries for new keys beyond it are refused (those already held still
+/// update). A mesh of 1000 hosts with 250 named endpoints each fits.
+pub const MAX_TABLE: usize = 1 << 18;
 
 /// One entry as held and gossiped.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -130,7 +134,7 @@ impl Table {
         let mut changed = Vec::new();
         for (key, e) in self.entries.iter_mut() {
             if key.origin == me && e.live() && !wanted.contains_key(key) {
-                e.version += 1;
+                e.version = e.version.saturating_add(1);
                 e.tombstone = now.max(1);
                 changed.push(e.clone());
             }
@@ -139,7 +143,7 @@ impl Table {
             match self.entries.get_mut(&key) {
                 Some(e) if e.live() && e.name == l.name => {}
                 Some(e) => {
-                    e.version += 1;
+                    e.version = e.version.saturating_add(1);
                     e.tombstone = 0;
                     e.name = l.name.clone();
                     changed.push(e.clone());
@@ -165,6 +169,9 @@ impl Table {
     pub fn merge(&mut self, received: impl IntoIterator<Item = Entry>, now: u64) -> Merged {
         let mut out = Merged::default();
         for e in received {
+            if !version_ok(e.version) {
+                continue;
+            }
             if e.origin == self.me {
                 self.merge_own(e, now, &mut out.corrections);
                 continue;
@@ -172,6 +179,7 @@ impl Table {
             let key = e.key();
             match self.entries.get(&key) {
                 Some(ours) if ours.rank() >= e.rank() => {}
+                None if self.entries.len() >= MAX_TABLE => {}
                 _ => {
                     out.news.push(e.clone());
                     self.entries.insert(key, e);
@@ -227,7 +235,8 @@ impl Table {
     /// Drops tombstones older than [`TOMBSTONE_LIFETIME`].
     pub fn expire_tombstones(&mut self, now: u64) -> bool {
         let before = self.entries.len();
-        self.entries.retain(|_, e| e.live() || e.tombstone + TOMBSTONE_LIFETIME > now);
+        self.entries
+            .retain(|_, e| e.live() || e.tombstone.saturating_add(TOMBSTONE_LIFETIME) > now);
         before != self.entries.len()
     }
 }
@@ -251,6 +260,42 @@ mod tests {
 
     fn names(t: &Table) -> Vec<(String, String)> {
         t.live().map(|e| (e.name.clone(), e.addr.to_string())).collect()
+    }
+
+    #[test]
+    fn merging_stops_at_the_table_cap() {
+        let mut t = Table::new(peer(1));
+        let e = |i: u32| Entry {
+            name: format!("n{i}.weave.local."),
+            addr: IpAddr::from(i.to_be_bytes()),
+            endpoint: "e".into(),
+            origin: peer(2),
+            version: 1,
+            tombstone: 0,
+        };
+        let m = t.merge((0..MAX_TABLE as u32 + 100).map(e), 1);
+        assert_eq!(m.news.len(), MAX_TABLE);
+        assert_eq!(t.len(), MAX_TABLE);
+        let newer = Entry { version: 2, ..e(0) };
+        assert_eq!(t.merge([newer], 1).news.len(), 1, "held entries still update");
+    }
+
+    #[test]
+    fn versions_beyond_the_limit_are_refused_and_tombstones_never_overflow() {
+        let mut t = Table::new(peer(1));
+        let sent = t.set_local(&want(&[local("a.weave.local.", "10.32.0.1")]), 100);
+        let mut forged = sent[0].clone();
+        forged.version = u64::MAX;
+        forged.tombstone = 5;
+        let m = t.merge([forged.clone()], 200);
+        assert!(m.news.is_empty() && m.corrections.is_empty());
+        assert_eq!(names(&t).len(), 1, "our own entry still stands");
+        let other = Entry { origin: peer(2), ..forged };
+        assert!(t.merge([other], 200).news.is_empty());
+        // A tombstone at u64::MAX (from an older decoder) expires without a panic.
+        let dead = Entry { origin: peer(3), version: 3, tombstone: u64::MAX, ..sent[0].clone() };
+        t.merge([dead], 200);
+        t.expire_tombstones(u64::MAX);
     }
 
     #[test]

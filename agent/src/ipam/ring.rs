@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 
 use crate::identity::PeerName;
+use crate::mesh::gossip::version_ok;
 
 /// Added to the version of entries taken over from a peer that is gone.
 pub const TRANSFER_MARGIN: u64 = 100;
@@ -129,6 +130,9 @@ impl Ring {
             if *last >= self.end {
                 return Err(RingError::Invalid("a token lies outside the range".into()));
             }
+        }
+        if self.entries.values().any(|e| !version_ok(e.version) || !version_ok(e.free_version)) {
+            return Err(RingError::Invalid("a version beyond the limit".into()));
         }
         Ok(())
     }
@@ -252,7 +256,7 @@ impl Ring {
         let inside: Vec<u128> = self.entries.range(r.start..r.end).map(|(t, _)| *t).collect();
         for t in inside {
             if let Some(e) = self.entries.get_mut(&t) {
-                *e = Entry::new(to, e.version + 1, 0);
+                *e = Entry::new(to, e.version.saturating_add(1), 0);
             }
         }
         self.entries.entry(r.start).or_insert_with(|| Entry::new(to, 1, 0));
@@ -278,7 +282,7 @@ impl Ring {
         for t in tokens {
             moved += self.range_at(t).end - t;
             if let Some(e) = self.entries.get_mut(&t) {
-                *e = Entry { peer: to, version: e.version + TRANSFER_MARGIN, ..*e };
+                *e = Entry { peer: to, version: e.version.saturating_add(TRANSFER_MARGIN), ..*e };
                 e.free_version = 0;
             }
         }
@@ -300,7 +304,7 @@ impl Ring {
             if let Some(e) = self.entries.get_mut(&t) {
                 if e.free != free {
                     e.free = free;
-                    e.free_version += 1;
+                    e.free_version = e.free_version.saturating_add(1);
                     changed = true;
                 }
             }
@@ -355,6 +359,12 @@ impl Ring {
                 }
             }
         }
+        if self.entries.len() > MAX_ENTRIES {
+            // Such a ring could not be loaded again at the next start (decoding enforces the
+            // bound): keep ours.
+            *self = before;
+            return Err(RingError::Invalid(format!("merged ring over {MAX_ENTRIES} entries")));
+        }
         if self.seeds.is_empty() {
             self.seeds = other.seeds.clone();
         }
@@ -368,7 +378,7 @@ impl Ring {
                     continue;
                 }
                 if busy(r.clone()) {
-                    *e = Entry::new(me, e.version + 1, e.free);
+                    *e = Entry::new(me, e.version.saturating_add(1), e.free);
                     out.retained.push(r);
                 } else {
                     out.lost.push(r);
@@ -392,6 +402,33 @@ mod tests {
 
     fn never(_: Range<u128>) -> bool {
         false
+    }
+
+    #[test]
+    fn a_ring_with_a_version_beyond_the_limit_is_refused() {
+        let mut ours = Ring::new(0..1024);
+        ours.seed(&[p(1), p(2)]);
+        let mut theirs = ours.clone();
+        if let Some(e) = theirs.entries.get_mut(&512) {
+            e.version = u64::MAX;
+        }
+        assert!(ours.merge(&theirs, p(1), never).is_err());
+        assert_eq!(ours.owner(600), Some(p(2)));
+    }
+
+    #[test]
+    fn a_merge_beyond_max_entries_is_refused_and_keeps_ours() {
+        let n = MAX_ENTRIES as u128;
+        let entry = |peer| Entry::new(peer, 1, 0);
+        // Two rings of MAX_ENTRIES * 5/8 tokens each, interleaved: their union is too big.
+        let a = (0..n * 5 / 8).map(|i| (i * 4, entry(p(1))));
+        let b = std::iter::once((0, entry(p(1))))
+            .chain((0..n * 5 / 8).map(|i| (i * 4 + 2, entry(p(2)))));
+        let mut ours = Ring::from_parts(0..n * 4, a, vec![]).unwrap();
+        let theirs = Ring::from_parts(0..n * 4, b, vec![]).unwrap();
+        let before = ours.clone();
+        assert!(ours.merge(&theirs, p(1), never).is_err());
+        assert_eq!(ours, before);
     }
 
     #[test]

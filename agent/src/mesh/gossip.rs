@@ -10,6 +10,17 @@ use tokio::sync::mpsc;
 
 use crate::identity::PeerName;
 
+/// The greatest version a peer may send for any gossiped entry (topology, DNS, MACs, the IP
+/// ring). Honest versions start small or at the time in milliseconds (about 2^41); a greater
+/// one can only be meant to win every merge forever. Refusing it on receipt leaves 2^62 of room
+/// to raise any accepted version without overflow.
+pub const MAX_VERSION: u64 = 1 << 62;
+
+/// Whether a received version may be merged (see [`MAX_VERSION`]).
+pub fn version_ok(v: u64) -> bool {
+    v <= MAX_VERSION
+}
+
 /// What arrives on a channel.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum GossipEvent {

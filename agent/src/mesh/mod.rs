@@ -7,6 +7,7 @@ pub mod connection;
 pub mod frame;
 pub mod fuzz;
 pub mod gossip;
+pub mod limits;
 pub mod maker;
 pub mod report;
 pub mod router;

@@ -19,6 +19,9 @@ use tracing::{debug, info, warn};
 use super::connection::{self, CloseReason, ConnError, ConnEvent, Established, Handle, Setup};
 use super::frame::frame_of;
 use super::gossip::{GossipEvent, Outgoing, SendKind};
+use super::limits::{
+    Buckets, OTHER_LABEL, SURROGATE_BURST, SURROGATE_MAX_PAYLOAD, SURROGATE_RATE, valid_channel,
+};
 use super::maker::{DialOutcome, Maker, Source, TargetKey};
 use super::proto;
 use super::report::{ConnState, ConnectionReport, MeshReport, PeerEntryReport, TargetReport};
@@ -146,6 +149,8 @@ pub struct Router {
     conns: BTreeMap<PeerName, Conn>,
     channels: HashMap<String, mpsc::Sender<GossipEvent>>,
     surrogate_seen: HashMap<u64, Instant>,
+    /// Surrogate gossip passed on, per neighbour it came from.
+    surrogate_rate: Buckets<PeerName>,
     maker: Maker,
     failures: Vec<ConnectionReport>,
     next_id: u64,
@@ -209,6 +214,7 @@ impl Router {
             conns: BTreeMap::new(),
             channels: HashMap::new(),
             surrogate_seen: HashMap::new(),
+            surrogate_rate: Buckets::new(SURROGATE_RATE, SURROGATE_BURST),
             maker,
             failures: Vec::new(),
             next_id: 1,
@@ -342,6 +348,7 @@ impl Router {
             let full = self.topology.entries().clone();
             self.send_topology(SendKind::Gossip { exclude: None }, &full);
             self.surrogate_seen.retain(|_, t| now.duration_since(*t) < ANTI_ENTROPY);
+            self.surrogate_rate.prune(now);
         }
     }
 
@@ -562,12 +569,26 @@ impl Router {
         }
     }
 
+    /// Counts bytes under the channel's label: only channels this agent runs (and the
+    /// topology) get their own, so peers cannot add label sets (nor inject text) to /metrics.
     fn count(&self, channel: &str, direction: &str, bytes: usize) {
-        self.metrics.gossip_bytes(channel, direction, bytes as u64);
+        let label = if channel == TOPOLOGY || self.channels.contains_key(channel) {
+            channel
+        } else {
+            OTHER_LABEL
+        };
+        self.metrics.gossip_bytes(label, direction, bytes as u64);
     }
 
     fn on_frame(&mut self, from: PeerName, frame: proto::Frame, bytes: usize) {
         use proto::frame::Kind;
+        if let Some(Kind::Gossip(m) | Kind::Broadcast(m) | Kind::Unicast(m)) = &frame.kind {
+            if !valid_channel(&m.channel) {
+                warn!(%from, "invalid channel name; closing the connection");
+                self.drop_conn(from, CloseReason::Failed("invalid gossip channel name".into()));
+                return;
+            }
+        }
         match frame.kind {
             Some(Kind::Gossip(m)) => {
                 self.count(&m.channel, "received", bytes);
@@ -638,6 +659,14 @@ impl Router {
     /// peers behind us.
     fn surrogate(&mut self, from: PeerName, m: proto::GossipMessage) {
         use std::hash::{Hash, Hasher};
+        if m.payload.len() > SURROGATE_MAX_PAYLOAD {
+            debug!(%from, bytes = m.payload.len(), "surrogate gossip too large; not passed on");
+            return;
+        }
+        if !self.surrogate_rate.take(&from, Instant::now()) {
+            debug!(%from, "surrogate gossip rate exceeded; not passed on");
+            return;
+        }
         let mut h = std::collections::hash_map::DefaultHasher::new();
         m.channel.hash(&mut h);
         m.payload.hash(&mut h);

@@ -126,7 +126,7 @@ impl Topology {
             return false;
         }
         mine.connections.insert(peer, conn);
-        mine.version += 1;
+        mine.version = mine.version.saturating_add(1);
         true
     }
 
@@ -136,7 +136,7 @@ impl Topology {
         if mine.connections.remove(&peer).is_none() {
             return false;
         }
-        mine.version += 1;
+        mine.version = mine.version.saturating_add(1);
         true
     }
 
@@ -146,6 +146,7 @@ impl Topology {
     /// it was raised (it must then be sent again).
     pub fn merge(&mut self, received: &Entries) -> Vec<PeerName> {
         let mut others = received.clone();
+        others.0.retain(|_, e| super::gossip::version_ok(e.version));
         let mut changed = Vec::new();
         if let Some(about_me) = others.0.remove(&self.me) {
             let mine = self.mine().clone();
@@ -256,6 +257,23 @@ pub(crate) mod tests {
             }
             e
         })
+    }
+
+    #[test]
+    fn a_version_beyond_the_limit_is_refused_about_anyone() {
+        let mut t = Topology::new(name(0), "me".into(), 5, 1);
+        let huge =
+            |v| PeerInfo { version: v, uid: 9, nickname: "x".into(), connections: BTreeMap::new() };
+        let about_me = Entries(BTreeMap::from([(name(0), huge(u64::MAX))]));
+        assert!(t.merge(&about_me).is_empty(), "an entry about us at u64::MAX is refused");
+        let other =
+            Entries(BTreeMap::from([(name(1), huge(crate::mesh::gossip::MAX_VERSION + 1))]));
+        assert!(t.merge(&other).is_empty());
+        assert!(t.get(name(1)).is_none());
+        // At the limit it is merged, and ours is raised above it without overflow.
+        let at_limit = Entries(BTreeMap::from([(name(0), huge(crate::mesh::gossip::MAX_VERSION))]));
+        assert_eq!(t.merge(&at_limit), vec![name(0)]);
+        assert_eq!(t.get(name(0)).unwrap().version, crate::mesh::gossip::MAX_VERSION + 1);
     }
 
     fn joined(a: &Entries, b: &Entries) -> Entries {

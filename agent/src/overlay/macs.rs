@@ -11,8 +11,16 @@ use prost::Message;
 
 use crate::dataplane::Mac;
 use crate::identity::PeerName;
-use crate::mesh::gossip::GossipData;
+use crate::mesh::gossip::{GossipData, version_ok};
 use crate::proto;
+
+/// MACs kept per origin (a host runs at most a few hundred endpoints); beyond, the smallest
+/// are kept, the same on every peer.
+pub const MAX_MACS_PER_ORIGIN: usize = 4096;
+/// Addresses kept per MAC.
+pub const MAX_IPS_PER_MAC: usize = 16;
+/// Origins held; origins of new peers beyond it are refused until some leave.
+pub const MAX_ORIGINS: usize = 4096;
 
 /// One peer's MACs and their addresses.
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
@@ -44,7 +52,7 @@ impl MacTable {
         if current.is_some_and(|o| o.macs == macs) {
             return None;
         }
-        let version = now_ms.max(current.map_or(0, |o| o.version + 1));
+        let version = now_ms.max(current.map_or(0, |o| o.version.saturating_add(1)));
         self.origins.insert(me, Origin { version, macs });
         Some(self.encode(&[me]))
     }
@@ -56,8 +64,12 @@ impl MacTable {
             if Some(*peer) == self.me {
                 continue; // only we speak for ourselves
             }
+            if !version_ok(theirs.version) {
+                continue;
+            }
             match self.origins.get(peer) {
                 Some(ours) if ours >= theirs => {}
+                None if self.origins.len() >= MAX_ORIGINS => {}
                 _ => {
                     self.origins.insert(*peer, theirs.clone());
                     changed.push(*peer);
@@ -146,14 +158,21 @@ pub fn decode(bytes: &[u8]) -> Result<BTreeMap<PeerName, Origin>, String> {
         let mut macs = BTreeMap::new();
         for e in o.macs {
             let Ok(m) = <[u8; 6]>::try_from(e.mac.as_slice()) else { continue };
+            if !unicast(m) {
+                continue; // never a pod's address; the kernel would refuse it anyway
+            }
             let ips = e
                 .ips
                 .iter()
                 .filter_map(|b| {
                     IpAddr::try_from(&weft_api::v1::IpAddress { octets: b.clone() }).ok()
                 })
+                .take(MAX_IPS_PER_MAC)
                 .collect();
             macs.insert(Mac(m), ips);
+        }
+        while macs.len() > MAX_MACS_PER_ORIGIN {
+            macs.pop_last();
         }
         let origin = Origin { version: o.version, macs };
         let keep = out.get(&peer).is_none_or(|cur: &Origin| origin > *cur);
@@ -162,6 +181,11 @@ pub fn decode(bytes: &[u8]) -> Result<BTreeMap<PeerName, Origin>, String> {
         }
     }
     Ok(out)
+}
+
+/// A unicast address other than all zeroes.
+fn unicast(m: [u8; 6]) -> bool {
+    m[0] & 1 == 0 && m != [0; 6]
 }
 
 impl GossipData for MacTable {
@@ -185,6 +209,52 @@ mod tests {
     }
     fn m(i: u8) -> Mac {
         Mac([2, 0, 0, 0, 0, i])
+    }
+
+    #[test]
+    fn decoding_drops_non_unicast_macs_and_caps_each_origin() {
+        let mut t = MacTable::new(p(2));
+        let many: BTreeMap<Mac, BTreeSet<IpAddr>> = (0..MAX_MACS_PER_ORIGIN as u32 + 10)
+            .map(|i| {
+                let b = i.to_be_bytes();
+                (Mac([2, 0, b[0], b[1], b[2], b[3]]), BTreeSet::new())
+            })
+            .chain(
+                [([0; 6], BTreeSet::new()), ([0xff; 6], BTreeSet::new())].map(|(m, s)| (Mac(m), s)),
+            )
+            .chain([(Mac([1, 0, 0x5e, 0, 0, 1]), BTreeSet::new())])
+            .collect();
+        t.set_local(many, 100).unwrap();
+        let got = decode(&t.encode(&[p(2)])).unwrap();
+        let macs = &got[&p(2)].macs;
+        assert_eq!(macs.len(), MAX_MACS_PER_ORIGIN);
+        assert!(!macs.contains_key(&Mac([0; 6])) && !macs.contains_key(&Mac([0xff; 6])));
+        assert!(!macs.contains_key(&Mac([1, 0, 0x5e, 0, 0, 1])));
+    }
+
+    #[test]
+    fn origins_beyond_the_cap_are_refused() {
+        let mut t = MacTable::new(p(1));
+        let o = Origin { version: 1, macs: BTreeMap::new() };
+        let all: BTreeMap<PeerName, Origin> =
+            (2..MAX_ORIGINS as u64 + 12).map(|i| (p(i), o.clone())).collect();
+        assert_eq!(t.merge(&all).len(), MAX_ORIGINS);
+        let newer = Origin { version: 2, macs: BTreeMap::new() };
+        assert_eq!(
+            t.merge(&BTreeMap::from([(p(2), newer)])),
+            vec![p(2)],
+            "known origins still update"
+        );
+    }
+
+    #[test]
+    fn an_origin_beyond_the_version_limit_is_refused() {
+        let mut t = MacTable::new(p(1));
+        let huge = Origin { version: u64::MAX, macs: BTreeMap::from([(m(1), BTreeSet::new())]) };
+        assert!(t.merge(&BTreeMap::from([(p(2), huge)])).is_empty());
+        assert!(t.remote().is_empty());
+        let fine = Origin { version: 5, macs: BTreeMap::from([(m(1), BTreeSet::new())]) };
+        assert_eq!(t.merge(&BTreeMap::from([(p(2), fine)])), vec![p(2)]);
     }
 
     #[test]
