@@ -124,16 +124,11 @@ fn partial_connectivity_is_bridged_by_the_middle_host() {
         relayed.iter().any(|r| r[0] == h3.peer_name().as_str() && r[1] == h2.peer_name().as_str()),
         "h3 is reached via h2: {relayed:?}"
     );
-    // h2 carries h1's traffic for h3 in one of two ways: its sleeve relays h1's datagrams (h1
-    // addressed them to h3), or h1's frames arrive through fastdp into h2's bridge, which
-    // switches them to the sleeve port, and h2's sleeve sends them on as its own. Which one
-    // depends on which MACs the bridges had learned when the transfer started.
-    let sleeve = &h2.status().expect("status")["overlay"]["sleeve"];
-    let (relayed, sent) = (sleeve["relayed"].as_u64(), sleeve["tx_bytes"].as_u64());
-    assert!(
-        relayed.unwrap_or(0) > 0 || sent.unwrap_or(0) >= 10 << 20,
-        "h2's sleeve carried the transfer: {sleeve}"
-    );
+    // The overlay's report (sleeve counters included) is published on its tick, so it may
+    // predate a transfer this fast: poll it.
+    wait_until(T, "h2's report to show relayed datagrams", || {
+        h2.status().is_some_and(|s| s["overlay"]["sleeve"]["relayed"].as_u64().unwrap_or(0) > 0)
+    });
 }
 
 #[test]
