@@ -548,8 +548,11 @@ impl Endpoints {
             match self.inner.dp.check_netns(&netns) {
                 Ok(()) => {}
                 Err(e) if e.netns_gone() => {
-                    info!(endpoint = %rec.id, netns = %netns.display(), "namespace is gone; releasing the endpoint");
                     let _guard = self.inner.locks.lock(&rec.id).await;
+                    if !self.still_recorded(rec).await {
+                        continue;
+                    }
+                    info!(endpoint = %rec.id, netns = %netns.display(), "namespace is gone; releasing the endpoint");
                     self.discard(&rec.id, &rec.host_ifname).await;
                     continue;
                 }
@@ -563,6 +566,11 @@ impl Endpoints {
             let Some(spec) = rec.spec(&self.inner.bridge) else { continue };
             let dp = self.inner.dp.clone();
             let _guard = self.inner.locks.lock(&rec.id).await;
+            // A DEL (and a new ADD of the same id) may have run between the snapshot and the
+            // lock: repairing would put back the interface the DEL just removed.
+            if !self.still_recorded(rec).await {
+                continue;
+            }
             let spec2 = spec.clone();
             if blocking(move || dp.check_endpoint(&spec2)).await.is_err() {
                 let dp = self.inner.dp.clone();
@@ -590,6 +598,12 @@ impl Endpoints {
             }
         }
         Ok(())
+    }
+
+    /// Whether `rec` is still the record of its id (call with the id's lock held).
+    async fn still_recorded(&self, rec: &EndpointRecord) -> bool {
+        let id = rec.id.clone();
+        matches!(self.inner.state.call(move |s| s.record(&id)).await, Ok(Some(now)) if now == *rec)
     }
 
     /// Reprograms the bridge and firewall if they drifted.

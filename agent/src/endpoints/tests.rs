@@ -194,6 +194,36 @@ async fn reconcile_releases_gone_pods_repairs_lost_interfaces_and_removes_strays
     assert_eq!(used(&r.endpoints).await, 2);
 }
 
+/// Found by the soak: a DEL that ran between reconcile's snapshot of the records and its lock
+/// on the endpoint had its interface put back by the repair, and the next ADD in that
+/// namespace failed with "eth0 already exists".
+#[tokio::test]
+async fn reconcile_does_not_repair_an_endpoint_deleted_after_its_snapshot() {
+    let r = rig();
+    let a = r.endpoints.cni_add(add("c1", "/run/netns/p1")).await.unwrap();
+    let id = a.record.id.clone();
+    // Hold the endpoint's lock as a DEL in progress does, and let reconcile reach it.
+    let held = r.endpoints.inner.locks.lock(&id).await;
+    let checks = r.dp.count(Op::CheckNetns);
+    let reconcile = tokio::spawn({
+        let e = r.endpoints.clone();
+        async move { e.reconcile(false).await }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while r.dp.count(Op::CheckNetns) == checks {
+        assert!(std::time::Instant::now() < deadline, "reconcile never checked the namespace");
+        tokio::task::yield_now().await;
+    }
+    // What the DEL does under the lock: the interface goes, then the record.
+    r.dp.lose_link(&a.record.host_ifname);
+    let gone = id.clone();
+    r.endpoints.inner.state.call(move |s| s.remove(&gone)).await.unwrap().unwrap();
+    drop(held);
+    reconcile.await.unwrap().unwrap();
+    assert!(!r.dp.links().contains_key(&a.record.host_ifname), "the deleted interface stays gone");
+    assert_eq!(r.dp.count(Op::SetupEndpoint), 1, "only the ADD set the endpoint up");
+}
+
 #[tokio::test]
 async fn reconcile_keeps_pods_whose_namespace_cannot_be_opened_for_lack_of_fds() {
     let r = rig();
