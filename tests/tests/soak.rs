@@ -106,14 +106,17 @@ fn sample(a: &Agent) -> Sample {
     Sample { rss_kib, fds }
 }
 
-/// The agents' samples once their fd counts have held still for `QUIET` (polled; at most
-/// `SETTLE`): idle tokio blocking threads, each with the epoll and event fds of its own
-/// runtime for rtnetlink, linger 10 s after a burst of work and are not leaks.
+/// The agents' samples while the load is paused: RSS as last read, and the lowest fd count seen
+/// until the counts have held still for `QUIET` (polled; at most `SETTLE`). Idle tokio
+/// blocking threads, each with the epoll and event fds of its own runtime for rtnetlink, linger
+/// 10 s after a burst of work and are not leaks; periodic work may start one at any moment, so
+/// the lowest count is the comparable one.
 fn settled(agents: &[Agent]) -> Vec<Sample> {
     const QUIET: Duration = Duration::from_secs(11);
     const SETTLE: Duration = Duration::from_secs(30);
     let deadline = Instant::now() + SETTLE;
     let mut last: Vec<Sample> = agents.iter().map(sample).collect();
+    let mut low: Vec<u64> = last.iter().map(|s| s.fds).collect();
     let mut since = Instant::now();
     while Instant::now() < deadline && since.elapsed() < QUIET {
         std::thread::sleep(Duration::from_millis(100));
@@ -121,9 +124,12 @@ fn settled(agents: &[Agent]) -> Vec<Sample> {
         if now.iter().zip(&last).any(|(a, b)| a.fds != b.fds) {
             since = Instant::now();
         }
+        for (l, s) in low.iter_mut().zip(&now) {
+            *l = (*l).min(s.fds);
+        }
         last = now;
     }
-    last
+    last.into_iter().zip(low).map(|(s, fds)| Sample { fds, ..s }).collect()
 }
 
 /// Paces the load and the timeline: waits until `t` (not a synchronisation point).
