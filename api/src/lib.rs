@@ -152,7 +152,10 @@ pub async fn connect(socket: &Path) -> Result<AgentClient<Channel>, ConnectError
             async move { tokio::net::UnixStream::connect(path).await.map(TokioIo::new) }
         }))
         .await
-        .map_err(|e| ConnectError::Other {
+        // The probe got through, so the agent was listening a moment ago: a handshake that
+        // fails now is an agent going down (killed or restarting), and callers must treat it
+        // as such (retry, or queue a DEL), not as a failure of the request.
+        .map_err(|e| ConnectError::AgentDown {
             path: socket.to_path_buf(),
             source: std::io::Error::other(e.to_string()),
         })?;
