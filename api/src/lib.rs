@@ -175,6 +175,30 @@ fn classify(path: &Path, e: std::io::Error) -> ConnectError {
 mod tests {
     use super::*;
 
+    /// An agent killed between the plugin's probe and the gRPC handshake: the socket accepts,
+    /// then the connection is reset. Callers must see "agent down" (retry, or queue a DEL).
+    #[tokio::test]
+    async fn a_handshake_cut_after_the_probe_means_the_agent_is_down() {
+        let dir = std::env::temp_dir().join(format!("weft-api-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("agent.sock");
+        let _ = std::fs::remove_file(&socket);
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        let accepts = tokio::spawn(async move {
+            let mut n = 0u32;
+            // Two connections: the probe and the handshake; each is closed at once.
+            while n < 2 {
+                let (conn, _) = listener.accept().await.unwrap();
+                drop(conn);
+                n += 1;
+            }
+        });
+        let err = connect(&socket).await.err().expect("a cut handshake must not connect");
+        assert!(matches!(err, ConnectError::AgentDown { .. }), "got {err:?}");
+        accepts.await.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn network_round_trips() {
         for s in ["10.32.0.5/12", "fd00::1/64", "0.0.0.0/0"] {
