@@ -211,6 +211,7 @@ fn state_config(cfg: &AgentConfig, identity: &Identity, mtu: u32) -> StateConfig
             (L4::Udp, cfg.mesh.port),
             (L4::Udp, cfg.mesh.fastdp_port),
         ],
+        dns_tcp_ports: cfg.dns.as_ref().map(|d| d.listen.ports()).unwrap_or_default(),
     }
 }
 

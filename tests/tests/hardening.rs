@@ -255,3 +255,90 @@ fn the_agent_keeps_only_the_documented_capabilities_and_hides_its_password() {
     assert!(!out.status.success(), "the agent attached its own namespace");
     a.stop();
 }
+
+/// The documented cap (docs/security.md; `DNS_TCP_PER_SOURCE` in agent/src/dataplane/nft.rs).
+const DNS_TCP_PER_SOURCE: u32 = 16;
+
+/// Opens `n` TCP connections to `gw:53` at once and holds them; prints how many were
+/// accepted, then waits for stdin to close.
+const HOLD_TCP: &str = r#"
+import socket, sys
+gw, n = sys.argv[1], int(sys.argv[2])
+held = []
+for _ in range(n):
+    s = socket.socket()
+    s.settimeout(2)
+    if s.connect_ex((gw, 53)) == 0:
+        held.append(s)
+print(len(held), flush=True)
+sys.stdin.read()
+"#;
+
+#[test]
+fn a_pod_cannot_hold_more_than_its_share_of_dns_tcp_connections() {
+    let (lab, h) = Lab::new(1, 1500);
+    let agents = lab.agents(h, &[]);
+    let a = &agents[0];
+    let gw = expose(a);
+    let (greedy, _) = pod(a, "greedy");
+    let (other, other_ip) = pod(a, "other");
+    let pid = agent_pid(a.host());
+    let before_fds = fd_count(pid);
+
+    let mut hold = greedy
+        .cmd("python3")
+        .args(["-c", HOLD_TCP, &gw, "64"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut lines =
+        std::io::BufRead::lines(std::io::BufReader::new(hold.stdout.take().expect("stdout")));
+    let held: u32 = lines
+        .next()
+        .and_then(Result::ok)
+        .and_then(|l| l.trim().parse().ok())
+        .expect("the holder's count");
+    // Every connection the pod got is one the agent accepted: the cap, and no more.
+    assert_eq!(held, DNS_TCP_PER_SOURCE, "connections held by one pod");
+    assert!(
+        fd_count(pid) <= before_fds + held as usize + 4,
+        "the agent holds {} descriptors (had {before_fds})",
+        fd_count(pid)
+    );
+    // Another pod still resolves over TCP while the first holds its share.
+    let dig = must(other.cmd("dig").args([
+        &format!("@{gw}"),
+        "+tcp",
+        "+short",
+        "+time=2",
+        "+tries=1",
+        "other.weave.local",
+    ]));
+    assert_eq!(dig.trim(), other_ip);
+    drop(hold.stdin.take());
+    let _ = hold.wait();
+}
+
+#[test]
+fn dns_refuses_queries_from_the_underlay_even_when_routed_to_the_gateway() {
+    let (lab, h) = Lab::new(1, 1500);
+    let agents = lab.agents(h, &[]);
+    let a = &agents[0];
+    let gw = expose(a);
+    let (client, ip) = pod(a, "client");
+    // Another underlay machine that routes the pod range through this host.
+    must(lab.underlay.cmd("ip").args(["addr", "add", "10.99.0.200/24", "dev", "br0"]));
+    must(lab.underlay.cmd("ip").args(["route", "add", &format!("{gw}/32"), "via", lab.ip(1)]));
+    must(a.host().cmd("sysctl").args(["-qw", "net.ipv4.ip_forward=1"]));
+    let ask = |ns: &Netns, name: &str| {
+        must(ns.cmd("dig").args([&format!("@{gw}"), "+time=2", "+tries=1", name]))
+    };
+    for name in ["client.weave.local", "example.org"] {
+        let out = ask(&lab.underlay, name);
+        assert!(out.contains("status: REFUSED"), "{name} from the underlay: {out}");
+    }
+    // The pod itself is answered, over the same address.
+    let out = ask(&client, "client.weave.local");
+    assert!(out.contains("status: NOERROR") && out.contains(&ip), "{out}");
+}

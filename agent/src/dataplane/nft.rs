@@ -20,6 +20,7 @@ const NFT_MSG_DELTABLE: u16 = 2;
 const NFT_MSG_NEWCHAIN: u16 = 3;
 const NFT_MSG_NEWRULE: u16 = 6;
 const NFT_MSG_GETRULE: u16 = 7;
+const NFT_MSG_NEWSET: u16 = 9;
 
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
@@ -47,6 +48,19 @@ const NFTA_EXPR_DATA: u16 = 2;
 const NFTA_DATA_VALUE: u16 = 1;
 const NFTA_DATA_VERDICT: u16 = 2;
 const NFTA_VERDICT_CODE: u16 = 1;
+
+const NFTA_SET_TABLE: u16 = 1;
+const NFTA_SET_NAME: u16 = 2;
+const NFTA_SET_FLAGS: u16 = 3;
+const NFTA_SET_KEY_TYPE: u16 = 4;
+const NFTA_SET_KEY_LEN: u16 = 5;
+const NFTA_SET_DESC: u16 = 9;
+const NFTA_SET_ID: u16 = 10;
+const NFTA_SET_DESC_SIZE: u16 = 1;
+/// `flags dynamic`: rules may add elements from the packet path.
+const NFT_SET_EVAL: u32 = 0x20;
+/// nft's `ipv4_addr` datatype (only read back by `nft list`).
+const NFT_TYPE_IPADDR: u32 = 7;
 
 const NFT_REG_VERDICT: u32 = 0;
 const NFT_REG_1: u32 = 1;
@@ -124,6 +138,13 @@ pub enum Match {
     Iifname(CmpOp, String),
     /// `tcp dport PORT` / `udp dport PORT` (with the `meta l4proto` guard `nft` adds).
     Dport(L4, u16),
+    /// `ct state new`
+    CtStateNew,
+    /// `ct count over N`: more than `N` tracked connections match this rule.
+    ConnCountOver(u32),
+    /// `add @SET { ip saddr ct count over N }`: the packet's IPv4 source has more than `N`
+    /// tracked connections matching this rule (counted per source in the dynamic set).
+    SourceConnCountOver { set: String, max: u32 },
 }
 
 /// Transport protocols of [`Match::Dport`].
@@ -139,6 +160,8 @@ pub enum Action {
     Verdict(Verdict),
     /// `masquerade random-fully`
     Masquerade,
+    /// `reject with tcp reset` (the rule must match TCP only)
+    RejectTcpReset,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -156,11 +179,22 @@ pub struct Chain {
     pub rules: Vec<Rule>,
 }
 
+/// A set of IPv4 addresses that rules fill from the packet path (`flags dynamic`), used to
+/// keep per-source state such as connection counts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DynamicSet {
+    pub name: String,
+    /// At most this many elements; sources beyond it are not tracked (rules using the set do
+    /// not match them), so a cap on the whole rule must back it up.
+    pub size: u32,
+}
+
 /// A whole table, the unit weft installs and replaces.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Table {
     pub family: Family,
     pub name: String,
+    pub sets: Vec<DynamicSet>,
     pub chains: Vec<Chain>,
 }
 
@@ -246,6 +280,34 @@ fn verdict(v: Verdict) -> Expr {
     Expr { name: "immediate", data: a }
 }
 
+/// `ct state` loaded into register 1 (`NFTA_CT_DREG`, `NFTA_CT_KEY` = `NFT_CT_STATE`).
+fn ct_state_load() -> Expr {
+    let mut a = Attrs::default();
+    a.u32(1, NFT_REG_1).u32(2, 0);
+    Expr { name: "ct", data: a }
+}
+
+/// `ct count over max` (`NFTA_CONNLIMIT_COUNT`, `NFTA_CONNLIMIT_FLAGS` = `NFT_CONNLIMIT_F_INV`:
+/// the kernel's test is "at most", inverted it matches above the limit).
+fn conn_count_over(max: u32) -> Expr {
+    let mut a = Attrs::default();
+    a.u32(1, max).u32(2, 1);
+    Expr { name: "connlimit", data: a }
+}
+
+/// `add @set { <register 1> <expr> }`: adds the key in register 1 to `set` with a stateful
+/// expression of its own, and matches when that expression matches.
+fn dynset_add(set: &str, expr: Expr) -> Expr {
+    let mut inner = Attrs::default();
+    inner.str(NFTA_EXPR_NAME, expr.name).nested(NFTA_EXPR_DATA, &expr.data);
+    let mut a = Attrs::default();
+    // NFTA_DYNSET_SET_NAME, _OP (NFT_DYNSET_OP_ADD), _SREG_KEY, _EXPR
+    a.str(1, set).u32(3, 0).u32(4, NFT_REG_1).nested(7, &inner);
+    Expr { name: "dynset", data: a }
+}
+
+/// IP_CT_NEW as a `ct state` bit (NF_CT_STATE_BIT), in host order as the kernel stores it.
+const CT_STATE_NEW: u32 = 1 << 3;
 const PAYLOAD_NETWORK: u32 = 1;
 const PAYLOAD_TRANSPORT: u32 = 2;
 const META_IIFNAME: u32 = 6;
@@ -290,6 +352,18 @@ impl Match {
                 payload_load(PAYLOAD_TRANSPORT, 2, 2),
                 cmp(CmpOp::Eq, &port.to_be_bytes()),
             ],
+            Match::CtStateNew => vec![
+                ct_state_load(),
+                bitwise(&CT_STATE_NEW.to_ne_bytes()),
+                cmp(CmpOp::Neq, &[0; 4]),
+            ],
+            Match::ConnCountOver(max) => vec![conn_count_over(*max)],
+            Match::SourceConnCountOver { set, max } => vec![
+                meta_load(META_NFPROTO),
+                cmp(CmpOp::Eq, &[NFPROTO_IPV4]),
+                payload_load(PAYLOAD_NETWORK, 12, 4),
+                dynset_add(set, conn_count_over(*max)),
+            ],
         }
     }
 }
@@ -302,6 +376,11 @@ impl Action {
                 let mut a = Attrs::default();
                 a.u32(1, NAT_RANDOM_FULLY);
                 vec![Expr { name: "masq", data: a }]
+            }
+            Action::RejectTcpReset => {
+                let mut a = Attrs::default();
+                a.u32(1, 1); // NFTA_REJECT_TYPE = NFT_REJECT_TCP_RST
+                vec![Expr { name: "reject", data: a }]
             }
         }
     }
@@ -333,6 +412,20 @@ fn chain_attrs(table: &str, chain: &Chain) -> Attrs {
         .nested(NFTA_CHAIN_HOOK, &hook)
         .u32(NFTA_CHAIN_POLICY, 1) // NF_ACCEPT: weft's chains never drop by default
         .str(NFTA_CHAIN_TYPE, chain.kind.name());
+    a
+}
+
+fn set_attrs(table: &str, set: &DynamicSet, id: u32) -> Attrs {
+    let mut desc = Attrs::default();
+    desc.u32(NFTA_SET_DESC_SIZE, set.size);
+    let mut a = Attrs::default();
+    a.str(NFTA_SET_TABLE, table)
+        .str(NFTA_SET_NAME, &set.name)
+        .u32(NFTA_SET_FLAGS, NFT_SET_EVAL)
+        .u32(NFTA_SET_KEY_TYPE, NFT_TYPE_IPADDR)
+        .u32(NFTA_SET_KEY_LEN, 4)
+        .nested(NFTA_SET_DESC, &desc)
+        .u32(NFTA_SET_ID, id);
     a
 }
 
@@ -410,6 +503,9 @@ impl NftSocket {
             (NFT_MSG_DELTABLE, 0, table_attrs(&table.name)),
             (NFT_MSG_NEWTABLE, NLM_F_CREATE, table_attrs(&table.name)),
         ];
+        for (id, set) in (1..).zip(&table.sets) {
+            inner.push((NFT_MSG_NEWSET, NLM_F_CREATE, set_attrs(&table.name, set, id)));
+        }
         for chain in &table.chains {
             inner.push((NFT_MSG_NEWCHAIN, NLM_F_CREATE, chain_attrs(&table.name, chain)));
             for rule in &chain.rules {
@@ -627,7 +723,18 @@ pub struct OverlayFirewall {
     /// The agent's own ports (mesh TCP, sleeve UDP, fastdp UDP) that pods must not reach:
     /// dropped on input from the bridge, whatever address they are sent to.
     pub guarded: Vec<(L4, u16)>,
+    /// The ports DNS answers TCP on: pods get at most [`DNS_TCP_PER_SOURCE`] connections
+    /// each and [`DNS_TCP_TOTAL`] together, so they cannot use up the agent's descriptors.
+    pub dns_tcp: Vec<u16>,
 }
+
+/// Concurrent DNS-over-TCP connections one pod address may hold to the agent (resolvers use
+/// one or two; the rest are refused with a TCP reset).
+pub const DNS_TCP_PER_SOURCE: u32 = 16;
+/// Concurrent DNS-over-TCP connections all pods may hold to the agent together.
+pub const DNS_TCP_TOTAL: u32 = 512;
+/// The dynamic set counting DNS-over-TCP connections per pod address.
+const DNS_TCP_SET: &str = "dns-tcp";
 
 const MULTICAST: Ipv4Net = match Ipv4Net::new(Ipv4Addr::new(224, 0, 0, 0), 4) {
     Ok(n) => n,
@@ -665,8 +772,9 @@ impl OverlayFirewall {
             priority: 100,
             rules: post,
         }];
-        if !self.guarded.is_empty() {
-            let input = self
+        let mut sets = Vec::new();
+        if !self.guarded.is_empty() || !self.dns_tcp.is_empty() {
+            let mut input: Vec<Rule> = self
                 .guarded
                 .iter()
                 .map(|&(l4, port)| Rule {
@@ -677,6 +785,12 @@ impl OverlayFirewall {
                     action: Action::Verdict(Verdict::Drop),
                 })
                 .collect();
+            for &port in &self.dns_tcp {
+                input.extend(self.dns_tcp_limits(port));
+            }
+            if !self.dns_tcp.is_empty() {
+                sets.push(DynamicSet { name: DNS_TCP_SET.into(), size: 65_536 });
+            }
             chains.push(Chain {
                 name: "input".into(),
                 kind: ChainType::Filter,
@@ -685,7 +799,28 @@ impl OverlayFirewall {
                 rules: input,
             });
         }
-        Table { family: Family::Inet, name: self.table.clone(), chains }
+        Table { family: Family::Inet, name: self.table.clone(), sets, chains }
+    }
+
+    /// New DNS-over-TCP connections from the bridge beyond the per-source or total cap are
+    /// reset.
+    fn dns_tcp_limits(&self, port: u16) -> [Rule; 2] {
+        let new_dns = || {
+            vec![
+                Match::Iifname(CmpOp::Eq, self.bridge.clone()),
+                Match::Dport(L4::Tcp, port),
+                Match::CtStateNew,
+            ]
+        };
+        let mut per_source = new_dns();
+        per_source
+            .push(Match::SourceConnCountOver { set: DNS_TCP_SET.into(), max: DNS_TCP_PER_SOURCE });
+        let mut total = new_dns();
+        total.push(Match::ConnCountOver(DNS_TCP_TOTAL));
+        [
+            Rule { matches: per_source, action: Action::RejectTcpReset },
+            Rule { matches: total, action: Action::RejectTcpReset },
+        ]
     }
 }
 
@@ -731,6 +866,7 @@ mod tests {
             range: "10.32.0.0/12".parse().unwrap(),
             exposed: vec!["10.2.2.0/24".parse().unwrap()],
             guarded: vec![(L4::Tcp, 6783), (L4::Udp, 6783), (L4::Udp, 6784)],
+            dns_tcp: vec![],
         };
         let t = fw.table();
         assert_eq!(t.family, Family::Inet);
@@ -743,6 +879,39 @@ mod tests {
             [Match::Iifname(CmpOp::Eq, "weft".into()), Match::Dport(L4::Tcp, 6783)]
         );
         assert!(input.rules.iter().all(|r| r.action == Action::Verdict(Verdict::Drop)));
+    }
+
+    #[test]
+    fn pods_dns_tcp_connections_are_capped_per_source_and_in_total() {
+        let fw = OverlayFirewall {
+            table: "weft".into(),
+            bridge: "weft".into(),
+            range: "10.32.0.0/12".parse().unwrap(),
+            exposed: vec![],
+            guarded: vec![],
+            dns_tcp: vec![53],
+        };
+        let t = fw.table();
+        assert_eq!(t.sets, [DynamicSet { name: DNS_TCP_SET.into(), size: 65_536 }]);
+        let input = &t.chains[1].rules;
+        assert_eq!(input.len(), 2);
+        assert!(input.iter().all(|r| r.action == Action::RejectTcpReset));
+        assert!(input.iter().all(|r| r.matches[..3]
+            == [
+                Match::Iifname(CmpOp::Eq, "weft".into()),
+                Match::Dport(L4::Tcp, 53),
+                Match::CtStateNew
+            ]));
+        assert_eq!(
+            input[0].matches[3],
+            Match::SourceConnCountOver { set: DNS_TCP_SET.into(), max: DNS_TCP_PER_SOURCE }
+        );
+        assert_eq!(input[1].matches[3], Match::ConnCountOver(DNS_TCP_TOTAL));
+        // The per-source count keys on the IPv4 source, behind the family guard.
+        let names: Vec<&str> = input[0].matches[3].exprs().iter().map(|e| e.name).collect();
+        assert_eq!(names, ["meta", "cmp", "payload", "dynset"]);
+        let without_dns = OverlayFirewall { dns_tcp: vec![], ..fw };
+        assert!(without_dns.table().sets.is_empty());
     }
 
     #[test]

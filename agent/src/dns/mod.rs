@@ -53,6 +53,19 @@ pub enum Listen {
     Addrs(Vec<SocketAddr>),
 }
 
+impl Listen {
+    /// The ports served, each once.
+    pub fn ports(&self) -> Vec<u16> {
+        let mut ports: Vec<u16> = match self {
+            Listen::Exposed(p) => vec![*p],
+            Listen::Addrs(addrs) => addrs.iter().map(SocketAddr::port).collect(),
+        };
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+    }
+}
+
 impl std::str::FromStr for Listen {
     type Err = String;
     fn from_str(s: &str) -> Result<Listen, String> {

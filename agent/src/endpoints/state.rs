@@ -37,6 +37,9 @@ pub struct StateConfig {
     pub firewall_table: String,
     /// The agent's ports pods must not reach (see [`OverlayFirewall::guarded`]).
     pub guarded_ports: Vec<(L4, u16)>,
+    /// The ports DNS answers TCP on, where pods' connections are capped
+    /// (see [`OverlayFirewall::dns_tcp`]).
+    pub dns_tcp_ports: Vec<u16>,
 }
 
 /// A CNI ADD as the state needs it.
@@ -742,6 +745,7 @@ impl State {
                 range,
                 exposed,
                 guarded: self.cfg.guarded_ports.clone(),
+                dns_tcp: self.cfg.dns_tcp_ports.clone(),
             }
             .table(),
         )

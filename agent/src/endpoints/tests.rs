@@ -41,6 +41,7 @@ fn rig_in(dir: tempfile::TempDir, dp: Arc<RecordingDataplane>) -> Rig {
         mtu: 1450,
         firewall_table: "weft".into(),
         guarded_ports: vec![],
+        dns_tcp_ports: vec![],
     };
     let ipam = IpamConfig {
         me: me(),

@@ -42,6 +42,7 @@ impl VxlanFilter {
         Table {
             family: Family::Inet,
             name: self.table.clone(),
+            sets: vec![],
             chains: vec![Chain {
                 name: "vxlan-input".into(),
                 kind: ChainType::Filter,
