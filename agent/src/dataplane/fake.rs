@@ -175,6 +175,16 @@ impl Dataplane for RecordingDataplane {
         Ok(())
     }
 
+    fn teardown_endpoint_of(&self, host_ifname: &str, owner: &str) -> Result<bool, KernelError> {
+        self.record(Op::TeardownEndpoint, host_ifname)?;
+        let mut k = self.lock();
+        if k.links.get(host_ifname).is_none_or(|l| l.owner != owner) {
+            return Ok(false);
+        }
+        k.links.remove(host_ifname);
+        Ok(true)
+    }
+
     fn check_endpoint(&self, spec: &EndpointSpec) -> Result<(), KernelError> {
         self.record(Op::CheckEndpoint, &spec.host_ifname)?;
         match self.lock().links.get(&spec.host_ifname) {

@@ -191,6 +191,12 @@ impl LinuxDataplane {
                 .ctx(|| "looking up the veth".into())?
                 .ok_or_else(|| KernelError::Mismatch(format!("{} vanished", spec.host_ifname)))?,
         );
+        // Set after creation: the kernel takes IFLA_IFALIAS only when changing a link.
+        if host_link.alias.as_deref() != Some(spec.owner.as_str()) {
+            host.set_alias(host_link.index, &spec.owner)
+                .await
+                .ctx(|| format!("labelling {} with its endpoint", spec.host_ifname))?;
+        }
         host.set_up(host_link.index, Some(spec.mtu), Some(bridge_index))
             .await
             .ctx(|| format!("attaching {} to {}", spec.host_ifname, spec.bridge))?;
@@ -247,6 +253,20 @@ impl LinuxDataplane {
             host.del_link(link.header.index).await.ctx(|| format!("deleting {host_ifname}"))?;
         }
         Ok(())
+    }
+
+    async fn teardown_endpoint_of(host_ifname: String, owner: String) -> Result<bool, KernelError> {
+        let host = host_socket()?;
+        let Some(link) =
+            host.link_by_name(&host_ifname).await.ctx(|| "looking up the veth".into())?
+        else {
+            return Ok(false);
+        };
+        if LinkInfo::from_message(&link).alias.as_deref() != Some(owner.as_str()) {
+            return Ok(false);
+        }
+        host.del_link(link.header.index).await.ctx(|| format!("deleting {host_ifname}"))?;
+        Ok(true)
     }
 
     async fn check_endpoint(spec: EndpointSpec) -> Result<(), KernelError> {
@@ -377,6 +397,10 @@ impl Dataplane for LinuxDataplane {
         addresses: &[IpNet],
     ) -> Result<(), KernelError> {
         block_on(Self::remove_addresses(spec.clone(), addresses.to_vec()))
+    }
+
+    fn teardown_endpoint_of(&self, host_ifname: &str, owner: &str) -> Result<bool, KernelError> {
+        block_on(Self::teardown_endpoint_of(host_ifname.to_owned(), owner.to_owned()))
     }
 
     fn teardown_endpoint(&self, host_ifname: &str) -> Result<(), KernelError> {

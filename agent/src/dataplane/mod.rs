@@ -52,6 +52,9 @@ pub struct RouteSpec {
 /// The desired state of one endpoint: a veth pair between the bridge and a namespace.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointSpec {
+    /// The endpoint's id, kept on the host-side veth as its alias (`ip link` shows it), so
+    /// that a DEL without a record removes only an interface made for that id.
+    pub owner: String,
     pub bridge: String,
     pub host_ifname: String,
     pub netns: PathBuf,
@@ -134,6 +137,9 @@ pub trait Dataplane: Send + Sync + 'static {
     -> Result<(), KernelError>;
     /// Removes an endpoint's veth pair. Succeeds when it is already gone.
     fn teardown_endpoint(&self, host_ifname: &str) -> Result<(), KernelError>;
+    /// Removes the veth pair `host_ifname` only if it was made for the endpoint `owner` (see
+    /// [`EndpointSpec::owner`]); `Ok(false)` when it is gone or belongs to something else.
+    fn teardown_endpoint_of(&self, host_ifname: &str, owner: &str) -> Result<bool, KernelError>;
     /// Verifies an endpoint against its spec; `Mismatch` says what differs.
     fn check_endpoint(&self, spec: &EndpointSpec) -> Result<(), KernelError>;
     /// Names of endpoint interfaces attached to `bridge` (for leak detection; other agents'

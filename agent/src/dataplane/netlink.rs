@@ -312,6 +312,14 @@ impl Rtnl {
         self.set_link(msg).await
     }
 
+    /// Sets a link's alias (`IFLA_IFALIAS`).
+    pub async fn set_alias(&self, index: u32, alias: &str) -> NlResult<()> {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        msg.attributes.push(LinkAttribute::IfAlias(alias.to_owned()));
+        self.set_link(msg).await
+    }
+
     // ---- addresses ----
 
     /// Addresses on `index` (all links when `None`).
@@ -557,6 +565,7 @@ pub struct LinkInfo {
     pub mac: [u8; 6],
     pub up: bool,
     pub controller: Option<u32>,
+    pub alias: Option<String>,
 }
 
 impl LinkInfo {
@@ -572,6 +581,7 @@ impl LinkInfo {
                 LinkAttribute::Mtu(mtu) => info.mtu = *mtu,
                 LinkAttribute::Address(mac) if mac.len() == 6 => info.mac.copy_from_slice(mac),
                 LinkAttribute::Controller(c) => info.controller = Some(*c),
+                LinkAttribute::IfAlias(a) => info.alias = Some(a.clone()),
                 _ => {}
             }
         }

@@ -343,28 +343,22 @@ impl Endpoints {
         let _guard = self.inner.locks.lock(id).await;
         let id_owned = id.to_owned();
         let rec = self.inner.state.call(move |s| s.record(&id_owned)).await?;
-        // The interface name is derived from the id, so an interface left over by a crash is
-        // found even when no record exists. Without a record the name is only a 48-bit hash
-        // of a caller-chosen id: never remove an interface another endpoint owns.
-        let host_ifname = match &rec {
-            Some(r) => Some(r.host_ifname.clone()),
-            None => {
-                let name = host_ifname_for(id);
-                let probe = name.clone();
-                let owned = self
-                    .inner
-                    .state
-                    .call(move |s| s.records().iter().any(|r| r.host_ifname == probe))
-                    .await?;
-                if owned {
-                    warn!(endpoint = %id, interface = %name, "DEL of an unknown endpoint names another endpoint's interface; leaving it");
-                }
-                (!owned).then_some(name)
+        let dp = self.inner.dp.clone();
+        match &rec {
+            Some(r) => {
+                let host_ifname = r.host_ifname.clone();
+                blocking(move || dp.teardown_endpoint(&host_ifname)).await?;
             }
-        };
-        if let Some(host_ifname) = host_ifname {
-            let dp = self.inner.dp.clone();
-            blocking(move || dp.teardown_endpoint(&host_ifname)).await?;
+            // The interface name is derived from the id, so an interface left over by a crash
+            // is found even when no record exists. But the name is only a 48-bit hash of a
+            // caller-chosen id: remove it only if its alias says it was made for this id.
+            None => {
+                let (name, owner) = (host_ifname_for(id), id.to_owned());
+                let n2 = name.clone();
+                if blocking(move || dp.teardown_endpoint_of(&n2, &owner)).await? {
+                    info!(endpoint = %id, interface = %name, "removed the interface of an unrecorded endpoint");
+                }
+            }
         }
         let id_owned = id.to_owned();
         let removed = self.inner.state.call(move |s| s.remove(&id_owned)).await??;

@@ -84,6 +84,7 @@ impl EndpointRecord {
     /// The kernel state this record asks for (endpoints with a namespace only).
     pub fn spec(&self, bridge: &str) -> Option<EndpointSpec> {
         Some(EndpointSpec {
+            owner: self.id.clone(),
             bridge: bridge.to_owned(),
             host_ifname: self.host_ifname.clone(),
             netns: self.netns.clone()?,

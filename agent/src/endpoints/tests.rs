@@ -149,6 +149,35 @@ async fn del_of_an_unknown_endpoint_succeeds_and_removes_a_leftover_interface() 
     assert!(r.dp.links().is_empty());
 }
 
+/// Item 22 of the robustness review: without a record, the interface name is only a 48-bit
+/// hash of a caller-chosen id, so a DEL may remove it only if it was made for that id.
+#[tokio::test]
+async fn del_without_a_record_removes_only_an_interface_made_for_that_id() {
+    use crate::dataplane::{Dataplane, EndpointSpec};
+    let r = rig();
+    let leftover = |owner: String, host_ifname: String| EndpointSpec {
+        owner,
+        bridge: "weft".into(),
+        host_ifname,
+        netns: "/run/netns/gone".into(),
+        ifname: "eth0".into(),
+        mtu: 1376,
+        mac: None,
+        addresses: vec![],
+        routes: vec![],
+        hairpin: false,
+    };
+    // Left by a crash for c1, whose record is gone.
+    let mine = host_ifname_for(&cni_id("c1", "eth0"));
+    r.dp.setup_endpoint(&leftover(cni_id("c1", "eth0"), mine.clone())).unwrap();
+    // Made for somebody else, under the name a crafted id hashes to.
+    let theirs = host_ifname_for(&cni_id("crafted", "eth0"));
+    r.dp.setup_endpoint(&leftover(cni_id("someone", "eth0"), theirs.clone())).unwrap();
+    assert!(!r.endpoints.cni_del("c1", "eth0").await.unwrap());
+    assert!(!r.endpoints.cni_del("crafted", "eth0").await.unwrap());
+    assert_eq!(r.dp.links().into_keys().collect::<Vec<_>>(), [theirs]);
+}
+
 #[tokio::test]
 async fn del_keeps_the_record_when_the_kernel_refuses() {
     let r = rig();
