@@ -23,8 +23,9 @@ use crate::store::Store;
 #[derive(Clone, Debug)]
 pub struct Hub {
     pub identity: Identity,
-    /// Gossip channels (`mesh.channel(name)`), the typed mesh view (`mesh.view()`), and peer
-    /// sources (`mesh.set_targets(source, ..)`).
+    /// Gossip channels (`mesh.channel(name)`, taken inside `start`: the daemon opens the mesh
+    /// to peers only after every subsystem has started), the typed mesh view (`mesh.view()`),
+    /// and peer sources (`mesh.set_targets(source, ..)`).
     pub mesh: Mesh,
     /// Endpoint operations and the endpoint feed (`endpoints.feed()`).
     pub endpoints: Endpoints,

@@ -127,7 +127,8 @@ pub fn reason_of(status: &tonic::Status) -> (v1::ErrorReason, String) {
 /// Why connecting to the agent failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    /// Nothing listens on the socket (no file, or connection refused): the agent is down.
+    /// Nothing listens on the socket (no file, connection refused), or the connection was cut
+    /// while being made: the agent is down or going down.
     #[error("the weft agent is not running (no listener on {path}): {source}")]
     AgentDown { path: PathBuf, source: std::io::Error },
     #[error("cannot connect to the weft agent on {path}: {source}")]
@@ -163,10 +164,15 @@ pub async fn connect(socket: &Path) -> Result<AgentClient<Channel>, ConnectError
 }
 
 fn classify(path: &Path, e: std::io::Error) -> ConnectError {
-    use std::io::ErrorKind::{ConnectionRefused, NotFound};
+    use std::io::ErrorKind::{
+        BrokenPipe, ConnectionAborted, ConnectionRefused, ConnectionReset, NotFound,
+    };
     let path = path.to_path_buf();
     match e.kind() {
-        NotFound | ConnectionRefused => ConnectError::AgentDown { path, source: e },
+        // Reset or aborted: the agent was killed while the connection sat in its backlog.
+        NotFound | ConnectionRefused | ConnectionReset | ConnectionAborted | BrokenPipe => {
+            ConnectError::AgentDown { path, source: e }
+        }
         _ => ConnectError::Other { path, source: e },
     }
 }
@@ -193,10 +199,22 @@ mod tests {
                 n += 1;
             }
         });
-        let err = connect(&socket).await.err().expect("a cut handshake must not connect");
+        let err = connect(&socket).await.expect_err("a cut handshake must not connect");
         assert!(matches!(err, ConnectError::AgentDown { .. }), "got {err:?}");
         accepts.await.unwrap();
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_connection_cut_by_a_dying_agent_means_it_is_down() {
+        use std::io::{Error, ErrorKind};
+        let p = Path::new("/run/weft/weft.sock");
+        for kind in [ErrorKind::ConnectionReset, ErrorKind::ConnectionAborted, ErrorKind::NotFound]
+        {
+            assert!(matches!(classify(p, Error::from(kind)), ConnectError::AgentDown { .. }));
+        }
+        let denied = classify(p, Error::from(ErrorKind::PermissionDenied));
+        assert!(matches!(denied, ConnectError::Other { .. }), "a fault to report, not to wait out");
     }
 
     #[test]

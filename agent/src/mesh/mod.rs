@@ -96,6 +96,13 @@ impl Mesh {
         Ok((Mesh { me, commands, outgoing, report, view, data_routes }, Links(links_rx), task))
     }
 
+    /// Starts accepting and dialling. Call it once every subsystem has taken its
+    /// [`channel`](Mesh::channel): until then the mesh only answers commands, so that the
+    /// state a peer sends on a new connection always finds its receiver.
+    pub fn open(&self) {
+        let _ = self.commands.send(Command::Open);
+    }
+
     /// Tells the mesh whether data flows over the link to `peer`.
     pub fn set_established(&self, peer: PeerName, established: bool) {
         let _ = self.commands.send(Command::SetEstablished { peer, established });

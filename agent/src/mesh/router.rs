@@ -74,6 +74,8 @@ pub enum Command {
         peer: PeerName,
         msg: proto::OverlayControl,
     },
+    /// Every subsystem has registered its channel: start accepting and dialling.
+    Open,
 }
 
 /// What the data plane learns from the mesh about directly connected peers.
@@ -238,6 +240,9 @@ impl Router {
         listener: TcpListener,
         shutdown: CancellationToken,
     ) {
+        if !self.wait_until_open(&mut inputs.commands, &shutdown).await {
+            return;
+        }
         tokio::spawn(accept_loop(
             listener,
             self.cfg.setup.clone(),
@@ -257,6 +262,26 @@ impl Router {
         }
         for c in self.conns.values() {
             c.handle.cancel.cancel();
+        }
+    }
+
+    /// Answers commands, but neither accepts nor dials, until [`Command::Open`]: peers send
+    /// their state on every channel as soon as a connection is up, and a channel registered
+    /// after that would miss it until the next periodic gossip. `false` on shutdown.
+    async fn wait_until_open(
+        &mut self,
+        commands: &mut mpsc::UnboundedReceiver<Command>,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                c = commands.recv() => match c {
+                    Some(Command::Open) => return true,
+                    Some(c) => self.on_command(c),
+                    None => return false,
+                },
+            }
         }
     }
 
@@ -280,6 +305,8 @@ impl Router {
                 self.maker.set_source(source, &targets, Instant::now());
                 self.publish();
             }
+            // Only meaningful before the run loop starts (see `wait_until_open`).
+            Command::Open => {}
             Command::Register { name, events } => {
                 self.channels.insert(name, events);
             }
@@ -1098,6 +1125,35 @@ mod tests {
         let a = mesh("a", pa, Vec::new(), da.path()).await;
         let b = mesh("b", pb, vec![format!("127.0.0.1:{pa}")], db.path()).await;
         let (ga, gb) = (greeting(a.channel("test")), greeting(b.channel("test")));
+        a.open();
+        b.open();
+        let within = Duration::from_secs(2);
+        let (got_a, got_b) =
+            tokio::join!(tokio::time::timeout(within, ga), tokio::time::timeout(within, gb));
+        assert_eq!(got_a.ok().flatten(), Some(b.me().to_string().into_bytes()), "a hears b");
+        assert_eq!(got_b.ok().flatten(), Some(a.me().to_string().into_bytes()), "b hears a");
+    }
+
+    /// Until `open`, a mesh neither dials nor accepts, so a subsystem that takes its channel
+    /// during start-up (after the mesh was created) still hears what its peers send on connect.
+    #[tokio::test]
+    async fn a_mesh_connects_only_once_opened_so_late_channels_miss_nothing() {
+        let (da, db) = (tempfile::tempdir().expect("dir"), tempfile::tempdir().expect("dir"));
+        let (pa, pb) = (free_port(), free_port());
+        let a = mesh("a", pa, Vec::new(), da.path()).await;
+        let ga = greeting(a.channel("test"));
+        a.open();
+        let b = mesh("b", pb, vec![format!("127.0.0.1:{pa}")], db.path()).await;
+        // b's subsystems are still starting: nothing may connect meanwhile.
+        let mut view = a.view();
+        let early = tokio::time::timeout(
+            Duration::from_millis(500),
+            view.wait_for(|v| !v.connections.is_empty()),
+        )
+        .await;
+        assert!(early.is_err(), "b connected before it was opened");
+        let gb = greeting(b.channel("test"));
+        b.open();
         let within = Duration::from_secs(2);
         let (got_a, got_b) =
             tokio::join!(tokio::time::timeout(within, ga), tokio::time::timeout(within, gb));
