@@ -23,6 +23,8 @@ cargo test --locked --release --workspace -- --test-threads=2 --skip a_hundred_t
   --skip capped_fuzz_ --skip five_minutes_of_mixed_load
 echo "==> bounded fuzz of the decoders of remote input, each under a 256 MiB address-space cap (~40 s)"
 cargo test --locked --release -p weft --test fuzz_bounded -- --nocapture --test-threads=2
+echo "==> soak: 3 hosts, 5 minutes of CNI ADD/DEL, DNS and TCP load, one agent SIGKILLed every minute"
+cargo test --locked --release -p weft-e2e --test soak -- --nocapture
 echo "==> IP allocation simulation (long; prints its operation count)"
 cargo test --locked --release -p weft --lib a_hundred_thousand_operations -- --nocapture
 echo "==> Kubernetes lab (a real cluster built from source; the first run on a machine builds it)"
