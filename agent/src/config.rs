@@ -96,6 +96,13 @@ pub struct AgentArgs {
     #[arg(long, default_value_t = 200)]
     pub conn_limit: usize,
 
+    /// Networks in which discovered peers (peers of peers) may be dialled (comma-separated
+    /// CIDRs). Default: the networks of this host's addresses, outside the allocation range.
+    /// The networks of the peers given as addresses (/24, IPv6 /64) are always included;
+    /// `0.0.0.0/0,::/0` dials wherever gossip says.
+    #[arg(long, value_delimiter = ',')]
+    pub discovery_subnets: Vec<IpNet>,
+
     /// UDP port of fastdp (the kernel's VXLAN).
     #[arg(long, default_value_t = crate::overlay::FASTDP_PORT)]
     pub datapath_port: u16,
@@ -239,6 +246,8 @@ pub struct MeshSettings {
     pub trusted_subnets: Vec<IpNet>,
     pub discovery: bool,
     pub conn_limit: usize,
+    /// `--discovery-subnets`; empty: this host's underlay networks.
+    pub discovery_subnets: Vec<IpNet>,
     pub fastdp_port: u16,
     pub no_fastdp: bool,
 }
@@ -357,6 +366,7 @@ impl AgentArgs {
             trusted_subnets: self.trusted_subnets.clone(),
             discovery: !self.no_discovery,
             conn_limit: self.conn_limit,
+            discovery_subnets: self.discovery_subnets.clone(),
             fastdp_port: self.datapath_port,
             no_fastdp: self.no_fastdp,
         };

@@ -308,11 +308,17 @@ async fn start_mesh(
         fastdp_port: m.fastdp_port,
         sleeve_port: m.port,
     };
+    let discovery_subnets = if m.discovery_subnets.is_empty() {
+        underlay_networks(cfg.range)
+    } else {
+        m.discovery_subnets.clone()
+    };
     let rcfg = RouterConfig {
         setup,
         port: m.port,
         discovery: m.discovery,
         conn_limit: m.conn_limit,
+        discovery_subnets,
         initial_targets: m.peers.clone(),
     };
     let bind = std::net::SocketAddr::new(m.bind, m.port);
@@ -326,6 +332,63 @@ async fn start_mesh(
         Mesh::start(rcfg, bind, store.clone(), metrics.clone(), tasks.shutdown().clone()).await?;
     tasks.spawn("mesh", task);
     Ok((mesh, links))
+}
+
+/// The networks of this host's addresses (where discovered peers may be dialled by default):
+/// loopback and link-local ones, and those overlapping the allocation `range`, left out.
+fn underlay_networks(range: ipnet::IpNet) -> Vec<ipnet::IpNet> {
+    let mut out = Vec::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list that is freed below with freeifaddrs.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        warn!(error = %std::io::Error::last_os_error(), "cannot list this host's addresses; discovery dials only the networks of the peers given");
+        return out;
+    }
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned, alive until freeifaddrs.
+        let ifa = unsafe { &*cur };
+        if let (Some(ip), Some(mask)) = (sockaddr_ip(ifa.ifa_addr), sockaddr_ip(ifa.ifa_netmask)) {
+            let net = ipnet::ip_mask_to_prefix(mask)
+                .ok()
+                .and_then(|len| ipnet::IpNet::new(ip, len).ok())
+                .map(|n| n.trunc());
+            let special = ip.is_loopback()
+                || matches!(ip, std::net::IpAddr::V4(a) if a.is_link_local())
+                || matches!(ip, std::net::IpAddr::V6(a) if a.is_unicast_link_local());
+            if let Some(net) = net.filter(|n| !special && !n.contains(&range) && !range.contains(n))
+            {
+                if !out.contains(&net) {
+                    out.push(net);
+                }
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: `head` came from a successful getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(head) };
+    out
+}
+
+/// The IP address in a `sockaddr` of getifaddrs, if it is IPv4 or IPv6.
+fn sockaddr_ip(sa: *const libc::sockaddr) -> Option<std::net::IpAddr> {
+    if sa.is_null() {
+        return None;
+    }
+    // SAFETY: getifaddrs gives valid sockaddrs; the family says which layout it has.
+    unsafe {
+        match i32::from((*sa).sa_family) {
+            libc::AF_INET => {
+                let sin = &*(sa.cast::<libc::sockaddr_in>());
+                Some(std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)).into())
+            }
+            libc::AF_INET6 => {
+                let sin6 = &*(sa.cast::<libc::sockaddr_in6>());
+                Some(std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr).into())
+            }
+            _ => None,
+        }
+    }
 }
 
 /// Distinguishes this start of the agent from earlier ones (consensus forgets promises made

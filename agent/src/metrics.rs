@@ -68,6 +68,7 @@ pub struct Metrics {
     pub sleeve_datagrams: Family<KindLabel, Counter>,
     pub dns_entries: Gauge,
     pub dns_queries: Family<KindLabel, Counter>,
+    pub mesh_refused_accepts: Family<KindLabel, Counter>,
     pub pod_addresses: Family<PodLabels, Gauge>,
 }
 
@@ -172,8 +173,16 @@ impl Metrics {
             "DNS queries served, by outcome (answered, nxdomain, forwarded, failed)",
             dns_queries.clone(),
         );
+        let mesh_refused_accepts = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "mesh_refused_accepts",
+            "Inbound mesh connections closed before their handshake, by kind (rate: the \
+             source's rate exceeded, handshakes: too many handshakes in progress)",
+            mesh_refused_accepts.clone(),
+        );
         Metrics {
             registry,
+            mesh_refused_accepts,
             dns_entries,
             dns_queries,
             cni_duration,

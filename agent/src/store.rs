@@ -22,21 +22,33 @@ pub enum Table {
     Mesh,
     /// DNS records owned by this peer.
     Dns,
+    /// Records that did not decode at start, moved aside from their table as they were
+    /// (raw bytes, keyed `TABLE/KEY`), so one bad record never stops the agent.
+    Quarantine,
 }
 
 impl Table {
-    fn definition(self) -> TableDefinition<'static, &'static str, &'static [u8]> {
-        TableDefinition::new(match self {
+    pub fn name(self) -> &'static str {
+        match self {
             Table::Meta => "meta",
             Table::Endpoints => "endpoints",
             Table::Ipam => "ipam",
             Table::Mesh => "mesh",
             Table::Dns => "dns",
-        })
+            Table::Quarantine => "quarantine",
+        }
     }
 
-    const ALL: [Table; 5] = [Table::Meta, Table::Endpoints, Table::Ipam, Table::Mesh, Table::Dns];
+    fn definition(self) -> TableDefinition<'static, &'static str, &'static [u8]> {
+        TableDefinition::new(self.name())
+    }
+
+    const ALL: [Table; 6] =
+        [Table::Meta, Table::Endpoints, Table::Ipam, Table::Mesh, Table::Dns, Table::Quarantine];
 }
+
+/// The records of a table that decoded, by key, and the keys of those set aside.
+pub type Loaded<T> = (Vec<(String, T)>, Vec<String>);
 
 /// One change in a write.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -178,6 +190,37 @@ impl Store {
         Ok(out)
     }
 
+    /// Every record of a table that decodes, and the keys of those that do not, which are
+    /// moved to [`Table::Quarantine`] (as they were, under `TABLE/KEY`) in one transaction:
+    /// a bad record is kept for inspection and reported, and never stops a start.
+    pub fn all_or_quarantine<T: DeserializeOwned>(
+        &self,
+        table: Table,
+    ) -> Result<Loaded<T>, StoreError> {
+        let mut good = Vec::new();
+        let mut ops = Vec::new();
+        let mut bad = Vec::new();
+        {
+            let txn = self.db.begin_read().map_err(db_err)?;
+            let t = txn.open_table(table.definition()).map_err(db_err)?;
+            for row in t.iter().map_err(db_err)? {
+                let (k, v) = row.map_err(db_err)?;
+                let key = k.value().to_owned();
+                match serde_json::from_slice(v.value()) {
+                    Ok(val) => good.push((key, val)),
+                    Err(_) => {
+                        let aside = format!("{}/{key}", table.name());
+                        ops.push(Op::Put(Table::Quarantine, aside, v.value().to_vec()));
+                        ops.push(Op::Delete(table, key.clone()));
+                        bad.push(key);
+                    }
+                }
+            }
+        }
+        self.write(&ops)?;
+        Ok((good, bad))
+    }
+
     /// Removes every record of a table (e.g. a ring for a range that changed).
     pub fn clear(&self, table: Table) -> Result<(), StoreError> {
         let keys: Vec<String> = {
@@ -224,6 +267,28 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let _first = Store::open(dir.path()).unwrap();
         assert!(matches!(Store::open(dir.path()), Err(StoreError::InUse(_))));
+    }
+
+    #[test]
+    fn undecodable_records_are_moved_aside_and_the_others_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.write(&[
+            Op::put(Table::Endpoints, "a", &1u32).unwrap(),
+            Op::Put(Table::Endpoints, "b".into(), b"not json".to_vec()),
+            Op::put(Table::Endpoints, "c", &3u32).unwrap(),
+        ])
+        .unwrap();
+        let (good, bad) = s.all_or_quarantine::<u32>(Table::Endpoints).unwrap();
+        assert_eq!(good, vec![("a".to_owned(), 1), ("c".to_owned(), 3)]);
+        assert_eq!(bad, vec!["b".to_owned()]);
+        assert_eq!(
+            s.get_raw(Table::Quarantine, "endpoints/b").unwrap(),
+            Some(b"not json".to_vec())
+        );
+        assert!(s.all::<u32>(Table::Endpoints).is_ok(), "the table decodes now");
+        let (_, again) = s.all_or_quarantine::<u32>(Table::Endpoints).unwrap();
+        assert!(again.is_empty());
     }
 
     #[test]

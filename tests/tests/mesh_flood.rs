@@ -1,7 +1,7 @@
 //! A hostile mesh peer (no password: the handshake is a plaintext Hello, docs/mesh-protocol.md)
 //! floods gossip on 10 000 distinct channel names: /metrics stays valid Prometheus text of
 //! bounded size, a channel name that would break it ends the connection, and the mesh keeps
-//! working.
+//! working. A host flooding the mesh port with idle connections does not keep a real peer out.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -286,4 +286,102 @@ fn a_peer_flooding_distinct_channel_names_leaves_metrics_valid_and_bounded() {
     assert!(established(&h1, &n2), "h1 lost h2:\n{}", h1.log());
     assert!(established(&h2, &h1.peer_name()), "h2 lost h1:\n{}", h2.log());
     drop(attacker);
+}
+
+/// Runs `f` on a thread inside the network namespace at `ns`, in the background.
+fn spawn_in_netns<T: Send + 'static>(
+    ns: std::path::PathBuf,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&ns).expect("opening the namespace");
+        // SAFETY: setns on this thread only, with a valid namespace fd.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        f()
+    })
+}
+
+/// Connections per second of the flood.
+const FLOOD_RATE: u64 = 50;
+
+#[test]
+fn a_connection_flood_from_one_address_does_not_keep_a_real_peer_out() {
+    let (lab, mut hosts) = Lab::new(3, 1500);
+    let flooder = hosts.pop().expect("h3");
+    let h2 = Agent::start_in(hosts.pop().expect("h2"), AgentOpts::nick("h2", &[]));
+    let h1 = Agent::start_in(hosts.pop().expect("h1"), AgentOpts::nick("h1", &[]));
+    let mesh_addr: std::net::SocketAddr =
+        format!("{}:6783", lab.ip(1)).parse().expect("an address");
+    // h3 opens 50 connections a second to h1's mesh port and never says a word on them.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = spawn_in_netns(flooder.path(), {
+        let stop = stop.clone();
+        move || {
+            let mut idle = Vec::new();
+            let start = Instant::now();
+            let mut n: u64 = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let due = start + Duration::from_millis(n * 1000 / FLOOD_RATE);
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait); // pacing the flood, not synchronisation
+                }
+                if let Ok(s) = TcpStream::connect_timeout(&mesh_addr, Duration::from_millis(500)) {
+                    idle.push(s);
+                }
+                n += 1;
+            }
+            n
+        }
+    });
+    let accepts = |a: &Agent| a.status().map(|s| s["mesh"]["accepts"].clone());
+    let refused = |a: &Agent| {
+        accepts(a).map_or(0, |v| {
+            v["refused_rate"].as_u64().unwrap_or(0) + v["refused_handshakes"].as_u64().unwrap_or(0)
+        })
+    };
+    // The flood is in full swing: h1 has refused a few seconds' worth of it.
+    wait_until(Duration::from_secs(15), "h1 to refuse 100 of the flood's connections", || {
+        refused(&h1) >= 100
+    });
+    let established = |a: &Agent, peer: &str| {
+        a.status().is_some_and(|s| {
+            s["mesh"]["connections"].as_array().is_some_and(|cs| {
+                cs.iter().any(|c| c["peer"] == peer && c["state"] == "established")
+            })
+        })
+    };
+    let t0 = Instant::now();
+    must(h2.weft().args(["connect", lab.ip(1)]));
+    let n1 = h1.peer_name();
+    let deadline = t0 + Duration::from_secs(2);
+    let connected = loop {
+        if established(&h2, &n1) {
+            break Some(t0.elapsed());
+        }
+        if Instant::now() >= deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    };
+    let report = accepts(&h1);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let attempts = flood.join().expect("the flood thread");
+    eprintln!(
+        "flood: {attempts} connections; h2 connected after {connected:?}; h1 accepts: {report:?}"
+    );
+    let connected = connected.unwrap_or_else(|| {
+        panic!(
+            "h2 did not connect to h1 within 2 s of a flood of {FLOOD_RATE}/s from another \
+             address\nh1:\n{}\nh2:\n{}",
+            h1.log(),
+            h2.log()
+        )
+    });
+    assert!(connected <= Duration::from_secs(2));
+    let report = report.expect("h1's status");
+    assert!(report["refused_handshakes"].as_u64().unwrap_or(0) > 0, "{report}");
+    let handshakes = report["handshakes"].as_u64().unwrap_or(u64::MAX);
+    assert!(handshakes <= 8 + 1, "handshakes in progress during the flood: {handshakes}");
+    drop(flooder);
 }

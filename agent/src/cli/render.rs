@@ -62,6 +62,11 @@ pub fn status(r: &Report) -> Vec<String> {
         String::new(),
         field("DNS", dns_summary(r)),
     ];
+    if !r.endpoints.quarantined.is_empty() {
+        let at = lines.iter().position(|l| l.contains("Kubernetes pods")).map_or(0, |i| i + 1);
+        let keys = r.endpoints.quarantined.join(", ");
+        lines.insert(at, field("Quarantined", format!("{keys} (undecodable records, set aside)")));
+    }
     if !r.bridge.last_repairs.is_empty() {
         lines.insert(6, field("Last change", r.bridge.last_repairs.join(", ")));
     }
@@ -170,7 +175,13 @@ fn connection_summary(m: &MeshReport) -> String {
         .filter(|(_, n)| *n > 0)
         .map(|(s, n)| format!("{n} {s}"))
         .collect();
-    if parts.is_empty() { "0".into() } else { format!("{total} ({})", parts.join(", ")) }
+    let mut out =
+        if parts.is_empty() { "0".into() } else { format!("{total} ({})", parts.join(", ")) };
+    let refused = m.accepts.refused_rate + m.accepts.refused_handshakes;
+    if refused > 0 {
+        out.push_str(&format!("; {refused} inbound refused before the handshake"));
+    }
+    out
 }
 
 fn peer_summary(m: &MeshReport) -> String {

@@ -5,7 +5,6 @@
 //! (`zone`), which the hickory-server listeners (`server`) read without waiting. Names
 //! registered by hand are persisted. The protocol and behaviour are specified in docs/dns.md.
 
-pub mod departed;
 pub mod domain;
 pub mod server;
 pub mod table;
@@ -321,7 +320,7 @@ pub fn build(
         listen_problem: String::new(),
         externs,
         warned: BTreeSet::new(),
-        unknown: departed::Unknown::default(),
+        unknown: crate::mesh::departed::Unknown::default(),
         nicknames: BTreeMap::new(),
         unnamed: BTreeMap::new(),
         dirty: true,
@@ -342,7 +341,7 @@ struct Service {
     warned: BTreeSet<String>,
     /// Origins the mesh view does not account for, and since when (their entries go after a
     /// grace period).
-    unknown: departed::Unknown,
+    unknown: crate::mesh::departed::Unknown,
     nicknames: BTreeMap<PeerName, String>,
     /// Endpoint names removed by `dns-remove`, by endpoint id, not served while the endpoint
     /// feed still shows that name (its record is being updated).

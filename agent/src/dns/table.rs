@@ -22,6 +22,11 @@ pub const TOMBSTONE_LIFETIME: u64 = 30 * 60;
 /// Entries held in all; entries for new keys beyond it are refused (those already held still
 /// update). A mesh of 1000 hosts with 250 named endpoints each fits.
 pub const MAX_TABLE: usize = 1 << 18;
+/// Entries (tombstones included) held per other origin; entries of an origin for new keys
+/// beyond it are refused. A host with 250 endpoints of a few names each, churning for the 30
+/// minutes tombstones are kept, stays far below; one peer (or a made-up one) cannot take more
+/// than 1/32 of [`MAX_TABLE`].
+pub const MAX_PER_ORIGIN: usize = 1 << 13;
 
 /// One entry as held and gossiped.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -88,11 +93,21 @@ pub struct Merged {
 pub struct Table {
     me: PeerName,
     entries: BTreeMap<Key, Entry>,
+    /// Entries held per origin other than us (for [`MAX_PER_ORIGIN`]).
+    per_origin: BTreeMap<PeerName, usize>,
 }
 
 impl Table {
     pub fn new(me: PeerName) -> Table {
-        Table { me, entries: BTreeMap::new() }
+        Table { me, entries: BTreeMap::new(), per_origin: BTreeMap::new() }
+    }
+
+    /// Recounts [`Self::per_origin`] after entries were dropped in bulk.
+    fn recount(&mut self) {
+        self.per_origin.clear();
+        for k in self.entries.keys().filter(|k| k.origin != self.me) {
+            *self.per_origin.entry(k.origin).or_insert(0) += 1;
+        }
     }
 
     pub fn me(&self) -> PeerName {
@@ -179,8 +194,16 @@ impl Table {
             let key = e.key();
             match self.entries.get(&key) {
                 Some(ours) if ours.rank() >= e.rank() => {}
-                None if self.entries.len() >= MAX_TABLE => {}
-                _ => {
+                Some(_) => {
+                    out.news.push(e.clone());
+                    self.entries.insert(key, e);
+                }
+                None => {
+                    let held = self.per_origin.get(&e.origin).copied().unwrap_or(0);
+                    if self.entries.len() >= MAX_TABLE || held >= MAX_PER_ORIGIN {
+                        continue;
+                    }
+                    self.per_origin.insert(e.origin, held + 1);
                     out.news.push(e.clone());
                     self.entries.insert(key, e);
                 }
@@ -201,7 +224,10 @@ impl Table {
             } else {
                 theirs
             };
-            self.entries.insert(key, restated);
+            // Past the cap the correction still goes out; the tombstone is not held.
+            if self.entries.len() < MAX_TABLE {
+                self.entries.insert(key, restated);
+            }
             return;
         };
         if ours.rank() == theirs.rank() {
@@ -229,6 +255,7 @@ impl Table {
         let before = self.entries.len();
         let me = self.me;
         self.entries.retain(|k, _| k.origin == me || keep(k.origin));
+        self.per_origin.retain(|p, _| keep(*p));
         before != self.entries.len()
     }
 
@@ -237,7 +264,11 @@ impl Table {
         let before = self.entries.len();
         self.entries
             .retain(|_, e| e.live() || e.tombstone.saturating_add(TOMBSTONE_LIFETIME) > now);
-        before != self.entries.len()
+        if before == self.entries.len() {
+            return false;
+        }
+        self.recount();
+        true
     }
 }
 
@@ -269,7 +300,7 @@ mod tests {
             name: format!("n{i}.weave.local."),
             addr: IpAddr::from(i.to_be_bytes()),
             endpoint: "e".into(),
-            origin: peer(2),
+            origin: peer(2 + u64::from(i) % 64),
             version: 1,
             tombstone: 0,
         };
@@ -278,6 +309,41 @@ mod tests {
         assert_eq!(t.len(), MAX_TABLE);
         let newer = Entry { version: 2, ..e(0) };
         assert_eq!(t.merge([newer], 1).news.len(), 1, "held entries still update");
+    }
+
+    #[test]
+    fn each_origin_is_capped_and_its_share_comes_back_when_it_goes() {
+        let mut t = Table::new(peer(1));
+        let e = |origin: u64, i: u32| Entry {
+            name: format!("n{i}.weave.local."),
+            addr: IpAddr::from(i.to_be_bytes()),
+            endpoint: "e".into(),
+            origin: peer(origin),
+            version: 1,
+            tombstone: 0,
+        };
+        let m = t.merge((0..100_000).map(|i| e(2, i)), 1);
+        assert_eq!(m.news.len(), MAX_PER_ORIGIN, "one origin gets at most its share");
+        assert_eq!(t.merge([e(3, 1)], 1).news.len(), 1, "another origin still gets in");
+        let newer = Entry { version: 2, ..e(2, 0) };
+        assert_eq!(t.merge([newer], 1).news.len(), 1, "held entries still update");
+        assert!(t.merge([e(2, 200_000)], 1).news.is_empty());
+        // Our own entries are not capped.
+        let ours: Vec<Local> = (0..MAX_PER_ORIGIN as u32 + 10)
+            .map(|i| {
+                local(&format!("o{i}.weave.local."), &IpAddr::from(i.to_be_bytes()).to_string())
+            })
+            .collect();
+        assert_eq!(t.set_local(&want(&ours), 1).len(), MAX_PER_ORIGIN + 10);
+        // The origin leaves the mesh: its entries go, and with them its count.
+        assert!(t.retain_origins(|p| p != peer(2)));
+        assert_eq!(t.merge([e(2, 200_000)], 1).news.len(), 1);
+        // Expired tombstones free their share too.
+        let dead = |i: u32| Entry { tombstone: 10, version: 5, ..e(4, i) };
+        assert_eq!(t.merge((0..MAX_PER_ORIGIN as u32).map(dead), 10).news.len(), MAX_PER_ORIGIN);
+        assert!(t.merge([e(4, 99_999)], 10).news.is_empty());
+        assert!(t.expire_tombstones(10 + TOMBSTONE_LIFETIME));
+        assert_eq!(t.merge([e(4, 99_999)], 10).news.len(), 1);
     }
 
     #[test]

@@ -41,6 +41,10 @@ pub struct EndpointCounts {
     /// The Kubernetes pods among the CNI endpoints, with their addresses.
     #[serde(default)]
     pub pods: Vec<PodAddresses>,
+    /// Endpoint records that did not decode at start: moved to the state file's quarantine
+    /// table (`endpoints/KEY`), not loaded.
+    #[serde(default)]
+    pub quarantined: Vec<String>,
 }
 
 /// A Kubernetes pod on this host and the addresses it holds.

@@ -84,6 +84,9 @@ pub struct State {
     summaries: watch::Sender<Arc<Vec<EndpointSummary>>>,
     summaries_stale: bool,
     last_bridge_repairs: Vec<String>,
+    /// Keys of endpoint records that did not decode at start (moved aside, see
+    /// [`Store::all_or_quarantine`]).
+    quarantined: Vec<String>,
 }
 
 /// The key of the persisted ring in [`Table::Ipam`].
@@ -126,7 +129,15 @@ impl State {
         if let Some(note) = note {
             warn!("{note}");
         }
-        let loaded: Vec<(String, EndpointRecord)> = store.all(Table::Endpoints)?;
+        let (loaded, quarantined): (Vec<(String, EndpointRecord)>, _) =
+            store.all_or_quarantine(Table::Endpoints)?;
+        for key in &quarantined {
+            warn!(
+                endpoint = %key,
+                "an endpoint record does not decode; moved to the store's quarantine table \
+                 (its addresses are not reserved, its interface is left alone)"
+            );
+        }
         let mut records = BTreeMap::new();
         for (id, rec) in loaded {
             for a in &rec.addresses {
@@ -152,6 +163,7 @@ impl State {
             summaries: watch::channel(Arc::new(Vec::new())).0,
             summaries_stale: true,
             last_bridge_repairs: Vec::new(),
+            quarantined,
         })
     }
 
@@ -806,6 +818,7 @@ impl State {
             cni: count(Kind::Cni),
             attached: count(Kind::Attach),
             reserved: count(Kind::Reservation),
+            quarantined: self.quarantined.clone(),
             pods: self
                 .records
                 .values()

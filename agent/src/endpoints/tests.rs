@@ -396,3 +396,31 @@ async fn pod_names_reach_the_report() {
         }]
     );
 }
+
+/// One undecodable endpoint record does not stop a start: it is moved aside and reported,
+/// and the other records load with their addresses.
+#[tokio::test]
+async fn a_start_survives_an_undecodable_record_and_quarantines_it() {
+    let dp = Arc::new(RecordingDataplane::default());
+    let r = rig_in(tempfile::tempdir().unwrap(), dp.clone());
+    let a = r.endpoints.cni_add(add("c1", "/run/netns/p1")).await.unwrap();
+    let Rig { endpoints, thread, dir, .. } = r;
+    endpoints.stop();
+    thread.expect("a running owner").join().unwrap();
+    drop(endpoints);
+    {
+        let store = Store::open(dir.path()).unwrap();
+        let bad = crate::store::Op::Put(
+            crate::store::Table::Endpoints,
+            "broken".into(),
+            b"not json".to_vec(),
+        );
+        store.write(&[bad]).unwrap();
+    }
+    let r = rig_in(dir, dp);
+    let list = pods(&r.endpoints).await;
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].addresses, a.record.addresses);
+    let (_, _, counts) = r.endpoints.report().await.unwrap();
+    assert_eq!(counts.quarantined, vec!["broken".to_owned()]);
+}

@@ -1,13 +1,17 @@
 //! Which peers to dial and when: the direct targets, each tagged with the sources that want
 //! it (the user through `weft launch PEER...` and `weft connect`, or a peer source such as the
-//! Kubernetes Node list), and, with discovery, the peers of our peers. Failed attempts back off exponentially with
-//! jitter; a target that turned out to be ourselves is not retried. Pure: time and randomness
-//! are passed in.
+//! Kubernetes Node list), and, with discovery, the peers of our peers — only known peers, at
+//! addresses inside the [`DiscoveryScope`], and at most as many as the connection limit.
+//! Failed attempts back off exponentially with jitter; a target that turned out to be
+//! ourselves is not retried. Pure: time and randomness are passed in.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use ipnet::IpNet;
+
+use super::topology::Topology;
 use crate::identity::PeerName;
 
 /// First retry delay; each failure multiplies it by 1.5, up to [`MAX_BACKOFF`].
@@ -254,6 +258,97 @@ impl Maker {
     }
 }
 
+/// Where discovered peers may be dialled: gossip can name any address, and without a password
+/// anyone can gossip, so discovery only dials inside these networks (by default the networks
+/// of this host's underlay addresses, see `--discovery-subnets`) and the /24 (IPv4) or /64
+/// (IPv6) of each direct target given as an address. Loopback, unspecified, link-local,
+/// multicast and broadcast addresses are never dialled.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DiscoveryScope {
+    pub subnets: Vec<IpNet>,
+}
+
+impl DiscoveryScope {
+    /// The scope `subnets` widened by the networks of direct targets given as addresses.
+    pub fn with_targets(subnets: &[IpNet], targets: &[String]) -> DiscoveryScope {
+        let mut subnets = subnets.to_vec();
+        for t in targets {
+            let ip = t
+                .parse::<SocketAddr>()
+                .map(|a| a.ip())
+                .or_else(|_| t.parse::<IpAddr>())
+                .or_else(|_| t.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>());
+            let net = match ip {
+                Ok(IpAddr::V4(v4)) => IpNet::new(IpAddr::V4(v4), 24),
+                Ok(IpAddr::V6(v6)) => IpNet::new(IpAddr::V6(v6), 64),
+                Err(_) => continue,
+            };
+            if let Ok(n) = net {
+                subnets.push(n.trunc());
+            }
+        }
+        DiscoveryScope { subnets }
+    }
+
+    /// Whether discovery may dial `ip`.
+    pub fn permits(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        let special = match ip {
+            IpAddr::V4(a) => {
+                a.is_loopback()
+                    || a.is_unspecified()
+                    || a.is_link_local()
+                    || a.is_multicast()
+                    || a.is_broadcast()
+            }
+            IpAddr::V6(a) => {
+                a.is_loopback()
+                    || a.is_unspecified()
+                    || a.is_multicast()
+                    || a.is_unicast_link_local()
+            }
+        };
+        !special && self.subnets.iter().any(|n| n.contains(&ip))
+    }
+}
+
+/// Peers of our peers worth dialling, and where: the address a peer dialled them at, or the
+/// address they came from with our mesh `port`. Only peers in the topology (not names that
+/// merely appear in someone's list), only at addresses `scope` permits, and at most `max` of
+/// them (the first by name, the same every time).
+pub fn discovery_candidates(
+    topology: &Topology,
+    port: u16,
+    scope: &DiscoveryScope,
+    max: usize,
+) -> BTreeMap<PeerName, SocketAddr> {
+    let me = topology.me();
+    let mut out: BTreeMap<PeerName, SocketAddr> = BTreeMap::new();
+    for (owner, entry) in topology.peers() {
+        if *owner == me {
+            continue;
+        }
+        for (peer, c) in &entry.connections {
+            if *peer == me || topology.get(*peer).is_none() {
+                continue;
+            }
+            let Ok(addr) = c.address.parse::<SocketAddr>() else { continue };
+            if !scope.permits(addr.ip()) {
+                continue;
+            }
+            if c.outbound {
+                out.insert(*peer, addr);
+            } else {
+                out.entry(*peer).or_insert_with(|| SocketAddr::new(addr.ip(), port));
+            }
+        }
+    }
+    out.into_iter().take(max).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -388,5 +483,81 @@ mod tests {
         assert_eq!(m.of_source(Source::Kubernetes), vec!["n2".to_owned(), "shared".to_owned()]);
         m.forget(&["shared".into()]);
         assert!(m.targets.contains_key(&TargetKey::Direct("shared".into())), "still wanted");
+    }
+
+    /// A peer advertising 10 000 made-up peers (each listing the next, so all of them are
+    /// reachable), half of them at addresses outside our networks and some at special ones.
+    #[test]
+    fn a_peer_advertising_ten_thousand_fakes_gets_few_bounded_dials() {
+        use crate::mesh::proto;
+        use crate::mesh::topology::MAX_PEERS;
+        let me = p(1);
+        let attacker = p(2);
+        let mut t = Topology::new(me, "me".into(), 1, 1);
+        let conn = |addr: String| crate::mesh::topology::ConnInfo {
+            address: addr,
+            outbound: true,
+            established: true,
+        };
+        t.set_connection(attacker, conn("10.0.0.2:6783".into()));
+        let fake = |i: u64| p(1000 + i);
+        let address = |i: u64| match i % 4 {
+            0 => format!("10.0.{}.{}:6783", (i / 250) % 250, i % 250 + 1),
+            1 => format!("192.0.2.{}:22", i % 250 + 1),
+            2 => "127.0.0.1:6783".to_owned(),
+            _ => format!("[fe80::{i:x}]:6783"),
+        };
+        let entry = |name: PeerName, next: Option<u64>| proto::PeerEntry {
+            name: name.get(),
+            nickname: "fake".into(),
+            uid: 1,
+            version: 1,
+            connections: next
+                .map(|n| proto::ConnectionEntry {
+                    peer: fake(n).get(),
+                    address: address(n),
+                    outbound: true,
+                    established: true,
+                })
+                .into_iter()
+                .collect(),
+        };
+        let mut wire = proto::Topology { peers: vec![entry(attacker, Some(0))] };
+        wire.peers.extend((0..10_000).map(|i| entry(fake(i), (i + 1 < 10_000).then_some(i + 1))));
+        t.merge_wire(&wire);
+        t.garbage_collect();
+        let peers = t.peers().count();
+        assert!(peers <= MAX_PEERS, "{peers} peers held (at most {MAX_PEERS})");
+        let scope = DiscoveryScope { subnets: vec!["10.0.0.0/16".parse().unwrap()] };
+        let limit = 200;
+        let cands = discovery_candidates(&t, 6783, &scope, limit);
+        assert!(cands.len() <= limit, "{} candidates", cands.len());
+        assert!(cands.values().all(|a| scope.permits(a.ip())), "only inside the scope");
+        assert!(!cands.is_empty(), "fakes inside our networks are still tried (bounded)");
+        let mut m = Maker::new(true);
+        let t0 = Instant::now();
+        m.set_discovered(&cands, t0);
+        let dials = m.due(t0, &[attacker], 1, limit);
+        assert!(dials.len() < limit);
+        assert!(dials.iter().all(|(_, a)| a.starts_with("10.0.")), "{dials:?}");
+    }
+
+    #[test]
+    fn the_scope_is_our_networks_and_direct_targets() {
+        let scope = DiscoveryScope::with_targets(
+            &["10.0.0.0/16".parse().unwrap()],
+            &["192.168.7.9".into(), "[fd00::1]:6783".into(), "node-3.example".into()],
+        );
+        for ok in ["10.0.3.4", "192.168.7.200", "fd00::99", "::ffff:10.0.9.9"] {
+            assert!(scope.permits(ok.parse().unwrap()), "{ok}");
+        }
+        for no in ["10.1.0.1", "192.168.8.1", "fd00:0:0:1::1", "169.254.169.254", "8.8.8.8"] {
+            assert!(!scope.permits(no.parse().unwrap()), "{no}");
+        }
+        let everything =
+            DiscoveryScope { subnets: vec!["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()] };
+        for no in ["127.0.0.1", "0.0.0.0", "224.0.0.1", "255.255.255.255", "::1", "fe80::1"] {
+            assert!(!everything.permits(no.parse().unwrap()), "{no}");
+        }
     }
 }

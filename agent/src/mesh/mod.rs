@@ -4,6 +4,7 @@
 //! specified in docs/mesh-protocol.md.
 
 pub mod connection;
+pub mod departed;
 pub mod frame;
 pub mod fuzz;
 pub mod gossip;
@@ -48,6 +49,7 @@ pub struct Mesh {
     report: watch::Receiver<MeshReport>,
     view: watch::Receiver<MeshView>,
     data_routes: watch::Receiver<BTreeMap<PeerName, PeerName>>,
+    accepts: router::SharedGate,
 }
 
 /// The data plane's side of the mesh: link events, to be taken once.
@@ -91,9 +93,11 @@ impl Mesh {
             data_routes: routes_tx,
         };
         let router = Router::new(cfg, store, metrics, out);
+        let accepts = router.accept_gate();
         let inputs = Inputs { commands: cmd_rx, outgoing: out_rx, setup: setup_rx, conns: conn_rx };
         let task = router.run(inputs, listener, shutdown);
-        Ok((Mesh { me, commands, outgoing, report, view, data_routes }, Links(links_rx), task))
+        let mesh = Mesh { me, commands, outgoing, report, view, data_routes, accepts };
+        Ok((mesh, Links(links_rx), task))
     }
 
     /// Starts accepting and dialling. Call it once every subsystem has taken its
@@ -161,6 +165,8 @@ impl Mesh {
 
     /// The mesh's part of the status report (for people and scripts, not for decisions).
     pub fn report(&self) -> MeshReport {
-        self.report.borrow().clone()
+        let mut r = self.report.borrow().clone();
+        r.accepts = router::lock_gate(&self.accepts).report();
+        r
     }
 }

@@ -24,6 +24,9 @@ pub struct MeshReport {
     /// Control-plane routes: destination -> next hop.
     #[serde(default)]
     pub unicast: Vec<(String, String)>,
+    /// Inbound connections refused before their handshake, and handshakes in progress.
+    #[serde(default)]
+    pub accepts: super::limits::AcceptReport,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

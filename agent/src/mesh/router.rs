@@ -20,9 +20,10 @@ use super::connection::{self, CloseReason, ConnError, ConnEvent, Established, Ha
 use super::frame::frame_of;
 use super::gossip::{GossipEvent, Outgoing, SendKind};
 use super::limits::{
-    Buckets, OTHER_LABEL, SURROGATE_BURST, SURROGATE_MAX_PAYLOAD, SURROGATE_RATE, valid_channel,
+    AcceptGate, Buckets, OTHER_LABEL, SURROGATE_BURST, SURROGATE_MAX_PAYLOAD, SURROGATE_RATE,
+    valid_channel,
 };
-use super::maker::{DialOutcome, Maker, Source, TargetKey};
+use super::maker::{DialOutcome, DiscoveryScope, Maker, Source, TargetKey, discovery_candidates};
 use super::proto;
 use super::report::{ConnState, ConnectionReport, MeshReport, PeerEntryReport, TargetReport};
 use super::routes::{self, Graph, Routes};
@@ -140,6 +141,9 @@ pub struct RouterConfig {
     pub port: u16,
     pub discovery: bool,
     pub conn_limit: usize,
+    /// Where discovered peers may be dialled (besides the networks of direct targets given as
+    /// addresses): `--discovery-subnets`, or this host's underlay networks.
+    pub discovery_subnets: Vec<ipnet::IpNet>,
     /// Targets given on the command line; `None` resumes the persisted ones.
     pub initial_targets: Option<Vec<String>>,
 }
@@ -166,6 +170,8 @@ pub struct Router {
     dirty: bool,
     /// Broadcast children per source, valid until the routes are recomputed.
     trees: HashMap<PeerName, Vec<PeerName>>,
+    /// Which inbound connections get a handshake.
+    accepts: SharedGate,
 }
 
 impl std::fmt::Debug for Router {
@@ -227,6 +233,7 @@ impl Router {
             pending: std::collections::BTreeSet::new(),
             dirty: false,
             trees: HashMap::new(),
+            accepts: SharedGate::default(),
         };
         r.persist_targets();
         r.publish();
@@ -246,6 +253,7 @@ impl Router {
         tokio::spawn(accept_loop(
             listener,
             self.cfg.setup.clone(),
+            self.accepts.clone(),
             self.out.setup.clone(),
             shutdown.clone(),
         ));
@@ -283,6 +291,11 @@ impl Router {
                 },
             }
         }
+    }
+
+    /// The accept gate (its counters go into the status report).
+    pub fn accept_gate(&self) -> SharedGate {
+        self.accepts.clone()
     }
 
     // ---- commands ----
@@ -755,34 +768,25 @@ impl Router {
     }
 
     /// Our children in `src`'s broadcast tree (cached until the routes change).
+    /// A source not in the topology has no tree here (nothing is forwarded, nothing cached),
+    /// so forged sources cannot grow the cache.
     fn children(&mut self, src: PeerName) -> Vec<PeerName> {
         if let Some(c) = self.trees.get(&src) {
             return c.clone();
+        }
+        if self.topology.get(src).is_none() {
+            return Vec::new();
         }
         let c = routes::broadcast_children(&self.topology, src, Graph::Control);
         self.trees.insert(src, c.clone());
         c
     }
 
-    /// Peers of our peers and where to reach them: the address a peer dialled them at, or the
-    /// address they came from with our mesh port.
+    /// Peers of our peers worth dialling (see [`discovery_candidates`]): within the
+    /// configured networks and those of our direct targets, at most `--conn-limit`.
     fn discovery_candidates(&self) -> BTreeMap<PeerName, SocketAddr> {
-        let me = self.topology.me();
-        let mut out: BTreeMap<PeerName, SocketAddr> = BTreeMap::new();
-        for (owner, entry) in self.topology.peers() {
-            if *owner == me {
-                continue;
-            }
-            for (peer, c) in entry.connections.iter().filter(|(p, _)| **p != me) {
-                let Ok(addr) = c.address.parse::<SocketAddr>() else { continue };
-                if c.outbound {
-                    out.insert(*peer, addr);
-                } else {
-                    out.entry(*peer).or_insert_with(|| SocketAddr::new(addr.ip(), self.cfg.port));
-                }
-            }
-        }
-        out
+        let scope = DiscoveryScope::with_targets(&self.cfg.discovery_subnets, &self.maker.direct());
+        discovery_candidates(&self.topology, self.cfg.port, &scope, self.cfg.conn_limit)
     }
 
     // ---- sending ----
@@ -942,6 +946,7 @@ impl Router {
                 .iter()
                 .map(|(d, h)| (d.to_string(), h.to_string()))
                 .collect(),
+            accepts: lock_gate(&self.accepts).report(),
         });
     }
 }
@@ -976,15 +981,33 @@ impl Router {
     }
 }
 
+/// The accept gate, shared by the accept loop, the handshakes it admits and the status report.
+pub type SharedGate = Arc<std::sync::Mutex<AcceptGate>>;
+
+/// Locks the gate; its state stays consistent even if a holder panicked.
+pub fn lock_gate(g: &SharedGate) -> std::sync::MutexGuard<'_, AcceptGate> {
+    g.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A handshake slot of the accept gate, given back when the handshake ends.
+struct Admitted {
+    gate: SharedGate,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        lock_gate(&self.gate).release(self.ip);
+    }
+}
+
 async fn accept_loop(
     listener: TcpListener,
     setup: Setup,
+    gate: SharedGate,
     tx: mpsc::UnboundedSender<SetupEvent>,
     shutdown: CancellationToken,
 ) {
-    // A token bucket on accepts: a flood of connection attempts cannot starve the agent.
-    let mut tokens: f64 = 20.0;
-    let mut last = Instant::now();
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -998,19 +1021,19 @@ async fn accept_loop(
                 continue;
             }
         };
-        tokens = (tokens + last.elapsed().as_secs_f64() * 20.0).min(20.0);
-        last = Instant::now();
-        if tokens < 1.0 {
-            debug!(%remote, "accept rate exceeded; dropping");
+        // Per source, so a flood from one address cannot starve real peers (see AcceptGate).
+        if let Err(why) = lock_gate(&gate).admit(remote.ip(), Instant::now()) {
+            debug!(%remote, ?why, "inbound mesh connection refused before its handshake");
             continue;
         }
-        tokens -= 1.0;
+        let slot = Admitted { gate: gate.clone(), ip: remote.ip() };
         let (setup, tx) = (setup.clone(), tx.clone());
         tokio::spawn(async move {
             let ev = match connection::handshake(stream, false, &setup).await {
                 Ok(est) => SetupEvent::Ready { est: Box::new(est), target: None },
                 Err(error) => SetupEvent::InboundFailed { remote, error },
             };
+            drop(slot);
             let _ = tx.send(ev);
         });
     }
@@ -1093,6 +1116,7 @@ mod tests {
             port,
             discovery: false,
             conn_limit: 10,
+            discovery_subnets: Vec::new(),
             initial_targets: Some(targets),
         };
         let store = Arc::new(Store::open(dir).expect("store"));

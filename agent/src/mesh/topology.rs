@@ -8,6 +8,17 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::identity::PeerName;
 
+/// Peers held in the topology; entries of new peers beyond it are refused until some leave
+/// (garbage collection). Far above any mesh weft is meant for, and what bounds the memory a
+/// peer can make us spend on made-up peers.
+pub const MAX_PEERS: usize = 2048;
+/// Connections one entry may list (an entry lists each of its peer's connections once; the
+/// default `--conn-limit` is 200). Entries listing more are refused.
+pub const MAX_CONNECTIONS_PER_ENTRY: usize = 512;
+/// Longest connection address ("[v6 address]:port" is at most 47) and nickname in an entry.
+pub const MAX_ADDRESS_LEN: usize = 64;
+pub const MAX_NICKNAME_LEN: usize = 255;
+
 /// A connection as listed in its owner's entry.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ConnInfo {
@@ -43,6 +54,15 @@ impl PeerInfo {
             })
             .collect();
         PeerInfo { version: p.version, uid: p.uid, nickname: p.nickname.clone(), connections }
+    }
+
+    /// Whether an entry stays within the per-entry limits (the same test on every peer, so
+    /// every peer refuses the same entries).
+    pub fn within_limits(&self) -> bool {
+        super::gossip::version_ok(self.version)
+            && self.connections.len() <= MAX_CONNECTIONS_PER_ENTRY
+            && self.nickname.len() <= MAX_NICKNAME_LEN
+            && self.connections.values().all(|c| c.address.len() <= MAX_ADDRESS_LEN)
     }
 }
 
@@ -146,7 +166,19 @@ impl Topology {
     /// it was raised (it must then be sent again).
     pub fn merge(&mut self, received: &Entries) -> Vec<PeerName> {
         let mut others = received.clone();
-        others.0.retain(|_, e| super::gossip::version_ok(e.version));
+        let mut room = MAX_PEERS.saturating_sub(self.entries.0.len());
+        others.0.retain(|name, e| {
+            if !e.within_limits() {
+                return false;
+            }
+            if *name == self.me || self.entries.0.contains_key(name) {
+                return true;
+            }
+            // A new peer: only while there is room.
+            let fits = room > 0;
+            room = room.saturating_sub(1);
+            fits
+        });
         let mut changed = Vec::new();
         if let Some(about_me) = others.0.remove(&self.me) {
             let mine = self.mine().clone();
@@ -308,6 +340,36 @@ pub(crate) mod tests {
                 prop_assert_eq!(changed.contains(n), a.0.get(n) != Some(e));
             }
         }
+    }
+
+    #[test]
+    fn the_topology_and_each_entry_are_bounded() {
+        let me = name(0);
+        let mut t = Topology::new(me, "me".into(), 1, 1);
+        let plain =
+            |v| PeerInfo { version: v, uid: 1, nickname: "x".into(), connections: BTreeMap::new() };
+        let many: Entries = Entries((1..=5000).map(|i| (name(i), plain(1))).collect());
+        let changed = t.merge(&many);
+        assert_eq!(changed.len(), MAX_PEERS - 1, "new peers only while there is room");
+        assert_eq!(t.peers().count(), MAX_PEERS);
+        // Known peers still update.
+        assert_eq!(t.merge(&Entries(BTreeMap::from([(name(1), plain(2))]))), vec![name(1)]);
+        // An entry listing too many connections, or an overlong address, is refused.
+        let mut t = Topology::new(me, "me".into(), 1, 1);
+        let wide = PeerInfo {
+            connections: (1..=MAX_CONNECTIONS_PER_ENTRY as u64 + 1)
+                .map(|i| (name(i), conn(true)))
+                .collect(),
+            ..plain(1)
+        };
+        let long = PeerInfo {
+            connections: BTreeMap::from([(
+                name(3),
+                ConnInfo { address: "1".repeat(MAX_ADDRESS_LEN + 1), ..conn(true) },
+            )]),
+            ..plain(1)
+        };
+        assert!(t.merge(&Entries(BTreeMap::from([(name(1), wide), (name(2), long)]))).is_empty());
     }
 
     #[test]

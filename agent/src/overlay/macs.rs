@@ -6,12 +6,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::time::Instant;
 
 use prost::Message;
 
 use crate::dataplane::Mac;
 use crate::identity::PeerName;
+use crate::mesh::departed::Unknown;
 use crate::mesh::gossip::{GossipData, version_ok};
+use crate::mesh::view::MeshView;
 use crate::proto;
 
 /// MACs kept per origin (a host runs at most a few hundred endpoints); beyond, the smallest
@@ -84,6 +87,22 @@ impl MacTable {
         let before = self.origins.len();
         self.origins.retain(|p, _| !peers.contains(p));
         before != self.origins.len()
+    }
+
+    /// Drops the origins of peers that `view` has not accounted for during the grace period
+    /// of [`Unknown`] (origins are accepted from anyone, and travel ahead of the topology; a
+    /// departed peer's origin passed on late, or a made-up one, goes within seconds). Returns
+    /// whether any went.
+    pub fn forget_departed(
+        &mut self,
+        unknown: &mut Unknown,
+        view: &MeshView,
+        now: Instant,
+    ) -> bool {
+        let origins: BTreeSet<PeerName> =
+            self.origins.keys().filter(|p| Some(**p) != self.me).copied().collect();
+        let gone: Vec<PeerName> = unknown.departed(&origins, view, now).into_iter().collect();
+        !gone.is_empty() && self.forget(&gone)
     }
 
     /// Remote MACs with the peer they are behind (newest claim wins; our own MACs excluded).
@@ -230,6 +249,40 @@ mod tests {
         assert_eq!(macs.len(), MAX_MACS_PER_ORIGIN);
         assert!(!macs.contains_key(&Mac([0; 6])) && !macs.contains_key(&Mac([0xff; 6])));
         assert!(!macs.contains_key(&Mac([1, 0, 0x5e, 0, 0, 1])));
+    }
+
+    #[test]
+    fn origins_of_peers_not_in_the_mesh_go_after_the_grace_period() {
+        use crate::mesh::departed::UNKNOWN_GRACE;
+        let mut t = MacTable::new(p(1));
+        t.set_local(BTreeMap::from([(m(1), BTreeSet::new())]), 10);
+        let origin = |i: u8| {
+            (
+                p(u64::from(i)),
+                Origin { version: 5, macs: BTreeMap::from([(m(i), BTreeSet::new())]) },
+            )
+        };
+        // 2 is in the topology, 3 only reachable so far, 4 is unknown (made up, or departed).
+        t.merge(&BTreeMap::from([origin(2), origin(3), origin(4)]));
+        let view = MeshView {
+            reachable: BTreeSet::from([p(2), p(3)]),
+            peers: BTreeMap::from([(p(1), "me".into()), (p(2), "h2".into())]),
+            connections: BTreeMap::new(),
+        };
+        let mut unknown = Unknown::default();
+        let t0 = Instant::now();
+        assert!(!t.forget_departed(&mut unknown, &view, t0), "not before the grace period");
+        assert!(t.forget_departed(&mut unknown, &view, t0 + UNKNOWN_GRACE));
+        let left: Vec<PeerName> = t.origins().keys().copied().collect();
+        assert_eq!(left, vec![p(1), p(2), p(3)]);
+        // 2 leaves the mesh: its MACs go too (our own never do).
+        let gone = MeshView { reachable: BTreeSet::new(), ..view.clone() };
+        let gone = MeshView { peers: BTreeMap::from([(p(1), "me".into())]), ..gone };
+        let t1 = t0 + UNKNOWN_GRACE * 2;
+        t.forget_departed(&mut unknown, &gone, t1);
+        assert!(t.forget_departed(&mut unknown, &gone, t1 + UNKNOWN_GRACE));
+        assert_eq!(t.origins().keys().copied().collect::<Vec<_>>(), vec![p(1)]);
+        assert!(t.remote().is_empty());
     }
 
     #[test]

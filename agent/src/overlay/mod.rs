@@ -163,6 +163,8 @@ pub struct DataPlane {
     mesh: Mesh,
     endpoints: EndpointFeed,
     macs: MacTable,
+    /// Origins of the MAC table not (yet) in the mesh, and since when.
+    departed: crate::mesh::departed::Unknown,
     channel: GossipChannel,
     links: BTreeMap<PeerName, PeerLink>,
     routes: watch::Receiver<BTreeMap<PeerName, PeerName>>,
@@ -269,6 +271,7 @@ impl DataPlane {
         });
         let dp = DataPlane {
             macs: MacTable::new(cfg.me),
+            departed: crate::mesh::departed::Unknown::default(),
             routes: mesh.data_routes(),
             cfg,
             kernel,
@@ -400,6 +403,8 @@ impl DataPlane {
                         self.channel.gossip(crate::mesh::gossip::GossipData::encode_all(&self.macs));
                     }
                     self.evaluate(now);
+                    let view = self.mesh.view().borrow().clone();
+                    self.macs.forget_departed(&mut self.departed, &view, now);
                     self.program();
                 }
             }

@@ -61,6 +61,9 @@ pub fn render(m: &Metrics, report: &Report) -> String {
         let n = report.overlay.links.iter().filter(|l| l.mode == mode).count();
         set(&m.overlay_links, mode.name(), n as u64);
     }
+    let a = &report.mesh.accepts;
+    mirror(&m.mesh_refused_accepts, "rate", a.refused_rate);
+    mirror(&m.mesh_refused_accepts, "handshakes", a.refused_handshakes);
     let s = &report.overlay.sleeve;
     mirror(&m.sleeve_frames, "sent", s.tx_frames);
     mirror(&m.sleeve_frames, "received", s.rx_frames);

@@ -1,4 +1,5 @@
-//! Which origins' entries to drop because their peer is not in the mesh. Entries travel
+//! Which origins' entries (DNS names, MACs) to drop because their peer is not in the mesh, so
+//! subsystem tables hold entries only of peers in the topology. Entries travel
 //! ahead of the topology: a restarted or new peer's names can be passed on by a neighbour
 //! before this peer has learnt that the origin exists, let alone a route to it. So an origin
 //! that is neither in the topology nor reachable is dropped only once it has stayed unknown
@@ -8,8 +9,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
+use super::view::MeshView;
 use crate::identity::PeerName;
-use crate::mesh::view::MeshView;
 
 /// How long an origin may be unknown to the mesh view before its entries are dropped: well
 /// above the time topology gossip takes to cross a mesh (a tick per hop).
