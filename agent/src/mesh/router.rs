@@ -126,8 +126,10 @@ pub struct Outputs {
     pub report: watch::Sender<MeshReport>,
     pub view: watch::Sender<MeshView>,
     pub setup: mpsc::UnboundedSender<SetupEvent>,
-    pub conns: mpsc::UnboundedSender<ConnEvent>,
+    pub conns: connection::ToRouter,
     pub links: mpsc::UnboundedSender<LinkEvent>,
+    /// Bounded: control messages are dropped when the data plane is behind.
+    pub link_control: mpsc::Sender<LinkEvent>,
     pub data_routes: watch::Sender<BTreeMap<PeerName, PeerName>>,
 }
 
@@ -181,7 +183,7 @@ pub struct Inputs {
     pub commands: mpsc::UnboundedReceiver<Command>,
     pub outgoing: mpsc::UnboundedReceiver<Outgoing>,
     pub setup: mpsc::UnboundedReceiver<SetupEvent>,
-    pub conns: mpsc::UnboundedReceiver<ConnEvent>,
+    pub conns: connection::FromConns,
 }
 
 fn now_millis() -> u64 {
@@ -562,7 +564,8 @@ impl Router {
                     self.drop_conn(peer, reason);
                 }
             }
-            ConnEvent::Frame { id, frame, bytes } => {
+            // The frame's bytes stay counted against the queue's budget until it is handled.
+            ConnEvent::Frame { id, frame, bytes, .. } => {
                 let Some(from) = self.peer_of(id) else { return };
                 self.on_frame(from, frame, bytes);
             }
@@ -633,7 +636,9 @@ impl Router {
                 }
             }
             Some(Kind::Overlay(msg)) => {
-                let _ = self.out.links.send(LinkEvent::Control { peer: from, msg });
+                if self.out.link_control.try_send(LinkEvent::Control { peer: from, msg }).is_err() {
+                    debug!(%from, "data plane behind; dropping a control message");
+                }
             }
             Some(Kind::Heartbeat(_)) | None => {}
         }
