@@ -308,8 +308,16 @@ impl std::fmt::Display for CloseReason {
 pub enum ConnEvent {
     /// A decoded frame. Its bytes count against [`ROUTER_BYTES`] until the router drops the
     /// event (`held`).
-    Frame { id: u64, frame: proto::Frame, bytes: usize, held: OwnedSemaphorePermit },
-    Closed { id: u64, reason: CloseReason },
+    Frame {
+        id: u64,
+        frame: proto::Frame,
+        bytes: usize,
+        held: OwnedSemaphorePermit,
+    },
+    Closed {
+        id: u64,
+        reason: CloseReason,
+    },
 }
 
 /// Frames decoded by all connections and not yet handled by the router: beyond either bound a
@@ -396,7 +404,6 @@ impl ToRouter {
             sent = self.frames.send(ConnEvent::Frame { id, frame, bytes, held }) => sent.is_ok(),
         }
     }
-
 }
 
 /// The router's handle on a running connection.

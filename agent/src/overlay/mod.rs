@@ -406,7 +406,9 @@ impl DataPlane {
                     self.send_heartbeats();
                     if now.duration_since(last_gossip) >= MACS_ANTI_ENTROPY {
                         last_gossip = now;
-                        self.channel.gossip(crate::mesh::gossip::GossipData::encode_all(&self.macs));
+                        for m in crate::mesh::gossip::GossipData::encode_all(&self.macs) {
+                            self.channel.gossip(m);
+                        }
                     }
                     self.evaluate(now);
                     self.program();
@@ -457,7 +459,9 @@ impl DataPlane {
                 };
                 self.links.insert(peer, link);
                 // Everything we know about MACs, to the new neighbour.
-                self.channel.unicast(peer, crate::mesh::gossip::GossipData::encode_all(&self.macs));
+                for m in crate::mesh::gossip::GossipData::encode_all(&self.macs) {
+                    self.channel.unicast(peer, m);
+                }
                 self.program();
             }
             LinkEvent::Down(peer) => {
