@@ -103,7 +103,7 @@ fn entry(e: proto::DnsEntry) -> Result<Entry, WireError> {
 mod tests {
     use super::*;
 
-    /// 200 000 entries with container-id endpoints (about 26 MB as one message, beyond
+    /// 200 000 entries with container-id endpoints (about 22 MB as one message, beyond
     /// even the whole frame limit) go as several messages each below half the frame limit,
     /// and merging them on a fresh table gives the whole table.
     #[test]

@@ -1120,7 +1120,7 @@ mod tests {
         }
     }
 
-    /// A topology of 3000 peers with 20 connections each (about 2.6 MB in one message) goes
+    /// A topology of 3000 peers with 20 connections each (about 2.3 MB in one message) goes
     /// as several messages of at most 1 MiB; a receiver connected to the sender that merges
     /// them one by one, collecting unreachable peers after each, ends with the whole topology.
     #[test]
