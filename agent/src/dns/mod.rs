@@ -399,7 +399,9 @@ impl Service {
                     since_full += Duration::from_secs(1);
                     if since_full >= FULL_GOSSIP {
                         since_full = Duration::ZERO;
-                        self.inputs.channel.gossip(wire::encode(self.table.entries()));
+                        for m in wire::messages(self.table.entries()) {
+                            self.inputs.channel.gossip(m);
+                        }
                     }
                     self.dirty |= self.table.expire_tombstones(now_secs());
                     self.forget_departed();
@@ -432,16 +434,22 @@ impl Service {
                 let merged = self.table.merge(entries, now_secs());
                 if !merged.news.is_empty() {
                     self.dirty = true;
-                    self.inputs.channel.gossip_except(src, wire::encode(&merged.news));
+                    for m in wire::messages(&merged.news) {
+                        self.inputs.channel.gossip_except(src, m);
+                    }
                 }
                 if !merged.corrections.is_empty() {
                     debug!(count = merged.corrections.len(), "restating our own DNS entries");
                     self.dirty = true;
-                    self.inputs.channel.broadcast(wire::encode(&merged.corrections));
+                    for m in wire::messages(&merged.corrections) {
+                        self.inputs.channel.broadcast(m);
+                    }
                 }
             }
             GossipEvent::PeerUp(peer) => {
-                self.inputs.channel.unicast(peer, wire::encode(self.table.entries()));
+                for m in wire::messages(self.table.entries()) {
+                    self.inputs.channel.unicast(peer, m);
+                }
             }
             GossipEvent::PeersGone(peers) => {
                 self.dirty |= self.table.retain_origins(|p| !peers.contains(&p));
@@ -534,7 +542,9 @@ impl Service {
         let changed = self.table.set_local(&want, now_secs());
         if !changed.is_empty() {
             self.dirty = true;
-            self.inputs.channel.broadcast(wire::encode(&changed));
+            for m in wire::messages(&changed) {
+                self.inputs.channel.broadcast(m);
+            }
         }
     }
 

@@ -8,6 +8,8 @@ use prost::Message;
 
 use super::table::Entry;
 use crate::identity::PeerName;
+use crate::mesh::frame::STATE_MESSAGE;
+use crate::mesh::gossip::split_by_size;
 use crate::proto;
 
 /// Bounds on what one message may carry.
@@ -31,24 +33,33 @@ pub enum WireError {
     Origin(String, u64),
 }
 
+/// One message carrying `entries` (tests, and sets known to be small).
 pub fn encode<'a>(entries: impl IntoIterator<Item = &'a Entry>) -> Vec<u8> {
-    proto::DnsEntries {
-        entries: entries
-            .into_iter()
-            .map(|e| proto::DnsEntry {
-                name: e.name.clone(),
-                address: match e.addr {
-                    IpAddr::V4(a) => a.octets().to_vec(),
-                    IpAddr::V6(a) => a.octets().to_vec(),
-                },
-                endpoint: e.endpoint.clone(),
-                origin: e.origin.get(),
-                version: e.version,
-                tombstone: e.tombstone,
-            })
-            .collect(),
+    proto::DnsEntries { entries: entries.into_iter().map(to_wire).collect() }.encode_to_vec()
+}
+
+/// `entries` as messages of at most [`STATE_MESSAGE`] bytes each: entries merge one by one,
+/// so any split is a valid set of updates (docs/dns.md). None when there are no entries.
+pub fn messages<'a>(entries: impl IntoIterator<Item = &'a Entry>) -> Vec<Vec<u8>> {
+    let all = entries.into_iter().map(to_wire).collect();
+    split_by_size(all, STATE_MESSAGE)
+        .into_iter()
+        .map(|entries| proto::DnsEntries { entries }.encode_to_vec())
+        .collect()
+}
+
+fn to_wire(e: &Entry) -> proto::DnsEntry {
+    proto::DnsEntry {
+        name: e.name.clone(),
+        address: match e.addr {
+            IpAddr::V4(a) => a.octets().to_vec(),
+            IpAddr::V6(a) => a.octets().to_vec(),
+        },
+        endpoint: e.endpoint.clone(),
+        origin: e.origin.get(),
+        version: e.version,
+        tombstone: e.tombstone,
     }
-    .encode_to_vec()
 }
 
 pub fn decode(bytes: &[u8]) -> Result<Vec<Entry>, WireError> {
@@ -91,6 +102,41 @@ fn entry(e: proto::DnsEntry) -> Result<Entry, WireError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// 200 000 entries with container-id endpoints (about 22 MB as one message, beyond
+    /// even the whole frame limit) go as several messages each below half the frame limit,
+    /// and merging them on a fresh table gives the whole table.
+    #[test]
+    fn a_large_table_is_sent_as_messages_that_merge_to_the_whole() {
+        use super::super::table::Table;
+        use crate::mesh::frame::MAX_FRAME;
+        let mut table = Table::new(PeerName::new(1).unwrap());
+        let entries = (0..200_000u32).map(|i| {
+            let [_, a, b, c] = i.to_be_bytes();
+            Entry {
+                name: format!("pod-{i:06}.default.weave.local."),
+                addr: IpAddr::from([10, a, b, c]),
+                endpoint: format!("{i:064x}"),
+                origin: PeerName::new(2 + u64::from(i % 100)).unwrap(),
+                version: 1,
+                tombstone: 0,
+            }
+        });
+        table.merge(entries, 0);
+        assert_eq!(table.len(), 200_000);
+        assert!(encode(table.entries()).len() > MAX_FRAME, "the old single message");
+        let split = messages(table.entries());
+        assert!(split.len() > 1);
+        for m in &split {
+            assert!(m.len() < MAX_FRAME / 2 && m.len() <= STATE_MESSAGE, "{} bytes", m.len());
+        }
+        let mut fresh = Table::new(PeerName::new(999).unwrap());
+        for m in &split {
+            fresh.merge(decode(m).unwrap(), 0);
+        }
+        assert_eq!(fresh.entries().collect::<Vec<_>>(), table.entries().collect::<Vec<_>>());
+        assert!(messages(std::iter::empty()).is_empty());
+    }
 
     #[test]
     fn round_trip_and_refusals() {

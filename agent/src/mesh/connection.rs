@@ -3,14 +3,15 @@
 //! router. Heartbeats every [`HEARTBEAT`]; a connection silent for [`SILENCE`] is failed.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
 use prost::Message;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::frame::{FrameReader, PREAMBLE_LEN, Preamble, ProtocolError, decode, frame_of};
@@ -305,8 +306,104 @@ impl std::fmt::Display for CloseReason {
 /// What the connection tasks tell the router.
 #[derive(Debug)]
 pub enum ConnEvent {
-    Frame { id: u64, frame: proto::Frame, bytes: usize },
-    Closed { id: u64, reason: CloseReason },
+    /// A decoded frame. Its bytes count against [`ROUTER_BYTES`] until the router drops the
+    /// event (`held`).
+    Frame {
+        id: u64,
+        frame: proto::Frame,
+        bytes: usize,
+        held: OwnedSemaphorePermit,
+    },
+    Closed {
+        id: u64,
+        reason: CloseReason,
+    },
+}
+
+/// Frames decoded by all connections and not yet handled by the router: beyond either bound a
+/// connection's reader waits, stops reading its socket, and TCP slows the peer down.
+pub const ROUTER_QUEUE: usize = 1024;
+/// (At least one frame of [`super::frame::MAX_FRAME`] always fits.)
+pub const ROUTER_BYTES: usize = 64 << 20;
+
+/// The connections' side of their queues to the router.
+///
+/// Frames go on a bounded queue that readers wait on (back-pressure). No cycle can block:
+/// the router never waits on a connection (it queues frames to send with `try_send` and
+/// closes a connection whose send queue is full), so a reader waiting on the router always
+/// ends. Closures go on a queue of their own, unbounded but holding at most two events per
+/// connection, so a writer never waits and the end of a connection is never lost behind
+/// frames.
+#[derive(Clone, Debug)]
+pub struct ToRouter {
+    frames: mpsc::Sender<ConnEvent>,
+    budget: Arc<Semaphore>,
+    /// The budget's size in bytes.
+    budget_bytes: usize,
+    closed: mpsc::UnboundedSender<ConnEvent>,
+}
+
+/// The router's side of [`ToRouter`].
+#[derive(Debug)]
+pub struct FromConns {
+    frames: mpsc::Receiver<ConnEvent>,
+    closed: mpsc::UnboundedReceiver<ConnEvent>,
+}
+
+impl FromConns {
+    /// The next event, closures first. Cancel-safe.
+    pub async fn recv(&mut self) -> Option<ConnEvent> {
+        tokio::select! {
+            biased;
+            Some(e) = self.closed.recv() => Some(e),
+            Some(e) = self.frames.recv() => Some(e),
+            else => None,
+        }
+    }
+
+    /// Frames queued and not yet received.
+    pub fn queued(&self) -> usize {
+        self.frames.len()
+    }
+}
+
+/// The queues from connections to the router, bounded by `frames` frames and `bytes` bytes.
+pub fn to_router(frames: usize, bytes: usize) -> (ToRouter, FromConns) {
+    let (ftx, frx) = mpsc::channel(frames);
+    let (ctx, crx) = mpsc::unbounded_channel();
+    let bytes = bytes.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
+    let budget = Arc::new(Semaphore::new(bytes));
+    let to = ToRouter { frames: ftx, budget, budget_bytes: bytes, closed: ctx };
+    (to, FromConns { frames: frx, closed: crx })
+}
+
+impl ToRouter {
+    fn closed(&self, id: u64, reason: CloseReason) {
+        let _ = self.closed.send(ConnEvent::Closed { id, reason });
+    }
+
+    /// Queues a frame, waiting for room; false if cancelled or the router is gone.
+    async fn frame(
+        &self,
+        id: u64,
+        frame: proto::Frame,
+        bytes: usize,
+        cancel: &CancellationToken,
+    ) -> bool {
+        // A frame larger than the whole budget takes all of it.
+        let want = u32::try_from(bytes.clamp(1, self.budget_bytes)).unwrap_or(u32::MAX);
+        let held = tokio::select! {
+            _ = cancel.cancelled() => return false,
+            held = self.budget.clone().acquire_many_owned(want) => match held {
+                Ok(h) => h,
+                Err(_) => return false,
+            },
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => false,
+            sent = self.frames.send(ConnEvent::Frame { id, frame, bytes, held }) => sent.is_ok(),
+        }
+    }
 }
 
 /// The router's handle on a running connection.
@@ -322,7 +419,7 @@ pub struct Handle {
 pub const SEND_QUEUE: usize = 4096;
 
 /// Starts the reader and writer tasks of an established connection.
-pub fn start(est: Established, id: u64, events: mpsc::UnboundedSender<ConnEvent>) -> Handle {
+pub fn start(est: Established, id: u64, events: ToRouter) -> Handle {
     let (tx, rx) = mpsc::channel(SEND_QUEUE);
     let cancel = CancellationToken::new();
     let Established { reader, writer, sealer, opener, leftover, .. } = est;
@@ -337,7 +434,7 @@ async fn write_loop(
     mut rx: mpsc::Receiver<Vec<u8>>,
     cancel: CancellationToken,
     id: u64,
-    events: mpsc::UnboundedSender<ConnEvent>,
+    events: ToRouter,
 ) {
     let heartbeat =
         frame_of(&proto::Frame { kind: Some(proto::frame::Kind::Heartbeat(proto::Heartbeat {})) });
@@ -380,17 +477,20 @@ async fn write_loop(
     };
     cancel.cancel();
     if let Some(reason) = reason {
-        let _ = events.send(ConnEvent::Closed { id, reason });
+        events.closed(id, reason);
     }
 }
 
-async fn read_loop(
-    mut reader: OwnedReadHalf,
+/// Reads frames and hands them to the router, waiting when the router is behind (and not
+/// reading meanwhile). A connection fails when it is silent for [`SILENCE`] or when a frame
+/// takes longer than [`super::frame::frame_allowance`] of our waiting to arrive.
+async fn read_loop<R: AsyncRead + Unpin>(
+    mut reader: R,
     mut opener: Option<secure::Opener>,
     leftover: Vec<u8>,
     cancel: CancellationToken,
     id: u64,
-    events: mpsc::UnboundedSender<ConnEvent>,
+    events: ToRouter,
 ) {
     let mut frames = FrameReader::default();
     frames.push(&leftover);
@@ -400,7 +500,9 @@ async fn read_loop(
             match frames.next_frame() {
                 Ok(Some(f)) => match proto::Frame::decode(f.as_slice()) {
                     Ok(frame) => {
-                        let _ = events.send(ConnEvent::Frame { id, frame, bytes: f.len() + 4 });
+                        if !events.frame(id, frame, f.len() + 4, &cancel).await {
+                            break 'outer CloseReason::Closed;
+                        }
                     }
                     Err(e) => break 'outer CloseReason::Failed(format!("undecodable frame: {e}")),
                 },
@@ -408,14 +510,20 @@ async fn read_loop(
                 Err(e) => break 'outer CloseReason::Failed(e.to_string()),
             }
         }
-        let n = tokio::select! {
+        let limit = frames.time_left().map_or(SILENCE, |left| left.min(SILENCE));
+        let began = tokio::time::Instant::now();
+        let read = tokio::select! {
             _ = cancel.cancelled() => break CloseReason::Closed,
-            r = tokio::time::timeout(SILENCE, reader.read(&mut buf)) => match r {
-                Err(_) => break CloseReason::Silent(SILENCE.as_secs()),
-                Ok(Err(e)) => break CloseReason::Failed(format!("read failed: {e}")),
-                Ok(Ok(0)) => break CloseReason::ClosedByPeer,
-                Ok(Ok(n)) => n,
-            },
+            r = tokio::time::timeout(limit, reader.read(&mut buf)) => r,
+        };
+        if let Err(e) = frames.wait(began.elapsed()) {
+            break CloseReason::Failed(e.to_string());
+        }
+        let n = match read {
+            Err(_) => break CloseReason::Silent(SILENCE.as_secs()),
+            Ok(Err(e)) => break CloseReason::Failed(format!("read failed: {e}")),
+            Ok(Ok(0)) => break CloseReason::ClosedByPeer,
+            Ok(Ok(n)) => n,
         };
         match opener.as_mut() {
             Some(o) => {
@@ -434,5 +542,101 @@ async fn read_loop(
         }
     };
     cancel.cancel();
-    let _ = events.send(ConnEvent::Closed { id, reason });
+    events.closed(id, reason);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mesh::frame::frame_allowance;
+
+    /// The peer's side of a connection whose reader runs on the other side.
+    fn reader(to: ToRouter) -> (tokio::io::DuplexStream, CancellationToken) {
+        let (peer, ours) = tokio::io::duplex(64 * 1024);
+        let cancel = CancellationToken::new();
+        tokio::spawn(read_loop(ours, None, Vec::new(), cancel.clone(), 1, to));
+        (peer, cancel)
+    }
+
+    /// A router that takes nothing: once the queue is full the reader stops reading and the
+    /// peer's writes stall, instead of a million frames queueing up in memory. (The clock is
+    /// paused: it jumps only when every task waits, so the 30 s mean "no progress at all".)
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_router_stops_the_reader() {
+        let (to, from) = to_router(ROUTER_QUEUE, ROUTER_BYTES);
+        let (mut peer, cancel) = reader(to);
+        let wire = vec![0u8; 4 * 1_000_000]; // a million empty frames
+        let mut taken = 0;
+        while taken < wire.len() {
+            let end = (taken + 64 * 1024).min(wire.len());
+            let write = peer.write(&wire[taken..end]);
+            match tokio::time::timeout(Duration::from_secs(30), write).await {
+                Ok(Ok(n)) => taken += n,
+                Ok(Err(e)) => panic!("write failed: {e}"),
+                Err(_) => break,
+            }
+        }
+        assert!(taken < wire.len(), "all {taken} bytes were taken while the router took none");
+        assert_eq!(from.queued(), ROUTER_QUEUE);
+        // The queue, one read of the reader's and the pipe's buffer, nothing more.
+        assert!(taken <= 4 * ROUTER_QUEUE + 3 * 64 * 1024, "{taken} bytes taken");
+        cancel.cancel();
+    }
+
+    /// Large frames count by their bytes: with a 24 MiB budget and two 10 MiB frames held by
+    /// the router, a third waits (although the queue has room for many frames) until one of
+    /// them is handled.
+    #[tokio::test(start_paused = true)]
+    async fn queued_bytes_are_bounded() {
+        let (to, mut from) = to_router(ROUTER_QUEUE, 24 << 20);
+        let (mut peer, cancel) = reader(to);
+        let body = frame_of(&proto::Frame {
+            kind: Some(proto::frame::Kind::Gossip(proto::GossipMessage {
+                channel: "x".into(),
+                payload: vec![0; 10 << 20],
+                ..Default::default()
+            })),
+        });
+        let writer = tokio::spawn(async move {
+            for _ in 0..3 {
+                peer.write_all(&body).await.expect("write");
+            }
+            peer
+        });
+        let first = from.recv().await;
+        let second = from.recv().await;
+        assert!(matches!(first, Some(ConnEvent::Frame { .. })));
+        assert!(matches!(second, Some(ConnEvent::Frame { .. })));
+        let third = tokio::time::timeout(Duration::from_secs(30), from.recv()).await;
+        assert!(third.is_err(), "a third frame was queued beyond the byte budget");
+        drop(first);
+        assert!(matches!(from.recv().await, Some(ConnEvent::Frame { .. })));
+        let _peer = writer.await.expect("writer");
+        cancel.cancel();
+    }
+
+    /// A frame drip-fed a byte every 5 s (often enough never to be silent) fails the
+    /// connection once its allowance is over.
+    #[tokio::test(start_paused = true)]
+    async fn a_drip_fed_frame_closes_the_connection() {
+        let (to, mut from) = to_router(ROUTER_QUEUE, ROUTER_BYTES);
+        let (mut peer, _cancel) = reader(to);
+        let started = tokio::time::Instant::now();
+        peer.write_all(&[0, 0x10, 0, 0, 0x12]).await.expect("write"); // 1 MiB of gossip
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                if peer.write_all(&[0]).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let ev = tokio::time::timeout(Duration::from_secs(300), from.recv()).await;
+        let Ok(Some(ConnEvent::Closed { reason: CloseReason::Failed(why), .. })) = ev else {
+            panic!("the connection is still open or ended otherwise: {ev:?}");
+        };
+        assert!(why.contains("did not arrive within"), "{why}");
+        let allowed = frame_allowance(1 << 20);
+        assert!(started.elapsed() <= allowed + Duration::from_secs(1), "{:?}", started.elapsed());
+    }
 }

@@ -21,6 +21,28 @@ pub fn version_ok(v: u64) -> bool {
     v <= MAX_VERSION
 }
 
+/// Splits the items of a whole state into groups, each encoding (as a repeated message field)
+/// to at most `max` bytes, in order; an item larger than `max` alone makes a group. Senders of
+/// a whole state send one message per group, each mergeable on its own (docs/mesh-protocol.md
+/// §3.2), so that no frame approaches the receiver's limit.
+pub fn split_by_size<T: prost::Message>(items: Vec<T>, max: usize) -> Vec<Vec<T>> {
+    let mut out: Vec<Vec<T>> = Vec::new();
+    let mut size = 0;
+    for item in items {
+        let len = item.encoded_len();
+        let len = 1 + prost::length_delimiter_len(len) + len;
+        match out.last_mut() {
+            Some(group) if size + len <= max => group.push(item),
+            _ => {
+                out.push(vec![item]);
+                size = 0;
+            }
+        }
+        size += len;
+    }
+    out
+}
+
 /// What arrives on a channel.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum GossipEvent {
@@ -83,8 +105,9 @@ impl GossipSender {
 pub trait GossipData {
     /// Merges state received from a peer; returns the encoded part that was new here, if any.
     fn merge_encoded(&mut self, src: PeerName, bytes: &[u8]) -> Result<Option<Vec<u8>>, String>;
-    /// The whole state, encoded.
-    fn encode_all(&self) -> Vec<u8>;
+    /// The whole state, as messages of at most [`super::frame::STATE_MESSAGE`] bytes each
+    /// (an indivisible item may be larger), each mergeable on its own; none when empty.
+    fn encode_all(&self) -> Vec<Vec<u8>>;
 }
 
 impl GossipChannel {
@@ -151,7 +174,9 @@ impl GossipChannel {
             GossipEvent::Gossip { src, payload } => Ok(self.merge(data, src, &payload, true)),
             GossipEvent::Broadcast { src, payload } => Ok(self.merge(data, src, &payload, false)),
             GossipEvent::PeerUp(peer) => {
-                self.unicast(peer, data.encode_all());
+                for message in data.encode_all() {
+                    self.unicast(peer, message);
+                }
                 Ok(false)
             }
             other => Err(other),
@@ -195,8 +220,8 @@ mod tests {
             let new: Vec<u8> = bytes.iter().copied().filter(|b| self.0.insert(*b)).collect();
             Ok((!new.is_empty()).then_some(new))
         }
-        fn encode_all(&self) -> Vec<u8> {
-            self.0.iter().copied().collect()
+        fn encode_all(&self) -> Vec<Vec<u8>> {
+            vec![self.0.iter().copied().collect()]
         }
     }
 

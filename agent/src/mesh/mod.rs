@@ -52,9 +52,18 @@ pub struct Mesh {
     accepts: router::SharedGate,
 }
 
-/// The data plane's side of the mesh: link events, to be taken once.
+/// The data plane's side of the mesh, to be taken once: link changes (`Up`, `Down`; never
+/// dropped, at most two per connection) and data-plane control messages from neighbours
+/// (`Control`; at most [`LINK_CONTROL_QUEUE`] queued, further ones dropped: they acknowledge
+/// heartbeats, which repeat, and a peer sending a flood of them must not grow our memory).
 #[derive(Debug)]
-pub struct Links(pub mpsc::UnboundedReceiver<router::LinkEvent>);
+pub struct Links {
+    pub changes: mpsc::UnboundedReceiver<router::LinkEvent>,
+    pub control: mpsc::Receiver<router::LinkEvent>,
+}
+
+/// Control messages from neighbours queued for the data plane.
+pub const LINK_CONTROL_QUEUE: usize = 1024;
 
 /// The mesh could not start.
 #[derive(Debug, thiserror::Error)]
@@ -79,10 +88,12 @@ impl Mesh {
         let (commands, cmd_rx) = mpsc::unbounded_channel();
         let (outgoing, out_rx) = mpsc::unbounded_channel();
         let (setup_tx, setup_rx) = mpsc::unbounded_channel();
-        let (conn_tx, conn_rx) = mpsc::unbounded_channel();
+        let (conn_tx, conn_rx) =
+            connection::to_router(connection::ROUTER_QUEUE, connection::ROUTER_BYTES);
         let (report_tx, report) = watch::channel(MeshReport::default());
         let (view_tx, view) = watch::channel(MeshView::default());
         let (links_tx, links_rx) = mpsc::unbounded_channel();
+        let (control_tx, control_rx) = mpsc::channel(LINK_CONTROL_QUEUE);
         let (routes_tx, data_routes) = watch::channel(BTreeMap::new());
         let out = Outputs {
             report: report_tx,
@@ -90,14 +101,16 @@ impl Mesh {
             setup: setup_tx,
             conns: conn_tx,
             links: links_tx,
+            link_control: control_tx,
             data_routes: routes_tx,
         };
         let router = Router::new(cfg, store, metrics, out);
         let accepts = router.accept_gate();
         let inputs = Inputs { commands: cmd_rx, outgoing: out_rx, setup: setup_rx, conns: conn_rx };
         let task = router.run(inputs, listener, shutdown);
+        let links = Links { changes: links_rx, control: control_rx };
         let mesh = Mesh { me, commands, outgoing, report, view, data_routes, accepts };
-        Ok((mesh, Links(links_rx), task))
+        Ok((mesh, links, task))
     }
 
     /// Starts accepting and dialling. Call it once every subsystem has taken its

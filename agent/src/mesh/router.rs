@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::connection::{self, CloseReason, ConnError, ConnEvent, Established, Handle, Setup};
-use super::frame::frame_of;
-use super::gossip::{GossipEvent, Outgoing, SendKind};
+use super::frame::{MAX_FRAME, STATE_MESSAGE, frame_of};
+use super::gossip::{GossipEvent, Outgoing, SendKind, split_by_size};
 use super::limits::{
     AcceptGate, Buckets, OTHER_LABEL, SURROGATE_BURST, SURROGATE_MAX_PAYLOAD, SURROGATE_RATE,
     valid_channel,
@@ -129,8 +129,10 @@ pub struct Outputs {
     pub report: watch::Sender<MeshReport>,
     pub view: watch::Sender<MeshView>,
     pub setup: mpsc::UnboundedSender<SetupEvent>,
-    pub conns: mpsc::UnboundedSender<ConnEvent>,
+    pub conns: connection::ToRouter,
     pub links: mpsc::UnboundedSender<LinkEvent>,
+    /// Bounded: control messages are dropped when the data plane is behind.
+    pub link_control: mpsc::Sender<LinkEvent>,
     pub data_routes: watch::Sender<BTreeMap<PeerName, PeerName>>,
 }
 
@@ -189,7 +191,7 @@ pub struct Inputs {
     pub commands: mpsc::UnboundedReceiver<Command>,
     pub outgoing: mpsc::UnboundedReceiver<Outgoing>,
     pub setup: mpsc::UnboundedReceiver<SetupEvent>,
-    pub conns: mpsc::UnboundedReceiver<ConnEvent>,
+    pub conns: connection::FromConns,
 }
 
 fn now_millis() -> u64 {
@@ -365,7 +367,7 @@ impl Router {
         if !self.pending.is_empty() {
             let names: Vec<PeerName> = std::mem::take(&mut self.pending).into_iter().collect();
             let delta = self.topology.entries().subset(&names);
-            self.send_topology(SendKind::Gossip { exclude: None }, &delta);
+            self.send_topology(&delta);
         }
         if std::mem::take(&mut self.dirty) {
             self.recompute();
@@ -386,7 +388,7 @@ impl Router {
         if now.duration_since(self.last_anti_entropy) >= ANTI_ENTROPY {
             self.last_anti_entropy = now;
             let full = self.topology.entries().clone();
-            self.send_topology(SendKind::Gossip { exclude: None }, &full);
+            self.send_topology(&full);
             self.surrogate_seen.retain(|_, t| now.duration_since(*t) < ANTI_ENTROPY);
             self.surrogate_rate.prune(now);
         }
@@ -548,18 +550,16 @@ impl Router {
         // the route to the new neighbour must exist before they are told, not at the next tick.
         self.refresh_routes();
         // Everything we know, to the new neighbour at once.
-        let full = entries_to_wire(self.topology.entries()).encode_to_vec();
-        let msg = proto::GossipMessage {
-            channel: TOPOLOGY.into(),
-            src: self.topology.me().get(),
-            dst: peer.get(),
-            payload: full,
-        };
-        self.send_frame(
-            peer,
-            TOPOLOGY,
-            &proto::Frame { kind: Some(proto::frame::Kind::Unicast(msg)) },
-        );
+        for payload in topology_messages(&self.topology, self.topology.entries()) {
+            let msg = proto::GossipMessage {
+                channel: TOPOLOGY.into(),
+                src: self.topology.me().get(),
+                dst: peer.get(),
+                payload,
+            };
+            let frame = proto::Frame { kind: Some(proto::frame::Kind::Unicast(msg)) };
+            self.send_frame(peer, TOPOLOGY, &frame);
+        }
         for ch in self.channels.values() {
             let _ = ch.try_send(GossipEvent::PeerUp(peer));
         }
@@ -602,7 +602,8 @@ impl Router {
                     self.drop_conn(peer, reason);
                 }
             }
-            ConnEvent::Frame { id, frame, bytes } => {
+            // The frame's bytes stay counted against the queue's budget until it is handled.
+            ConnEvent::Frame { id, frame, bytes, .. } => {
                 let Some(from) = self.peer_of(id) else { return };
                 self.on_frame(from, frame, bytes);
             }
@@ -673,7 +674,9 @@ impl Router {
                 }
             }
             Some(Kind::Overlay(msg)) => {
-                let _ = self.out.links.send(LinkEvent::Control { peer: from, msg });
+                if self.out.link_control.try_send(LinkEvent::Control { peer: from, msg }).is_err() {
+                    debug!(%from, "data plane behind; dropping a control message");
+                }
             }
             Some(Kind::Heartbeat(_)) | None => {}
         }
@@ -804,6 +807,12 @@ impl Router {
     /// Sends an encoded frame (encode once, send to many).
     fn send_bytes(&self, to: PeerName, channel: &str, bytes: Vec<u8>) {
         let Some(c) = self.conns.get(&to) else { return };
+        if bytes.len() > 4 + MAX_FRAME {
+            // The receiver would close the connection; only a relayed oversized item can
+            // make such a frame, since whole states are split.
+            warn!(peer = %to, channel, bytes = bytes.len(), "frame over the limit; not sent");
+            return;
+        }
         self.count(channel, "sent", bytes.len());
         if let Err(mpsc::error::TrySendError::Full(_)) = c.handle.tx.try_send(bytes) {
             warn!(peer = %to, "send queue full; closing the connection");
@@ -811,9 +820,18 @@ impl Router {
         }
     }
 
-    fn send_topology(&mut self, kind: SendKind, entries: &Entries) {
-        let payload = entries_to_wire(entries).encode_to_vec();
-        self.on_outgoing(Outgoing { channel: TOPOLOGY.into(), kind, payload });
+    /// Gossips `entries` in messages of at most [`STATE_MESSAGE`] bytes, all to the same
+    /// neighbours (each message builds on the ones before it, see [`topology_messages`]).
+    fn send_topology(&mut self, entries: &Entries) {
+        let me = self.topology.me().get();
+        let targets = self.gossip_targets(None);
+        for payload in topology_messages(&self.topology, entries) {
+            let msg = proto::GossipMessage { channel: TOPOLOGY.into(), src: me, dst: 0, payload };
+            let bytes = frame_of(&proto::Frame { kind: Some(proto::frame::Kind::Gossip(msg)) });
+            for n in &targets {
+                self.send_bytes(*n, TOPOLOGY, bytes.clone());
+            }
+        }
     }
 
     fn on_outgoing(&mut self, o: Outgoing) {
@@ -1064,6 +1082,19 @@ pub fn entries_to_wire(e: &Entries) -> proto::Topology {
     }
 }
 
+/// `entries` as topology messages of at most [`STATE_MESSAGE`] bytes each (an entry larger
+/// than that alone), ordered by [`Topology::breadth_first`] of the sender's `topology`.
+pub fn topology_messages(topology: &Topology, entries: &Entries) -> Vec<Vec<u8>> {
+    let rank: HashMap<u64, usize> =
+        topology.breadth_first().iter().enumerate().map(|(i, p)| (p.get(), i)).collect();
+    let mut peers = entries_to_wire(entries).peers;
+    peers.sort_by_key(|p| rank.get(&p.name).copied().unwrap_or(usize::MAX));
+    split_by_size(peers, STATE_MESSAGE)
+        .into_iter()
+        .map(|peers| proto::Topology { peers }.encode_to_vec())
+        .collect()
+}
+
 /// Decodes entries; names longer than 48 bits are dropped.
 pub fn entries_from_wire(t: &proto::Topology) -> Entries {
     let mut out = Entries::default();
@@ -1137,6 +1168,44 @@ mod tests {
                 GossipEvent::Unicast { payload, .. } => return Some(payload),
                 _ => {}
             }
+        }
+    }
+
+    /// A topology of 2000 peers (near the 2048 cap) with 20 connections each (about 1.5 MB in
+    /// one message) goes as several messages of at most 1 MiB; a receiver connected to the sender that merges
+    /// them one by one, collecting unreachable peers after each, ends with the whole topology.
+    #[test]
+    fn a_large_topology_is_split_into_messages_that_merge_to_the_whole() {
+        let n = |i: u64| PeerName::new(i + 1).expect("name");
+        let mut entries = BTreeMap::new();
+        for i in 0..2000u64 {
+            let connections = (20 * i + 1..=20 * i + 20)
+                .map(|c| {
+                    let info = ConnInfo {
+                        address: format!("10.{}.{}.{}:6783", c >> 16, (c >> 8) & 255, c & 255),
+                        outbound: true,
+                        established: true,
+                    };
+                    (n(c % 2000), info)
+                })
+                .collect();
+            let info = PeerInfo { version: 5, uid: 7, nickname: "x".repeat(200), connections };
+            entries.insert(n(i), info);
+        }
+        let sender = Topology::from_entries(n(0), Entries(entries));
+        let messages = topology_messages(&sender, sender.entries());
+        assert!(messages.len() > 1);
+        assert!(messages.iter().all(|m| m.len() <= STATE_MESSAGE));
+        let mut receiver = Topology::new(n(5000), "r".into(), 1, 1);
+        let to_sender =
+            ConnInfo { address: "10.0.0.1:6783".into(), outbound: true, established: true };
+        receiver.set_connection(n(0), to_sender);
+        for m in &messages {
+            receiver.merge_wire(&proto::Topology::decode(m.as_slice()).expect("decodes"));
+            assert!(receiver.garbage_collect().is_empty(), "a merged peer was collected");
+        }
+        for (p, e) in sender.peers() {
+            assert_eq!(receiver.get(*p), Some(e));
         }
     }
 

@@ -254,6 +254,27 @@ impl Topology {
         gone
     }
 
+    /// Every known peer, those reachable from us first in breadth-first order (following the
+    /// connections each lists, as [`Self::garbage_collect`] does), then the rest. Entries sent
+    /// in this order reach a receiver connected to us so that every prefix of them is
+    /// reachable for it: splitting a topology into messages never makes a receiver collect
+    /// a peer whose path arrives in a later message.
+    pub fn breadth_first(&self) -> Vec<PeerName> {
+        let mut seen = BTreeSet::from([self.me]);
+        let mut order = vec![self.me];
+        let mut next = 0;
+        while let Some(p) = order.get(next).copied() {
+            next += 1;
+            for n in self.neighbours(p, false) {
+                if self.entries.0.contains_key(&n) && seen.insert(n) {
+                    order.push(n);
+                }
+            }
+        }
+        order.extend(self.entries.0.keys().filter(|n| !seen.contains(n)));
+        order
+    }
+
     /// Peers we know of, ourselves included.
     pub fn peers(&self) -> impl Iterator<Item = (&PeerName, &PeerInfo)> {
         self.entries.0.iter()

@@ -13,7 +13,8 @@ use prost::Message;
 use crate::dataplane::Mac;
 use crate::identity::PeerName;
 use crate::mesh::departed::Unknown;
-use crate::mesh::gossip::{GossipData, version_ok};
+use crate::mesh::frame::STATE_MESSAGE;
+use crate::mesh::gossip::{GossipData, split_by_size, version_ok};
 use crate::mesh::view::MeshView;
 use crate::proto;
 
@@ -145,7 +146,11 @@ impl MacTable {
     }
 
     pub fn encode(&self, peers: &[PeerName]) -> Vec<u8> {
-        let origins = peers
+        proto::MacTable { origins: self.wire_origins(peers) }.encode_to_vec()
+    }
+
+    fn wire_origins(&self, peers: &[PeerName]) -> Vec<proto::MacOrigin> {
+        peers
             .iter()
             .filter_map(|p| self.origins.get(p).map(|o| (p, o)))
             .map(|(p, o)| proto::MacOrigin {
@@ -163,8 +168,7 @@ impl MacTable {
                     })
                     .collect(),
             })
-            .collect();
-        proto::MacTable { origins }.encode_to_vec()
+            .collect()
     }
 }
 
@@ -213,9 +217,13 @@ impl GossipData for MacTable {
         Ok((!changed.is_empty()).then(|| self.encode(&changed)))
     }
 
-    fn encode_all(&self) -> Vec<u8> {
+    /// Whole origins per message (an origin replaces the one held, so it is never split).
+    fn encode_all(&self) -> Vec<Vec<u8>> {
         let all: Vec<PeerName> = self.origins.keys().copied().collect();
-        self.encode(&all)
+        split_by_size(self.wire_origins(&all), STATE_MESSAGE)
+            .into_iter()
+            .map(|origins| proto::MacTable { origins }.encode_to_vec())
+            .collect()
     }
 }
 
@@ -342,6 +350,37 @@ mod tests {
         a.set_local(BTreeMap::from([(m(1), BTreeSet::new())]), 500);
         a.set_local(BTreeMap::new(), 10); // the clock went back
         assert_eq!(a.origins()[&p(1)].version, 501);
+    }
+
+    /// 1024 origins of 256 MACs with 4 addresses each (about 9 MB as one message, over half
+    /// the frame limit): several messages of at most 1 MiB, which merged on a fresh table
+    /// give the whole table.
+    #[test]
+    fn a_large_table_is_sent_as_messages_that_merge_to_the_whole() {
+        let mut t = MacTable::new(p(1));
+        let origin = |i: u64| {
+            let macs = (0..256u32)
+                .map(|j| {
+                    let [_, _, a, b] = j.to_be_bytes();
+                    let ips =
+                        (0..4u8).map(|k| IpAddr::from([10, (i >> 8) as u8, i as u8, k])).collect();
+                    (Mac([2, (i >> 8) as u8, i as u8, a, b, 0]), ips)
+                })
+                .collect();
+            Origin { version: 7, macs }
+        };
+        let all: BTreeMap<PeerName, Origin> = (2..1026).map(|i| (p(i), origin(i))).collect();
+        t.merge(&all);
+        let messages = t.encode_all();
+        assert!(messages.len() > 1);
+        for m in &messages {
+            assert!(m.len() <= STATE_MESSAGE, "{} bytes", m.len());
+        }
+        let mut fresh = MacTable::new(p(9999));
+        for m in &messages {
+            fresh.merge_encoded(p(2), m).unwrap();
+        }
+        assert_eq!(fresh.origins(), t.origins());
     }
 
     #[test]

@@ -48,6 +48,8 @@ pub const FASTDP_PORT: u16 = 6784;
 pub const PRUNE_AFTER: Duration = Duration::from_secs(30);
 /// How often the VXLAN device and the TAP port are checked.
 const REPAIR: Duration = Duration::from_secs(10);
+/// Received heartbeats (sleeve and fastdp) queued for the owner; beyond, they are dropped.
+const HEARTBEAT_QUEUE: usize = 1024;
 /// The TAP port's MTU: large, so that oversize frames from pods reach sleeve, which answers
 /// them with ICMP "fragmentation needed" instead of the bridge dropping them silently.
 /// (A TAP's largest MTU: 65535 minus its Ethernet header.)
@@ -235,8 +237,9 @@ impl DataPlane {
         (watch::Receiver<OverlayReport>, impl Future<Output = ()> + Send + 'static),
         StartError,
     > {
-        let (inputs_tx, inputs_rx) = mpsc::unbounded_channel();
-        let (sleeve_tx, mut sleeve_rx) = mpsc::unbounded_channel();
+        // Heartbeats come from the network: bounded queues, dropped when full (they repeat).
+        let (inputs_tx, inputs_rx) = mpsc::channel(HEARTBEAT_QUEUE);
+        let (sleeve_tx, mut sleeve_rx) = mpsc::channel(HEARTBEAT_QUEUE);
         // A specific mesh address is the sleeve's too (peers accept datagrams only from it);
         // an unspecified one keeps the IPv4 socket sleeve always had.
         let bind = if cfg.bind.is_unspecified() { IpAddr::from([0, 0, 0, 0]) } else { cfg.bind };
@@ -245,7 +248,9 @@ impl DataPlane {
         let fwd = inputs_tx.clone();
         tokio::spawn(async move {
             while let Some(e) = sleeve_rx.recv().await {
-                let _ = fwd.send(Input::Sleeve(e));
+                if fwd.send(Input::Sleeve(e)).await.is_err() {
+                    return;
+                }
             }
         });
         let (fastdp, fastdp_error) = match Self::start_fastdp(&cfg, kernel.clone(), inputs_tx).await
@@ -294,7 +299,7 @@ impl DataPlane {
     async fn start_fastdp(
         cfg: &OverlayConfig,
         kernel: Arc<dyn OverlayKernel>,
-        inputs: mpsc::UnboundedSender<Input>,
+        inputs: mpsc::Sender<Input>,
     ) -> Result<Arc<FrameSocket>, String> {
         if cfg.no_fastdp {
             return Err("disabled by --no-fastdp".into());
@@ -323,7 +328,10 @@ impl DataPlane {
                     match reader.recv(&mut buf) {
                         Ok(Some(n)) => {
                             if let Some((from, id, full)) = parse_heartbeat(&buf[..n]) {
-                                if inputs.send(Input::FastdpHeartbeat { from, id, full }).is_err() {
+                                let hb = Input::FastdpHeartbeat { from, id, full };
+                                if let Err(mpsc::error::TrySendError::Closed(_)) =
+                                    inputs.try_send(hb)
+                                {
                                     return;
                                 }
                             }
@@ -376,7 +384,7 @@ impl DataPlane {
     async fn run(
         mut self,
         mut links: Links,
-        mut inputs: mpsc::UnboundedReceiver<Input>,
+        mut inputs: mpsc::Receiver<Input>,
         shutdown: CancellationToken,
     ) {
         let mut tick = tokio::time::interval(HEARTBEAT);
@@ -386,7 +394,8 @@ impl DataPlane {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                Some(ev) = links.0.recv() => self.on_link(ev),
+                Some(ev) = links.changes.recv() => self.on_link(ev),
+                Some(ev) = links.control.recv() => self.on_link(ev),
                 Some(i) = inputs.recv() => self.on_input(i),
                 Some(ev) = self.channel.recv() => self.on_gossip(ev),
                 Ok(()) = self.routes.changed() => self.program(),
@@ -400,7 +409,9 @@ impl DataPlane {
                     self.send_heartbeats();
                     if now.duration_since(last_gossip) >= MACS_ANTI_ENTROPY {
                         last_gossip = now;
-                        self.channel.gossip(crate::mesh::gossip::GossipData::encode_all(&self.macs));
+                        for m in crate::mesh::gossip::GossipData::encode_all(&self.macs) {
+                            self.channel.gossip(m);
+                        }
                     }
                     self.evaluate(now);
                     let view = self.mesh.view().borrow().clone();
@@ -453,7 +464,9 @@ impl DataPlane {
                 };
                 self.links.insert(peer, link);
                 // Everything we know about MACs, to the new neighbour.
-                self.channel.unicast(peer, crate::mesh::gossip::GossipData::encode_all(&self.macs));
+                for m in crate::mesh::gossip::GossipData::encode_all(&self.macs) {
+                    self.channel.unicast(peer, m);
+                }
                 self.program();
             }
             LinkEvent::Down(peer) => {

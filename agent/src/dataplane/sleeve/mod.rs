@@ -158,7 +158,7 @@ impl Sleeve {
     pub fn start(
         tap_name: &str,
         bind: SocketAddr,
-        events: mpsc::UnboundedSender<SleeveEvent>,
+        events: mpsc::Sender<SleeveEvent>,
     ) -> std::io::Result<Sleeve> {
         let tap = Tap::open(tap_name)?;
         let udp = Udp::bind(bind)?;
@@ -418,7 +418,7 @@ fn send_copy(
 }
 
 /// UDP -> TAP, or onward to the next hop.
-fn rx_loop(s: &Shared, events: &mpsc::UnboundedSender<SleeveEvent>) {
+fn rx_loop(s: &Shared, events: &mpsc::Sender<SleeveEvent>) {
     let mut buf = vec![0u8; 65_536 + 4096];
     let mut windows: HashMap<PeerName, (usize, ReplayWindow)> = HashMap::new();
     let mut reassembly = Reassembly::new(4096, Duration::from_millis(500));
@@ -496,7 +496,7 @@ fn handle_datagram(
     from: IpAddr,
     d: &mut [u8],
     ctx: &mut RxContext<'_>,
-    events: &mpsc::UnboundedSender<SleeveEvent>,
+    events: &mpsc::Sender<SleeveEvent>,
 ) {
     let size = d.len();
     let Some((h, payload_len)) = open_datagram(table, from, d, ctx.windows) else {
@@ -507,7 +507,9 @@ fn handle_datagram(
     match h.kind {
         Kind::Heartbeat | Kind::HeartbeatFull => {
             if h.dst == me {
-                let _ = events.send(SleeveEvent::Heartbeat {
+                // Heartbeats repeat: when the overlay is behind, dropping one is harmless,
+                // and a flood of them cannot queue up in memory.
+                let _ = events.try_send(SleeveEvent::Heartbeat {
                     from: h.hop,
                     id: h.frame,
                     full: h.kind == Kind::HeartbeatFull,
