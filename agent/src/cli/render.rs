@@ -67,6 +67,15 @@ pub fn status(r: &Report) -> Vec<String> {
         let keys = r.endpoints.quarantined.join(", ");
         lines.insert(at, field("Quarantined", format!("{keys} (undecodable records, set aside)")));
     }
+    if r.overlay.fdb_refused > 0 {
+        let at = lines.iter().position(|l| l.trim_start().starts_with("fastdp:"));
+        let at = at.map_or(lines.len(), |i| i + 1);
+        let what = format!(
+            "{} entries refused by the kernel: {}",
+            r.overlay.fdb_refused, r.overlay.fdb_error
+        );
+        lines.insert(at, field("Forwarding", what));
+    }
     if !r.bridge.last_repairs.is_empty() {
         lines.insert(6, field("Last change", r.bridge.last_repairs.join(", ")));
     }

@@ -71,6 +71,11 @@ pub struct FdbSpec {
 pub struct FdbChanges {
     pub added: usize,
     pub removed: usize,
+    /// Entries the kernel refused. Each entry is tried on its own, so one refusal (say, a MAC
+    /// the bridge will not take) does not keep the others out.
+    pub failed: usize,
+    /// What the kernel said about the first refused entry.
+    pub first_error: Option<String>,
 }
 
 /// The forwarding entries weft owns, as the kernel has them now.
@@ -437,43 +442,50 @@ pub fn diff(have: &FdbState, want: &FdbSpec, ports: &PortIndexes) -> Vec<FdbOp> 
     ops
 }
 
-/// Carries out `ops` in order.
-pub async fn apply(sock: &Rtnl, ops: &[FdbOp]) -> Result<FdbChanges, KernelError> {
+/// Carries out `ops` in order, each on its own: a refused entry is counted and the rest still
+/// go in.
+pub async fn apply(sock: &Rtnl, ops: &[FdbOp]) -> FdbChanges {
     let mut changes = FdbChanges::default();
     for op in ops {
-        match *op {
-            FdbOp::AddVxlan { dev, mac, dst, append } => sock
-                .set_neighbour(vxlan_entry(dev, mac, dst), append)
-                .await
-                .ctx(|| format!("adding VXLAN entry {mac} -> {dst}"))?,
-            FdbOp::DelVxlan { dev, mac, dst } => sock
-                .del_neighbour(vxlan_entry(dev, mac, dst))
-                .await
-                .ctx(|| format!("removing VXLAN entry {mac} -> {dst}"))?,
-            FdbOp::SetBridge { port, mac } => sock
-                .set_neighbour(bridge_entry(port, mac), false)
-                .await
-                .ctx(|| format!("adding bridge entry {mac}"))?,
-            FdbOp::DelBridge { port, mac } => sock
-                .del_neighbour(bridge_entry(port, mac))
-                .await
-                .ctx(|| format!("removing bridge entry {mac}"))?,
-            FdbOp::SetArp { bridge, ip, mac } => sock
-                .set_neighbour(arp_entry(bridge, ip, mac), false)
-                .await
-                .ctx(|| format!("adding neighbour {ip}"))?,
-            FdbOp::DelArp { bridge, ip, mac } => sock
-                .del_neighbour(arp_entry(bridge, ip, mac))
-                .await
-                .ctx(|| format!("removing neighbour {ip}"))?,
-        }
-        if op.is_removal() {
-            changes.removed += 1;
-        } else {
-            changes.added += 1;
+        match apply_one(sock, op).await {
+            Ok(()) if op.is_removal() => changes.removed += 1,
+            Ok(()) => changes.added += 1,
+            Err(e) => {
+                changes.failed += 1;
+                changes.first_error.get_or_insert_with(|| e.to_string());
+            }
         }
     }
-    Ok(changes)
+    changes
+}
+
+async fn apply_one(sock: &Rtnl, op: &FdbOp) -> Result<(), KernelError> {
+    match *op {
+        FdbOp::AddVxlan { dev, mac, dst, append } => sock
+            .set_neighbour(vxlan_entry(dev, mac, dst), append)
+            .await
+            .ctx(|| format!("adding VXLAN entry {mac} -> {dst}")),
+        FdbOp::DelVxlan { dev, mac, dst } => sock
+            .del_neighbour(vxlan_entry(dev, mac, dst))
+            .await
+            .ctx(|| format!("removing VXLAN entry {mac} -> {dst}")),
+        FdbOp::SetBridge { port, mac } => sock
+            .set_neighbour(bridge_entry(port, mac), false)
+            .await
+            .ctx(|| format!("adding bridge entry {mac}")),
+        FdbOp::DelBridge { port, mac } => sock
+            .del_neighbour(bridge_entry(port, mac))
+            .await
+            .ctx(|| format!("removing bridge entry {mac}")),
+        FdbOp::SetArp { bridge, ip, mac } => sock
+            .set_neighbour(arp_entry(bridge, ip, mac), false)
+            .await
+            .ctx(|| format!("adding neighbour {ip}")),
+        FdbOp::DelArp { bridge, ip, mac } => sock
+            .del_neighbour(arp_entry(bridge, ip, mac))
+            .await
+            .ctx(|| format!("removing neighbour {ip}")),
+    }
 }
 
 /// Interface indexes for `spec`; `None` when the VXLAN device does not exist.
@@ -493,7 +505,7 @@ pub fn sync(spec: &FdbSpec) -> Result<FdbChanges, KernelError> {
             return Ok(FdbChanges::default());
         };
         let have = read_state(&sock, &ports).await?;
-        apply(&sock, &diff(&have, &spec, &ports)).await
+        Ok(apply(&sock, &diff(&have, &spec, &ports)).await)
     })
 }
 

@@ -137,6 +137,41 @@ pub struct OverlayReport {
     pub relayed: Vec<(String, String)>,
     pub remote_macs: usize,
     pub sleeve: StatsReport,
+    /// Forwarding entries (VXLAN, bridge, neighbour) the kernel refused at the last sync, and
+    /// why the first was refused; retried every second while any are.
+    #[serde(default)]
+    pub fdb_refused: usize,
+    #[serde(default)]
+    pub fdb_error: String,
+}
+
+/// Logs a sync's outcome (a refusal only when it changes, as it is retried every second) and
+/// keeps it for the status report.
+fn record_fdb_outcome(
+    outcome: &std::sync::Mutex<FdbOutcome>,
+    result: Result<crate::dataplane::fastdp::FdbChanges, crate::dataplane::KernelError>,
+) {
+    let (refused, error) = match result {
+        Ok(c) => {
+            if c.added + c.removed > 0 {
+                debug!(added = c.added, removed = c.removed, "forwarding entries updated");
+            }
+            (c.failed, c.first_error.unwrap_or_default())
+        }
+        Err(e) => (1, format!("cannot program forwarding entries: {e}")),
+    };
+    let Ok(mut o) = outcome.lock() else { return };
+    if refused > 0 && (refused, &error) != (o.refused, &o.error) {
+        warn!(refused, first = %error, "the kernel refused forwarding entries; will retry");
+    }
+    *o = FdbOutcome { refused, error };
+}
+
+/// Entries the kernel refused at the last forwarding-entry sync.
+#[derive(Debug, Default)]
+struct FdbOutcome {
+    refused: usize,
+    error: String,
 }
 
 struct PeerLink {
@@ -177,6 +212,8 @@ pub struct DataPlane {
     heartbeat_id: u32,
     report: watch::Sender<OverlayReport>,
     last_programmed: Option<(FdbSpec, Vec<(PeerName, Mode)>)>,
+    /// The outcome of the last forwarding-entry sync (it runs on a blocking thread).
+    fdb: Arc<std::sync::Mutex<FdbOutcome>>,
     /// With a password and fastdp: the VXLAN senders to allow, as last asked of the kernel
     /// (applied by blocking tasks, each of which installs the latest).
     vxlan_filter: Option<Arc<std::sync::Mutex<VxlanFilter>>>,
@@ -291,6 +328,7 @@ impl DataPlane {
             heartbeat_id: 0,
             report: report_tx,
             last_programmed: None,
+            fdb: Arc::default(),
             vxlan_filter,
         };
         Ok((report_rx, dp.run(links, inputs_rx, shutdown)))
@@ -690,16 +728,14 @@ impl DataPlane {
             self.links.iter().map(|(p, l)| (*p, l.link.mode())).collect();
         self.program_sleeve(&remote, &mode_of);
         self.program_vxlan_filter();
-        let unchanged =
-            self.last_programmed.as_ref().is_some_and(|(s, m)| *s == spec && *m == modes);
+        let refused = self.fdb.lock().map_or(0, |o| o.refused);
+        let unchanged = refused == 0
+            && self.last_programmed.as_ref().is_some_and(|(s, m)| *s == spec && *m == modes);
         if !unchanged && self.fastdp.is_some() {
-            let (s, kernel) = (spec.clone(), self.kernel.clone());
-            tokio::task::spawn_blocking(move || match on_blocking_thread(|| kernel.sync_fdb(&s)) {
-                Ok(c) if c.added + c.removed > 0 => {
-                    debug!(added = c.added, removed = c.removed, "forwarding entries updated")
-                }
-                Ok(_) => {}
-                Err(e) => warn!(error = %e, "cannot program forwarding entries; will retry"),
+            let (s, kernel, outcome) = (spec.clone(), self.kernel.clone(), self.fdb.clone());
+            tokio::task::spawn_blocking(move || {
+                let result = on_blocking_thread(|| kernel.sync_fdb(&s));
+                record_fdb_outcome(&outcome, result);
             });
         }
         if !unchanged {
@@ -803,6 +839,8 @@ impl DataPlane {
             relayed,
             remote_macs: self.macs.remote().len(),
             sleeve: self.sleeve.stats(),
+            fdb_refused: self.fdb.lock().map_or(0, |o| o.refused),
+            fdb_error: self.fdb.lock().map(|o| o.error.clone()).unwrap_or_default(),
         });
     }
 }
@@ -889,6 +927,29 @@ pub fn device_names(bridge: &str) -> (String, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refused_forwarding_entries_are_kept_for_the_report_until_a_clean_sync() {
+        use crate::dataplane::fastdp::FdbChanges;
+        let outcome = std::sync::Mutex::new(FdbOutcome::default());
+        let refused = FdbChanges {
+            added: 7,
+            removed: 0,
+            failed: 2,
+            first_error: Some("adding bridge entry 02:00:00:00:00:01: Invalid argument".into()),
+        };
+        record_fdb_outcome(&outcome, Ok(refused));
+        let o = outcome.lock().unwrap();
+        assert_eq!(
+            (o.refused, o.error.as_str()),
+            (2, "adding bridge entry 02:00:00:00:00:01: Invalid argument")
+        );
+        drop(o);
+        record_fdb_outcome(&outcome, Ok(FdbChanges { added: 2, ..FdbChanges::default() }));
+        assert_eq!(outcome.lock().unwrap().refused, 0, "a clean sync clears it");
+        record_fdb_outcome(&outcome, Err(crate::dataplane::KernelError::NoBridge("weft".into())));
+        assert_eq!(outcome.lock().unwrap().refused, 1, "a failed sync counts as refused");
+    }
 
     #[test]
     fn heartbeats_round_trip() {
