@@ -522,6 +522,11 @@ impl State {
                     ));
                 }
                 let net = IpNet::new(a, subnet.prefix_len()).unwrap_or(subnet);
+                // Docker does not replay its requests (RequiresRequestReplay is off), so a
+                // second request for a held address is another container's.
+                if self.records.contains_key(&docker_id(a)) {
+                    return Err(IpamError::Conflict { addr: a, owner: docker_id(a) }.into());
+                }
                 self.ipam.claim(&docker_id(a), net, now)?;
                 net
             }
