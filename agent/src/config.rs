@@ -162,6 +162,10 @@ pub struct AgentArgs {
     )]
     pub docker_plugin_socket: PathBuf,
 
+    /// The Docker API's socket, asked for container names (weave.local).
+    #[arg(long, env = "WEFT_DOCKER_SOCKET", default_value = "/var/run/docker.sock")]
+    pub docker_socket: PathBuf,
+
     /// Where Kubernetes mode writes 10-weft.conflist.
     #[arg(long, env = "WEFT_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
     pub cni_conf_dir: PathBuf,
@@ -414,9 +418,10 @@ impl AgentArgs {
                 clients: vec![range, default_subnet],
             }),
             reconcile_interval: std::time::Duration::from_secs(self.reconcile_interval.max(1)),
-            docker: self
-                .docker_plugin
-                .then(|| crate::docker::DockerConfig { socket: self.docker_plugin_socket.clone() }),
+            docker: self.docker_plugin.then(|| crate::docker::DockerConfig {
+                socket: self.docker_plugin_socket.clone(),
+                api_socket: self.docker_socket.clone(),
+            }),
             warnings,
         })
     }

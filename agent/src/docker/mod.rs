@@ -3,6 +3,7 @@
 //! carried out as endpoint operations (`endpoints::docker`: the same records, rollback and
 //! reconciliation as CNI). See docs/docker.md.
 
+pub mod names;
 pub mod protocol;
 
 use std::path::{Path, PathBuf};
@@ -29,6 +30,8 @@ const ALLOC_BUDGET: Duration = Duration::from_secs(20);
 #[derive(Clone, Debug)]
 pub struct DockerConfig {
     pub socket: PathBuf,
+    /// The Docker API, asked for container names.
+    pub api_socket: PathBuf,
 }
 
 /// The plugin socket could not be set up.
@@ -60,6 +63,8 @@ pub fn start(cfg: DockerConfig, hub: &Hub, tasks: &mut Tasks) -> Result<(), Bind
     info!(socket = %cfg.socket.display(), "serving Docker's network and IPAM driver");
     let app = Router::new().fallback(dispatch).with_state(Arc::new(hub.endpoints.clone()));
     let shutdown = tasks.shutdown().clone();
+    let api = names::UnixDockerApi { socket: cfg.api_socket.clone() };
+    tasks.spawn("docker-names", names::run(api, hub.endpoints.clone(), shutdown.clone()));
     tasks.spawn("docker-plugin", async move {
         if let Err(e) =
             axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await

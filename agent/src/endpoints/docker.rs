@@ -129,6 +129,22 @@ impl Endpoints {
         Ok((record, peer))
     }
 
+    /// Gives Docker's endpoint `endpoint` the DNS name `name`, if it is still joined.
+    pub async fn docker_name(&self, endpoint: &str, name: String) -> Result<(), EndpointError> {
+        let Some(rec) = self.docker_endpoint(endpoint).await? else { return Ok(()) };
+        let _guard = self.inner.locks.lock(&rec.id).await;
+        let e = endpoint.to_owned();
+        self.inner
+            .state
+            .call(move |s| match s.docker_endpoint(&e) {
+                Some(r) if r.kind == super::record::Kind::Docker => {
+                    s.set_hostname(&r.id, Some(name)).map(|_| ())
+                }
+                _ => Ok(()),
+            })
+            .await?
+    }
+
     /// `Leave`: removes the interface; the address stays reserved until `ReleaseAddress`.
     /// False if the endpoint is unknown.
     pub async fn docker_leave(&self, endpoint: &str) -> Result<bool, EndpointError> {

@@ -640,6 +640,7 @@ impl State {
             // The time of the Join: reconciliation leaves the sandbox alone for a while, as
             // it appears only after Join (see `Endpoints::reconcile`).
             created: now_secs(),
+            hostname: None,
             ..rec
         };
         self.persist(&[&joined], &[])?;
