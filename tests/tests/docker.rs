@@ -247,6 +247,13 @@ fn dockerd_and_agent_restarts_keep_containers_connected() {
     h[0].agent.kill9();
     h[0].agent.restart();
     assert_eq!(docker_endpoints(&h[0]), records, "the records survive the crash");
+    let log = h[0].agent.log();
+    for bad in ["could not be repaired", "namespace is gone", "endpoint repaired"] {
+        assert!(
+            !log.contains(bad),
+            "start-up reconciliation found the Docker endpoints intact: {bad}"
+        );
+    }
     assert_eq!(ip_of(&h[0], "k1"), ip1);
     wait_until(T, "k2 -> k1 after the agent restart", || pings(&h[1], "k2", &ip1));
     assert!(run_on(&h[0], "k3", "net1", &[]).0);
