@@ -166,6 +166,11 @@ pub struct AgentArgs {
     #[arg(long, env = "WEFT_DOCKER_SOCKET", default_value = "/var/run/docker.sock")]
     pub docker_socket: PathBuf,
 
+    /// A Docker network (driver and IPAM weft) to create at start if it does not exist;
+    /// `weft launch` gives `weft` where Docker runs.
+    #[arg(long, env = "WEFT_DOCKER_NETWORK")]
+    pub docker_network: Option<String>,
+
     /// Where Kubernetes mode writes 10-weft.conflist.
     #[arg(long, env = "WEFT_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
     pub cni_conf_dir: PathBuf,
@@ -421,6 +426,7 @@ impl AgentArgs {
             docker: self.docker_plugin.then(|| crate::docker::DockerConfig {
                 socket: self.docker_plugin_socket.clone(),
                 api_socket: self.docker_socket.clone(),
+                network: self.docker_network.clone().filter(|n| !n.is_empty()),
             }),
             warnings,
         })

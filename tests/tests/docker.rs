@@ -32,6 +32,11 @@ fn hosts(lab: &Lab, netns: Vec<weft_e2e::Netns>) -> Vec<Host> {
                 "--docker-plugin".to_owned(),
                 "--docker-socket".to_owned(),
                 api.display().to_string(),
+                // What `weft launch` adds on a Docker host.
+                "--docker-network".to_owned(),
+                "weft".to_owned(),
+                "--ipalloc-default-subnet".to_owned(),
+                "10.2.1.0/24".to_owned(),
             ];
             extra.extend((1..=n).filter(|j| *j != i + 1).map(|j| lab.ip(j).to_owned()));
             let e: Vec<&str> = extra.iter().map(String::as_str).collect();
@@ -101,6 +106,18 @@ fn docker_containers_across_hosts() {
             "net1",
         ]);
     }
+    // The agent made the `weft` network exist (as `weft launch` does): `--network weft` works.
+    for x in &h {
+        wait_until(T, "the weft network", || {
+            x.docker.try_docker(&["network", "inspect", "weft"]).0
+        });
+    }
+    assert!(run_on(&h[0], "w1", "weft", &[]).0);
+    assert!(run_on(&h[1], "w2", "weft", &[]).0);
+    let w2 = ip_of(&h[1], "w2");
+    assert!(w2.starts_with("10.2.1."), "{w2}");
+    wait_until(T, "w1 -> w2 on the weft network", || pings(&h[0], "w1", &w2));
+
     let (ok, _, err) = run_on(&h[0], "c1", "net1", &[]);
     assert!(ok, "{err}");
     let (ok, _, err) = run_on(&h[1], "c2", "net1", &[]);

@@ -32,6 +32,8 @@ pub struct DockerConfig {
     pub socket: PathBuf,
     /// The Docker API, asked for container names.
     pub api_socket: PathBuf,
+    /// A network made to exist at start (`weft launch`: `weft`).
+    pub network: Option<String>,
 }
 
 /// The plugin socket could not be set up.
@@ -64,6 +66,9 @@ pub fn start(cfg: DockerConfig, hub: &Hub, tasks: &mut Tasks) -> Result<(), Bind
     let app = Router::new().fallback(dispatch).with_state(Arc::new(hub.endpoints.clone()));
     let shutdown = tasks.shutdown().clone();
     let api = names::UnixDockerApi { socket: cfg.api_socket.clone() };
+    if let Some(net) = cfg.network.clone() {
+        tasks.spawn("docker-network", names::ensure_network(api.clone(), net, shutdown.clone()));
+    }
     tasks.spawn("docker-names", names::run(api, hub.endpoints.clone(), shutdown.clone()));
     tasks.spawn("docker-plugin", async move {
         if let Err(e) =

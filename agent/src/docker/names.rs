@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
@@ -32,6 +32,8 @@ pub enum ApiError {
 pub trait DockerApi: Send + Sync + 'static {
     /// `GET /networks/ID` as JSON.
     async fn network(&self, id: &str) -> Result<Value, ApiError>;
+    /// Creates the network `name` with weft's drivers unless it exists (`weft launch`).
+    async fn ensure_network(&self, name: &str) -> Result<bool, ApiError>;
 }
 
 /// The Docker API on a unix socket (`--docker-socket`).
@@ -43,8 +45,47 @@ pub struct UnixDockerApi {
 #[async_trait::async_trait]
 impl DockerApi for UnixDockerApi {
     async fn network(&self, id: &str) -> Result<Value, ApiError> {
-        let path = format!("/networks/{id}");
-        let fail = |m: String| ApiError::Failed { path: path.clone(), message: m };
+        let (status, body) =
+            self.call(hyper::Method::GET, &format!("/networks/{id}"), None).await?;
+        if !status.is_success() {
+            return Err(ApiError::Failed {
+                path: format!("/networks/{id}"),
+                message: status.to_string(),
+            });
+        }
+        Ok(body)
+    }
+
+    async fn ensure_network(&self, name: &str) -> Result<bool, ApiError> {
+        let (status, _) = self.call(hyper::Method::GET, &format!("/networks/{name}"), None).await?;
+        if status.is_success() {
+            return Ok(false);
+        }
+        let create = serde_json::json!({
+            "Name": name, "Driver": "weft", "IPAM": { "Driver": "weft" }, "CheckDuplicate": true,
+        });
+        let (status, body) =
+            self.call(hyper::Method::POST, "/networks/create", Some(create)).await?;
+        if status.is_success() {
+            Ok(true)
+        } else {
+            Err(ApiError::Failed {
+                path: "/networks/create".into(),
+                message: format!("{status}: {body}"),
+            })
+        }
+    }
+}
+
+impl UnixDockerApi {
+    /// One request on a fresh connection; the status and the JSON body (null if none).
+    async fn call(
+        &self,
+        method: hyper::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<(hyper::StatusCode, Value), ApiError> {
+        let fail = |m: String| ApiError::Failed { path: path.to_owned(), message: m };
         let stream = tokio::net::UnixStream::connect(&self.socket)
             .await
             .map_err(|e| fail(format!("{}: {e}", self.socket.display())))?;
@@ -52,17 +93,40 @@ impl DockerApi for UnixDockerApi {
             .await
             .map_err(|e| fail(e.to_string()))?;
         tokio::spawn(conn);
-        let req = hyper::Request::get(&path)
+        let data = body.map(|b| b.to_string()).unwrap_or_default();
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
             .header("Host", "docker")
-            .body(Empty::<Bytes>::new())
+            .header("Content-Type", "application/json")
+            .body(Full::new(Bytes::from(data)))
             .map_err(|e| fail(e.to_string()))?;
         let resp = send.send_request(req).await.map_err(|e| fail(e.to_string()))?;
         let status = resp.status();
         let body = resp.into_body().collect().await.map_err(|e| fail(e.to_string()))?.to_bytes();
-        if !status.is_success() {
-            return Err(fail(format!("{status}: {}", String::from_utf8_lossy(&body))));
+        let json = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        Ok((status, json))
+    }
+}
+
+/// Makes the network `name` exist, retrying while dockerd is not up yet.
+pub async fn ensure_network(
+    api: impl DockerApi,
+    name: String,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        match api.ensure_network(&name).await {
+            Ok(created) => {
+                tracing::info!(network = %name, created, "the Docker network exists");
+                return;
+            }
+            Err(e) => debug!(network = %name, error = %e, "cannot make the Docker network yet"),
         }
-        serde_json::from_slice(&body).map_err(|e| fail(e.to_string()))
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
     }
 }
 
