@@ -50,6 +50,14 @@ fn bind(path: &Path) -> Result<tokio::net::UnixListener, BindError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(fail)?;
     }
+    // Another agent's plugin is not taken over (it would keep serving calls for endpoints
+    // this agent does not know).
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(fail(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            "another process serves this socket; stop it first",
+        )));
+    }
     // A socket left by an earlier run; dockerd reconnects on its next call.
     match std::fs::remove_file(path) {
         Ok(()) => {}
