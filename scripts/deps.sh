@@ -4,7 +4,7 @@
 DEMO_PACKAGES="iproute2 nftables iputils-ping ca-certificates"
 TEST_PACKAGES="$DEMO_PACKAGES iptables containernetworking-plugins containerd runc podman busybox-static
   iperf3 tcpdump dnsperf knot-dnsutils dnsmasq-base bind9-dnsutils python3 netcat-openbsd procps
-  etcd-server openssl conntrack util-linux binutils"
+  etcd-server openssl conntrack util-linux binutils docker.io"
 
 need_root() {
   [ "$(id -u)" = 0 ] || { echo "$0: run as root (weft creates network namespaces, bridges and nftables tables)" >&2; exit 1; }

@@ -156,6 +156,28 @@ pub struct AgentArgs {
     #[arg(long, env = "POD_NAMESPACE")]
     pub kube_namespace: Option<String>,
 
+    /// Serve Docker's remote network and IPAM driver, `-d weft --ipam-driver weft`
+    /// (docs/docker.md); `weft launch` turns it on where Docker runs.
+    #[arg(long, env = "WEFT_DOCKER_PLUGIN")]
+    pub docker_plugin: bool,
+
+    /// The plugin's socket: dockerd finds a plugin named weft by /run/docker/plugins/weft.sock.
+    #[arg(
+        long,
+        env = "WEFT_DOCKER_PLUGIN_SOCKET",
+        default_value = "/run/docker/plugins/weft.sock"
+    )]
+    pub docker_plugin_socket: PathBuf,
+
+    /// The Docker API's socket, asked for container names (weave.local).
+    #[arg(long, env = "WEFT_DOCKER_SOCKET", default_value = "/var/run/docker.sock")]
+    pub docker_socket: PathBuf,
+
+    /// A Docker network (driver and IPAM weft) to create at start if it does not exist;
+    /// `weft launch` gives `weft` where Docker runs.
+    #[arg(long, env = "WEFT_DOCKER_NETWORK")]
+    pub docker_network: Option<String>,
+
     /// Where Kubernetes mode writes 10-weft.conflist.
     #[arg(long, env = "WEFT_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
     pub cni_conf_dir: PathBuf,
@@ -197,6 +219,8 @@ pub struct AgentConfig {
     pub dns: Option<crate::dns::DnsConfig>,
     /// `None` outside Kubernetes mode.
     pub kube: Option<crate::kube::KubeConfig>,
+    /// `None` without --docker-plugin.
+    pub docker: Option<crate::docker::DockerConfig>,
     pub reconcile_interval: std::time::Duration,
     /// Things the operator should fix (logged once logging is up).
     pub warnings: Vec<String>,
@@ -322,6 +346,9 @@ impl AgentArgs {
         if !bridge_ok {
             return Err(err("bridge", format!("{:?} is not a usable interface name", self.bridge)));
         }
+        if self.docker_plugin && !self.docker_plugin_socket.is_absolute() {
+            return Err(err("docker-plugin-socket", "must be an absolute path"));
+        }
         if !socket.is_absolute() {
             return Err(err("socket", format!("{} must be an absolute path", socket.display())));
         }
@@ -406,6 +433,11 @@ impl AgentArgs {
                 clients: vec![range, default_subnet],
             }),
             reconcile_interval: std::time::Duration::from_secs(self.reconcile_interval.max(1)),
+            docker: self.docker_plugin.then(|| crate::docker::DockerConfig {
+                socket: self.docker_plugin_socket.clone(),
+                api_socket: self.docker_socket.clone(),
+                network: self.docker_network.clone().filter(|n| !n.is_empty()),
+            }),
             warnings,
         })
     }

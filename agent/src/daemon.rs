@@ -161,6 +161,9 @@ pub async fn run(cfg: AgentConfig, log_filter: &str) -> anyhow::Result<()> {
     if let Some(k) = kube {
         crate::kube::start(k, dp.clone(), &hub, &mut tasks);
     }
+    if let Some(d) = cfg.docker.clone() {
+        crate::docker::start(d, &hub, &mut tasks)?;
+    }
     // Every gossip channel is registered by now.
     hub.mesh.open();
     let svc = Arc::new(Services { hub, overlay, dns, ready });

@@ -16,6 +16,7 @@ pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod dns;
+pub mod docker;
 pub mod endpoints;
 pub mod fuzz;
 pub mod harden;

@@ -15,6 +15,7 @@ pub use serde_json::Value;
 
 pub mod containerd;
 pub mod cri;
+pub mod docker;
 pub mod oci;
 
 /// Fails the test unless it runs as root.
@@ -179,6 +180,9 @@ pub struct Agent {
     pub name: String,
     pub dir: PathBuf,
     pub socket: PathBuf,
+    /// A mount namespace the agent runs in besides its network namespace (a Docker lab
+    /// host, see `docker::DockerHost`).
+    pub mount_ns: Option<PathBuf>,
     opts: AgentOpts,
     child: Option<Child>,
 }
@@ -206,12 +210,28 @@ impl Agent {
         Agent::launch(None, unique("root"), opts)
     }
 
+    /// Starts an agent in a lab host's network and mount namespaces.
+    pub fn start_in_mount(netns: Netns, mount_ns: PathBuf, opts: AgentOpts) -> Agent {
+        require_root();
+        let name = netns.name.clone();
+        Agent::launch_with(Some(netns), Some(mount_ns), name, opts)
+    }
+
     fn launch(netns: Option<Netns>, name: String, opts: AgentOpts) -> Agent {
+        Agent::launch_with(netns, None, name, opts)
+    }
+
+    fn launch_with(
+        netns: Option<Netns>,
+        mount_ns: Option<PathBuf>,
+        name: String,
+        opts: AgentOpts,
+    ) -> Agent {
         let bins = bins();
         let dir = PathBuf::from("/run/wte").join(&name);
         std::fs::create_dir_all(&dir).expect("creating the test directory");
         let socket = dir.join("weft.sock");
-        let mut a = Agent { bins, netns, name, dir, socket, opts, child: None };
+        let mut a = Agent { bins, netns, name, dir, socket, mount_ns, opts, child: None };
         a.spawn();
         a.wait_ready();
         a
@@ -219,9 +239,16 @@ impl Agent {
 
     /// A command run where the agent runs.
     pub fn cmd(&self, program: &str) -> Command {
-        match &self.netns {
-            Some(ns) => ns.cmd(program),
-            None => Command::new(program),
+        match (&self.netns, &self.mount_ns) {
+            (Some(ns), Some(mnt)) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--mount={}", mnt.display()))
+                    .arg(format!("--net={}", ns.path().display()))
+                    .arg(program);
+                c
+            }
+            (Some(ns), None) => ns.cmd(program),
+            (None, _) => Command::new(program),
         }
     }
 

@@ -85,6 +85,7 @@ fn endpoint_to_wire(r: &EndpointRecord) -> v1::Endpoint {
             Kind::Attach => v1::EndpointKind::Attach,
             Kind::Expose => v1::EndpointKind::Expose,
             Kind::Reservation => v1::EndpointKind::Reservation,
+            Kind::Docker => v1::EndpointKind::Docker,
         } as i32,
         netns: r.netns.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
         ifname: r.ifname.clone(),

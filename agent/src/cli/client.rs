@@ -158,6 +158,7 @@ pub async fn ps(socket: &Path, json: bool) -> Result<(), CliError> {
                 v1::EndpointKind::Attach => "attach",
                 v1::EndpointKind::Expose => "expose",
                 v1::EndpointKind::Reservation => "reservation",
+                v1::EndpointKind::Docker => "docker",
                 v1::EndpointKind::Unspecified => "unknown",
             }
             .to_owned(),

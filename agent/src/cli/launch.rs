@@ -44,6 +44,20 @@ fn agent_argv(argv: &[String]) -> (Vec<String>, Option<String>) {
     (out, password)
 }
 
+/// On a Docker host (as Weave's `weave launch`), the agent serves Docker's plugin and makes
+/// the `weft` network exist, unless the command line already says otherwise.
+fn docker_args(args: &[String], docker_host: bool) -> Vec<String> {
+    let given = |flag: &str| args.iter().any(|a| a == flag || a.starts_with(&format!("{flag}=")));
+    if !docker_host || given("--docker-plugin") || given("--kube") {
+        return Vec::new();
+    }
+    let mut out = vec!["--docker-plugin".to_owned()];
+    if !given("--docker-network") {
+        out.extend(["--docker-network".to_owned(), "weft".to_owned()]);
+    }
+    out
+}
+
 fn tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
@@ -95,7 +109,8 @@ pub async fn launch(socket: &Path, state_dir: &Path, wait: Duration) -> Result<(
     let exe =
         std::env::current_exe().map_err(|e| failed(format!("finding the weft binary: {e}")))?;
     let argv: Vec<String> = std::env::args().collect();
-    let (args, password) = agent_argv(&argv);
+    let (mut args, password) = agent_argv(&argv);
+    args.extend(docker_args(&args, Path::new("/var/run/docker.sock").exists()));
     let mut cmd = Command::new(exe);
     cmd.args(args).stdin(Stdio::null()).stdout(log).stderr(log2);
     if let Some(p) = password {
@@ -225,6 +240,21 @@ fn eprintln_out(s: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn launch_on_a_docker_host_serves_the_plugin_and_the_weft_network() {
+        let a = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            docker_args(&a(&["agent", "peer1"]), true),
+            a(&["--docker-plugin", "--docker-network", "weft"])
+        );
+        assert!(docker_args(&a(&["agent"]), false).is_empty());
+        assert!(docker_args(&a(&["agent", "--docker-plugin"]), true).is_empty());
+        assert_eq!(
+            docker_args(&a(&["agent", "--docker-network=mine"]), true),
+            a(&["--docker-plugin"])
+        );
+    }
 
     #[test]
     fn launch_becomes_agent() {

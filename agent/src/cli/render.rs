@@ -48,7 +48,13 @@ pub fn status(r: &Report) -> Vec<String> {
         field("Default subnet", r.ipam.default_subnet),
         field("IP allocation", format!("{} ({})", r.ipam.ring.state, r.ipam.ring.mode)),
         field("Addresses", format!("{} used, {} free", r.ipam.used, r.ipam.free)),
-        field("Endpoints", format!("{} pods, {} attached", r.endpoints.cni, r.endpoints.attached)),
+        field(
+            "Endpoints",
+            format!(
+                "{} pods, {} attached, {} docker",
+                r.endpoints.cni, r.endpoints.attached, r.endpoints.docker
+            ),
+        ),
         field("Kubernetes pods", kube_pods(&r.endpoints.pods)),
         String::new(),
         field("Encryption", if r.mesh.encryption { "enabled" } else { "disabled" }),

@@ -155,6 +155,16 @@ impl Dataplane for RecordingDataplane {
         Ok(EndpointState { host_mac: mac_for(spec, true), container_mac: mac_for(spec, false) })
     }
 
+    fn handover_endpoint(
+        &self,
+        spec: &EndpointSpec,
+        _peer: &str,
+    ) -> Result<EndpointState, KernelError> {
+        self.record(Op::SetupEndpoint, &spec.host_ifname)?;
+        self.lock().links.insert(spec.host_ifname.clone(), spec.clone());
+        Ok(EndpointState { host_mac: mac_for(spec, true), container_mac: mac_for(spec, false) })
+    }
+
     fn remove_addresses(
         &self,
         spec: &EndpointSpec,

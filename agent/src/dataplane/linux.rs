@@ -244,6 +244,58 @@ impl LinuxDataplane {
         Ok(())
     }
 
+    async fn handover_endpoint(
+        spec: EndpointSpec,
+        peer: String,
+    ) -> Result<EndpointState, KernelError> {
+        let host = host_socket()?;
+        let bridge = host
+            .link_by_name(&spec.bridge)
+            .await
+            .ctx(|| "looking up the bridge".into())?
+            .ok_or_else(|| KernelError::NoBridge(spec.bridge.clone()))?;
+        // Either end may be left from an earlier try whose peer went into another sandbox.
+        for name in [&spec.host_ifname, &peer] {
+            if let Some(old) = host.link_by_name(name).await.ctx(|| "looking up the veth".into())? {
+                host.del_link(old.header.index).await.ctx(|| format!("removing stale {name}"))?;
+            }
+        }
+        let mut p = LinkMessage::default();
+        p.attributes.push(LinkAttribute::IfName(peer.clone()));
+        p.attributes.push(LinkAttribute::Mtu(spec.mtu));
+        if let Some(mac) = spec.mac {
+            p.attributes.push(LinkAttribute::Address(mac.0.to_vec()));
+        }
+        let mut msg = LinkMessage::default();
+        msg.attributes.push(LinkAttribute::IfName(spec.host_ifname.clone()));
+        msg.attributes.push(LinkAttribute::Mtu(spec.mtu));
+        msg.attributes.push(LinkAttribute::LinkInfo(vec![
+            NlLinkInfo::Kind(InfoKind::Veth),
+            NlLinkInfo::Data(InfoData::Veth(InfoVeth::Peer(p))),
+        ]));
+        host.add_link(msg).await.ctx(|| format!("creating veth {}", spec.host_ifname))?;
+        let link = |name: String| {
+            let host = &host;
+            async move {
+                host.link_by_name(&name)
+                    .await
+                    .ctx(|| "looking up the veth".into())?
+                    .map(|m| LinkInfo::from_message(&m))
+                    .ok_or_else(|| KernelError::Mismatch(format!("{name} vanished")))
+            }
+        };
+        let host_link = link(spec.host_ifname.clone()).await?;
+        host.set_alias(host_link.index, &spec.owner)
+            .await
+            .ctx(|| format!("labelling {} with its endpoint", spec.host_ifname))?;
+        host.set_up(host_link.index, Some(spec.mtu), Some(bridge.header.index))
+            .await
+            .ctx(|| format!("attaching {} to {}", spec.host_ifname, spec.bridge))?;
+        Self::set_hairpin(&host, host_link.index, spec.hairpin).await?;
+        let peer_link = link(peer).await?;
+        Ok(EndpointState { host_mac: Mac(host_link.mac), container_mac: Mac(peer_link.mac) })
+    }
+
     async fn teardown_endpoint(host_ifname: String) -> Result<(), KernelError> {
         let host_ifname = host_ifname.as_str();
         let host = host_socket()?;
@@ -389,6 +441,14 @@ impl Dataplane for LinuxDataplane {
 
     fn setup_endpoint(&self, spec: &EndpointSpec) -> Result<EndpointState, KernelError> {
         block_on(Self::setup_endpoint(spec.clone()))
+    }
+
+    fn handover_endpoint(
+        &self,
+        spec: &EndpointSpec,
+        peer: &str,
+    ) -> Result<EndpointState, KernelError> {
+        block_on(Self::handover_endpoint(spec.clone(), peer.to_owned()))
     }
 
     fn remove_addresses(

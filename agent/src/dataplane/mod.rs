@@ -132,6 +132,14 @@ pub trait Dataplane: Send + Sync + 'static {
     fn ensure_bridge(&self, spec: &BridgeSpec) -> Result<BridgeReport, KernelError>;
     /// Creates or repairs an endpoint. On error the caller tears it down.
     fn setup_endpoint(&self, spec: &EndpointSpec) -> Result<EndpointState, KernelError>;
+    /// Creates an endpoint's veth pair with the inner end left in the agent's namespace as
+    /// `peer` (with the spec's MAC and MTU, no addresses), for a runtime that moves it into the
+    /// container itself (Docker's Join). Starts over if either end exists.
+    fn handover_endpoint(
+        &self,
+        spec: &EndpointSpec,
+        peer: &str,
+    ) -> Result<EndpointState, KernelError>;
     /// Removes addresses from an endpoint's interface (detach of some addresses).
     fn remove_addresses(&self, spec: &EndpointSpec, addresses: &[IpNet])
     -> Result<(), KernelError>;

@@ -799,6 +799,30 @@ impl OverlayFirewall {
                 rules: input,
             });
         }
+        // Subnets are isolated from each other (Weave's model): the host, which has an
+        // address in each exposed subnet, must not route between them on the bridge.
+        if self.exposed.len() > 1 {
+            let forward = self
+                .exposed
+                .iter()
+                .map(|net| Rule {
+                    matches: vec![
+                        Match::Iifname(CmpOp::Eq, self.bridge.clone()),
+                        Match::Oifname(CmpOp::Eq, self.bridge.clone()),
+                        Match::IpSaddr(CmpOp::Eq, *net),
+                        Match::IpDaddr(CmpOp::Neq, *net),
+                    ],
+                    action: Action::Verdict(Verdict::Drop),
+                })
+                .collect();
+            chains.push(Chain {
+                name: "subnets".into(),
+                kind: ChainType::Filter,
+                hook: Hook::Forward,
+                priority: 0,
+                rules: forward,
+            });
+        }
         Table { family: Family::Inet, name: self.table.clone(), sets, chains }
     }
 
@@ -879,6 +903,18 @@ mod tests {
             [Match::Iifname(CmpOp::Eq, "weft".into()), Match::Dport(L4::Tcp, 6783)]
         );
         assert!(input.rules.iter().all(|r| r.action == Action::Verdict(Verdict::Drop)));
+        assert_eq!(t.chains.len(), 2, "one exposed subnet: nothing to isolate");
+        let two = OverlayFirewall {
+            exposed: vec!["10.2.2.0/24".parse().unwrap(), "10.2.3.0/24".parse().unwrap()],
+            ..fw
+        };
+        let t = two.table();
+        let fwd = &t.chains[2];
+        assert_eq!((fwd.hook, fwd.rules.len()), (Hook::Forward, 2));
+        assert_eq!(
+            fwd.rules[1].matches[2],
+            Match::IpSaddr(CmpOp::Eq, "10.2.3.0/24".parse().unwrap())
+        );
     }
 
     #[test]

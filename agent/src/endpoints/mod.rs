@@ -4,6 +4,7 @@
 //! the allocation if the kernel work fails, so a failed ADD leaves nothing behind. Operations
 //! on the same endpoint are serialized by a per-endpoint lock.
 
+pub mod docker;
 pub mod error;
 pub mod ipam;
 pub mod queue;
@@ -39,6 +40,17 @@ use crate::store::Store;
 const ALLOC_WAIT: Duration = Duration::from_secs(20);
 /// How often a waiting allocation is tried again when nothing announced a change.
 const ALLOC_RETRY: Duration = Duration::from_millis(500);
+
+/// How long after its Join a Docker endpoint may still be without its sandbox.
+const DOCKER_SANDBOX_GRACE_SECS: u64 = 60;
+
+fn docker_settled(rec: &EndpointRecord) -> bool {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    now.saturating_sub(rec.created) >= DOCKER_SANDBOX_GRACE_SECS
+}
 
 /// Whether the agent serves ADD, and why not.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -541,6 +553,11 @@ impl Endpoints {
             let netns = rec.netns.clone().unwrap_or_default();
             match self.inner.dp.check_netns(&netns) {
                 Ok(()) => {}
+                // Docker's sandbox appears only after its Join: a young Docker endpoint
+                // without one is being started, not gone.
+                Err(e) if e.netns_gone() && rec.kind == Kind::Docker && !docker_settled(rec) => {
+                    continue;
+                }
                 Err(e) if e.netns_gone() => {
                     let _guard = self.inner.locks.lock(&rec.id).await;
                     if !self.still_recorded(rec).await {

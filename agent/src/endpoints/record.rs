@@ -24,6 +24,10 @@ pub enum Kind {
     Expose,
     /// Addresses held without an interface (the `Reserve` API).
     Reservation,
+    /// A container joined to a weft network by Docker's remote driver (docs/docker.md).
+    /// Between Docker's IPAM request and its Join, and after its Leave, the record is a
+    /// `Reservation` with the same id.
+    Docker,
 }
 
 /// Kubernetes identity of a pod endpoint.
@@ -160,6 +164,15 @@ impl EndpointSummary {
 
 /// The endpoint feed: every endpoint, after every change.
 pub type EndpointFeed = tokio::sync::watch::Receiver<std::sync::Arc<Vec<EndpointSummary>>>;
+
+/// The id of an address Docker's IPAM asked for, and of the endpoint that later uses it:
+/// Docker names addresses, not endpoints, in its IPAM calls (docs/docker.md).
+pub fn docker_id(addr: IpAddr) -> String {
+    format!("{DOCKER_PREFIX}{addr}")
+}
+
+/// The prefix of [`docker_id`].
+pub const DOCKER_PREFIX: &str = "docker:";
 
 /// The CNI attachment id: container id and interface name (the pair CNI identifies attachments by).
 pub fn cni_id(container_id: &str, ifname: &str) -> String {

@@ -38,6 +38,9 @@ pub struct EndpointCounts {
     /// Holders of addresses without an interface (the `Reserve` API).
     #[serde(default)]
     pub reserved: u32,
+    /// Containers joined by Docker's remote network driver.
+    #[serde(default)]
+    pub docker: u32,
     /// The Kubernetes pods among the CNI endpoints, with their addresses.
     #[serde(default)]
     pub pods: Vec<PodAddresses>,

@@ -17,7 +17,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
 use super::error::EndpointError;
-use super::record::{EXPOSE_ID, EndpointRecord, EndpointSummary, Kind, PodRef, Route};
+use super::record::{
+    DOCKER_PREFIX, EXPOSE_ID, EndpointRecord, EndpointSummary, Kind, PodRef, Route, docker_id,
+};
 use super::report::{BridgeReport, EndpointCounts, IpamReport, PodAddresses};
 use crate::addr::AddrRequest;
 use crate::dataplane::nft::{L4, OverlayFirewall, Table as NftTable};
@@ -498,6 +500,188 @@ impl State {
         Ok(rec)
     }
 
+    // ---- Docker's remote IPAM and network driver (docs/docker.md) ----
+
+    /// `RequestPool`: the subnet a Docker network allocates in (`None`: the default subnet).
+    pub fn docker_pool(&self, subnet: Option<IpNet>) -> Result<IpNet, EndpointError> {
+        let subnet = subnet.unwrap_or_else(|| self.ipam.default_subnet());
+        self.ipam.validate_subnet(subnet)?;
+        Ok(subnet)
+    }
+
+    /// The gateway of a Docker network: the bridge's address in `subnet`, exposed if needed.
+    pub fn docker_gateway(&mut self, subnet: IpNet) -> Result<IpNet, EndpointError> {
+        match self.gateway_for(subnet)? {
+            Some(gw) => Ok(IpNet::new(gw, subnet.prefix_len()).unwrap_or(subnet)),
+            None => Err(EndpointError::invalid(
+                "subnet",
+                format!("weft cannot choose a gateway in {subnet}"),
+            )),
+        }
+    }
+
+    /// `RequestAddress`: `addr` (Docker's `--ip`) or the lowest free address of `subnet`,
+    /// held by the reservation [`docker_id`] until Docker's Join.
+    pub fn docker_request(
+        &mut self,
+        subnet: IpNet,
+        addr: Option<IpAddr>,
+    ) -> Result<IpNet, EndpointError> {
+        let now = self.now();
+        let net = match addr {
+            Some(a) => {
+                if !subnet.contains(&a) {
+                    return Err(EndpointError::invalid(
+                        "address",
+                        format!("{a} is outside the network's subnet {subnet}"),
+                    ));
+                }
+                let net = IpNet::new(a, subnet.prefix_len()).unwrap_or(subnet);
+                // Docker does not replay its requests (RequiresRequestReplay is off), so a
+                // second request for a held address is another container's.
+                if self.records.contains_key(&docker_id(a)) {
+                    return Err(IpamError::Conflict { addr: a, owner: docker_id(a) }.into());
+                }
+                self.ipam.claim(&docker_id(a), net, now)?;
+                net
+            }
+            None => {
+                const PENDING: &str = "docker:pending";
+                let net = self.ipam.allocate(PENDING, subnet, now)?;
+                self.ipam.rename(net.addr(), &docker_id(net.addr()));
+                net
+            }
+        };
+        let id = docker_id(net.addr());
+        let rec =
+            EndpointRecord { addresses: vec![net], ..self.blank_record(&id, Kind::Reservation) };
+        if let Err(e) = self.persist(&[&rec], &[]) {
+            self.ipam.release(net.addr());
+            return Err(e);
+        }
+        self.records.insert(id, rec);
+        Ok(net)
+    }
+
+    /// `CreateEndpoint`: ties the address Docker's IPAM gave out to Docker's endpoint. An
+    /// address from another IPAM driver is claimed here.
+    pub fn docker_bind(
+        &mut self,
+        addr: IpNet,
+        endpoint: &str,
+        network: &str,
+    ) -> Result<EndpointRecord, EndpointError> {
+        let id = docker_id(addr.addr());
+        let mut rec = match self.records.get(&id) {
+            Some(r) => r.clone(),
+            None => {
+                let now = self.now();
+                self.ipam.claim(&id, addr, now)?;
+                EndpointRecord {
+                    addresses: vec![addr],
+                    ..self.blank_record(&id, Kind::Reservation)
+                }
+            }
+        };
+        if rec.container_id.as_deref().is_some_and(|e| e != endpoint) {
+            return Err(EndpointError::invalid(
+                "address",
+                format!("{} is already used by another Docker endpoint", addr.addr()),
+            ));
+        }
+        rec.container_id = Some(endpoint.to_owned());
+        rec.network = Some(network.to_owned());
+        self.persist(&[&rec], &[])?;
+        self.records.insert(id, rec.clone());
+        Ok(rec)
+    }
+
+    /// The record Docker's endpoint `endpoint` uses.
+    pub fn docker_endpoint(&self, endpoint: &str) -> Option<EndpointRecord> {
+        self.records
+            .values()
+            .find(|r| {
+                r.id.starts_with(DOCKER_PREFIX) && r.container_id.as_deref() == Some(endpoint)
+            })
+            .cloned()
+    }
+
+    /// `Join`, allocation half: the endpoint to set up in the sandbox `netns`.
+    pub fn docker_join(
+        &mut self,
+        endpoint: &str,
+        netns: PathBuf,
+    ) -> Result<EndpointRecord, EndpointError> {
+        let rec = self
+            .docker_endpoint(endpoint)
+            .ok_or_else(|| EndpointError::Unknown(format!("Docker endpoint {endpoint}")))?;
+        if rec.kind == Kind::Docker && rec.netns.as_ref() == Some(&netns) {
+            return Ok(rec);
+        }
+        let addr = rec
+            .addresses
+            .first()
+            .copied()
+            .ok_or_else(|| EndpointError::Unknown(format!("Docker endpoint {endpoint}")))?;
+        let gateway = match addr.addr() {
+            IpAddr::V4(_) => self.gateway_for(addr.trunc())?,
+            IpAddr::V6(_) => None,
+        };
+        // Docker numbers its own interfaces eth0, eth1...; ours are ethwe0, ethwe1... so that
+        // a container on several networks gets no clash.
+        let taken = self
+            .records
+            .values()
+            .filter(|r| r.kind == Kind::Docker && r.netns.as_ref() == Some(&netns))
+            .count();
+        let joined = EndpointRecord {
+            kind: Kind::Docker,
+            netns: Some(netns),
+            ifname: format!("ethwe{taken}"),
+            host_ifname: host_ifname_for(&rec.id),
+            routes: gateway
+                .map(|gw| {
+                    vec![Route {
+                        destination: IpNet::new(IpAddr::from([0u8; 4]), 0).unwrap_or_default(),
+                        gateway: Some(gw),
+                    }]
+                })
+                .unwrap_or_default(),
+            mtu: self.cfg.mtu,
+            mac: match addr.addr() {
+                IpAddr::V4(v4) => Some(Mac::for_ipv4(v4)),
+                IpAddr::V6(_) => None,
+            },
+            // The time of the Join: reconciliation leaves the sandbox alone for a while, as
+            // it appears only after Join (see `Endpoints::reconcile`).
+            created: now_secs(),
+            hostname: None,
+            ..rec
+        };
+        self.persist(&[&joined], &[])?;
+        self.records.insert(joined.id.clone(), joined.clone());
+        Ok(joined)
+    }
+
+    /// `Leave`, after the interface is gone: the endpoint is a reservation again until
+    /// Docker releases its address.
+    pub fn docker_unjoin(&mut self, id: &str) -> Result<(), EndpointError> {
+        let Some(rec) = self.records.get(id) else { return Ok(()) };
+        let left = EndpointRecord {
+            kind: Kind::Reservation,
+            netns: None,
+            ifname: String::new(),
+            host_ifname: String::new(),
+            routes: Vec::new(),
+            host_mac: None,
+            hostname: None,
+            ..rec.clone()
+        };
+        self.persist(&[&left], &[])?;
+        self.records.insert(id.to_owned(), left);
+        Ok(())
+    }
+
     /// Remembers the MACs the kernel reported (shown by `weft ps`; not needed for recovery,
     /// so written without forcing an extra sync ordering on anyone).
     pub fn note_macs(&mut self, id: &str, host_mac: Mac, mac: Mac) {
@@ -819,6 +1003,7 @@ impl State {
             attached: count(Kind::Attach),
             reserved: count(Kind::Reservation),
             quarantined: self.quarantined.clone(),
+            docker: count(Kind::Docker),
             pods: self
                 .records
                 .values()

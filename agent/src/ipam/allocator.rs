@@ -184,6 +184,17 @@ impl Allocator {
             .collect()
     }
 
+    /// Gives an address in use to another owner; false if it is not in use.
+    pub fn rename(&mut self, ip: IpAddr, owner: &str) -> bool {
+        match self.used.get_mut(&space::key(ip)) {
+            Some(o) => {
+                owner.clone_into(o);
+                true
+            }
+            None => false,
+        }
+    }
+
     pub fn owner_of(&self, ip: IpAddr) -> Option<&str> {
         self.used.get(&space::key(ip)).map(String::as_str)
     }
@@ -322,6 +333,17 @@ mod tests {
             Err(IpamError::NotOwned(_))
         ));
         assert!(matches!(b.allocate("y", b.default_subnet()), Err(IpamError::Exhausted(_))));
+    }
+
+    #[test]
+    fn rename_moves_an_address_to_another_owner() {
+        let mut a = alloc("10.2.3.0/24");
+        let n = a.allocate("pending", a.default_subnet()).unwrap();
+        assert!(a.rename(n.addr(), "docker:10.2.3.1"));
+        assert_eq!(a.owner_of(n.addr()), Some("docker:10.2.3.1"));
+        assert!(a.release_owner("pending").is_empty());
+        assert_eq!(a.release_owner("docker:10.2.3.1"), vec![n.addr()]);
+        assert!(!a.rename(n.addr(), "x"), "a free address has no owner to change");
     }
 
     #[derive(Debug, Clone)]

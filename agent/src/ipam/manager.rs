@@ -698,6 +698,11 @@ impl Ipam {
         Some(owner)
     }
 
+    /// Gives an address in use to another owner (an allocation named after its result).
+    pub fn rename(&mut self, ip: IpAddr, owner: &str) -> bool {
+        self.alloc.rename(ip, owner)
+    }
+
     /// Releases every address of `owner`.
     pub fn release_owner(&mut self, owner: &str) -> Vec<IpAddr> {
         let ips = self.alloc.release_owner(owner);

@@ -35,6 +35,7 @@ pub fn render(m: &Metrics, report: &Report) -> String {
     m.ring_mismatches.set(i64::try_from(ring.mismatches.len()).unwrap_or(i64::MAX));
     set(&m.endpoints, "cni", u64::from(report.endpoints.cni));
     set(&m.endpoints, "attached", u64::from(report.endpoints.attached));
+    set(&m.endpoints, "docker", u64::from(report.endpoints.docker));
     m.pod_addresses.clear();
     for p in &report.endpoints.pods {
         let labels = PodLabels { namespace: p.namespace.clone(), pod: p.name.clone() };
