@@ -89,11 +89,9 @@ fn docker_endpoints(h: &Host) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn docker_containers_across_hosts() {
-    let (lab, netns) = Lab::new(2, 1500);
-    let h = hosts(&lab, netns);
-    for x in &h {
+/// `docker network create -d weft --ipam-driver weft --subnet 10.2.3.0/24 net1` on every host.
+fn create_net1(hosts: &[Host]) {
+    for x in hosts {
         x.docker.ok(&[
             "network",
             "create",
@@ -106,6 +104,13 @@ fn docker_containers_across_hosts() {
             "net1",
         ]);
     }
+}
+
+#[test]
+fn docker_containers_across_hosts() {
+    let (lab, netns) = Lab::new(2, 1500);
+    let h = hosts(&lab, netns);
+    create_net1(&h);
     // The agent made the `weft` network exist (as `weft launch` does): `--network weft` works.
     for x in &h {
         wait_until(T, "the weft network", || {
@@ -235,19 +240,7 @@ fn docker_containers_across_hosts() {
 fn dockerd_and_agent_restarts_keep_containers_connected() {
     let (lab, netns) = Lab::new(2, 1500);
     let mut h = hosts(&lab, netns);
-    for x in &h {
-        x.docker.ok(&[
-            "network",
-            "create",
-            "-d",
-            "weft",
-            "--ipam-driver",
-            "weft",
-            "--subnet",
-            "10.2.3.0/24",
-            "net1",
-        ]);
-    }
+    create_net1(&h);
     assert!(run_on(&h[0], "k1", "net1", &[]).0);
     assert!(run_on(&h[1], "k2", "net1", &[]).0);
     let (ip1, ip2) = (ip_of(&h[0], "k1"), ip_of(&h[1], "k2"));

@@ -1209,6 +1209,20 @@ mod tests {
         }
     }
 
+    /// Both greetings arrive within 2 s, each with the other's name.
+    async fn each_hears_the_other(
+        a: &Mesh,
+        ga: impl Future<Output = Option<Vec<u8>>>,
+        b: &Mesh,
+        gb: impl Future<Output = Option<Vec<u8>>>,
+    ) {
+        let within = Duration::from_secs(2);
+        let (got_a, got_b) =
+            tokio::join!(tokio::time::timeout(within, ga), tokio::time::timeout(within, gb));
+        assert_eq!(got_a.ok().flatten(), Some(b.me().to_string().into_bytes()), "a hears b");
+        assert_eq!(got_b.ok().flatten(), Some(a.me().to_string().into_bytes()), "b hears a");
+    }
+
     /// A subsystem's whole state, unicast on `PeerUp` (as DNS, MACs and IPAM do), arrives at
     /// once on both ends of a new connection, not with the anti-entropy 30 s later.
     #[tokio::test]
@@ -1220,11 +1234,7 @@ mod tests {
         let (ga, gb) = (greeting(a.channel("test")), greeting(b.channel("test")));
         a.open();
         b.open();
-        let within = Duration::from_secs(2);
-        let (got_a, got_b) =
-            tokio::join!(tokio::time::timeout(within, ga), tokio::time::timeout(within, gb));
-        assert_eq!(got_a.ok().flatten(), Some(b.me().to_string().into_bytes()), "a hears b");
-        assert_eq!(got_b.ok().flatten(), Some(a.me().to_string().into_bytes()), "b hears a");
+        each_hears_the_other(&a, ga, &b, gb).await;
     }
 
     /// Until `open`, a mesh neither dials nor accepts, so a subsystem that takes its channel
@@ -1247,10 +1257,6 @@ mod tests {
         assert!(early.is_err(), "b connected before it was opened");
         let gb = greeting(b.channel("test"));
         b.open();
-        let within = Duration::from_secs(2);
-        let (got_a, got_b) =
-            tokio::join!(tokio::time::timeout(within, ga), tokio::time::timeout(within, gb));
-        assert_eq!(got_a.ok().flatten(), Some(b.me().to_string().into_bytes()), "a hears b");
-        assert_eq!(got_b.ok().flatten(), Some(a.me().to_string().into_bytes()), "b hears a");
+        each_hears_the_other(&a, ga, &b, gb).await;
     }
 }
