@@ -119,46 +119,20 @@ pub fn frame_allowance(len: usize) -> Duration {
     FRAME_TIME + Duration::from_millis((len as u64).saturating_mul(1000) / FRAME_MIN_RATE as u64)
 }
 
-/// Splits a byte stream into frames. Buffered bytes are consumed by advancing an offset and
-/// compacted only once the consumed part is at least as long as the rest, so every byte is
-/// moved at most once on average, whatever the frame sizes (a `drain` per frame would be
-/// quadratic in the number of small frames per read).
-#[derive(Debug)]
-pub struct FrameReader {
+/// Received bytes not yet consumed. Consuming advances an offset; the buffer is compacted
+/// only once the consumed part is at least as long as the rest, so every byte is moved at most
+/// once on average, whatever the message sizes (a `drain` per message would be quadratic in
+/// the number of small messages per read).
+#[derive(Debug, Default)]
+pub struct StreamBuf {
     buf: Vec<u8>,
-    /// Start of the bytes not yet returned.
+    /// Start of the bytes not yet consumed.
     start: usize,
-    /// Largest frame of a kind other than gossip, broadcast and unicast...
-    small: usize,
-    /// ...and of those.
-    large: usize,
-    /// Time spent waiting for the rest of the incomplete frame.
-    waited: Duration,
-    /// Bytes moved by compaction (a measure of the work done beyond copying frames out).
+    /// Bytes moved by compaction (a measure of the work done beyond copying messages out).
     moved: u64,
 }
 
-impl Default for FrameReader {
-    /// The reader of an established connection: [`MAX_FRAME`] for gossip, broadcast and
-    /// unicast frames, [`MAX_CONTROL_FRAME`] for the others.
-    fn default() -> Self {
-        FrameReader { small: MAX_CONTROL_FRAME, ..FrameReader::new(MAX_FRAME) }
-    }
-}
-
-impl FrameReader {
-    /// A reader that accepts frames of any kind up to `max` bytes.
-    pub fn new(max: usize) -> FrameReader {
-        FrameReader {
-            buf: Vec::new(),
-            start: 0,
-            small: max,
-            large: max,
-            waited: Duration::ZERO,
-            moved: 0,
-        }
-    }
-
+impl StreamBuf {
     /// Appends received bytes.
     pub fn push(&mut self, bytes: &[u8]) {
         if self.start == self.buf.len() {
@@ -172,11 +146,66 @@ impl FrameReader {
         self.buf.extend_from_slice(bytes);
     }
 
+    /// The bytes not yet consumed.
+    pub fn unread(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+
+    /// Marks the first `n` unread bytes consumed.
+    pub fn consume(&mut self, n: usize) {
+        self.start = (self.start + n).min(self.buf.len());
+    }
+
+    /// Hands over the unread bytes.
+    pub fn take_rest(&mut self) -> Vec<u8> {
+        let rest = self.buf.split_off(self.start);
+        self.buf.clear();
+        self.start = 0;
+        rest
+    }
+
+    /// Bytes moved within the buffer so far.
+    pub fn moved(&self) -> u64 {
+        self.moved
+    }
+}
+
+/// Splits a byte stream into frames (buffered in a [`StreamBuf`]).
+#[derive(Debug)]
+pub struct FrameReader {
+    buf: StreamBuf,
+    /// Largest frame of a kind other than gossip, broadcast and unicast...
+    small: usize,
+    /// ...and of those.
+    large: usize,
+    /// Time spent waiting for the rest of the incomplete frame.
+    waited: Duration,
+}
+
+impl Default for FrameReader {
+    /// The reader of an established connection: [`MAX_FRAME`] for gossip, broadcast and
+    /// unicast frames, [`MAX_CONTROL_FRAME`] for the others.
+    fn default() -> Self {
+        FrameReader { small: MAX_CONTROL_FRAME, ..FrameReader::new(MAX_FRAME) }
+    }
+}
+
+impl FrameReader {
+    /// A reader that accepts frames of any kind up to `max` bytes.
+    pub fn new(max: usize) -> FrameReader {
+        FrameReader { buf: StreamBuf::default(), small: max, large: max, waited: Duration::ZERO }
+    }
+
+    /// Appends received bytes.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.push(bytes);
+    }
+
     /// The next complete frame, if any. Fails as soon as a length prefix (and, above
     /// [`MAX_CONTROL_FRAME`], the kind) shows the frame exceeds its limit, before any more of
     /// it is buffered.
     pub fn next_frame(&mut self) -> Result<Option<Vec<u8>>, ProtocolError> {
-        let b = &self.buf[self.start..];
+        let b = self.buf.unread();
         if b.len() < 4 {
             return Ok(None);
         }
@@ -198,7 +227,7 @@ impl FrameReader {
             return Ok(None);
         }
         let frame = b[4..4 + len].to_vec();
-        self.start += 4 + len;
+        self.buf.consume(4 + len);
         self.waited = Duration::ZERO;
         Ok(Some(frame))
     }
@@ -206,7 +235,7 @@ impl FrameReader {
     /// The declared length of the incomplete frame (0 while its length is incomplete), if
     /// any bytes of one are buffered.
     fn incomplete(&self) -> Option<usize> {
-        let b = &self.buf[self.start..];
+        let b = self.buf.unread();
         match b.len() {
             0 => None,
             1..4 => Some(0),
@@ -236,20 +265,17 @@ impl FrameReader {
 
     /// Hands over the bytes buffered but not yet returned (switching readers).
     pub fn take_rest(&mut self) -> Vec<u8> {
-        let rest = self.buf.split_off(self.start);
-        self.buf.clear();
-        self.start = 0;
-        rest
+        self.buf.take_rest()
     }
 
     /// Bytes buffered but not yet returned.
     pub fn pending(&self) -> usize {
-        self.buf.len() - self.start
+        self.buf.unread().len()
     }
 
     /// Bytes moved within the buffer so far.
     pub fn moved(&self) -> u64 {
-        self.moved
+        self.buf.moved()
     }
 }
 

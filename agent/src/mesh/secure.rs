@@ -10,6 +10,8 @@ use std::sync::Arc;
 
 use snow::{HandshakeState, StatelessTransportState};
 
+use crate::mesh::frame::StreamBuf;
+
 pub const NOISE_PATTERN: &str = "Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s";
 /// Noise messages are at most 65535 bytes, 16 of which are the authentication tag.
 pub const MAX_RECORD: usize = 65535;
@@ -66,7 +68,7 @@ impl Channel {
     }
 
     pub fn opener(&self) -> Opener {
-        Opener { transport: self.transport.clone(), nonce: 0, buf: Vec::new(), start: 0, moved: 0 }
+        Opener { transport: self.transport.clone(), nonce: 0, buf: StreamBuf::default() }
     }
 }
 
@@ -102,33 +104,22 @@ impl Sealer {
     }
 }
 
-/// Decrypts the incoming stream. Holds at most one incomplete record beyond what was pushed;
-/// consumed records advance an offset and the buffer is compacted only once the consumed part
-/// is at least as long as the rest (linear work however small the records).
+/// Decrypts the incoming stream. Holds at most one incomplete record beyond what was pushed,
+/// in a [`StreamBuf`] (linear work however small the records).
 pub struct Opener {
     transport: Arc<StatelessTransportState>,
     nonce: u64,
-    buf: Vec<u8>,
-    start: usize,
-    moved: u64,
+    buf: StreamBuf,
 }
 
 impl Opener {
     pub fn push(&mut self, bytes: &[u8]) {
-        if self.start == self.buf.len() {
-            self.buf.clear();
-            self.start = 0;
-        } else if self.start >= self.buf.len() - self.start {
-            self.moved += (self.buf.len() - self.start) as u64;
-            self.buf.drain(..self.start);
-            self.start = 0;
-        }
-        self.buf.extend_from_slice(bytes);
+        self.buf.push(bytes);
     }
 
     /// The plaintext of the next complete record, if any.
     pub fn next_plain(&mut self) -> Result<Option<Vec<u8>>, snow::Error> {
-        let b = &self.buf[self.start..];
+        let b = self.buf.unread();
         if b.len() < 2 {
             return Ok(None);
         }
@@ -140,18 +131,18 @@ impl Opener {
         let n = self.transport.read_message(self.nonce, &b[2..2 + len], &mut plain)?;
         self.nonce += 1;
         plain.truncate(n);
-        self.start += 2 + len;
+        self.buf.consume(2 + len);
         Ok(Some(plain))
     }
 
     /// Bytes received but not yet decrypted.
     pub fn pending(&self) -> usize {
-        self.buf.len() - self.start
+        self.buf.unread().len()
     }
 
     /// Bytes moved within the buffer so far.
     pub fn moved(&self) -> u64 {
-        self.moved
+        self.buf.moved()
     }
 }
 
