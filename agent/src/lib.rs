@@ -26,6 +26,7 @@ pub mod kube;
 pub mod mesh;
 pub mod metrics;
 pub mod overlay;
+pub mod policy;
 pub mod proto;
 pub mod services;
 pub mod status;

@@ -1,0 +1,10 @@
+//! Kubernetes NetworkPolicy: the model of v1 (`model`), read from the API's objects at the
+//! edge (`parse`), and the evaluator that answers "may A reach B on this port and protocol"
+//! (`eval`), the oracle the nftables program and the conformance tests are held to.
+//! docs/network-policy.md states the semantics. Pure: no I/O here.
+
+pub mod eval;
+pub mod model;
+pub mod parse;
+#[cfg(test)]
+mod tests;
