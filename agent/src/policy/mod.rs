@@ -3,6 +3,7 @@
 //! (`eval`), the oracle the nftables program and the conformance tests are held to.
 //! docs/network-policy.md states the semantics. Pure: no I/O here.
 
+pub mod compile;
 pub mod eval;
 pub mod model;
 pub mod parse;

@@ -4,10 +4,12 @@
 //! `serve-<port>-<proto>`. Each test states the whole expected matrix (81 pairs x 2 ports x
 //! 2 protocols, loopback left out as upstream does) and prints every differing cell.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 
 use serde_json::{Value, json};
 
+use super::compile::{Packet, Program};
 use super::eval::{Cluster, Flow, Party, Verdict};
 use super::model::{Direction, NamedPort, Namespace, Pod, PodKey, PolicyKey, Protocol};
 use super::parse;
@@ -100,8 +102,25 @@ fn flow(from: &PodKey, to: &PodKey, port: u16, protocol: Protocol) -> Flow {
     Flow { from: Party::Pod(from.clone()), to: Party::Pod(to.clone()), protocol, port }
 }
 
-/// Every pair, port and protocol against `expect`; panics listing the cells that differ.
+/// What the compiled programs of the source's and the destination's nodes decide.
+fn compiled(c: &Cluster, programs: &BTreeMap<String, Program>, f: &Flow) -> bool {
+    let (Party::Pod(from), Party::Pod(to)) = (&f.from, &f.to) else {
+        panic!("pod to pod flows only")
+    };
+    let (a, b) = (&c.pods[from], &c.pods[to]);
+    let packet = Packet { src: a.ips[0], dst: b.ips[0], protocol: f.protocol, port: f.port };
+    programs[&a.node].decide(&packet) && programs[&b.node].decide(&packet)
+}
+
+fn programs(c: &Cluster) -> BTreeMap<String, Program> {
+    let nodes: BTreeSet<&String> = c.pods.values().map(|p| &p.node).collect();
+    nodes.into_iter().map(|n| (n.clone(), Program::compile(c, n))).collect()
+}
+
+/// Every pair, port and protocol against `expect`, by the evaluator and by the programs
+/// compiled for each node; panics listing the cells that differ.
 fn assert_matrix(c: &Cluster, expect: impl Fn(&Cell<'_>) -> bool) {
+    let programs = programs(c);
     let keys: Vec<PodKey> =
         NAMESPACES.iter().flat_map(|ns| PODS.iter().map(move |p| PodKey::new(ns, p))).collect();
     let mut wrong = Vec::new();
@@ -111,14 +130,17 @@ fn assert_matrix(c: &Cluster, expect: impl Fn(&Cell<'_>) -> bool) {
             for port in PORTS {
                 for protocol in PROTOCOLS {
                     let cell = Cell { from, to, port, protocol };
-                    let got = c.evaluate(&flow(from, to, port, protocol)).allowed();
+                    let f = flow(from, to, port, protocol);
+                    let want = expect(&cell);
                     cells += 1;
-                    if got != expect(&cell) {
-                        let want = if got { "denied" } else { "allowed" };
-                        wrong.push(format!(
-                            "{from} -> {to} {}/{port}: want {want}",
-                            protocol.name()
-                        ));
+                    let evaluated = c.evaluate(&f).allowed();
+                    for (by, got) in [("evaluator", evaluated), ("nft", compiled(c, &programs, &f))]
+                    {
+                        if got != want {
+                            let want = if want { "allowed" } else { "denied" };
+                            let proto = protocol.name();
+                            wrong.push(format!("{by}: {from} -> {to} {proto}/{port}: want {want}"));
+                        }
                     }
                 }
             }
@@ -514,7 +536,7 @@ mod properties {
 
     use super::super::eval::Verdict;
     use super::super::model::Protocol;
-    use super::{NAMESPACES, PODS, PORTS, flow, policy, with};
+    use super::{NAMESPACES, PODS, PORTS, compiled, flow, policy, programs, with};
     use crate::policy::model::PodKey;
 
     fn pod_selector() -> impl Strategy<Value = Value> {
@@ -585,6 +607,30 @@ mod properties {
                                 prop_assert!(before.isolating(p, direction).is_empty(),
                                     "{from} -> {to} {}/{port} denied at {pod} {direction:?}, which was isolated before", protocol.name());
                             }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    proptest! {
+        /// The programs compiled for the nodes decide every pod-to-pod packet as the evaluator.
+        #[test]
+        fn compiled_programs_agree_with_the_evaluator(
+            specs in prop::collection::vec((prop::sample::select(NAMESPACES.to_vec()), spec()), 0..5),
+        ) {
+            let policies = specs.iter().enumerate().map(|(i, (ns, s))| policy(ns, &format!("p{i}"), s.clone()));
+            let c = with(policies.collect());
+            let programs = programs(&c);
+            let keys: Vec<PodKey> = NAMESPACES.iter().flat_map(|n| PODS.iter().map(move |p| PodKey::new(n, p))).collect();
+            for from in &keys {
+                for to in keys.iter().filter(|k| *k != from) {
+                    for port in [79, 80, 81, 82] {
+                        for protocol in [Protocol::Tcp, Protocol::Udp, Protocol::Sctp] {
+                            let f = flow(from, to, port, protocol);
+                            prop_assert_eq!(c.evaluate(&f).allowed(), compiled(&c, &programs, &f),
+                                "{} -> {} {}/{}", from, to, protocol.name(), port);
                         }
                     }
                 }
