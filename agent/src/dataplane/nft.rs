@@ -10,6 +10,8 @@ use std::time::Duration;
 use ipnet::Ipv4Net;
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
 
+pub mod policy;
+
 // ---- constants from the kernel's uapi headers ----
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;

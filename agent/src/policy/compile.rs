@@ -59,6 +59,8 @@ pub struct Rule {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Chain {
     pub name: String,
+    /// Ingress chains look at the source, egress chains at the destination.
+    pub direction: Direction,
     pub rules: Vec<Rule>,
     /// A pod's chain ends in a drop (counted per policy set); others fall back to the caller.
     pub drop_at_end: bool,
@@ -151,8 +153,8 @@ struct Builder<'a> {
 }
 
 impl Builder<'_> {
-    fn push_chain(&mut self, name: String, rules: Vec<Rule>, drop_at_end: bool) -> ChainId {
-        self.program.chains.push(Chain { name, rules, drop_at_end });
+    fn push_chain(&mut self, name: String, direction: Direction, rules: Vec<Rule>, drop_at_end: bool) -> ChainId {
+        self.program.chains.push(Chain { name, direction, rules, drop_at_end });
         self.program.chains.len() - 1
     }
 
@@ -169,8 +171,8 @@ impl Builder<'_> {
                 action: Action::Jump(self.policy_chain(p, d)),
             })
             .collect();
-        let name = format!("{}-{}", direction_tag(d), pod.key);
-        let chain = self.push_chain(name, jumps, true);
+        let name = format!("pod-{}-{}", direction_tag(d), pod.key);
+        let chain = self.push_chain(name, d, jumps, true);
         let map = match d {
             Direction::Ingress => &mut self.program.ingress,
             Direction::Egress => &mut self.program.egress,
@@ -192,12 +194,12 @@ impl Builder<'_> {
                 rules.extend(accepts(PeerMatch::Any, &ports));
             }
             for (j, peer) in rule.peers.iter().enumerate() {
-                let name = format!("{}-{}-r{i}p{j}", direction_tag(d), policy.key());
-                rules.extend(self.peer_rules(policy, peer, &ports, name));
+                let name = format!("policy-{}-{}-r{i}p{j}", direction_tag(d), policy.key());
+                rules.extend(self.peer_rules(policy, peer, &ports, name, d));
             }
         }
-        let name = format!("{}-{}", direction_tag(d), policy.key());
-        let id = self.push_chain(name, rules, false);
+        let name = format!("policy-{}-{}", direction_tag(d), policy.key());
+        let id = self.push_chain(name, d, rules, false);
         self.policy_chains.insert((policy.key(), d), id);
         id
     }
@@ -226,7 +228,7 @@ impl Builder<'_> {
                     action: Action::Return,
                 }];
                 sub.extend(accepts(PeerMatch::In(inside), ports));
-                let chain = self.push_chain(name, sub, false);
+                let chain = self.push_chain(name, d, sub, false);
                 vec![Rule {
                     peer: PeerMatch::Any,
                     port: PortCond::Any,

@@ -8,4 +8,4 @@ pub mod eval;
 pub mod model;
 pub mod parse;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -42,7 +42,7 @@ fn serving_ports() -> Vec<NamedPort> {
     out
 }
 
-fn lab() -> Cluster {
+pub(crate) fn lab() -> Cluster {
     let mut c = Cluster::default();
     for (i, ns) in NAMESPACES.iter().enumerate() {
         c.add_namespace(Namespace {
@@ -64,13 +64,13 @@ fn lab() -> Cluster {
     c
 }
 
-fn policy(namespace: &str, name: &str, spec: Value) -> super::model::Policy {
+pub(crate) fn policy(namespace: &str, name: &str, spec: Value) -> super::model::Policy {
     let object = json!({"metadata": {"namespace": namespace, "name": name}, "spec": spec});
     let np = serde_json::from_value(object).expect("a NetworkPolicy");
     parse::policy(&np).expect("a valid policy")
 }
 
-fn with(policies: Vec<super::model::Policy>) -> Cluster {
+pub(crate) fn with(policies: Vec<super::model::Policy>) -> Cluster {
     let mut c = lab();
     for p in policies {
         c.add_policy(p);

@@ -1,0 +1,482 @@
+//! The NetworkPolicy program of one node (`policy::compile::Program`) as an nftables table
+//! (`inet weft-policy`), written in one atomic batch: named interval sets of prefixes, named
+//! sets of (address, protocol, port) for named ports, two verdict maps from a local pod's
+//! address to its chain, and the chains. Two base chains sit on the forward hook: egress at
+//! priority 0, ingress at 1. An accept in the first hands the packet to the second; a drop in
+//! either is final. Each starts by accepting established and related packets. The encoding
+//! follows include/uapi/linux/netfilter/nf_tables.h, as the rest of `nft`.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr};
+
+use ipnet::{IpNet, Ipv4Net};
+
+use super::{
+    Attrs, Expr, Family, Hook, NFTA_CHAIN_HOOK, NFTA_CHAIN_POLICY, NFTA_CHAIN_TYPE,
+    NFTA_HOOK_HOOKNUM, NFTA_HOOK_PRIORITY, NFPROTO_IPV4, NFT_MSG_DELTABLE, NFT_MSG_NEWCHAIN, NFT_MSG_NEWRULE,
+    NFT_MSG_NEWSET, NFT_MSG_NEWTABLE, NFT_REG_1, NFT_REG_VERDICT, NFTA_CHAIN_NAME,
+    NFTA_CHAIN_TABLE, NFTA_DATA_VALUE, NFTA_DATA_VERDICT, NFTA_EXPR_DATA, NFTA_EXPR_NAME,
+    NFTA_LIST_ELEM, NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS, NFTA_RULE_TABLE, NFTA_SET_FLAGS,
+    NFTA_SET_ID, NFTA_SET_KEY_LEN, NFTA_SET_KEY_TYPE, NFTA_SET_NAME, NFTA_SET_TABLE,
+    NFTA_VERDICT_CODE, NLM_F_APPEND, NLM_F_CREATE, NftError, NftSocket, PAYLOAD_NETWORK,
+    PAYLOAD_TRANSPORT, META_L4PROTO, META_NFPROTO, Verdict, ct_state_load, meta_load,
+    payload_load, table_attrs, verdict,
+};
+use crate::policy::compile::{Action, PeerMatch, PortCond, Program};
+use crate::policy::model::{Direction, Protocol};
+
+pub const TABLE: &str = "weft-policy";
+
+const NFT_MSG_NEWSETELEM: u16 = 12;
+const NFTA_SET_DATA_TYPE: u16 = 6;
+const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
+const NFTA_SET_ELEM_LIST_SET: u16 = 2;
+const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
+const NFTA_SET_ELEM_LIST_SET_ID: u16 = 4;
+const NFTA_SET_ELEM_KEY: u16 = 1;
+const NFTA_SET_ELEM_DATA: u16 = 2;
+const NFTA_SET_ELEM_FLAGS: u16 = 3;
+const NFT_SET_ELEM_INTERVAL_END: u32 = 1;
+const NFT_SET_INTERVAL: u32 = 0x4;
+const NFT_SET_MAP: u32 = 0x8;
+const NFT_DATA_VERDICT: u32 = 0xffff_ff00;
+const NFTA_VERDICT_CHAIN: u16 = 2;
+const NFT_JUMP: i32 = -3;
+const NFTA_LOOKUP_SET: u16 = 1;
+const NFTA_LOOKUP_SREG: u16 = 2;
+const NFTA_LOOKUP_DREG: u16 = 3;
+const NFTA_LOOKUP_SET_ID: u16 = 4;
+/// The 32-bit registers after the first: concatenations fill consecutive ones.
+const NFT_REG32_01: u32 = 9;
+const NFT_REG32_02: u32 = 10;
+const NFT_CMP_EQ: u32 = 0;
+const NFT_CMP_LTE: u32 = 3;
+const NFT_CMP_GTE: u32 = 5;
+/// nft's datatypes, for `nft list` only: ipv4_addr, inet_proto, inet_service, and their
+/// concatenation (6 bits a field).
+const TYPE_IPV4: u32 = 7;
+const TYPE_SERVICE_TUPLE: u32 = (((7 << 6) | 12) << 6) | 13;
+/// Elements per NEWSETELEM message: an attribute's length is 16 bits.
+const ELEMENTS_PER_MESSAGE: usize = 256;
+/// IP_CT_ESTABLISHED and IP_CT_RELATED as `ct state` bits.
+const CT_ESTABLISHED_RELATED: u32 = (1 << 1) | (1 << 2);
+
+const EGRESS_MAP: &str = "egress-pods";
+const INGRESS_MAP: &str = "ingress-pods";
+
+fn addr_set(i: usize) -> String {
+    format!("addrs-{i}")
+}
+
+fn service_set(i: usize) -> String {
+    format!("ports-{i}")
+}
+
+/// Ids name sets within one batch: the address sets first, then the port sets, then the maps.
+struct Ids {
+    addrs: u32,
+    services: u32,
+}
+
+impl Ids {
+    fn of(p: &Program) -> Ids {
+        Ids { addrs: 1, services: 1 + p.addrs.len() as u32 }
+    }
+    fn addr(&self, i: usize) -> u32 {
+        self.addrs + i as u32
+    }
+    fn service(&self, i: usize) -> u32 {
+        self.services + i as u32
+    }
+    fn map(&self, p: &Program, d: Direction) -> u32 {
+        self.services + p.services.len() as u32 + if d == Direction::Egress { 0 } else { 1 }
+    }
+}
+
+type Message = (u16, u16, Attrs);
+
+/// The whole table as one batch: replaced atomically, as weft's other tables.
+pub fn batch(p: &Program) -> Vec<Message> {
+    let ids = Ids::of(p);
+    let mut out: Vec<Message> = vec![
+        (NFT_MSG_NEWTABLE, NLM_F_CREATE, table_attrs(TABLE)),
+        (NFT_MSG_DELTABLE, 0, table_attrs(TABLE)),
+        (NFT_MSG_NEWTABLE, NLM_F_CREATE, table_attrs(TABLE)),
+    ];
+    for (i, set) in p.addrs.iter().enumerate() {
+        out.push((NFT_MSG_NEWSET, NLM_F_CREATE, set_attrs(&addr_set(i), ids.addr(i), NFT_SET_INTERVAL, 4, TYPE_IPV4)));
+        let elems: Vec<Attrs> = intervals(set).iter().map(|(key, end)| element(key, None, *end)).collect();
+        out.extend(elements(&addr_set(i), ids.addr(i), elems));
+    }
+    for (i, set) in p.services.iter().enumerate() {
+        out.push((NFT_MSG_NEWSET, NLM_F_CREATE, set_attrs(&service_set(i), ids.service(i), 0, 12, TYPE_SERVICE_TUPLE)));
+        let elems = set.iter().filter_map(|(ip, proto, port)| service_key(*ip, *proto, *port));
+        let elems: Vec<Attrs> = elems.map(|k| element(&k, None, false)).collect();
+        out.extend(elements(&service_set(i), ids.service(i), elems));
+    }
+    for (i, c) in p.chains.iter().enumerate() {
+        out.push((NFT_MSG_NEWCHAIN, NLM_F_CREATE, regular_chain(&chain_name(i, &c.name))));
+    }
+    for (d, name, map) in [(Direction::Egress, EGRESS_MAP, &p.egress), (Direction::Ingress, INGRESS_MAP, &p.ingress)] {
+        let mut a = set_attrs(name, ids.map(p, d), NFT_SET_MAP, 4, TYPE_IPV4);
+        a.u32(NFTA_SET_DATA_TYPE, NFT_DATA_VERDICT);
+        out.push((NFT_MSG_NEWSET, NLM_F_CREATE, a));
+        let elems = map.iter().filter_map(|(ip, chain)| {
+            let IpAddr::V4(v4) = ip else { return None };
+            Some(element(&v4.octets(), Some(&chain_name(*chain, &p.chains[*chain].name)), false))
+        });
+        out.extend(elements(name, ids.map(p, d), elems.collect()));
+    }
+    for (d, priority) in [(Direction::Egress, 0), (Direction::Ingress, 1)] {
+        let name = base_name(d);
+        out.push((NFT_MSG_NEWCHAIN, NLM_F_CREATE, base_chain(name, priority)));
+        let map = if d == Direction::Egress { EGRESS_MAP } else { INGRESS_MAP };
+        let dispatch = [ipv4(), vec![payload_load(PAYLOAD_NETWORK, addr_offset(d, true), 4), lookup(map, ids.map(p, d), Some(NFT_REG_VERDICT))]].concat();
+        for exprs in [established(), dispatch] {
+            out.push((NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, rule(name, exprs)));
+        }
+    }
+    for (i, c) in p.chains.iter().enumerate() {
+        let name = chain_name(i, &c.name);
+        let d = c.direction;
+        for r in &c.rules {
+            let mut exprs = Vec::new();
+            if let PeerMatch::In(s) = r.peer {
+                exprs.extend(ipv4());
+                exprs.push(payload_load(PAYLOAD_NETWORK, addr_offset(d, false), 4));
+                exprs.push(lookup(&addr_set(s), ids.addr(s), None));
+            }
+            exprs.extend(port_exprs(&r.port, &ids));
+            exprs.push(match &r.action {
+                Action::Accept => verdict(Verdict::Accept),
+                Action::Return => verdict(Verdict::Return),
+                Action::Jump(c) => jump(&chain_name(*c, &p.chains[*c].name)),
+            });
+            out.push((NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, rule(&name, exprs)));
+        }
+        if c.drop_at_end {
+            let mut counter = Attrs::default();
+            counter.raw(1, &0u64.to_be_bytes()).raw(2, &0u64.to_be_bytes());
+            let exprs = vec![Expr { name: "counter", data: counter }, verdict(Verdict::Drop)];
+            out.push((NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, rule(&name, exprs)));
+        }
+    }
+    out
+}
+
+/// Installs the program in the current namespace.
+pub fn install(sock: &mut NftSocket, p: &Program) -> Result<(), NftError> {
+    sock.send_batch(Family::Inet as u8, &batch(p))
+}
+
+fn base_name(d: Direction) -> &'static str {
+    match d {
+        Direction::Egress => "egress",
+        Direction::Ingress => "ingress",
+    }
+}
+
+/// A chain's kernel name: unique by its index, readable by the program's name (nft allows
+/// 255 bytes).
+fn chain_name(i: usize, name: &str) -> String {
+    let mut s = format!("{i}-{name}");
+    s.truncate(250);
+    s
+}
+
+/// Where a chain finds its own pod (the dispatch key) or the other end: egress dispatches on
+/// the source and looks at the destination, ingress the other way round.
+fn addr_offset(d: Direction, own: bool) -> u32 {
+    match (d, own) {
+        (Direction::Egress, true) | (Direction::Ingress, false) => 12,
+        (Direction::Egress, false) | (Direction::Ingress, true) => 16,
+    }
+}
+
+fn ipv4() -> Vec<Expr> {
+    vec![meta_load(META_NFPROTO), cmp_raw(NFT_REG_1, NFT_CMP_EQ, &[NFPROTO_IPV4])]
+}
+
+fn established() -> Vec<Expr> {
+    vec![
+        ct_state_load(),
+        super::bitwise(&CT_ESTABLISHED_RELATED.to_ne_bytes()),
+        cmp_raw(NFT_REG_1, 1, &[0; 4]),
+        verdict(Verdict::Accept),
+    ]
+}
+
+fn cmp_raw(reg: u32, op: u32, value: &[u8]) -> Expr {
+    let mut a = Attrs::default();
+    a.u32(1, reg).u32(2, op).data_value(3, value);
+    Expr { name: "cmp", data: a }
+}
+
+fn l4proto(p: Protocol) -> u8 {
+    match p {
+        Protocol::Tcp => 6,
+        Protocol::Udp => 17,
+        Protocol::Sctp => 132,
+    }
+}
+
+fn port_exprs(c: &PortCond, ids: &Ids) -> Vec<Expr> {
+    let proto = |p: Protocol| vec![meta_load(META_L4PROTO), cmp_raw(NFT_REG_1, NFT_CMP_EQ, &[l4proto(p)])];
+    match c {
+        PortCond::Any => Vec::new(),
+        PortCond::Protocol(p) => proto(*p),
+        PortCond::Range { protocol, first, last } => {
+            let mut v = proto(*protocol);
+            v.push(payload_load(PAYLOAD_TRANSPORT, 2, 2));
+            if first == last {
+                v.push(cmp_raw(NFT_REG_1, NFT_CMP_EQ, &first.to_be_bytes()));
+            } else {
+                v.push(cmp_raw(NFT_REG_1, NFT_CMP_GTE, &first.to_be_bytes()));
+                v.push(cmp_raw(NFT_REG_1, NFT_CMP_LTE, &last.to_be_bytes()));
+            }
+            v
+        }
+        PortCond::Named(s) => {
+            // daddr . l4proto . th dport in consecutive 32-bit registers.
+            let mut v = ipv4();
+            v.push(payload_load(PAYLOAD_NETWORK, 16, 4));
+            v.push(load_into(meta_load(META_L4PROTO), NFT_REG32_01));
+            v.push(load_into(payload_load(PAYLOAD_TRANSPORT, 2, 2), NFT_REG32_02));
+            v.push(lookup(&service_set(*s), ids.service(*s), None));
+            v
+        }
+    }
+}
+
+/// The same load, into another register (the destination is each expression's attribute 1).
+fn load_into(mut e: Expr, reg: u32) -> Expr {
+    let rest = e.data.0.split_off(8);
+    e.data.0.clear();
+    e.data.u32(1, reg);
+    e.data.0.extend_from_slice(&rest);
+    e
+}
+
+/// `lookup` of register 1 in a set; in a map, the value goes to `dreg` (the verdict register
+/// for a verdict map).
+fn lookup(set: &str, id: u32, dreg: Option<u32>) -> Expr {
+    let mut a = Attrs::default();
+    a.str(NFTA_LOOKUP_SET, set).u32(NFTA_LOOKUP_SREG, NFT_REG_1).u32(NFTA_LOOKUP_SET_ID, id);
+    if let Some(reg) = dreg {
+        a.u32(NFTA_LOOKUP_DREG, reg);
+    }
+    Expr { name: "lookup", data: a }
+}
+
+fn verdict_data(code: i32, chain: Option<&str>) -> Attrs {
+    let mut v = Attrs::default();
+    v.raw(NFTA_VERDICT_CODE, &code.to_be_bytes());
+    if let Some(c) = chain {
+        v.str(NFTA_VERDICT_CHAIN, c);
+    }
+    let mut data = Attrs::default();
+    data.nested(NFTA_DATA_VERDICT, &v);
+    data
+}
+
+fn jump(chain: &str) -> Expr {
+    let mut a = Attrs::default();
+    a.u32(1, NFT_REG_VERDICT).nested(2, &verdict_data(NFT_JUMP, Some(chain)));
+    Expr { name: "immediate", data: a }
+}
+
+fn rule(chain: &str, exprs: Vec<Expr>) -> Attrs {
+    let mut list = Attrs::default();
+    for e in exprs {
+        let mut elem = Attrs::default();
+        elem.str(NFTA_EXPR_NAME, e.name);
+        if !e.data.0.is_empty() {
+            elem.nested(NFTA_EXPR_DATA, &e.data);
+        }
+        list.nested(NFTA_LIST_ELEM, &elem);
+    }
+    let mut a = Attrs::default();
+    a.str(NFTA_RULE_TABLE, TABLE).str(NFTA_RULE_CHAIN, chain).nested(NFTA_RULE_EXPRESSIONS, &list);
+    a
+}
+
+fn regular_chain(name: &str) -> Attrs {
+    let mut a = Attrs::default();
+    a.str(NFTA_CHAIN_TABLE, TABLE).str(NFTA_CHAIN_NAME, name);
+    a
+}
+
+fn base_chain(name: &str, priority: i32) -> Attrs {
+    let mut hook = Attrs::default();
+    hook.u32(NFTA_HOOK_HOOKNUM, Hook::Forward as u32).raw(NFTA_HOOK_PRIORITY, &priority.to_be_bytes());
+    let mut a = Attrs::default();
+    a.str(NFTA_CHAIN_TABLE, TABLE)
+        .str(NFTA_CHAIN_NAME, name)
+        .nested(NFTA_CHAIN_HOOK, &hook)
+        .u32(NFTA_CHAIN_POLICY, 1)
+        .str(NFTA_CHAIN_TYPE, "filter");
+    a
+}
+
+fn set_attrs(name: &str, id: u32, flags: u32, key_len: u32, key_type: u32) -> Attrs {
+    let mut a = Attrs::default();
+    a.str(NFTA_SET_TABLE, TABLE)
+        .str(NFTA_SET_NAME, name)
+        .u32(NFTA_SET_FLAGS, flags)
+        .u32(NFTA_SET_KEY_TYPE, key_type)
+        .u32(NFTA_SET_KEY_LEN, key_len)
+        .u32(NFTA_SET_ID, id);
+    a
+}
+
+fn element(key: &[u8], jump_to: Option<&str>, interval_end: bool) -> Attrs {
+    let mut k = Attrs::default();
+    k.raw(NFTA_DATA_VALUE, key);
+    let mut e = Attrs::default();
+    e.nested(NFTA_SET_ELEM_KEY, &k);
+    if let Some(chain) = jump_to {
+        e.nested(NFTA_SET_ELEM_DATA, &verdict_data(NFT_JUMP, Some(chain)));
+    }
+    if interval_end {
+        e.u32(NFTA_SET_ELEM_FLAGS, NFT_SET_ELEM_INTERVAL_END);
+    }
+    e
+}
+
+/// NEWSETELEM messages for `set`, a bounded number of elements each.
+fn elements(set: &str, id: u32, elems: Vec<Attrs>) -> Vec<Message> {
+    elems
+        .chunks(ELEMENTS_PER_MESSAGE)
+        .map(|chunk| {
+            let mut list = Attrs::default();
+            for e in chunk {
+                list.nested(NFTA_LIST_ELEM, e);
+            }
+            let mut a = Attrs::default();
+            a.str(NFTA_SET_ELEM_LIST_TABLE, TABLE)
+                .str(NFTA_SET_ELEM_LIST_SET, set)
+                .u32(NFTA_SET_ELEM_LIST_SET_ID, id)
+                .nested(NFTA_SET_ELEM_LIST_ELEMENTS, &list);
+            (NFT_MSG_NEWSETELEM, NLM_F_CREATE, a)
+        })
+        .collect()
+}
+
+/// (address, protocol, port) as a concatenated key: each field padded to 4 bytes.
+fn service_key(ip: IpAddr, proto: Protocol, port: u16) -> Option<Vec<u8>> {
+    let IpAddr::V4(v4) = ip else { return None };
+    let mut k = v4.octets().to_vec();
+    k.extend_from_slice(&[l4proto(proto), 0, 0, 0]);
+    k.extend_from_slice(&port.to_be_bytes());
+    k.extend_from_slice(&[0, 0]);
+    Some(k)
+}
+
+/// An interval set's elements: each merged IPv4 range as its first address and, unless it
+/// runs to the end of the space, the address after it flagged as an interval end.
+pub fn intervals(set: &BTreeSet<IpNet>) -> Vec<([u8; 4], bool)> {
+    let v4: Vec<Ipv4Net> = set.iter().filter_map(|n| match n {
+        IpNet::V4(n) => Some(*n),
+        IpNet::V6(_) => None,
+    }).collect();
+    let mut out = Vec::new();
+    for net in Ipv4Net::aggregate(&v4) {
+        out.push((net.network().octets(), false));
+        let last = u32::from(net.broadcast());
+        if let Some(next) = last.checked_add(1) {
+            out.push((Ipv4Addr::from(next).octets(), true));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intervals_are_merged_and_end_after_their_last_address() {
+        let set: BTreeSet<IpNet> = ["10.0.0.1/32", "10.0.0.2/32", "10.0.0.3/32", "192.168.0.0/16"]
+            .iter()
+            .map(|s| s.parse().expect("net"))
+            .collect();
+        let got = intervals(&set);
+        let want = vec![
+            ([10, 0, 0, 1], false),
+            ([10, 0, 0, 4], true),
+            ([192, 168, 0, 0], false),
+            ([192, 169, 0, 0], true),
+        ];
+        assert_eq!(got, want);
+        let all: BTreeSet<IpNet> = ["0.0.0.0/0".parse().expect("net")].into();
+        assert_eq!(intervals(&all), vec![([0, 0, 0, 0], false)]);
+    }
+
+    #[test]
+    fn service_keys_pad_each_field_to_four_bytes() {
+        let k = service_key("10.32.1.1".parse().expect("ip"), Protocol::Udp, 81);
+        assert_eq!(k, Some(vec![10, 32, 1, 1, 17, 0, 0, 0, 0, 81, 0, 0]));
+    }
+
+    /// Runs `f` on a thread of its own in a fresh network namespace (only that thread
+    /// moves; processes it starts are in it too).
+    fn in_fresh_netns<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                // SAFETY: unshare affects only this thread, which nothing else uses.
+                let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+                assert_eq!(rc, 0, "unshare(CLONE_NEWNET) needs root: {}", std::io::Error::last_os_error());
+                f()
+            })
+            .join()
+            .expect("the namespace thread")
+        })
+    }
+
+    #[test]
+    fn the_kernel_takes_a_program_with_every_kind_of_rule() {
+        use serde_json::json;
+
+        use crate::policy::tests::{policy, with};
+        let c = with(vec![
+            policy("x", "named", json!({"podSelector": {}, "ingress": [{"ports": [{"port": "serve-81-tcp"}]}]})),
+            policy("x", "range", json!({"podSelector": {"matchLabels": {"pod": "a"}},
+                "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "y"}}}],
+                             "ports": [{"protocol": "UDP", "port": 80, "endPort": 81}, {"protocol": "SCTP"}]}]})),
+            policy("y", "except", json!({"podSelector": {}, "policyTypes": ["Egress"],
+                "egress": [{"to": [{"ipBlock": {"cidr": "10.32.0.0/16", "except": ["10.32.1.2/32"]}}],
+                            "ports": [{"port": "serve-80-tcp"}, {"port": 81}]}]})),
+        ]);
+        let program = Program::compile(&c, "n1");
+        assert!(!program.ingress.is_empty() && !program.egress.is_empty());
+        let listed = in_fresh_netns(|| {
+            let mut sock = NftSocket::open().expect("netlink");
+            install(&mut sock, &program).expect("the kernel takes the batch");
+            // Installing again replaces it whole.
+            install(&mut sock, &program).expect("and takes it again");
+            let out = std::process::Command::new("nft").args(["list", "table", "inet", TABLE]).output();
+            String::from_utf8_lossy(&out.expect("nft runs").stdout).into_owned()
+        });
+        for want in [
+            "ip saddr vmap @egress-pods",
+            "ip daddr vmap @ingress-pods",
+            "ct state established,related accept",
+            "10.32.0.0-10.32.1.1",
+            "th dport 80-81",
+            "meta l4proto sctp",
+            "ip daddr . meta l4proto . th dport @ports-",
+            "counter packets 0 bytes 0 drop",
+        ] {
+            assert!(listed.contains(want), "no {want:?} in\n{listed}");
+        }
+    }
+
+    #[test]
+    fn loads_can_target_another_register() {
+        let e = load_into(payload_load(PAYLOAD_TRANSPORT, 2, 2), NFT_REG32_02);
+        let plain = payload_load(PAYLOAD_TRANSPORT, 2, 2);
+        assert_eq!(e.data.0.len(), plain.data.0.len());
+        assert_eq!(&e.data.0[4..8], &NFT_REG32_02.to_be_bytes());
+        assert_eq!(&e.data.0[8..], &plain.data.0[8..]);
+    }
+}
