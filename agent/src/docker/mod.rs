@@ -3,6 +3,7 @@
 //! carried out as endpoint operations (`endpoints::docker`: the same records, rollback and
 //! reconciliation as CNI). See docs/docker.md.
 
+pub mod api;
 pub mod names;
 pub mod protocol;
 

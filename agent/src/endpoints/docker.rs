@@ -129,8 +129,14 @@ impl Endpoints {
         Ok((record, peer))
     }
 
-    /// Gives Docker's endpoint `endpoint` the DNS name `name`, if it is still joined.
-    pub async fn docker_name(&self, endpoint: &str, name: String) -> Result<(), EndpointError> {
+    /// Gives Docker's endpoint `endpoint` the DNS name `name` and the further names
+    /// `aliases`, if it is still joined.
+    pub async fn docker_name(
+        &self,
+        endpoint: &str,
+        name: String,
+        aliases: Vec<String>,
+    ) -> Result<(), EndpointError> {
         let Some(rec) = self.docker_endpoint(endpoint).await? else { return Ok(()) };
         let _guard = self.inner.locks.lock(&rec.id).await;
         let e = endpoint.to_owned();
@@ -138,7 +144,7 @@ impl Endpoints {
             .state
             .call(move |s| match s.docker_endpoint(&e) {
                 Some(r) if r.kind == super::record::Kind::Docker => {
-                    s.set_hostname(&r.id, Some(name)).map(|_| ())
+                    s.set_names(&r.id, Some(name), aliases).map(|_| ())
                 }
                 _ => Ok(()),
             })

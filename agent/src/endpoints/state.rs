@@ -226,6 +226,23 @@ impl State {
         Ok(true)
     }
 
+    /// Sets the DNS name and the further names of endpoint `id`; false if there is none.
+    pub fn set_names(
+        &mut self,
+        id: &str,
+        hostname: Option<String>,
+        aliases: Vec<String>,
+    ) -> Result<bool, EndpointError> {
+        let Some(rec) = self.records.get(id) else { return Ok(false) };
+        if rec.hostname == hostname && rec.aliases == aliases {
+            return Ok(true);
+        }
+        let rec = EndpointRecord { hostname, aliases, ..rec.clone() };
+        self.persist(&[&rec], &[])?;
+        self.records.insert(id.to_owned(), rec);
+        Ok(true)
+    }
+
     /// After every call: persist the ring if it changed, then send what the IPAM has to say,
     /// then wake waiting allocations.
     fn flush_ipam(&mut self) {
@@ -485,6 +502,7 @@ impl State {
             container_id: Some(req.container_id),
             pod: req.pod,
             hostname: None,
+            aliases: Vec::new(),
             mac: first_v4.and_then(|a| match a.addr() {
                 IpAddr::V4(v4) => Some(Mac::for_ipv4(v4)),
                 IpAddr::V6(_) => None,
@@ -656,6 +674,7 @@ impl State {
             // it appears only after Join (see `Endpoints::reconcile`).
             created: now_secs(),
             hostname: None,
+            aliases: Vec::new(),
             ..rec
         };
         self.persist(&[&joined], &[])?;
@@ -675,6 +694,7 @@ impl State {
             routes: Vec::new(),
             host_mac: None,
             hostname: None,
+            aliases: Vec::new(),
             ..rec.clone()
         };
         self.persist(&[&left], &[])?;
@@ -765,6 +785,7 @@ impl State {
             container_id: None,
             pod: None,
             hostname: None,
+            aliases: Vec::new(),
             mac: None,
             host_mac: None,
             created: now_secs(),
