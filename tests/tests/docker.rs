@@ -273,3 +273,130 @@ fn dockerd_and_agent_restarts_keep_containers_connected() {
     h[0].docker.ok(&["rm", "-f", "k3"]);
     assert_eq!(docker_endpoints(&h[0]), records, "k3's address is released");
 }
+
+/// `nslookup NAME` at weft's DNS (the container's gateway) from container `c` answers `want`.
+fn resolves_at_gw(h: &Host, c: &str, name: &str, want: &str) -> bool {
+    let (ok, out, _) = h.docker.try_docker(&["exec", c, "nslookup", name, &gw_of(h, c)]);
+    ok && out.contains(want)
+}
+
+#[test]
+fn docker_hostname_and_network_alias_in_weave_local() {
+    let (lab, netns) = Lab::new(2, 1500);
+    let h = hosts(&lab, netns);
+    for x in &h {
+        wait_until(T, "the weft network", || {
+            x.docker.try_docker(&["network", "inspect", "weft"]).0
+        });
+    }
+    let (ok, _, err) =
+        run_on(&h[0], "n1", "weft", &["--hostname", "hn1", "--network-alias", "al1"]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = run_on(&h[1], "q2", "weft", &[]);
+    assert!(ok, "{err}");
+    let ip1 = ip_of(&h[0], "n1");
+    assert!(ip1.starts_with("10.2.1."), "{ip1}");
+    for name in ["n1.weave.local", "hn1.weave.local", "al1.weave.local"] {
+        wait_until(T, &format!("{name} on h2"), || resolves_at_gw(&h[1], "q2", name, &ip1));
+    }
+    // Docker's defaults (the short id as hostname and alias) are not registered.
+    let id = h[0].docker.ok(&["inspect", "-f", "{{.Id}}", "n1"]);
+    let short = format!("{}.weave.local", &id[..12]);
+    assert!(!resolves_at_gw(&h[1], "q2", &short, &ip1), "{short} must not be registered");
+    // `weft ps` shows the container's name for the driver's endpoint.
+    let ps = String::from_utf8_lossy(&weft_e2e::run(h[0].agent.weft().arg("ps")).stdout)
+        .to_string();
+    assert!(
+        ps.lines().any(|l| l.starts_with("docker:") && l.contains(&ip1) && l.ends_with(" n1")),
+        "{ps}"
+    );
+
+    h[0].docker.ok(&["rm", "-f", "n1"]);
+    for name in ["n1.weave.local", "hn1.weave.local", "al1.weave.local"] {
+        wait_until(T, &format!("{name} to go on h2"), || {
+            !resolves_at_gw(&h[1], "q2", name, &ip1)
+        });
+    }
+}
+
+#[test]
+fn weft_attach_by_docker_container_name() {
+    let (lab, netns) = Lab::new(2, 1500);
+    let h = hosts(&lab, netns);
+    for x in &h {
+        wait_until(T, "the weft network", || {
+            x.docker.try_docker(&["network", "inspect", "weft"]).0
+        });
+    }
+    let (ok, _, err) = run_on(&h[1], "w2", "weft", &[]);
+    assert!(ok, "{err}");
+    let w2 = ip_of(&h[1], "w2");
+    // A container on Docker's default bridge, knowing nothing of weft.
+    h[0].docker.ok(&["run", "-d", "--name", "plain", IMAGE, "sleep", "3600"]);
+    let sock = h[0].docker.socket.display().to_string();
+    let weft = |args: &[&str]| {
+        let mut c = h[0].agent.weft();
+        c.args(args).args(["--docker-socket", &sock]);
+        weft_e2e::run(&mut c)
+    };
+    let text = |o: &std::process::Output| {
+        format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    };
+
+    let out = weft(&["attach", "plain"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let cidr = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(cidr.starts_with("10.2.1.") && cidr.ends_with("/24"), "{cidr}");
+    let addr = cidr.split('/').next().unwrap_or_default().to_owned();
+    let inside = h[0].docker.ok(&["exec", "plain", "ip", "-4", "-o", "addr", "show", "ethwe"]);
+    assert!(inside.contains(&cidr), "{inside}");
+    wait_until(T, "plain -> w2 across hosts", || pings(&h[0], "plain", &w2));
+    wait_until(T, "plain.weave.local on h2", || {
+        resolves_at_gw(&h[1], "w2", "plain.weave.local", &addr)
+    });
+
+    // weft ps: by name, and filtered by container (name or id).
+    let id = h[0].docker.ok(&["inspect", "-f", "{{.Id}}", "plain"]);
+    let ps = text(&weft(&["ps"]));
+    let line = format!("docker-cli:{id}");
+    assert!(
+        ps.lines().any(|l| l.starts_with(&line) && l.contains(&cidr) && l.ends_with(" plain")),
+        "{ps}"
+    );
+    for target in ["plain", &id[..12]] {
+        let only = weft(&["ps", target]);
+        assert!(only.status.success(), "{}", text(&only));
+        let only = String::from_utf8_lossy(&only.stdout).to_string();
+        assert_eq!(only.lines().count(), 1, "{only}");
+        assert!(only.starts_with(&line), "{only}");
+    }
+
+    // Errors say what to fix.
+    let out = weft(&["attach", "nosuch"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("no such container nosuch"), "{}", text(&out));
+    h[0].docker.ok(&["create", "--name", "stopped", IMAGE, "sleep", "1"]);
+    let out = weft(&["attach", "stopped"]);
+    assert!(text(&out).contains("container stopped is not running"), "{}", text(&out));
+    let out = run_weft_with(&h[0], &["attach", "plain", "--docker-socket", "/nonexistent.sock"]);
+    assert!(text(&out).contains("Docker API at /nonexistent.sock"), "{}", text(&out));
+    let out = weft(&["attach", "plain", "other"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+
+    // Detach by name: the interface goes and the address is released.
+    let out = weft(&["detach", "plain"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let (has_if, _, _) = h[0].docker.try_docker(&["exec", "plain", "ip", "link", "show", "ethwe"]);
+    assert!(!has_if, "ethwe is gone after detach");
+    let ps = text(&weft(&["ps"]));
+    assert!(!ps.contains("docker-cli:") && !ps.contains(&cidr), "{ps}");
+    assert!(
+        !h[0].agent.endpoints().iter().any(|e| e.to_string().contains(&addr)),
+        "the address is released"
+    );
+}
+
+/// `weft ARGS` against host `h`'s agent, with exactly the given flags.
+fn run_weft_with(h: &Host, args: &[&str]) -> std::process::Output {
+    weft_e2e::run(h.agent.weft().args(args))
+}
