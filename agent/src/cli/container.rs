@@ -77,12 +77,15 @@ pub struct Attachment {
     pub name: String,
 }
 
-/// The endpoint of a running container: its network namespace through its main process, its
-/// id, and its name as the DNS name.
+/// The endpoint of a running container: its network namespace, its id, and its name as the
+/// DNS name. The namespace is dockerd's bind mount of it (the agent may open that: it keeps
+/// no CAP_SYS_PTRACE, which `/proc/PID/ns/net` of a process with more capabilities needs, and
+/// the mount goes when the container stops, which reconciliation takes as the endpoint
+/// gone); `/proc/PID/ns/net` only when Docker has none (`--network container:…`).
 pub fn attachment(given: &str, c: &Container) -> Result<Attachment, ContainerError> {
     let pid = c.pid.ok_or_else(|| ContainerError::NotRunning(given.to_owned()))?;
     Ok(Attachment {
-        netns: PathBuf::from(format!("/proc/{pid}/ns/net")),
+        netns: c.sandbox.clone().unwrap_or_else(|| PathBuf::from(format!("/proc/{pid}/ns/net"))),
         id: endpoint_id(&c.id),
         name: c.name.clone(),
     })
@@ -136,6 +139,9 @@ mod tests {
 
     #[test]
     fn a_running_container_becomes_an_endpoint() {
+        let sandbox = PathBuf::from("/var/run/docker/netns/ed2af6095a83");
+        let with = Container { sandbox: Some(sandbox.clone()), ..c(Some(42)) };
+        assert_eq!(attachment("plain", &with).unwrap().netns, sandbox);
         let a = attachment("plain", &c(Some(42))).unwrap();
         assert_eq!(a.netns, PathBuf::from("/proc/42/ns/net"));
         assert_eq!(a.id, "docker-cli:c0ffee00");

@@ -64,9 +64,10 @@ fn not_found(e: &BollardError) -> bool {
 fn container(c: ContainerInspectResponse) -> Container {
     let running = c.state.as_ref().and_then(|s| s.running).unwrap_or(false);
     let pid = c.state.as_ref().and_then(|s| s.pid).and_then(|p| u32::try_from(p).ok());
-    let aliases = c
-        .network_settings
-        .and_then(|n| n.networks)
+    let settings = c.network_settings.unwrap_or_default();
+    let sandbox = settings.sandbox_key.filter(|k| !k.is_empty()).map(PathBuf::from);
+    let aliases = settings
+        .networks
         .map(|nets| nets.into_values().flat_map(|e| e.aliases.unwrap_or_default()).collect())
         .unwrap_or_default();
     Container {
@@ -75,6 +76,7 @@ fn container(c: ContainerInspectResponse) -> Container {
         hostname: c.config.and_then(|c| c.hostname).unwrap_or_default(),
         aliases,
         pid: pid.filter(|p| running && *p > 0),
+        sandbox,
     }
 }
 
@@ -173,6 +175,7 @@ mod tests {
             }),
             network_settings: Some(bollard::models::NetworkSettings {
                 networks: Some(nets),
+                sandbox_key: Some("/var/run/docker/netns/ed2af6095a83".into()),
                 ..Default::default()
             }),
             ..ContainerInspectResponse::default()
@@ -181,6 +184,7 @@ mod tests {
         assert_eq!(c.hostname, "www");
         assert_eq!(c.aliases, vec!["db", "c0ffee"]);
         assert_eq!(c.pid, Some(42));
+        assert_eq!(c.sandbox, Some(PathBuf::from("/var/run/docker/netns/ed2af6095a83")));
         let stopped = container(ContainerInspectResponse {
             state: Some(ContainerState {
                 running: Some(false),

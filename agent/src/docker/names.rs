@@ -6,6 +6,7 @@
 //! endpoint leaves (Leave clears them). Which endpoints to ask about ([`unnamed`]) and which
 //! names a container asked for ([`container_names`]) are pure.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use tracing::{debug, warn};
@@ -56,6 +57,9 @@ pub struct Container {
     pub aliases: Vec<String>,
     /// The main process while it runs (`State.Pid`); `None` when it is not running.
     pub pid: Option<u32>,
+    /// Its network namespace as dockerd bind-mounts it (`NetworkSettings.SandboxKey`; empty
+    /// for `--network container:…`).
+    pub sandbox: Option<PathBuf>,
 }
 
 /// What weft asks Docker: one method per question.
@@ -151,6 +155,7 @@ mod tests {
             hostname: hostname.into(),
             aliases: aliases.iter().map(|a| (*a).to_owned()).collect(),
             pid: Some(7),
+            sandbox: None,
         }
     }
 
