@@ -304,8 +304,8 @@ fn docker_hostname_and_network_alias_in_weave_local() {
     let short = format!("{}.weave.local", &id[..12]);
     assert!(!resolves_at_gw(&h[1], "q2", &short, &ip1), "{short} must not be registered");
     // `weft ps` shows the container's name for the driver's endpoint.
-    let ps = String::from_utf8_lossy(&weft_e2e::run(h[0].agent.weft().arg("ps")).stdout)
-        .to_string();
+    let ps =
+        String::from_utf8_lossy(&weft_e2e::run(h[0].agent.weft().arg("ps")).stdout).to_string();
     assert!(
         ps.lines().any(|l| l.starts_with("docker:") && l.contains(&ip1) && l.ends_with(" n1")),
         "{ps}"
@@ -313,9 +313,7 @@ fn docker_hostname_and_network_alias_in_weave_local() {
 
     h[0].docker.ok(&["rm", "-f", "n1"]);
     for name in ["n1.weave.local", "hn1.weave.local", "al1.weave.local"] {
-        wait_until(T, &format!("{name} to go on h2"), || {
-            !resolves_at_gw(&h[1], "q2", name, &ip1)
-        });
+        wait_until(T, &format!("{name} to go on h2"), || !resolves_at_gw(&h[1], "q2", name, &ip1));
     }
 }
 

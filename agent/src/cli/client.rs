@@ -244,8 +244,7 @@ pub async fn attach(socket: &Path, a: AttachArgs<'_>) -> Result<(), CliError> {
             return Err(CliError::Usage("give a container (name or id) or --netns PATH".into()));
         }
     };
-    let netns =
-        std::path::absolute(netns).map_err(|e| CliError::Usage(format!("--netns: {e}")))?;
+    let netns = std::path::absolute(netns).map_err(|e| CliError::Usage(format!("--netns: {e}")))?;
     let mut c = connect(socket).await?;
     let reply = c
         .attach(v1::AttachRequest {

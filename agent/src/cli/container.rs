@@ -147,7 +147,10 @@ mod tests {
         assert_eq!(a.id, "docker-cli:c0ffee00");
         assert_eq!(a.name, "plain");
         let e = attachment("c0f", &c(None)).unwrap_err();
-        assert_eq!(e.to_string(), "container c0f is not running; start it first (docker start c0f)");
+        assert_eq!(
+            e.to_string(),
+            "container c0f is not running; start it first (docker start c0f)"
+        );
     }
 
     #[test]

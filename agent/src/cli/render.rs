@@ -308,7 +308,8 @@ pub fn ps(rows: &[EndpointRow]) -> Vec<String> {
         .map(|r| {
             let addrs = r.addresses.iter().map(IpNet::to_string).collect::<Vec<_>>().join(" ");
             let mac = if r.mac.is_empty() { "-" } else { &r.mac };
-            let who = r.pod.clone().or_else(|| r.container.clone()).unwrap_or_else(|| r.kind.clone());
+            let who =
+                r.pod.clone().or_else(|| r.container.clone()).unwrap_or_else(|| r.kind.clone());
             format!("{} {} {} {}", r.id, mac, addrs, who).trim_end().to_owned()
         })
         .collect()

@@ -490,11 +490,11 @@ impl Service {
             let given = ep.hostname.iter().filter(|h| self.unnamed.get(&ep.id) != Some(*h));
             for host in given.chain(&ep.aliases) {
                 match self.cfg.domain.qualify(host) {
-                Ok(name) => want.extend(ep.addrs.iter().map(|a| Local {
-                    name: name.clone(),
-                    addr: *a,
-                    endpoint: ep.id.clone(),
-                })),
+                    Ok(name) => want.extend(ep.addrs.iter().map(|a| Local {
+                        name: name.clone(),
+                        addr: *a,
+                        endpoint: ep.id.clone(),
+                    })),
                     Err(e) => {
                         if self.warned.insert(host.clone()) {
                             warn!(endpoint = %ep.id, error = %e, "not registering the endpoint's name");

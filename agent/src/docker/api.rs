@@ -35,15 +35,13 @@ impl UnixDockerApi {
     /// A client speaking the version this dockerd supports.
     async fn client(&self) -> Result<Docker, ApiError> {
         let path = self.socket.to_str().ok_or_else(|| self.fail("the path is not UTF-8"))?;
-        let docker =
-            Docker::connect_with_unix(path, TIMEOUT_SECS, bollard::API_DEFAULT_VERSION).map_err(
-                |e| match e {
-                    BollardError::SocketNotFoundError(_) => {
-                        self.fail("no such socket (is dockerd running? see --docker-socket)")
-                    }
-                    e => self.fail(e),
-                },
-            )?;
+        let docker = Docker::connect_with_unix(path, TIMEOUT_SECS, bollard::API_DEFAULT_VERSION)
+            .map_err(|e| match e {
+                BollardError::SocketNotFoundError(_) => {
+                    self.fail("no such socket (is dockerd running? see --docker-socket)")
+                }
+                e => self.fail(e),
+            })?;
         docker.negotiate_version().await.map_err(|e| self.fail(e))
     }
 
