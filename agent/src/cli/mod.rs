@@ -16,7 +16,7 @@ use crate::config::AgentArgs;
 /// How attach and detach tell a container from an address.
 const OPERANDS_HELP: &str = "Operands: every address form contains a '/' or a ':' (10.2.1.1/24, ip:…, net:…, net:default);\n\
     an operand with neither is a Docker container name or id (at most one), looked up through\n\
-    --docker-socket: its main process's network namespace is attached as endpoint\n\
+    --docker-socket: its network namespace (Docker's SandboxKey) is attached as endpoint\n\
     docker-cli:CONTAINER_ID, named CONTAINER_NAME.weave.local. With --netns (or --id for detach)\n\
     every operand must be an address.";
 
