@@ -424,3 +424,29 @@ async fn a_start_survives_an_undecodable_record_and_quarantines_it() {
     let (_, _, counts) = r.endpoints.report().await.unwrap();
     assert_eq!(counts.quarantined, vec!["broken".to_owned()]);
 }
+
+#[tokio::test]
+async fn a_docker_endpoint_s_names_go_with_its_leave() {
+    let r = rig();
+    let mut feed = r.endpoints.feed();
+    let t = Duration::from_secs(2);
+    let subnet = r.endpoints.docker_pool(None).await.unwrap();
+    let addr = r.endpoints.docker_request(subnet, None, t).await.unwrap();
+    r.endpoints.docker_bind(addr, "ep1".into(), "net1".into()).await.unwrap();
+    r.endpoints.docker_join("ep1", PathBuf::from("/run/netns/sb1")).await.unwrap();
+    r.endpoints.docker_name("ep1", "web".into(), vec!["www".into(), "api".into()]).await.unwrap();
+    let named = feed
+        .wait_for(|f| f.iter().any(|e| e.hostname.as_deref() == Some("web")))
+        .await
+        .unwrap()
+        .clone();
+    let ep = named.iter().find(|e| e.kind == Kind::Docker).unwrap();
+    assert_eq!(ep.aliases, vec!["www", "api"]);
+    let rec = r.endpoints.docker_endpoint("ep1").await.unwrap().unwrap();
+    assert_eq!(rec.aliases, vec!["www", "api"], "persisted with the record");
+    assert!(r.endpoints.docker_leave("ep1").await.unwrap());
+    let left = feed.wait_for(|f| !f.iter().any(|e| e.kind == Kind::Docker)).await;
+    assert!(left.is_ok(), "the endpoint (and its names) left the feed");
+    let rec = r.endpoints.docker_endpoint("ep1").await.unwrap().unwrap();
+    assert_eq!((rec.hostname, rec.aliases), (None, Vec::<String>::new()), "a reservation again");
+}
