@@ -34,6 +34,17 @@ pub trait DockerApi: Send + Sync + 'static {
     async fn network(&self, id: &str) -> Result<Value, ApiError>;
     /// Creates the network `name` with weft's drivers unless it exists (`weft launch`).
     async fn ensure_network(&self, name: &str) -> Result<bool, ApiError>;
+    /// Every endpoint Docker has in a network whose network or IPAM driver is weft (joined
+    /// or only created). A network removed while it is listed has none.
+    async fn weft_endpoints(&self) -> Result<Vec<DockerEndpoint>, ApiError>;
+}
+
+/// An endpoint as Docker reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DockerEndpoint {
+    pub network: String,
+    pub endpoint: String,
+    pub address: Option<std::net::IpAddr>,
 }
 
 /// The Docker API on a unix socket (`--docker-socket`).
@@ -74,6 +85,47 @@ impl DockerApi for UnixDockerApi {
                 message: format!("{status}: {body}"),
             })
         }
+    }
+
+    async fn weft_endpoints(&self) -> Result<Vec<DockerEndpoint>, ApiError> {
+        let failed = |path: &str, status: hyper::StatusCode| ApiError::Failed {
+            path: path.to_owned(),
+            message: status.to_string(),
+        };
+        let (status, list) = self.call(hyper::Method::GET, "/networks", None).await?;
+        if !status.is_success() {
+            return Err(failed("/networks", status));
+        }
+        let weft = |n: &&Value| n["Driver"] == "weft" || n["IPAM"]["Driver"] == "weft";
+        let ids: Vec<String> = list
+            .as_array()
+            .map(|a| a.iter().filter(weft).filter_map(|n| n["Id"].as_str().map(str::to_owned)))
+            .into_iter()
+            .flatten()
+            .collect();
+        let mut out = Vec::new();
+        for id in ids {
+            let path = format!("/networks/{id}");
+            let (status, net) = self.call(hyper::Method::GET, &path, None).await?;
+            if status == hyper::StatusCode::NOT_FOUND {
+                continue;
+            }
+            if !status.is_success() {
+                return Err(failed(&path, status));
+            }
+            let Some(containers) = net["Containers"].as_object() else { continue };
+            out.extend(containers.values().filter_map(|c| {
+                Some(DockerEndpoint {
+                    network: id.clone(),
+                    endpoint: c["EndpointID"].as_str()?.to_owned(),
+                    address: c["IPv4Address"]
+                        .as_str()
+                        .and_then(|a| a.parse::<ipnet::IpNet>().ok())
+                        .map(|n| n.addr()),
+                })
+            }));
+        }
+        Ok(out)
     }
 }
 

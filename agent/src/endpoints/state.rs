@@ -591,6 +591,9 @@ impl State {
         }
         rec.container_id = Some(endpoint.to_owned());
         rec.network = Some(network.to_owned());
+        // Docker stores the endpoint only after this answer: `docker::reconcile` leaves the
+        // record alone for a while from now.
+        rec.created = now_secs();
         self.persist(&[&rec], &[])?;
         self.records.insert(id, rec.clone());
         Ok(rec)
@@ -675,6 +678,8 @@ impl State {
             routes: Vec::new(),
             host_mac: None,
             hostname: None,
+            // Docker's ReleaseAddress follows; `docker::reconcile` waits for it from now.
+            created: now_secs(),
             ..rec.clone()
         };
         self.persist(&[&left], &[])?;
