@@ -299,20 +299,26 @@ fn containers_removed_while_the_agent_is_down_are_released_when_it_returns() {
     let (lab, netns) = Lab::new(2, 1500);
     let mut h = hosts(&lab, netns);
     create_net1(&h);
-    for (x, name) in [(0, "s1"), (0, "g1"), (1, "r2")] {
+    for (x, name) in [(0, "s1"), (0, "g1"), (0, "d1"), (1, "r2")] {
         let (ok, _, err) = run_on(&h[x], name, "net1", &[]);
         assert!(ok, "{name}: {err}");
     }
     let (s1, g1, r2) = (ip_of(&h[0], "s1"), ip_of(&h[0], "g1"), ip_of(&h[1], "r2"));
     wait_until(T, "s1 -> r2", || pings(&h[0], "s1", &r2));
     let gone = format!("docker:{g1}");
+    let left = format!("docker:{}", ip_of(&h[0], "d1"));
     assert!(docker_endpoints(&h[0]).contains(&gone));
 
-    // The agent is killed; Docker removes g1 meanwhile. dockerd's calls find no plugin.
+    // The agent is killed; Docker removes g1 and disconnects d1 (which keeps running, so its
+    // sandbox stays) meanwhile. dockerd's calls find no plugin.
     h[0].agent.kill9();
     let mark = log_len(&h[0]);
     let t = std::time::Instant::now();
-    h[0].docker.ok(&["rm", "-f", "g1"]);
+    std::thread::scope(|s| {
+        let d = &h[0].docker;
+        s.spawn(move || d.ok(&["network", "disconnect", "net1", "d1"]));
+        d.ok(&["rm", "-f", "g1"]);
+    });
     eprintln!("docker rm -f with the agent down: {:.1} s", t.elapsed().as_secs_f64());
     for l in plugin_log(&h[0], mark) {
         eprintln!("dockerd: {l}");
@@ -329,12 +335,28 @@ fn containers_removed_while_the_agent_is_down_are_released_when_it_returns() {
     h[0].agent.wait_ready();
     // dockerd gave up on each of its four calls after ≈15 s, so g1's Join is over 60 s old
     // and the namespace check may release it first; Docker's view would otherwise.
-    let log = h[0].agent.log();
-    let by = ["Docker no longer has this endpoint", "namespace is gone"]
-        .into_iter()
-        .find(|m| log.contains(m) && log.contains(&gone));
-    eprintln!("released by: {by:?}");
+    let released_by = |id: &str| {
+        let log = h[0].agent.log();
+        let line = log.lines().find(|l| {
+            l.contains(&format!("endpoint={id} "))
+                && (l.contains("Docker no longer has") || l.contains("namespace is gone"))
+        });
+        line.map(str::to_owned)
+    };
+    let by = released_by(&gone);
+    eprintln!("g1: {by:?}");
     assert!(by.is_some(), "the release is logged");
+    // d1's sandbox is alive, so only Docker's view says its endpoint is gone: released, and
+    // not set up again in the container.
+    wait_until(Duration::from_secs(5), "d1's address released", || {
+        !docker_endpoints(&h[0]).contains(&left)
+    });
+    let by = released_by(&left).unwrap_or_default();
+    eprintln!("d1: {by}");
+    assert!(by.contains("Docker no longer has this endpoint"), "{by}");
+    wait_until(T, "d1 without a weft interface", || {
+        !h[0].docker.try_docker(&["exec", "d1", "ip", "link", "show", "ethwe0"]).0
+    });
 
     // The survivors keep address and connectivity; no interface is left for g1.
     assert_eq!(ip_of(&h[0], "s1"), s1);
