@@ -354,6 +354,8 @@ fn containers_removed_while_the_agent_is_down_are_released_when_it_returns() {
     let by = released_by(&left).unwrap_or_default();
     eprintln!("d1: {by}");
     assert!(by.contains("Docker no longer has this endpoint"), "{by}");
+    let log = h[0].agent.log();
+    assert!(!log.contains("endpoint repaired"), "d1's interface is not put back");
     wait_until(T, "d1 without a weft interface", || {
         !h[0].docker.try_docker(&["exec", "d1", "ip", "link", "show", "ethwe0"]).0
     });

@@ -528,4 +528,19 @@ mod docker_reconcile {
         assert_eq!(once(&api, e).await.unwrap(), 0);
         assert_eq!(ids(e).await.len(), 2, "e9's endpoint and e1's reservation stay");
     }
+
+    #[tokio::test]
+    async fn a_docker_interface_docker_removed_is_not_put_back() {
+        let rig = rig();
+        let e = &rig.endpoints;
+        let a = container(e, "e1", "/run/docker/netns/a").await;
+        // Docker disconnected the container while the agent was down: the interface is gone,
+        // the sandbox is not.
+        rig.dp.lose_link(&host_ifname_for(&format!("docker:{a}")));
+        let joined = rig.dp.count(Op::SetupEndpoint);
+        e.reconcile(false).await.unwrap();
+        assert_eq!(rig.dp.count(Op::SetupEndpoint), joined);
+        assert!(!rig.dp.links().contains_key(&host_ifname_for(&format!("docker:{a}"))));
+        assert_eq!(ids(e).await.len(), 1, "kept for Docker's view to decide");
+    }
 }
