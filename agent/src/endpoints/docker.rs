@@ -142,7 +142,7 @@ impl Endpoints {
             blocking(move || dp.teardown_endpoint(&ifname)).await?;
         }
         let id = rec.id.clone();
-        let removed = self.inner.state.call(move |s| s.remove(&id)).await??;
+        let removed = self.inner.state.call(move |s| s.docker_forget(&id)).await??;
         Ok(removed.is_some())
     }
 

@@ -509,9 +509,15 @@ mod docker_reconcile {
         assert!(now.contains(&format!("docker:{a2}")) && now.contains(&format!("docker:{}", pending.addr())));
         let host = host_ifname_for(&format!("docker:{a1}"));
         assert!(rig.dp.calls().iter().any(|c| c.op == Op::TeardownEndpoint && c.subject == host));
-        // The address is free again.
-        let again = container(e, "e3", "/run/docker/netns/c").await;
-        assert_eq!(again, a1);
+        // The address is free again, for whoever names it; a request without --ip gets
+        // another while dockerd may still be retrying a ReleaseAddress for it.
+        let next = container(e, "e3", "/run/docker/netns/c").await;
+        assert_ne!(next, a1);
+        assert!(!e.docker_release(a1).await.unwrap(), "a late ReleaseAddress finds nothing");
+        assert!(ids(e).await.contains(&format!("docker:{next}")));
+        let a1net = ipnet::IpNet::new(a1, 24).unwrap();
+        let again = e.docker_request(SUBNET.parse().unwrap(), Some(a1), Duration::from_secs(2));
+        assert_eq!(again.await.unwrap(), a1net);
     }
 
     #[tokio::test]
