@@ -365,12 +365,7 @@ fn containers_removed_while_the_agent_is_down_are_released_when_it_returns() {
     assert_eq!(ip_of(&h[1], "r2"), r2);
     wait_until(T, "r2 -> s1 after the restart", || pings(&h[1], "r2", &s1));
     assert!(pings(&h[0], "s1", &r2));
-    let joined = h[0]
-        .agent
-        .endpoints()
-        .iter()
-        .filter(|e| e["kind"] == "docker")
-        .count();
+    let joined = h[0].agent.endpoints().iter().filter(|e| e["kind"] == "docker").count();
     assert_eq!(h[0].agent.endpoint_links().len(), joined, "one veth per joined endpoint");
     assert!(docker_endpoints(&h[0]).contains(&format!("docker:{s1}")));
 
@@ -468,9 +463,7 @@ fn fifty_containers_started_and_removed_at_once_on_two_hosts() {
         wait_until(T, &format!("h{} to have no endpoint veth", i + 1), || {
             x.agent.endpoint_links().is_empty()
         });
-        wait_until(T, &format!("h{} to have none of the names", i + 1), || {
-            dns_names(x).is_empty()
-        });
+        wait_until(T, &format!("h{} to have none of the names", i + 1), || dns_names(x).is_empty());
     }
     eprintln!(
         "50 containers on 2 hosts: start-all {start_all:.1} s, names everywhere {names_s:.1} s \

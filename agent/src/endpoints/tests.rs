@@ -506,7 +506,10 @@ mod docker_reconcile {
         assert_eq!(once(&api, e).await.unwrap(), 1);
         let now = ids(e).await;
         assert!(!now.contains(&format!("docker:{a1}")), "{now:?}");
-        assert!(now.contains(&format!("docker:{a2}")) && now.contains(&format!("docker:{}", pending.addr())));
+        assert!(
+            now.contains(&format!("docker:{a2}"))
+                && now.contains(&format!("docker:{}", pending.addr()))
+        );
         let host = host_ifname_for(&format!("docker:{a1}"));
         assert!(rig.dp.calls().iter().any(|c| c.op == Op::TeardownEndpoint && c.subject == host));
         // The address is free again, for whoever names it; a request without --ip gets
