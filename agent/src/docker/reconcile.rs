@@ -4,7 +4,7 @@
 //! between RequestAddress and Join). The `docker:` records are compared with the endpoints
 //! Docker reports in the networks weft drives ([`DockerApi::weft_endpoints`]); the choice is
 //! pure ([`stale`]). Nothing is released while Docker still reports the endpoint or the
-//! address, nor when Docker cannot be asked. See docs/docker.md, "Reconciliation".
+//! address, nor when Docker cannot be asked. See docs/docker.md, "Reconciliation with Docker".
 
 use std::collections::HashSet;
 use std::net::IpAddr;
