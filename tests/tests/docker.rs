@@ -167,6 +167,11 @@ fn docker_containers_across_hosts() {
     let before = (docker_endpoints(&h[0]), docker_endpoints(&h[1]));
     let (ok, _, err) = run_on(&h[1], "dup", "net1", &["--ip", "10.2.3.77"]);
     assert!(!ok && err.contains("10.2.3.77 is already in use"), "{err}");
+    // An --ip outside the network's subnet: Docker refuses it before asking weft, naming
+    // the address (weft's own message is in docs/docker.md for other clients).
+    let (ok, _, err) = run_on(&h[1], "out", "net1", &["--ip", "10.2.4.1"]);
+    assert!(!ok && err.contains("10.2.4.1") && err.to_lowercase().contains("subnet"), "{err}");
+    let _ = h[1].docker.try_docker(&["rm", "-f", "out"]);
     // Bad input: errors Docker shows, saying what to fix, and nothing changes.
     let (ok, _, err) = h[0].docker.try_docker(&[
         "network",
@@ -397,4 +402,196 @@ fn weft_attach_by_docker_container_name() {
 /// `weft ARGS` against host `h`'s agent, with exactly the given flags.
 fn run_weft_with(h: &Host, args: &[&str]) -> std::process::Output {
     weft_e2e::run(h.agent.weft().args(args))
+}
+
+/// The lines of this host's dockerd log from byte `from` on that mention the plugin.
+fn plugin_log(h: &Host, from: usize) -> Vec<String> {
+    let text = std::fs::read_to_string(h.docker.dir.join("dockerd.log")).unwrap_or_default();
+    text.get(from..)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("plugin") || l.contains("weft") || l.contains("elease"))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn log_len(h: &Host) -> usize {
+    std::fs::metadata(h.docker.dir.join("dockerd.log")).map(|m| m.len() as usize).unwrap_or(0)
+}
+
+#[test]
+fn containers_removed_while_the_agent_is_down_are_released_when_it_returns() {
+    let (lab, netns) = Lab::new(2, 1500);
+    let mut h = hosts(&lab, netns);
+    create_net1(&h);
+    for (x, name) in [(0, "s1"), (0, "g1"), (0, "d1"), (1, "r2")] {
+        let (ok, _, err) = run_on(&h[x], name, "net1", &[]);
+        assert!(ok, "{name}: {err}");
+    }
+    let (s1, g1, r2) = (ip_of(&h[0], "s1"), ip_of(&h[0], "g1"), ip_of(&h[1], "r2"));
+    wait_until(T, "s1 -> r2", || pings(&h[0], "s1", &r2));
+    let gone = format!("docker:{g1}");
+    let left = format!("docker:{}", ip_of(&h[0], "d1"));
+    assert!(docker_endpoints(&h[0]).contains(&gone));
+
+    // The agent is killed; Docker removes g1 and disconnects d1 (which keeps running, so its
+    // sandbox stays) meanwhile. dockerd's calls find no plugin.
+    h[0].agent.kill9();
+    let mark = log_len(&h[0]);
+    let t = std::time::Instant::now();
+    std::thread::scope(|s| {
+        let d = &h[0].docker;
+        s.spawn(move || d.ok(&["network", "disconnect", "net1", "d1"]));
+        d.ok(&["rm", "-f", "g1"]);
+    });
+    eprintln!("docker rm -f with the agent down: {:.1} s", t.elapsed().as_secs_f64());
+    for l in plugin_log(&h[0], mark) {
+        eprintln!("dockerd: {l}");
+    }
+
+    // The agent comes back: Docker no longer has g1's endpoint, so its address is released.
+    h[0].agent.start_again();
+    let t = std::time::Instant::now();
+    wait_until(T, "the agent to answer", || h[0].agent.status().is_some());
+    wait_until(Duration::from_secs(5), "g1's address released", || {
+        !docker_endpoints(&h[0]).contains(&gone)
+    });
+    eprintln!("g1's address released {:.1} s after the restart", t.elapsed().as_secs_f64());
+    h[0].agent.wait_ready();
+    // dockerd gave up on each of its four calls after ≈15 s, so g1's Join is over 60 s old
+    // and the namespace check may release it first; Docker's view would otherwise.
+    let released_by = |id: &str| {
+        let log = h[0].agent.log();
+        let line = log.lines().find(|l| {
+            l.contains(&format!("endpoint={id} "))
+                && (l.contains("Docker no longer has") || l.contains("namespace is gone"))
+        });
+        line.map(str::to_owned)
+    };
+    let by = released_by(&gone);
+    eprintln!("g1: {by:?}");
+    assert!(by.is_some(), "the release is logged");
+    // d1's sandbox is alive, so only Docker's view says its endpoint is gone: released, and
+    // not set up again in the container.
+    wait_until(Duration::from_secs(5), "d1's address released", || {
+        !docker_endpoints(&h[0]).contains(&left)
+    });
+    let by = released_by(&left).unwrap_or_default();
+    eprintln!("d1: {by}");
+    assert!(by.contains("Docker no longer has this endpoint"), "{by}");
+    let log = h[0].agent.log();
+    assert!(!log.contains("endpoint repaired"), "d1's interface is not put back");
+    wait_until(T, "d1 without a weft interface", || {
+        !h[0].docker.try_docker(&["exec", "d1", "ip", "link", "show", "ethwe0"]).0
+    });
+
+    // The survivors keep address and connectivity; no interface is left for g1.
+    assert_eq!(ip_of(&h[0], "s1"), s1);
+    assert_eq!(ip_of(&h[1], "r2"), r2);
+    wait_until(T, "r2 -> s1 after the restart", || pings(&h[1], "r2", &s1));
+    assert!(pings(&h[0], "s1", &r2));
+    let joined = h[0].agent.endpoints().iter().filter(|e| e["kind"] == "docker").count();
+    assert_eq!(h[0].agent.endpoint_links().len(), joined, "one veth per joined endpoint");
+    assert!(docker_endpoints(&h[0]).contains(&format!("docker:{s1}")));
+
+    // The freed address can be handed out again.
+    let (ok, _, err) = run_on(&h[0], "g2", "net1", &["--ip", &g1]);
+    assert!(ok, "the released address is free again: {err}");
+    assert_eq!(ip_of(&h[0], "g2"), g1);
+    wait_until(T, "r2 -> g2", || pings(&h[1], "r2", &g1));
+}
+
+/// The `m…` container names in this host's DNS (every host's entries).
+fn dns_names(h: &Host) -> Vec<String> {
+    let st = String::from_utf8_lossy(&weft_e2e::run(h.agent.weft().args(["status", "dns"])).stdout)
+        .to_string();
+    st.split_whitespace()
+        .filter(|w| w.starts_with('m') && w.ends_with(".weave.local."))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn fifty_containers_started_and_removed_at_once_on_two_hosts() {
+    const PER_HOST: usize = 25;
+    let (lab, netns) = Lab::new(2, 1500);
+    let h = hosts(&lab, netns);
+    create_net1(&h);
+    let names: Vec<(usize, String)> =
+        (0..2).flat_map(|x| (0..PER_HOST).map(move |i| (x, format!("m{x}-{i:02}")))).collect();
+
+    let t = std::time::Instant::now();
+    let started: Vec<(String, bool, String)> = std::thread::scope(|s| {
+        let runs: Vec<_> = names
+            .iter()
+            .map(|(x, n)| {
+                let host = &h[*x];
+                s.spawn(move || {
+                    let (ok, _, err) = run_on(host, n, "net1", &[]);
+                    (n.clone(), ok, err)
+                })
+            })
+            .collect();
+        runs.into_iter().map(|r| r.join().expect("docker run thread")).collect()
+    });
+    let start_all = t.elapsed().as_secs_f64();
+    for (n, ok, err) in &started {
+        assert!(ok, "docker run {n}: {err}");
+    }
+
+    // Every container got an address, and no two the same.
+    let mut seen = std::collections::BTreeMap::new();
+    for (x, n) in &names {
+        let ip = ip_of(&h[*x], n);
+        assert!(ip.starts_with("10.2.3."), "{n} has no weft address: {ip:?}");
+        if let Some(other) = seen.insert(ip.clone(), n.clone()) {
+            panic!("{ip} given to both {other} and {n}");
+        }
+    }
+    assert_eq!(seen.len(), 2 * PER_HOST);
+    for x in &h {
+        assert_eq!(docker_endpoints(x).len(), PER_HOST, "one record per container");
+    }
+    // A sample across hosts talks, and the names arrive.
+    let far = ip_of(&h[1], "m1-24");
+    wait_until(T, "m0-00 -> m1-24", || pings(&h[0], "m0-00", &far));
+    let t_names = std::time::Instant::now();
+    wait_until(Duration::from_secs(60), "all 50 names in DNS on both hosts", || {
+        h.iter().all(|x| dns_names(x).len() == 2 * PER_HOST)
+    });
+    let names_s = t_names.elapsed().as_secs_f64();
+
+    let t = std::time::Instant::now();
+    let removed: Vec<(String, bool, String)> = std::thread::scope(|s| {
+        let rms: Vec<_> = names
+            .iter()
+            .map(|(x, n)| {
+                let host = &h[*x];
+                s.spawn(move || {
+                    let (ok, _, err) = host.docker.try_docker(&["rm", "-f", n]);
+                    (n.clone(), ok, err)
+                })
+            })
+            .collect();
+        rms.into_iter().map(|r| r.join().expect("docker rm thread")).collect()
+    });
+    let remove_all = t.elapsed().as_secs_f64();
+    for (n, ok, err) in &removed {
+        assert!(ok, "docker rm -f {n}: {err}");
+    }
+
+    // Nothing leaked: no records or reservations, no veths, no names.
+    for (i, x) in h.iter().enumerate() {
+        wait_until(T, &format!("h{} to hold no Docker endpoint", i + 1), || {
+            docker_endpoints(x).is_empty()
+        });
+        wait_until(T, &format!("h{} to have no endpoint veth", i + 1), || {
+            x.agent.endpoint_links().is_empty()
+        });
+        wait_until(T, &format!("h{} to have none of the names", i + 1), || dns_names(x).is_empty());
+    }
+    eprintln!(
+        "50 containers on 2 hosts: start-all {start_all:.1} s, names everywhere {names_s:.1} s \
+         later, remove-all {remove_all:.1} s"
+    );
 }

@@ -179,6 +179,11 @@ mod tests {
         async fn ensure_network(&self, _: &str) -> Result<bool, ApiError> {
             Ok(false)
         }
+        async fn weft_endpoints(
+            &self,
+        ) -> Result<Vec<crate::docker::names::DockerEndpoint>, ApiError> {
+            Ok(Vec::new())
+        }
     }
 
     #[tokio::test]

@@ -10,9 +10,11 @@ use std::path::{Path, PathBuf};
 use bollard::Docker;
 use bollard::errors::Error as BollardError;
 use bollard::models::{ContainerInspectResponse, Ipam, NetworkCreateRequest};
-use bollard::query_parameters::{InspectContainerOptions, InspectNetworkOptions};
+use bollard::query_parameters::{
+    InspectContainerOptions, InspectNetworkOptions, ListNetworksOptions,
+};
 
-use super::names::{ApiError, Container, DockerApi};
+use super::names::{ApiError, Container, DockerApi, DockerEndpoint};
 
 /// Seconds a request to dockerd may take.
 const TIMEOUT_SECS: u64 = 30;
@@ -117,6 +119,51 @@ impl DockerApi for UnixDockerApi {
         docker.create_network(create).await.map_err(|e| self.fail(e))?;
         Ok(true)
     }
+
+    async fn weft_endpoints(&self) -> Result<Vec<DockerEndpoint>, ApiError> {
+        let docker = self.client().await?;
+        let list = docker.list_networks(None::<ListNetworksOptions>).await;
+        let ids: Vec<String> = list
+            .map_err(|e| self.fail(e))?
+            .into_iter()
+            .filter(|n| {
+                let ipam = n.ipam.as_ref().and_then(|i| i.driver.as_deref());
+                n.driver.as_deref() == Some("weft") || ipam == Some("weft")
+            })
+            .filter_map(|n| n.id)
+            .collect();
+        let mut out = Vec::new();
+        // The list leaves out the endpoints: each network is inspected.
+        for id in ids {
+            let net = match docker.inspect_network(&id, None::<InspectNetworkOptions>).await {
+                Ok(n) => n,
+                Err(e) if not_found(&e) => continue,
+                Err(e) => return Err(self.fail(e)),
+            };
+            out.extend(endpoints_of(&id, net.containers.unwrap_or_default()));
+        }
+        Ok(out)
+    }
+}
+
+/// The endpoints of network `id` from its `Containers` map.
+fn endpoints_of(
+    id: &str,
+    containers: HashMap<String, bollard::models::EndpointResource>,
+) -> Vec<DockerEndpoint> {
+    containers
+        .into_values()
+        .filter_map(|c| {
+            Some(DockerEndpoint {
+                network: id.to_owned(),
+                endpoint: c.endpoint_id?,
+                address: c
+                    .ipv4_address
+                    .and_then(|a| a.parse::<ipnet::IpNet>().ok())
+                    .map(|n| n.addr()),
+            })
+        })
+        .collect()
 }
 
 /// The id of the container whose endpoint is `endpoint`, in a network's `Containers` map
@@ -147,6 +194,24 @@ mod tests {
         m.insert("beef".to_owned(), ep("e2"));
         assert_eq!(container_of_endpoint(&m, "e1").as_deref(), Some("c0ffee"));
         assert_eq!(container_of_endpoint(&m, "e3"), None);
+    }
+
+    #[test]
+    fn a_networks_containers_are_its_endpoints() {
+        let mut m = HashMap::new();
+        let ep = EndpointResource {
+            endpoint_id: Some("e1".into()),
+            ipv4_address: Some("10.2.1.5/24".into()),
+            ..EndpointResource::default()
+        };
+        m.insert("c0ffee".to_owned(), ep);
+        m.insert("nameless".to_owned(), EndpointResource::default());
+        let want = DockerEndpoint {
+            network: "n1".into(),
+            endpoint: "e1".into(),
+            address: Some("10.2.1.5".parse().unwrap()),
+        };
+        assert_eq!(endpoints_of("n1", m), vec![want]);
     }
 
     #[test]

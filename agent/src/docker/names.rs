@@ -78,6 +78,17 @@ pub trait DockerApi: Send + Sync + 'static {
     /// Creates the network `name` with weft's drivers unless it exists (`weft launch`); true
     /// if it was created.
     async fn ensure_network(&self, name: &str) -> Result<bool, ApiError>;
+    /// Every endpoint Docker has in a network whose network or IPAM driver is weft (joined
+    /// or only created). A network removed while it is listed has none.
+    async fn weft_endpoints(&self) -> Result<Vec<DockerEndpoint>, ApiError>;
+}
+
+/// An endpoint as Docker reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DockerEndpoint {
+    pub network: String,
+    pub endpoint: String,
+    pub address: Option<std::net::IpAddr>,
 }
 
 /// Makes the network `name` exist, retrying while dockerd is not up yet.

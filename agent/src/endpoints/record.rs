@@ -83,7 +83,9 @@ pub struct EndpointRecord {
     pub mac: Option<Mac>,
     #[serde(default, with = "mac_opt")]
     pub host_mac: Option<Mac>,
-    /// Unix time of creation.
+    /// Unix time of creation; for `docker:` records, of the last Docker call that changed
+    /// the record (RequestAddress, CreateEndpoint, Join, Leave), which the reconciliations
+    /// measure their grace periods from.
     #[serde(default)]
     pub created: u64,
 }

@@ -89,7 +89,15 @@ pub struct State {
     /// Keys of endpoint records that did not decode at start (moved aside, see
     /// [`Store::all_or_quarantine`]).
     quarantined: Vec<String>,
+    /// Addresses `docker::reconcile` released, until when (IPAM clock) they are not handed out
+    /// by `RequestAddress` without `--ip`: a `ReleaseAddress` dockerd is still retrying for
+    /// them must not release a new container's address.
+    docker_cooling: BTreeMap<IpAddr, u64>,
 }
+
+/// How long a reconciled Docker address is not handed out again (dockerd retries a call for
+/// ≈15 s), in milliseconds.
+const DOCKER_COOLING_MS: u64 = 30_000;
 
 /// The key of the persisted ring in [`Table::Ipam`].
 const RING_KEY: &str = "ring";
@@ -166,6 +174,7 @@ impl State {
             summaries_stale: true,
             last_bridge_repairs: Vec::new(),
             quarantined,
+            docker_cooling: BTreeMap::new(),
         })
     }
 
@@ -564,8 +573,7 @@ impl State {
                 net
             }
             None => {
-                const PENDING: &str = "docker:pending";
-                let net = self.ipam.allocate(PENDING, subnet, now)?;
+                let net = self.docker_allocate(subnet, now)?;
                 self.ipam.rename(net.addr(), &docker_id(net.addr()));
                 net
             }
@@ -579,6 +587,36 @@ impl State {
         }
         self.records.insert(id, rec);
         Ok(net)
+    }
+
+    /// The lowest free address of `subnet` that is not cooling, held by a pending owner; a
+    /// cooling one only if nothing else is free.
+    fn docker_allocate(&mut self, subnet: IpNet, now: u64) -> Result<IpNet, EndpointError> {
+        const PENDING: &str = "docker:pending";
+        self.docker_cooling.retain(|_, until| *until > now);
+        let mut cooling = Vec::new();
+        let got = loop {
+            match self.ipam.allocate(PENDING, subnet, now) {
+                Ok(n) if self.docker_cooling.contains_key(&n.addr()) => cooling.push(n),
+                Ok(n) => break Ok(n),
+                Err(e) => break cooling.first().copied().ok_or(e),
+            }
+        };
+        for n in cooling.iter().filter(|n| got.as_ref().ok() != Some(*n)) {
+            self.ipam.release(n.addr());
+        }
+        Ok(got?)
+    }
+
+    /// Forgets a `docker:` record Docker no longer has (the caller removed its interface);
+    /// its address cools before `RequestAddress` hands it out again.
+    pub fn docker_forget(&mut self, id: &str) -> Result<Option<EndpointRecord>, EndpointError> {
+        let removed = self.remove(id)?;
+        let until = self.now() + DOCKER_COOLING_MS;
+        for a in removed.iter().flat_map(|r| r.addresses.iter()) {
+            self.docker_cooling.insert(a.addr(), until);
+        }
+        Ok(removed)
     }
 
     /// `CreateEndpoint`: ties the address Docker's IPAM gave out to Docker's endpoint. An
@@ -609,6 +647,9 @@ impl State {
         }
         rec.container_id = Some(endpoint.to_owned());
         rec.network = Some(network.to_owned());
+        // Docker stores the endpoint only after this answer: `docker::reconcile` leaves the
+        // record alone for a while from now.
+        rec.created = now_secs();
         self.persist(&[&rec], &[])?;
         self.records.insert(id, rec.clone());
         Ok(rec)
@@ -695,6 +736,8 @@ impl State {
             host_mac: None,
             hostname: None,
             aliases: Vec::new(),
+            // Docker's ReleaseAddress follows; `docker::reconcile` waits for it from now.
+            created: now_secs(),
             ..rec.clone()
         };
         self.persist(&[&left], &[])?;
