@@ -273,3 +273,169 @@ fn dockerd_and_agent_restarts_keep_containers_connected() {
     h[0].docker.ok(&["rm", "-f", "k3"]);
     assert_eq!(docker_endpoints(&h[0]), records, "k3's address is released");
 }
+
+/// Lab hosts where dockerd starts before the agent, in a namespace with IPv4 forwarding off,
+/// so that dockerd enables forwarding itself and sets the FORWARD policy to DROP (what a
+/// host that starts docker.service first gets). `legacy[i]`: host i's dockerd uses
+/// iptables-legacy. `agent_first[i]`: host i keeps the documented start order instead.
+fn hosts_forward_drop(
+    lab: &Lab,
+    netns: Vec<weft_e2e::Netns>,
+    legacy: &[bool],
+    agent_first: &[bool],
+) -> Vec<Host> {
+    let n = netns.len();
+    netns
+        .into_iter()
+        .enumerate()
+        .map(|(i, ns)| {
+            assert!(ns.sh("sysctl -qw net.ipv4.ip_forward=0").status.success());
+            let dir = PathBuf::from("/run/wte").join(&ns.name);
+            let mnt = mount_namespace(&ns, &dir.join("plugins"));
+            let ns_path = ns.path();
+            let api = dir.join("docker").join("docker.sock");
+            let mut extra = vec![
+                "--docker-plugin".to_owned(),
+                "--docker-socket".to_owned(),
+                api.display().to_string(),
+                "--docker-network".to_owned(),
+                "weft".to_owned(),
+                "--ipalloc-default-subnet".to_owned(),
+                "10.2.1.0/24".to_owned(),
+            ];
+            extra.extend((1..=n).filter(|j| *j != i + 1).map(|j| lab.ip(j).to_owned()));
+            let e: Vec<&str> = extra.iter().map(String::as_str).collect();
+            let mut opts = AgentOpts::nick(&format!("h{}", i + 1), &e);
+            opts.range = RANGE.to_owned();
+            let path = legacy[i].then(|| weft_e2e::docker::legacy_iptables(&dir));
+            let start_docker =
+                || DockerHost::start_with_path(&ns_path, &mnt, &dir.join("docker"), path.clone());
+            if agent_first[i] {
+                let agent = Agent::start_in_mount(ns, mnt.clone(), opts);
+                Host { docker: start_docker(), agent }
+            } else {
+                let docker = start_docker();
+                Host { docker, agent: Agent::start_in_mount(ns, mnt.clone(), opts) }
+            }
+        })
+        .collect()
+}
+
+/// `iptables[-legacy] -S CHAIN` in the host; returns (stdout, stderr).
+fn iptables_s(h: &Host, legacy: bool, chain: &str) -> (String, String) {
+    let prog = if legacy { "iptables-legacy" } else { "iptables-nft" };
+    let out = weft_e2e::run(h.agent.cmd(prog).args(["-S", chain]));
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn weft_rules(h: &Host) -> Vec<String> {
+    let (out, _) = iptables_s(h, false, "DOCKER-USER");
+    out.lines().filter(|l| l.contains("--comment \"weft:weft\"")).map(str::to_owned).collect()
+}
+
+#[test]
+fn docker_forward_drop_with_iptables_nft() {
+    let (lab, netns) = Lab::new(2, 1500);
+    let mut h = hosts_forward_drop(&lab, netns, &[false, false], &[false, false]);
+    for x in &h {
+        let (fwd, _) = iptables_s(x, false, "FORWARD");
+        assert!(fwd.contains("-P FORWARD DROP"), "dockerd set DROP: {fwd}");
+        wait_until(T, "the weft network", || {
+            x.docker.try_docker(&["network", "inspect", "weft"]).0
+        });
+    }
+    assert!(run_on(&h[0], "w1", "weft", &[]).0);
+    assert!(run_on(&h[0], "w3", "weft", &[]).0);
+    assert!(run_on(&h[1], "w2", "weft", &[]).0);
+    let (w2, w3) = (ip_of(&h[1], "w2"), ip_of(&h[0], "w3"));
+    // Bridged on one host (br_netfilter), across hosts (fastdp), out through masquerade.
+    wait_until(T, "w1 -> w3 on one host", || pings(&h[0], "w1", &w3));
+    wait_until(T, "w1 -> w2 across hosts", || pings(&h[0], "w1", &w2));
+    wait_until(T, "w1 -> h2's underlay address", || pings(&h[0], "w1", lab.ip(2)));
+
+    // What weft added, as iptables-nft shows it, without warnings, ahead of Docker's RETURN.
+    let (rules, err) = iptables_s(&h[0], false, "DOCKER-USER");
+    assert!(err.trim().is_empty(), "iptables -S warns: {err}");
+    let want = [
+        "-A DOCKER-USER -i weft -m comment --comment \"weft:weft\" -j ACCEPT",
+        "-A DOCKER-USER -o weft -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment \"weft:weft\" -j ACCEPT",
+        "-A DOCKER-USER -d 10.2.1.0/24 -o weft -m comment --comment \"weft:weft\" -j ACCEPT",
+    ];
+    let lines: Vec<&str> = rules.lines().collect();
+    assert_eq!(&lines[1..4], &want, "{rules}");
+    assert_eq!(lines.last(), Some(&"-A DOCKER-USER -j RETURN"), "{rules}");
+
+    // dockerd restarts (it re-creates its chains): still connected, no duplicates.
+    h[0].docker.restart();
+    assert!(pings(&h[0], "w1", &w3) && pings(&h[0], "w1", &w2));
+    assert_eq!(weft_rules(&h[0]).len(), 3, "{:?}", iptables_s(&h[0], false, "DOCKER-USER"));
+    // The agent restarts: it rewrites its rules once, still no duplicates.
+    h[0].agent.kill9();
+    h[0].agent.restart();
+    wait_until(T, "w1 -> w2 after the agent restart", || pings(&h[0], "w1", &w2));
+    assert_eq!(weft_rules(&h[0]).len(), 3, "{:?}", iptables_s(&h[0], false, "DOCKER-USER"));
+
+    // `weft reset` removes weft's rules and only those.
+    for c in ["w1", "w3"] {
+        h[0].docker.ok(&["rm", "-f", c]);
+    }
+    h[0].agent.reset();
+    let (rules, _) = iptables_s(&h[0], false, "DOCKER-USER");
+    assert_eq!(rules.trim(), "-N DOCKER-USER\n-A DOCKER-USER -j RETURN", "{rules}");
+    let (fwd, _) = iptables_s(&h[0], false, "FORWARD");
+    assert!(fwd.contains("-A FORWARD -j DOCKER-USER"), "Docker's rules stay: {fwd}");
+}
+
+#[test]
+fn docker_forward_drop_with_iptables_legacy() {
+    let (lab, netns) = Lab::new(2, 1500);
+    // h1 starts docker first (legacy DROP); h2 keeps the documented start order.
+    let h = hosts_forward_drop(&lab, netns, &[true, true], &[false, true]);
+    let (fwd1, _) = iptables_s(&h[0], true, "FORWARD");
+    assert!(fwd1.contains("-P FORWARD DROP"), "{fwd1}");
+    let (fwd2, _) = iptables_s(&h[1], true, "FORWARD");
+    assert!(fwd2.contains("-P FORWARD ACCEPT"), "weft first: forwarding was on: {fwd2}");
+    for x in &h {
+        wait_until(T, "the weft network", || {
+            x.docker.try_docker(&["network", "inspect", "weft"]).0
+        });
+    }
+
+    // h1: the agent cannot fix iptables-legacy; it says so, with the fix.
+    let warning = |x: &Host| {
+        x.agent.status().and_then(|s| s["bridge"]["forward_warning"].as_str().map(str::to_owned))
+    };
+    let w = warning(&h[0]).unwrap_or_default();
+    assert!(w.contains("iptables-legacy -I DOCKER-USER -i weft -j ACCEPT"), "{w}");
+    assert!(h[0].agent.log().contains("weft's forwarded traffic is dropped"));
+    let text = weft_e2e::must(h[0].agent.weft().arg("status"));
+    assert!(text.contains("WARNING") && text.contains("before docker.service"), "{text}");
+    assert_eq!(warning(&h[1]), None);
+
+    assert!(run_on(&h[0], "w1", "weft", &[]).0);
+    assert!(run_on(&h[0], "w3", "weft", &[]).0);
+    assert!(run_on(&h[1], "w2", "weft", &[]).0);
+    let (w2, w3) = (ip_of(&h[1], "w2"), ip_of(&h[0], "w3"));
+    // The failure the warning is about: even two containers on one bridge are cut off.
+    assert!(!pings(&h[0], "w1", &w3), "legacy DROP drops bridged traffic");
+    // The fix the warning gives.
+    for dir in ["-i", "-o"] {
+        weft_e2e::must(h[0].agent.cmd("iptables-legacy").args([
+            "-I",
+            "DOCKER-USER",
+            dir,
+            "weft",
+            "-j",
+            "ACCEPT",
+        ]));
+    }
+    wait_until(T, "w1 -> w3 after the fix", || pings(&h[0], "w1", &w3));
+    wait_until(T, "w1 -> w2 after the fix", || pings(&h[0], "w1", &w2));
+    // h2 (weft before dockerd): works without anything added.
+    assert!(run_on(&h[1], "w4", "weft", &[]).0);
+    let w4 = ip_of(&h[1], "w4");
+    wait_until(T, "w2 -> w4 on h2", || pings(&h[1], "w2", &w4));
+}
