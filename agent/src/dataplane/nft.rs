@@ -1209,4 +1209,29 @@ mod tests {
         let names: Vec<&str> = e.iter().map(|e| e.name).collect();
         assert_eq!(names, ["meta", "cmp", "payload", "cmp"]);
     }
+
+    #[test]
+    fn xt_rules_read_back_with_their_handle_and_comment() {
+        let rule = XtRule {
+            iifname: None,
+            oifname: Some("weft".into()),
+            daddr: Some("10.2.1.0/24".parse().unwrap()),
+            established: true,
+            comment: "weft:weft".into(),
+        };
+        let names: Vec<&str> = rule.exprs().iter().map(|e| e.name).collect();
+        assert_eq!(
+            names,
+            ["meta", "cmp", "payload", "cmp", "match", "match", "counter", "immediate"],
+            "as iptables-nft writes it: whole bytes of the prefix compared without a mask"
+        );
+        let mut attrs = xt_rule_attrs("filter", "DOCKER-USER", &rule);
+        attrs.raw(NFTA_RULE_HANDLE, &42u64.to_be_bytes());
+        let listed = ListedRule::parse(&attrs.0);
+        assert_eq!(listed, Some(ListedRule { handle: 42, comment: Some("weft:weft".into()) }));
+        let odd = XtRule { daddr: Some("10.2.0.0/23".parse().unwrap()), ..rule };
+        assert_eq!(odd.exprs()[3].name, "bitwise");
+        let without_handle = xt_rule_attrs("filter", "DOCKER-USER", &odd);
+        assert_eq!(ListedRule::parse(&without_handle.0), None);
+    }
 }
