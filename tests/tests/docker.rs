@@ -490,26 +490,31 @@ fn iperf(server: &str, client: &str, server_ip: &str, seconds: u32) -> f64 {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("iperf3 server");
-    let mut out = None;
-    wait_until(T, "iperf3 to connect", || {
+    wait_until(T, "the iperf3 server to listen", || {
         let o = weft_e2e::run(std::process::Command::new("nsenter").args([
-            &format!("--net={client}"),
-            "iperf3",
-            "-c",
-            server_ip,
-            "-p",
-            "5301",
-            "-t",
-            &seconds.to_string(),
-            "-J",
+            &format!("--net={server}"),
+            "ss",
+            "-ltn",
         ]));
-        let ok = o.status.success();
-        out = Some(o);
-        ok
+        String::from_utf8_lossy(&o.stdout).contains(":5301")
     });
+    let out = weft_e2e::run(std::process::Command::new("nsenter").args([
+        &format!("--net={client}"),
+        "iperf3",
+        "-c",
+        server_ip,
+        "-p",
+        "5301",
+        "-t",
+        &seconds.to_string(),
+        "-J",
+        "--connect-timeout",
+        "3000",
+    ]));
+    // `-1` ends the server after one test, but not always promptly: end it.
+    let _ = srv.kill();
     let _ = srv.wait();
-    let json: serde_json::Value =
-        serde_json::from_slice(&out.map(|o| o.stdout).unwrap_or_default()).unwrap_or_default();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
     json["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(f64::NAN) / 1e9
 }
 
@@ -580,6 +585,7 @@ fn docker_bench() {
             weft.push(iperf(&c2, &c1, &w2, secs));
         }
         let (mw, mv) = (median(weft.clone()), median(vx.clone()));
+        assert!(mw.is_finite() && mv.is_finite(), "iperf3 failed: {label} {weft:?}, VXLAN {vx:?}");
         println!(
             "container->container TCP across hosts ({rounds} rounds x {secs} s): {label} {mw:.2} Gbit/s vs hand-built VXLAN {mv:.2} Gbit/s = {:.2}x; {label} {weft:.2?}, VXLAN {vx:.2?}",
             mw / mv
