@@ -594,9 +594,14 @@ fn docker_bench() {
     let peer = h[1].agent.peer_name();
     assert_eq!(h[0].agent.overlay_mode(&peer).as_deref(), Some("fastdp"));
     phase("fastdp", &h);
+    // `--no-fastdp` does not remove an existing VXLAN device: remove it (and with it the
+    // forwarding entries that would keep the traffic on the kernel path) while the agent is down.
     for (i, x) in h.iter_mut().enumerate() {
         let dir = PathBuf::from("/run/wte").join(&x.agent.name);
+        x.agent.stop();
+        assert!(x.agent.host().sh("ip link del weft-vx").status.success());
         x.agent.restart_with(host_opts(&lab, &dir, i, 2, &["--no-fastdp"]));
+        assert!(!x.agent.host().links().contains(&"weft-vx".to_owned()));
     }
     wait_until(T, "sleeve", || h[0].agent.overlay_mode(&peer).as_deref() == Some("sleeve"));
     wait_until(T, "w1 -> w2 on sleeve", || pings(&h[0], "w1", &w2));
