@@ -88,6 +88,9 @@ pub fn status(r: &Report) -> Vec<String> {
     if !r.bridge.last_repairs.is_empty() {
         lines.insert(6, field("Last change", r.bridge.last_repairs.join(", ")));
     }
+    if let Some(w) = &r.bridge.forward_warning {
+        lines.insert(0, field("WARNING", w));
+    }
     lines
 }
 

@@ -22,6 +22,7 @@ use super::record::{
 };
 use super::report::{BridgeReport, EndpointCounts, IpamReport, PodAddresses};
 use crate::addr::AddrRequest;
+use crate::dataplane::coexist::{DOCKER_USER, DockerUser, ForwardAccept};
 use crate::dataplane::nft::{L4, OverlayFirewall, Table as NftTable};
 use crate::dataplane::{BridgeSpec, Dataplane, Mac, host_ifname_for};
 use crate::identity::PeerName;
@@ -86,6 +87,10 @@ pub struct State {
     summaries: watch::Sender<Arc<Vec<EndpointSummary>>>,
     summaries_stale: bool,
     last_bridge_repairs: Vec<String>,
+    /// What weft last wrote to Docker's `DOCKER-USER` (none since start: written again once).
+    forward_written: Option<ForwardAccept>,
+    /// Why weft's forwarded traffic is being dropped by rules weft cannot change, if it is.
+    forward_warning: Option<String>,
     /// Keys of endpoint records that did not decode at start (moved aside, see
     /// [`Store::all_or_quarantine`]).
     quarantined: Vec<String>,
@@ -173,6 +178,8 @@ impl State {
             summaries: watch::channel(Arc::new(Vec::new())).0,
             summaries_stale: true,
             last_bridge_repairs: Vec::new(),
+            forward_written: None,
+            forward_warning: None,
             quarantined,
             docker_cooling: BTreeMap::new(),
         })
@@ -1025,7 +1032,49 @@ impl State {
                 info!(table = %table.name, rules = table.rule_count(), "nftables table programmed");
             }
         }
+        self.program_forward_accept();
         Ok(())
+    }
+
+    /// Keeps weft's accept rules at the head of Docker's `DOCKER-USER` (dockerd may have
+    /// been started or restarted since the last pass) and notes a legacy DROP policy. Never
+    /// fatal: the rest of the bridge works without it, and the next pass retries.
+    fn program_forward_accept(&mut self) {
+        let want = ForwardAccept {
+            bridge: self.cfg.bridge.clone(),
+            exposed: self
+                .exposed()
+                .into_iter()
+                .filter_map(|n| match n.trunc() {
+                    IpNet::V4(v4) => Some(v4),
+                    IpNet::V6(_) => None,
+                })
+                .collect(),
+        };
+        let rewrite = self.forward_written.as_ref() != Some(&want);
+        match self.dp.sync_forward_accept(&want, rewrite) {
+            Ok(c) => {
+                if c.docker_user != DockerUser::Absent {
+                    if c.docker_user == DockerUser::Written {
+                        info!(
+                            chain = DOCKER_USER,
+                            rules = want.rules().len(),
+                            "accept rules for weft's traffic put at the head of Docker's chain"
+                        );
+                    }
+                    self.forward_written = Some(want);
+                }
+                let warning = c.warning(&self.cfg.bridge);
+                if warning.is_some() && warning != self.forward_warning {
+                    warn!(
+                        problem = warning.as_deref().unwrap_or_default(),
+                        "weft's forwarded traffic is dropped"
+                    );
+                }
+                self.forward_warning = warning;
+            }
+            Err(e) => warn!(error = %e, "cannot check Docker's FORWARD rules; will retry"),
+        }
     }
 
     /// [`Self::program_bridge`] after a change of exposed addresses; failures are retried by
@@ -1091,6 +1140,7 @@ impl State {
             mac: self.cfg.bridge_mac.to_string(),
             addresses: self.exposed(),
             last_repairs: self.last_bridge_repairs.clone(),
+            forward_warning: self.forward_warning.clone(),
         }
     }
 
