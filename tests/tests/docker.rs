@@ -596,6 +596,12 @@ fn fifty_containers_started_and_removed_at_once_on_two_hosts() {
     );
 }
 
+/// Bytes host `h`'s agent has sent over sleeve, from its status.
+fn sleeve_tx_bytes(h: &Host) -> u64 {
+    let s = h.agent.status().unwrap_or_default();
+    s["overlay"]["sleeve"]["tx_bytes"].as_u64().unwrap_or(0)
+}
+
 /// Lab hosts where dockerd starts before the agent, in a namespace with IPv4 forwarding off,
 /// so that dockerd enables forwarding itself and sets the FORWARD policy to DROP (what a
 /// host that starts docker.service first gets). `legacy[i]`: host i's dockerd uses
@@ -902,11 +908,23 @@ fn docker_bench() {
     let phase = |label: &str, h: &[Host]| {
         let (c1, c2) = (netns_of(&h[0], "w1"), netns_of(&h[1], "w2"));
         let (mut weft, mut vx) = (Vec::new(), Vec::new());
+        let sleeve_before = sleeve_tx_bytes(&h[0]);
         for _ in 0..rounds {
             vx.push(iperf(&p2, &p1, "10.47.0.2", secs));
             weft.push(iperf(&c2, &c1, &w2, secs));
         }
         let (mw, mv) = (median(weft.clone()), median(vx.clone()));
+        // Proof of the path: on sleeve, the bytes iperf moved went through the agent.
+        let moved = weft.iter().sum::<f64>() * 1e9 / 8.0 * f64::from(secs);
+        let through_sleeve = (sleeve_tx_bytes(&h[0]) - sleeve_before) as f64;
+        println!(
+            "{label}: sleeve sent {:.2} GB while iperf moved {:.2} GB",
+            through_sleeve / 1e9,
+            moved / 1e9
+        );
+        if label == "sleeve" {
+            assert!(through_sleeve >= 0.9 * moved, "iperf's traffic did not go through sleeve");
+        }
         assert!(mw.is_finite() && mv.is_finite(), "iperf3 failed: {label} {weft:?}, VXLAN {vx:?}");
         println!(
             "container->container TCP across hosts ({rounds} rounds x {secs} s): {label} {mw:.2} Gbit/s vs hand-built VXLAN {mv:.2} Gbit/s = {:.2}x; {label} {weft:.2?}, VXLAN {vx:.2?}",
