@@ -36,7 +36,11 @@ use crate::subsystem::{Hub, Tasks};
 const STOP_DRAIN: Duration = Duration::from_secs(3);
 
 fn init_logging(filter: &str) {
-    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| filter.to_owned());
+    let mut filter = std::env::var("RUST_LOG").unwrap_or_else(|_| filter.to_owned());
+    // bollard logs every Docker API request and answer (whole inspect documents) at debug.
+    if !filter.contains("bollard") {
+        filter.push_str(",bollard=info");
+    }
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)

@@ -31,29 +31,33 @@ async fn run_verb(cli: Cli) -> Result<(), CliError> {
         Command::Status { what, json } => client::status(s, what, json).await,
         Command::Connect { peers, replace } => client::connect_peers(s, peers, replace).await,
         Command::Forget { peers } => client::forget_peers(s, peers).await,
-        Command::Ps { json } => client::ps(s, json).await,
-        Command::Attach { addrs, netns, ifname, id, name, no_multicast_route, json } => {
+        Command::Ps { containers, json, docker_socket } => {
+            client::ps(s, &containers, &docker_socket, json).await
+        }
+        Command::Attach {
+            operands,
+            netns,
+            ifname,
+            id,
+            name,
+            no_multicast_route,
+            json,
+            docker_socket,
+        } => {
             let args = AttachArgs {
-                addrs: &addrs,
-                netns: &netns,
+                operands: &operands,
+                netns: netns.as_deref(),
                 ifname: &ifname,
                 id: id.as_deref(),
                 name: name.as_deref(),
                 multicast_route: !no_multicast_route,
                 json,
+                docker_socket: &docker_socket,
             };
             client::attach(s, args).await
         }
-        Command::Detach { addrs, netns, id } => {
-            let id = match (id, netns) {
-                (Some(id), _) => id,
-                (None, Some(p)) => std::path::absolute(&p)
-                    .map_err(|e| CliError::Usage(e.to_string()))?
-                    .display()
-                    .to_string(),
-                (None, None) => return Err(CliError::Usage("give --netns or --id".into())),
-            };
-            client::detach(s, id, &addrs).await
+        Command::Detach { operands, netns, id, docker_socket } => {
+            client::detach_verb(s, &operands, netns.as_deref(), id, &docker_socket).await
         }
         Command::Expose { addrs, hostname, json, .. } => {
             client::expose(s, &addrs, hostname, json).await

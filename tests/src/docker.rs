@@ -56,13 +56,41 @@ pub struct DockerHost {
     pub mount_ns: PathBuf,
     pub dir: PathBuf,
     pub socket: PathBuf,
+    /// A directory put first on dockerd's PATH (e.g. [`legacy_iptables`]).
+    path_first: Option<PathBuf>,
     child: Option<Child>,
+}
+
+/// A directory in which `iptables`, `iptables-save`, `iptables-restore` and their IPv6
+/// versions are iptables-legacy, for a dockerd that must use the legacy backend.
+pub fn legacy_iptables(dir: &Path) -> PathBuf {
+    let bin = dir.join("legacy-bin");
+    std::fs::create_dir_all(&bin).expect("legacy bin dir");
+    for v in ["iptables", "ip6tables"] {
+        for suffix in ["", "-save", "-restore"] {
+            let link = bin.join(format!("{v}{suffix}"));
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(format!("/usr/sbin/{v}-legacy{suffix}"), &link)
+                .expect("legacy iptables link");
+        }
+    }
+    bin
 }
 
 impl DockerHost {
     /// Starts dockerd in `ns` (network) and `mount_ns`, with its state under `dir`, and loads
     /// the busybox image.
     pub fn start(netns_path: &Path, mount_ns: &Path, dir: &Path) -> DockerHost {
+        DockerHost::start_with_path(netns_path, mount_ns, dir, None)
+    }
+
+    /// [`Self::start`] with `path_first` first on dockerd's PATH.
+    pub fn start_with_path(
+        netns_path: &Path,
+        mount_ns: &Path,
+        dir: &Path,
+        path_first: Option<PathBuf>,
+    ) -> DockerHost {
         require_docker();
         std::fs::create_dir_all(dir).expect("dockerd dir");
         let mut d = DockerHost {
@@ -70,6 +98,7 @@ impl DockerHost {
             mount_ns: mount_ns.to_owned(),
             dir: dir.to_owned(),
             socket: dir.join("docker.sock"),
+            path_first,
             child: None,
         };
         d.spawn();
@@ -84,7 +113,12 @@ impl DockerHost {
             .append(true)
             .open(self.dir.join("dockerd.log"))
             .expect("dockerd log");
-        let child = Command::new("nsenter")
+        let mut cmd = Command::new("nsenter");
+        if let Some(first) = &self.path_first {
+            let path = std::env::var("PATH").unwrap_or_default();
+            cmd.env("PATH", format!("{}:{path}", first.display()));
+        }
+        let child = cmd
             .arg(format!("--mount={}", self.mount_ns.display()))
             .arg(format!("--net={}", self.netns_path.display()))
             .arg("dockerd")

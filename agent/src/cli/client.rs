@@ -9,8 +9,10 @@ use ipnet::IpNet;
 use weft_api::v1;
 use weft_api::{AgentClient, ConnectError};
 
+use super::container::{self, ContainerError};
 use super::{StatusView, render};
 use crate::addr::AddrRequest;
+use crate::docker::names::UnixDockerApi;
 use crate::status::report::Report;
 
 type Client = AgentClient<tonic::transport::Channel>;
@@ -40,6 +42,19 @@ impl CliError {
 impl From<tonic::Status> for CliError {
     fn from(s: tonic::Status) -> CliError {
         CliError::Failed(s.message().to_owned())
+    }
+}
+
+impl From<ContainerError> for CliError {
+    fn from(e: ContainerError) -> CliError {
+        match e {
+            ContainerError::TwoContainers(_)
+            | ContainerError::NotAnAddress { .. }
+            | ContainerError::BadAddress(_) => CliError::Usage(e.to_string()),
+            ContainerError::NoSuch(_) | ContainerError::NotRunning(_) | ContainerError::Api(_) => {
+                CliError::Failed(e.to_string())
+            }
+        }
     }
 }
 
@@ -146,53 +161,98 @@ pub async fn prime(socket: &Path, timeout: std::time::Duration) -> Result<(), Cl
     Ok(())
 }
 
-pub async fn ps(socket: &Path, json: bool) -> Result<(), CliError> {
+/// `weft ps [CONTAINER...]`.
+pub async fn ps(
+    socket: &Path,
+    containers: &[String],
+    docker_socket: &Path,
+    json: bool,
+) -> Result<(), CliError> {
+    let mut wanted = Vec::new();
+    if !containers.is_empty() {
+        let api = UnixDockerApi::new(docker_socket);
+        for c in containers {
+            wanted.push(container::lookup(&api, c).await?);
+        }
+    }
     let mut c = connect(socket).await?;
     let list = c.list_endpoints(v1::ListEndpointsRequest {}).await?.into_inner().endpoints;
     let rows: Vec<render::EndpointRow> = list
         .iter()
-        .map(|e| render::EndpointRow {
-            id: e.id.clone(),
-            kind: match v1::EndpointKind::try_from(e.kind).unwrap_or_default() {
-                v1::EndpointKind::Cni => "cni",
-                v1::EndpointKind::Attach => "attach",
-                v1::EndpointKind::Expose => "expose",
-                v1::EndpointKind::Reservation => "reservation",
-                v1::EndpointKind::Docker => "docker",
-                v1::EndpointKind::Unspecified => "unknown",
-            }
-            .to_owned(),
-            mac: e.mac.clone(),
-            addresses: nets(&e.addresses),
-            netns: e.netns.clone(),
-            pod: e.pod.as_ref().map(|p| format!("{}/{}", p.namespace, p.name)),
+        .map(|e| {
+            let kind = v1::EndpointKind::try_from(e.kind).unwrap_or_default();
+            let docker = kind == v1::EndpointKind::Docker;
+            let by_name = e.id.starts_with(container::ATTACH_PREFIX);
+            let row = render::EndpointRow {
+                id: e.id.clone(),
+                kind: match kind {
+                    v1::EndpointKind::Cni => "cni",
+                    v1::EndpointKind::Attach => "attach",
+                    v1::EndpointKind::Expose => "expose",
+                    v1::EndpointKind::Reservation => "reservation",
+                    v1::EndpointKind::Docker => "docker",
+                    v1::EndpointKind::Unspecified => "unknown",
+                }
+                .to_owned(),
+                mac: e.mac.clone(),
+                addresses: nets(&e.addresses),
+                netns: e.netns.clone(),
+                pod: e.pod.as_ref().map(|p| format!("{}/{}", p.namespace, p.name)),
+                container: ((docker || by_name) && !e.hostname.is_empty())
+                    .then(|| e.hostname.clone()),
+            };
+            (row, docker)
         })
+        .filter(|(r, docker)| {
+            wanted.is_empty()
+                || wanted.iter().any(|c| {
+                    container::belongs_to(&r.id, *docker, r.container.as_deref().unwrap_or(""), c)
+                })
+        })
+        .map(|(r, _)| r)
         .collect();
     if json { print_json(&rows) } else { print_lines(render::ps(&rows)) }
 }
 
+/// `weft attach [CONTAINER] [ADDR...] [--netns PATH]`.
 #[derive(Debug)]
 pub struct AttachArgs<'a> {
-    pub addrs: &'a [AddrRequest],
-    pub netns: &'a Path,
+    pub operands: &'a [String],
+    pub netns: Option<&'a Path>,
     pub ifname: &'a str,
     pub id: Option<&'a str>,
     pub name: Option<&'a str>,
     pub multicast_route: bool,
     pub json: bool,
+    pub docker_socket: &'a Path,
 }
 
 pub async fn attach(socket: &Path, a: AttachArgs<'_>) -> Result<(), CliError> {
-    let netns =
-        std::path::absolute(a.netns).map_err(|e| CliError::Usage(format!("--netns: {e}")))?;
+    let ops = container::split_operands(a.operands, a.netns.map(|_| "--netns"))?;
+    let (netns, id, name) = match (a.netns, &ops.container) {
+        (Some(p), _) => (p.to_owned(), a.id.map(str::to_owned), a.name.map(str::to_owned)),
+        (None, Some(given)) => {
+            let api = UnixDockerApi::new(a.docker_socket);
+            let found = container::attachment(given, &container::lookup(&api, given).await?)?;
+            (
+                found.netns,
+                Some(a.id.map_or(found.id, str::to_owned)),
+                Some(a.name.map_or(found.name, str::to_owned)),
+            )
+        }
+        (None, None) => {
+            return Err(CliError::Usage("give a container (name or id) or --netns PATH".into()));
+        }
+    };
+    let netns = std::path::absolute(netns).map_err(|e| CliError::Usage(format!("--netns: {e}")))?;
     let mut c = connect(socket).await?;
     let reply = c
         .attach(v1::AttachRequest {
             netns: netns.display().to_string(),
-            id: a.id.unwrap_or_default().to_owned(),
+            id: id.unwrap_or_default(),
             ifname: a.ifname.to_owned(),
-            addresses: to_wire(a.addrs),
-            hostname: a.name.unwrap_or_default().to_owned(),
+            addresses: to_wire(&ops.addrs),
+            hostname: name.unwrap_or_default(),
             multicast_route: a.multicast_route,
         })
         .await?
@@ -204,6 +264,39 @@ pub async fn attach(socket: &Path, a: AttachArgs<'_>) -> Result<(), CliError> {
     } else {
         print_lines([addrs.iter().map(IpNet::to_string).collect::<Vec<_>>().join(" ")])
     }
+}
+
+/// `weft detach [CONTAINER] [ADDR...] [--netns PATH | --id ID]`.
+pub async fn detach_verb(
+    socket: &Path,
+    operands: &[String],
+    netns: Option<&Path>,
+    id: Option<String>,
+    docker_socket: &Path,
+) -> Result<(), CliError> {
+    let flag = match (&netns, &id) {
+        (Some(_), _) => Some("--netns"),
+        (None, Some(_)) => Some("--id"),
+        (None, None) => None,
+    };
+    let ops = container::split_operands(operands, flag)?;
+    let id = match (id, netns, ops.container) {
+        (Some(id), _, _) => id,
+        (None, Some(p), _) => std::path::absolute(p)
+            .map_err(|e| CliError::Usage(format!("--netns: {e}")))?
+            .display()
+            .to_string(),
+        (None, None, Some(given)) => {
+            let api = UnixDockerApi::new(docker_socket);
+            container::endpoint_id(&container::lookup(&api, &given).await?.id)
+        }
+        (None, None, None) => {
+            return Err(CliError::Usage(
+                "give a container (name or id), --netns PATH or --id ID".into(),
+            ));
+        }
+    };
+    detach(socket, id, &ops.addrs).await
 }
 
 pub async fn detach(socket: &Path, id: String, addrs: &[AddrRequest]) -> Result<(), CliError> {

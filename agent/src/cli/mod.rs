@@ -2,6 +2,7 @@
 //! is a client of the running agent's unix socket (Weave's verbs, with the same meaning).
 
 pub mod client;
+pub mod container;
 pub mod launch;
 pub mod render;
 
@@ -11,6 +12,13 @@ use clap::{Parser, Subcommand};
 
 use crate::addr::AddrRequest;
 use crate::config::AgentArgs;
+
+/// How attach and detach tell a container from an address.
+const OPERANDS_HELP: &str = "Operands: every address form contains a '/' or a ':' (10.2.1.1/24, ip:…, net:…, net:default);\n\
+    an operand with neither is a Docker container name or id (at most one), looked up through\n\
+    --docker-socket: its network namespace (Docker's SandboxKey) is attached as endpoint\n\
+    docker-cli:CONTAINER_ID, named CONTAINER_NAME.weave.local. With --netns (or --id for detach)\n\
+    every operand must be an address.";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -100,25 +108,35 @@ pub enum Command {
         #[arg(value_name = "PEER", required = true)]
         peers: Vec<String>,
     },
-    /// List the endpoints attached on this host with their addresses.
+    /// List the endpoints attached on this host with their addresses (Docker endpoints show
+    /// their container's name); with CONTAINERs (names or ids), only theirs.
     Ps {
+        #[arg(value_name = "CONTAINER")]
+        containers: Vec<String>,
         #[arg(long)]
         json: bool,
+        /// The Docker API, asked for the CONTAINERs.
+        #[arg(long, value_name = "PATH", default_value = container::DEFAULT_DOCKER_SOCKET)]
+        docker_socket: PathBuf,
     },
-    /// Attach a network namespace (e.g. of a plain process) to the weft network.
+    /// Attach a Docker container or a network namespace (e.g. of a plain process) to the weft
+    /// network.
+    #[command(after_help = OPERANDS_HELP)]
     Attach {
-        /// Addresses to give it; none means one address in the default subnet.
-        addrs: Vec<AddrRequest>,
+        /// A running Docker container (name or id), unless --netns is given, and the addresses
+        /// to give it; none means one address in the default subnet.
+        #[arg(value_name = "CONTAINER|ADDR")]
+        operands: Vec<String>,
         /// Path of the network namespace (e.g. /run/netns/NAME or /proc/PID/ns/net).
         #[arg(long)]
-        netns: PathBuf,
+        netns: Option<PathBuf>,
         /// Interface name inside the namespace.
         #[arg(long, default_value = "ethwe")]
         ifname: String,
-        /// Endpoint id (default: the namespace path).
+        /// Endpoint id (default: the namespace path; for a container docker-cli:CONTAINER_ID).
         #[arg(long)]
         id: Option<String>,
-        /// DNS name for the endpoint.
+        /// DNS name for the endpoint (default for a container: its name).
         #[arg(long)]
         name: Option<String>,
         /// Do not route multicast (224.0.0.0/4) over the weft interface.
@@ -126,16 +144,27 @@ pub enum Command {
         no_multicast_route: bool,
         #[arg(long)]
         json: bool,
+        /// The Docker API, asked for the container.
+        #[arg(long, value_name = "PATH", default_value = container::DEFAULT_DOCKER_SOCKET)]
+        docker_socket: PathBuf,
     },
-    /// Remove addresses from an attached namespace (all of them, and its interface, by default).
+    /// Remove addresses from an attached container or namespace (all of them, and its
+    /// interface, by default).
+    #[command(after_help = OPERANDS_HELP)]
     Detach {
-        addrs: Vec<AddrRequest>,
+        /// The Docker container given to attach (name or id), unless --netns or --id is
+        /// given, and the addresses to remove.
+        #[arg(value_name = "CONTAINER|ADDR")]
+        operands: Vec<String>,
         /// The namespace given to attach.
-        #[arg(long, conflicts_with = "id", required_unless_present = "id")]
+        #[arg(long, conflicts_with = "id")]
         netns: Option<PathBuf>,
         /// The endpoint id given to attach.
         #[arg(long)]
         id: Option<String>,
+        /// The Docker API, asked for the container.
+        #[arg(long, value_name = "PATH", default_value = container::DEFAULT_DOCKER_SOCKET)]
+        docker_socket: PathBuf,
     },
     /// Give the host an address on the weft network (idempotent).
     #[command(disable_help_flag = true)]

@@ -18,6 +18,9 @@ pub struct EndpointRow {
     pub addresses: Vec<IpNet>,
     pub netns: String,
     pub pod: Option<String>,
+    /// The Docker container's name, for Docker endpoints (driver-made or attached by name).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
 }
 
 fn field(name: &str, value: impl std::fmt::Display) -> String {
@@ -84,6 +87,9 @@ pub fn status(r: &Report) -> Vec<String> {
     }
     if !r.bridge.last_repairs.is_empty() {
         lines.insert(6, field("Last change", r.bridge.last_repairs.join(", ")));
+    }
+    if let Some(w) = &r.bridge.forward_warning {
+        lines.insert(0, field("WARNING", w));
     }
     lines
 }
@@ -298,13 +304,15 @@ fn kube_pods(pods: &[crate::endpoints::report::PodAddresses]) -> String {
     format!("{} ({})", pods.len(), parts.join(", "))
 }
 
-/// `weft ps`: `ID MAC ADDRESS...` like Weave, plus kind and pod.
+/// `weft ps`: `ID MAC ADDRESS...` like Weave, plus the pod, the Docker container's name or
+/// the kind.
 pub fn ps(rows: &[EndpointRow]) -> Vec<String> {
     rows.iter()
         .map(|r| {
             let addrs = r.addresses.iter().map(IpNet::to_string).collect::<Vec<_>>().join(" ");
             let mac = if r.mac.is_empty() { "-" } else { &r.mac };
-            let who = r.pod.clone().unwrap_or_else(|| r.kind.clone());
+            let who =
+                r.pod.clone().or_else(|| r.container.clone()).unwrap_or_else(|| r.kind.clone());
             format!("{} {} {} {}", r.id, mac, addrs, who).trim_end().to_owned()
         })
         .collect()
@@ -407,7 +415,16 @@ mod tests {
             addresses: vec!["10.32.0.2/12".parse().unwrap()],
             netns: "/run/netns/x".into(),
             pod: Some("default/web".into()),
+            container: None,
         }];
         assert_eq!(ps(&rows), vec!["c1/eth0 0a:58:0a:20:00:02 10.32.0.2/12 default/web"]);
+        let docker = EndpointRow {
+            id: "docker-cli:c0ffee".into(),
+            kind: "attach".into(),
+            pod: None,
+            container: Some("plain".into()),
+            ..rows[0].clone()
+        };
+        assert_eq!(ps(&[docker]), vec!["docker-cli:c0ffee 0a:58:0a:20:00:02 10.32.0.2/12 plain"]);
     }
 }

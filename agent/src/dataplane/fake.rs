@@ -11,7 +11,8 @@ use ipnet::IpNet;
 
 use super::netns::NetnsError;
 use super::{
-    BridgeReport, BridgeSpec, Dataplane, EndpointSpec, EndpointState, KernelError, Mac, nft,
+    BridgeReport, BridgeSpec, Dataplane, EndpointSpec, EndpointState, KernelError, Mac, coexist,
+    nft,
 };
 
 /// The kinds of call, for counting and for injecting failures.
@@ -28,6 +29,8 @@ pub enum Op {
     SetSysctl,
     LoadModule,
     RemoveFirewall,
+    SyncForward,
+    RemoveForward,
     UnderlayMtu,
     CheckNetns,
 }
@@ -53,6 +56,8 @@ struct Kernel {
     /// Namespaces that cannot be opened for a reason other than being gone (errno).
     unopenable_netns: BTreeMap<PathBuf, i32>,
     firewall: Option<nft::Table>,
+    /// What `sync_forward_accept` last wrote.
+    forward: Option<coexist::ForwardAccept>,
 }
 
 /// The fake (share it in an `Arc`).
@@ -219,6 +224,27 @@ impl Dataplane for RecordingDataplane {
     fn firewall_intact(&self, table: &nft::Table) -> Result<bool, KernelError> {
         self.record(Op::FirewallIntact, &table.name)?;
         Ok(self.lock().firewall.as_ref() == Some(table))
+    }
+
+    fn sync_forward_accept(
+        &self,
+        want: &coexist::ForwardAccept,
+        rewrite: bool,
+    ) -> Result<coexist::Coexistence, KernelError> {
+        self.record(Op::SyncForward, &want.bridge)?;
+        let mut k = self.lock();
+        let docker_user = if rewrite || k.forward.as_ref() != Some(want) {
+            k.forward = Some(want.clone());
+            coexist::DockerUser::Written
+        } else {
+            coexist::DockerUser::Intact
+        };
+        Ok(coexist::Coexistence { docker_user, legacy_forward: None })
+    }
+
+    fn remove_forward_accept(&self, bridge: &str) -> Result<usize, KernelError> {
+        self.record(Op::RemoveForward, bridge)?;
+        Ok(self.lock().forward.take().map_or(0, |f| f.rules().len()))
     }
 
     fn set_sysctl(&self, key: &str, _value: &str) -> Result<(), KernelError> {

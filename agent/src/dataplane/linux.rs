@@ -10,6 +10,7 @@ use netlink_packet_route::link::{
 };
 use std::os::fd::AsRawFd;
 
+use super::coexist::{self, Coexistence, DOCKER_USER, DockerUser, FILTER, ForwardAccept};
 use super::netlink::{LinkInfo, Route, Rtnl, block_on, family_of};
 use super::netns::{Netns, write_sysctl};
 use super::nft::{Family, NftSocket, Table};
@@ -498,6 +499,46 @@ impl Dataplane for LinuxDataplane {
             return Ok(false);
         }
         Ok(sock.rule_count(table.family, &table.name)? == table.rule_count())
+    }
+
+    fn sync_forward_accept(
+        &self,
+        want: &ForwardAccept,
+        rewrite: bool,
+    ) -> Result<Coexistence, KernelError> {
+        let mut sock = NftSocket::open()?;
+        let docker_user = if sock.chain_exists(Family::Ip, FILTER, DOCKER_USER)? {
+            let listed = sock.list_rules(Family::Ip, FILTER, DOCKER_USER)?;
+            let rules = want.rules();
+            let tag = coexist::tag(&want.bridge);
+            let plan = if rewrite {
+                Some(coexist::stale(&listed, &tag, 0).unwrap_or_default())
+            } else {
+                coexist::stale(&listed, &tag, rules.len())
+            };
+            match plan {
+                None => DockerUser::Intact,
+                Some(delete) => {
+                    sock.replace_at_head(Family::Ip, FILTER, DOCKER_USER, &delete, &rules)?;
+                    DockerUser::Written
+                }
+            }
+        } else {
+            DockerUser::Absent
+        };
+        let legacy_forward = coexist::legacy_forward_policy()?;
+        Ok(Coexistence { docker_user, legacy_forward })
+    }
+
+    fn remove_forward_accept(&self, bridge: &str) -> Result<usize, KernelError> {
+        let mut sock = NftSocket::open()?;
+        if !sock.chain_exists(Family::Ip, FILTER, DOCKER_USER)? {
+            return Ok(0);
+        }
+        let listed = sock.list_rules(Family::Ip, FILTER, DOCKER_USER)?;
+        let ours = coexist::stale(&listed, &coexist::tag(bridge), 0).unwrap_or_default();
+        sock.replace_at_head(Family::Ip, FILTER, DOCKER_USER, &ours, &[])?;
+        Ok(ours.len())
     }
 
     fn set_sysctl(&self, key: &str, value: &str) -> Result<(), KernelError> {

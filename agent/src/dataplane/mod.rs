@@ -4,6 +4,7 @@
 //! idempotent ("ensure"), so the same calls serve first setup, retries and repair after restart.
 //! The trait names only weft's own types; [`linux::LinuxDataplane`] implements it with netlink.
 
+pub mod coexist;
 #[cfg(test)]
 pub mod fake;
 pub mod fastdp;
@@ -161,6 +162,17 @@ pub trait Dataplane: Send + Sync + 'static {
     fn set_sysctl(&self, key: &str, value: &str) -> Result<(), KernelError>;
     /// Loads a kernel module (and its dependencies) unless it is loaded or built in.
     fn load_module(&self, name: &str) -> Result<(), KernelError>;
+
+    /// Makes weft's accept rules head Docker's `DOCKER-USER` chain if it exists
+    /// (iptables-nft), rewriting them when `rewrite` or when they are not intact; reports the
+    /// legacy FORWARD policy (see [`coexist`]).
+    fn sync_forward_accept(
+        &self,
+        want: &coexist::ForwardAccept,
+        rewrite: bool,
+    ) -> Result<coexist::Coexistence, KernelError>;
+    /// Removes the rules [`Self::sync_forward_accept`] added for `bridge`; returns how many.
+    fn remove_forward_accept(&self, bridge: &str) -> Result<usize, KernelError>;
 
     /// Removes weft's firewall table `name` if it exists (`weft reset`).
     fn remove_firewall(&self, name: &str) -> Result<(), KernelError>;

@@ -20,8 +20,10 @@ const NFT_MSG_NEWTABLE: u16 = 0;
 const NFT_MSG_GETTABLE: u16 = 1;
 const NFT_MSG_DELTABLE: u16 = 2;
 const NFT_MSG_NEWCHAIN: u16 = 3;
+const NFT_MSG_GETCHAIN: u16 = 4;
 const NFT_MSG_NEWRULE: u16 = 6;
 const NFT_MSG_GETRULE: u16 = 7;
+const NFT_MSG_DELRULE: u16 = 8;
 const NFT_MSG_NEWSET: u16 = 9;
 
 const NLM_F_REQUEST: u16 = 0x1;
@@ -43,7 +45,9 @@ const NFTA_HOOK_HOOKNUM: u16 = 1;
 const NFTA_HOOK_PRIORITY: u16 = 2;
 const NFTA_RULE_TABLE: u16 = 1;
 const NFTA_RULE_CHAIN: u16 = 2;
+const NFTA_RULE_HANDLE: u16 = 3;
 const NFTA_RULE_EXPRESSIONS: u16 = 4;
+const NFTA_RULE_COMPAT: u16 = 5;
 const NFTA_LIST_ELEM: u16 = 1;
 const NFTA_EXPR_NAME: u16 = 1;
 const NFTA_EXPR_DATA: u16 = 2;
@@ -437,6 +441,169 @@ fn table_attrs(name: &str) -> Attrs {
     a
 }
 
+// ---- rules in iptables-nft's tables ----
+
+/// An accept rule written as `iptables-nft` writes it (the same expressions, including the
+/// xtables `conntrack` and `comment` matches and the counter), so that rules weft adds to a
+/// chain of another program's `ip filter` table read back with `iptables -S` as
+/// `-A CHAIN -i IF -m comment --comment TAG -j ACCEPT`, without "incompatible" warnings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct XtRule {
+    /// `-i NAME`
+    pub iifname: Option<String>,
+    /// `-o NAME`
+    pub oifname: Option<String>,
+    /// `-d NET`
+    pub daddr: Option<Ipv4Net>,
+    /// `-m conntrack --ctstate RELATED,ESTABLISHED`
+    pub established: bool,
+    /// `-m comment --comment TEXT`: how weft recognises its own rules.
+    pub comment: String,
+}
+
+/// xtables' `struct xt_comment_info`: the comment, NUL-padded.
+const XT_COMMENT_LEN: usize = 256;
+/// `XT_ALIGN(sizeof(struct xt_conntrack_mtinfo3))`.
+const XT_CONNTRACK3_LEN: usize = 168;
+/// Offsets of `match_flags` and `state_mask` in `xt_conntrack_mtinfo3`.
+const XT_CONNTRACK3_FLAGS: usize = 146;
+const XT_CONNTRACK3_STATE: usize = 150;
+/// `XT_CONNTRACK_STATE`, and the ESTABLISHED | RELATED bits of `XT_CONNTRACK_STATE_BIT`.
+const XT_CONNTRACK_STATE: u16 = 1;
+const XT_STATE_ESTABLISHED_RELATED: u16 = (1 << 1) | (1 << 2);
+const NFTA_MATCH_NAME: u16 = 1;
+const NFTA_MATCH_REV: u16 = 2;
+const NFTA_MATCH_INFO: u16 = 3;
+
+/// An xtables match run by nft_compat, as iptables-nft emits it.
+fn xt_match(name: &'static str, rev: u32, info: &[u8]) -> Expr {
+    let mut a = Attrs::default();
+    a.str(NFTA_MATCH_NAME, name).u32(NFTA_MATCH_REV, rev).raw(NFTA_MATCH_INFO, info);
+    Expr { name: "match", data: a }
+}
+
+/// `-d NET` as iptables-nft encodes it: whole bytes are compared directly, other prefixes
+/// through a mask.
+fn xt_daddr(net: Ipv4Net) -> Vec<Expr> {
+    let octets = net.network().octets();
+    let len = u32::from(net.prefix_len());
+    if len % 8 == 0 {
+        let bytes = (len / 8) as usize;
+        vec![payload_load(PAYLOAD_NETWORK, 16, len / 8), cmp(CmpOp::Eq, &octets[..bytes])]
+    } else {
+        vec![
+            payload_load(PAYLOAD_NETWORK, 16, 4),
+            bitwise(&net.netmask().octets()),
+            cmp(CmpOp::Eq, &octets),
+        ]
+    }
+}
+
+impl XtRule {
+    fn exprs(&self) -> Vec<Expr> {
+        let mut v = Vec::new();
+        if let Some(name) = &self.iifname {
+            v.extend([meta_load(META_IIFNAME), cmp(CmpOp::Eq, &ifname_bytes(name))]);
+        }
+        if let Some(name) = &self.oifname {
+            v.extend([meta_load(META_OIFNAME), cmp(CmpOp::Eq, &ifname_bytes(name))]);
+        }
+        if let Some(net) = self.daddr {
+            v.extend(xt_daddr(net));
+        }
+        if self.established {
+            let mut info = vec![0u8; XT_CONNTRACK3_LEN];
+            info[XT_CONNTRACK3_FLAGS..XT_CONNTRACK3_FLAGS + 2]
+                .copy_from_slice(&XT_CONNTRACK_STATE.to_ne_bytes());
+            info[XT_CONNTRACK3_STATE..XT_CONNTRACK3_STATE + 2]
+                .copy_from_slice(&XT_STATE_ESTABLISHED_RELATED.to_ne_bytes());
+            v.push(xt_match("conntrack", 3, &info));
+        }
+        let mut comment = vec![0u8; XT_COMMENT_LEN];
+        let text = self.comment.as_bytes();
+        let n = text.len().min(XT_COMMENT_LEN - 1);
+        comment[..n].copy_from_slice(&text[..n]);
+        v.push(xt_match("comment", 0, &comment));
+        let mut counter = Attrs::default();
+        // NFTA_COUNTER_BYTES, NFTA_COUNTER_PACKETS
+        counter.raw(1, &0u64.to_be_bytes()).raw(2, &0u64.to_be_bytes());
+        v.push(Expr { name: "counter", data: counter });
+        v.push(verdict(Verdict::Accept));
+        v
+    }
+}
+
+fn xt_rule_attrs(table: &str, chain: &str, rule: &XtRule) -> Attrs {
+    let mut list = Attrs::default();
+    for e in rule.exprs() {
+        let mut elem = Attrs::default();
+        elem.str(NFTA_EXPR_NAME, e.name).nested(NFTA_EXPR_DATA, &e.data);
+        list.nested(NFTA_LIST_ELEM, &elem);
+    }
+    // NFTA_RULE_COMPAT_PROTO and _FLAGS: no protocol, as iptables-nft sends for these rules.
+    let mut compat = Attrs::default();
+    compat.u32(1, 0).u32(2, 0);
+    let mut a = Attrs::default();
+    a.str(NFTA_RULE_TABLE, table)
+        .str(NFTA_RULE_CHAIN, chain)
+        .nested(NFTA_RULE_EXPRESSIONS, &list)
+        .nested(NFTA_RULE_COMPAT, &compat);
+    a
+}
+
+/// A rule read back from the kernel: enough to recognise and delete it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListedRule {
+    pub handle: u64,
+    /// The text of its `-m comment` match, if it has one.
+    pub comment: Option<String>,
+}
+
+/// Splits an attribute stream into (type without flags, value).
+fn attributes(buf: &[u8]) -> Vec<(u16, &[u8])> {
+    let mut out = Vec::new();
+    let mut off = 0;
+    while off + 4 <= buf.len() {
+        let len = u16::from_ne_bytes([buf[off], buf[off + 1]]) as usize;
+        let kind = u16::from_ne_bytes([buf[off + 2], buf[off + 3]]) & !NLA_F_NESTED;
+        if len < 4 || off + len > buf.len() {
+            break;
+        }
+        out.push((kind, &buf[off + 4..off + len]));
+        off += (len + 3) & !3;
+    }
+    out
+}
+
+fn find(attrs: &[(u16, &[u8])], kind: u16) -> Option<Vec<u8>> {
+    attrs.iter().find(|(k, _)| *k == kind).map(|(_, v)| v.to_vec())
+}
+
+fn c_string(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+impl ListedRule {
+    /// Parses a rule message's attributes; `None` without a handle.
+    fn parse(attrs: &[u8]) -> Option<ListedRule> {
+        let top = attributes(attrs);
+        let handle: [u8; 8] = find(&top, NFTA_RULE_HANDLE)?.try_into().ok()?;
+        let exprs = find(&top, NFTA_RULE_EXPRESSIONS).unwrap_or_default();
+        let comment = attributes(&exprs).into_iter().find_map(|(_, elem)| {
+            let elem = attributes(elem);
+            if find(&elem, NFTA_EXPR_NAME).map(|n| c_string(&n)).as_deref() != Some("match") {
+                return None;
+            }
+            let data = find(&elem, NFTA_EXPR_DATA)?;
+            let data = attributes(&data);
+            let name = c_string(&find(&data, NFTA_MATCH_NAME)?);
+            (name == "comment").then(|| find(&data, NFTA_MATCH_INFO).map(|i| c_string(&i)))?
+        });
+        Some(ListedRule { handle: u64::from_be_bytes(handle), comment })
+    }
+}
+
 // ---- messages and the socket ----
 
 /// Appends one nfnetlink message (header, nfgenmsg, attributes) to `buf`.
@@ -602,16 +769,39 @@ impl NftSocket {
 
     /// Whether a table exists.
     pub fn table_exists(&mut self, family: Family, name: &str) -> Result<bool, NftError> {
+        self.exists(NFT_MSG_GETTABLE, NFT_MSG_NEWTABLE, family, &table_attrs(name))
+    }
+
+    /// Whether a chain exists.
+    pub fn chain_exists(
+        &mut self,
+        family: Family,
+        table: &str,
+        chain: &str,
+    ) -> Result<bool, NftError> {
+        let mut attrs = Attrs::default();
+        attrs.str(NFTA_CHAIN_TABLE, table).str(NFTA_CHAIN_NAME, chain);
+        self.exists(NFT_MSG_GETCHAIN, NFT_MSG_NEWCHAIN, family, &attrs)
+    }
+
+    /// Sends a GET for one object; whether the kernel answered with it (not ENOENT).
+    fn exists(
+        &mut self,
+        get: u16,
+        answer: u16,
+        family: Family,
+        attrs: &Attrs,
+    ) -> Result<bool, NftError> {
         let seq = self.next_seq();
         let mut buf = Vec::new();
         push_message(
             &mut buf,
-            nft_type(NFT_MSG_GETTABLE),
+            nft_type(get),
             NLM_F_REQUEST | NLM_F_ACK,
             seq,
             family as u8,
             0,
-            &table_attrs(name).0,
+            &attrs.0,
         );
         self.sock.send(&buf, 0)?;
         let mut found = false;
@@ -630,18 +820,79 @@ impl NftSocket {
                         c => Err(io::Error::from_raw_os_error(-c).into()),
                     };
                 }
-                if kind == nft_type(NFT_MSG_NEWTABLE) {
+                if kind == nft_type(answer) {
                     found = true;
                 }
             }
         }
     }
 
+    /// The rules of one chain, in order, with their handles and `-m comment` texts.
+    pub fn list_rules(
+        &mut self,
+        family: Family,
+        table: &str,
+        chain: &str,
+    ) -> Result<Vec<ListedRule>, NftError> {
+        let mut out = Vec::new();
+        self.dump_rules(family, table, Some(chain), |payload| {
+            if let Some(rule) = ListedRule::parse(payload) {
+                out.push(rule);
+            }
+        })?;
+        Ok(out)
+    }
+
+    /// In one atomic batch: deletes the rules `delete` (handles) from `chain` and puts `rules`
+    /// at its head, in the given order.
+    pub fn replace_at_head(
+        &mut self,
+        family: Family,
+        table: &str,
+        chain: &str,
+        delete: &[u64],
+        rules: &[XtRule],
+    ) -> Result<(), NftError> {
+        let mut inner: Vec<(u16, u16, Attrs)> = Vec::new();
+        for handle in delete {
+            let mut a = Attrs::default();
+            a.str(NFTA_RULE_TABLE, table)
+                .str(NFTA_RULE_CHAIN, chain)
+                .raw(NFTA_RULE_HANDLE, &handle.to_be_bytes());
+            inner.push((NFT_MSG_DELRULE, 0, a));
+        }
+        // Without NLM_F_APPEND a rule goes first in the chain: add the last one first.
+        for rule in rules.iter().rev() {
+            inner.push((NFT_MSG_NEWRULE, NLM_F_CREATE, xt_rule_attrs(table, chain, rule)));
+        }
+        if inner.is_empty() {
+            return Ok(());
+        }
+        self.send_batch(family as u8, &inner)
+    }
+
     /// Number of rules in a table (all chains).
     pub fn rule_count(&mut self, family: Family, table: &str) -> Result<usize, NftError> {
+        let mut count = 0;
+        self.dump_rules(family, table, None, |_| count += 1)?;
+        Ok(count)
+    }
+
+    /// Dumps the rules of a table (or of one of its chains), calling `each` with every rule
+    /// message's attributes. A missing table or chain has no rules.
+    fn dump_rules(
+        &mut self,
+        family: Family,
+        table: &str,
+        chain: Option<&str>,
+        mut each: impl FnMut(&[u8]),
+    ) -> Result<(), NftError> {
         let seq = self.next_seq();
         let mut attrs = Attrs::default();
         attrs.str(NFTA_RULE_TABLE, table);
+        if let Some(chain) = chain {
+            attrs.str(NFTA_RULE_CHAIN, chain);
+        }
         let mut buf = Vec::new();
         push_message(
             &mut buf,
@@ -653,7 +904,6 @@ impl NftSocket {
             &attrs.0,
         );
         self.sock.send(&buf, 0)?;
-        let mut count = 0;
         let mut rbuf = vec![0u8; 64 * 1024];
         loop {
             let n = self.sock.recv(&mut &mut rbuf[..], 0)?;
@@ -662,16 +912,19 @@ impl NftSocket {
                     continue;
                 }
                 match kind {
-                    NLMSG_DONE => return Ok(count),
+                    NLMSG_DONE => return Ok(()),
                     NLMSG_ERROR if payload.len() >= 4 => {
                         let code =
                             i32::from_ne_bytes([payload[0], payload[1], payload[2], payload[3]]);
                         if -code == libc::ENOENT {
-                            return Ok(0);
+                            return Ok(());
                         }
                         return Err(io::Error::from_raw_os_error(-code).into());
                     }
-                    k if k == nft_type(NFT_MSG_NEWRULE) => count += 1,
+                    // After the 4-byte nfgenmsg come the rule's attributes.
+                    k if k == nft_type(NFT_MSG_NEWRULE) && payload.len() >= 4 => {
+                        each(&payload[4..]);
+                    }
                     _ => {}
                 }
             }
@@ -957,5 +1210,30 @@ mod tests {
         let e = Match::Dport(L4::Udp, 6784).exprs();
         let names: Vec<&str> = e.iter().map(|e| e.name).collect();
         assert_eq!(names, ["meta", "cmp", "payload", "cmp"]);
+    }
+
+    #[test]
+    fn xt_rules_read_back_with_their_handle_and_comment() {
+        let rule = XtRule {
+            iifname: None,
+            oifname: Some("weft".into()),
+            daddr: Some("10.2.1.0/24".parse().unwrap()),
+            established: true,
+            comment: "weft:weft".into(),
+        };
+        let names: Vec<&str> = rule.exprs().iter().map(|e| e.name).collect();
+        assert_eq!(
+            names,
+            ["meta", "cmp", "payload", "cmp", "match", "match", "counter", "immediate"],
+            "as iptables-nft writes it: whole bytes of the prefix compared without a mask"
+        );
+        let mut attrs = xt_rule_attrs("filter", "DOCKER-USER", &rule);
+        attrs.raw(NFTA_RULE_HANDLE, &42u64.to_be_bytes());
+        let listed = ListedRule::parse(&attrs.0);
+        assert_eq!(listed, Some(ListedRule { handle: 42, comment: Some("weft:weft".into()) }));
+        let odd = XtRule { daddr: Some("10.2.0.0/23".parse().unwrap()), ..rule };
+        assert_eq!(odd.exprs()[3].name, "bitwise");
+        let without_handle = xt_rule_attrs("filter", "DOCKER-USER", &odd);
+        assert_eq!(ListedRule::parse(&without_handle.0), None);
     }
 }

@@ -486,19 +486,19 @@ impl Service {
         });
         let mut want = BTreeSet::new();
         for ep in endpoints.iter() {
-            let Some(host) = &ep.hostname else { continue };
-            if self.unnamed.get(&ep.id) == Some(host) {
-                continue;
-            }
-            match self.cfg.domain.qualify(host) {
-                Ok(name) => want.extend(ep.addrs.iter().map(|a| Local {
-                    name: name.clone(),
-                    addr: *a,
-                    endpoint: ep.id.clone(),
-                })),
-                Err(e) => {
-                    if self.warned.insert(host.clone()) {
-                        warn!(endpoint = %ep.id, error = %e, "not registering the endpoint's name");
+            // A Docker container's aliases go with its endpoint (dns-remove does not drop them).
+            let given = ep.hostname.iter().filter(|h| self.unnamed.get(&ep.id) != Some(*h));
+            for host in given.chain(&ep.aliases) {
+                match self.cfg.domain.qualify(host) {
+                    Ok(name) => want.extend(ep.addrs.iter().map(|a| Local {
+                        name: name.clone(),
+                        addr: *a,
+                        endpoint: ep.id.clone(),
+                    })),
+                    Err(e) => {
+                        if self.warned.insert(host.clone()) {
+                            warn!(endpoint = %ep.id, error = %e, "not registering the endpoint's name");
+                        }
                     }
                 }
             }

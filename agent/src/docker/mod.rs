@@ -1,10 +1,12 @@
 //! Docker's remote network driver and IPAM driver (a "legacy" plugin on a unix socket, by
 //! default `/run/docker/plugins/weft.sock`): HTTP/1.1 POSTs of JSON decoded in `protocol`,
 //! carried out as endpoint operations (`endpoints::docker`: the same records, rollback and
-//! reconciliation as CNI). See docs/docker.md.
+//! reconciliation as CNI); `reconcile` releases what Docker no longer has. See docs/docker.md.
 
+pub mod api;
 pub mod names;
 pub mod protocol;
+pub mod reconcile;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -77,6 +79,10 @@ pub fn start(cfg: DockerConfig, hub: &Hub, tasks: &mut Tasks) -> Result<(), Bind
     if let Some(net) = cfg.network.clone() {
         tasks.spawn("docker-network", names::ensure_network(api.clone(), net, shutdown.clone()));
     }
+    tasks.spawn(
+        "docker-reconcile",
+        reconcile::run(api.clone(), hub.endpoints.clone(), shutdown.clone()),
+    );
     tasks.spawn("docker-names", names::run(api, hub.endpoints.clone(), shutdown.clone()));
     tasks.spawn("docker-plugin", async move {
         if let Err(e) =

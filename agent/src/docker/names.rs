@@ -1,19 +1,17 @@
-//! Container names in weave.local: Docker's plugin calls name no container, so the name of a
-//! joined endpoint's container is asked from the Docker API (`GET /networks/ID`, which maps
-//! endpoint ids to container names) and set as the endpoint's DNS name; DNS registers it from
-//! the endpoint feed on every host and drops it when the endpoint leaves (Leave clears it).
-//! The API sits behind [`DockerApi`]; the choice of what to ask is pure ([`unnamed`],
-//! [`name_in_network`]).
+//! Container names in weave.local: Docker's plugin calls name no container, so the container
+//! of a joined endpoint is asked from the Docker API ([`DockerApi::endpoint_container`]) and
+//! its names are set on the endpoint record: the container name as the endpoint's DNS name,
+//! its `--hostname` and `--network-alias` values as the endpoint's aliases (persisted with the
+//! record). DNS registers them from the endpoint feed on every host and drops them when the
+//! endpoint leaves (Leave clears them). Which endpoints to ask about ([`unnamed`]) and which
+//! names a container asked for ([`container_names`]) are pure.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
-use hyper_util::rt::TokioIo;
-use serde_json::Value;
 use tracing::{debug, warn};
 
+pub use super::api::UnixDockerApi;
 use crate::endpoints::Endpoints;
 use crate::endpoints::record::{EndpointRecord, Kind};
 
@@ -21,92 +19,76 @@ use crate::endpoints::record::{EndpointRecord, Kind};
 /// network only once it has started).
 const RETRY: Duration = Duration::from_millis(500);
 
+/// Docker's short container id, which it uses as the default hostname and adds as an alias.
+const SHORT_ID: usize = 12;
+
+/// The DNS names of a container: its name, and the further names it asked for
+/// (`--hostname`, `--network-alias`), without Docker's defaults (the short id), duplicates or
+/// the name itself.
+pub fn container_names(c: &Container) -> (String, Vec<String>) {
+    let short = c.id.get(..SHORT_ID).unwrap_or(&c.id);
+    let mut extra: Vec<String> = Vec::new();
+    for n in std::iter::once(&c.hostname).chain(&c.aliases) {
+        let n = n.trim();
+        let default = n.is_empty() || n == short || n == c.id;
+        if !default && !n.eq_ignore_ascii_case(&c.name) && !extra.iter().any(|e| e == n) {
+            extra.push(n.to_owned());
+        }
+    }
+    (c.name.clone(), extra)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("Docker API at {path}: {message}")]
     Failed { path: String, message: String },
 }
 
-/// What weft asks Docker.
+/// A container as weft needs it: who it is, the names it asked for, and its process.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Container {
+    /// The full id.
+    pub id: String,
+    /// Its name, without Docker's leading slash.
+    pub name: String,
+    /// `Config.Hostname` (Docker sets the short id unless `--hostname` was given).
+    pub hostname: String,
+    /// `--network-alias` values, of every network it is on (Docker adds the short id).
+    pub aliases: Vec<String>,
+    /// The main process while it runs (`State.Pid`); `None` when it is not running.
+    pub pid: Option<u32>,
+    /// Its network namespace as dockerd bind-mounts it (`NetworkSettings.SandboxKey`; empty
+    /// for `--network container:…`).
+    pub sandbox: Option<PathBuf>,
+}
+
+/// What weft asks Docker: one method per question.
 #[async_trait::async_trait]
 pub trait DockerApi: Send + Sync + 'static {
-    /// `GET /networks/ID` as JSON.
-    async fn network(&self, id: &str) -> Result<Value, ApiError>;
-    /// Creates the network `name` with weft's drivers unless it exists (`weft launch`).
-    async fn ensure_network(&self, name: &str) -> Result<bool, ApiError>;
-}
-
-/// The Docker API on a unix socket (`--docker-socket`).
-#[derive(Clone, Debug)]
-pub struct UnixDockerApi {
-    pub socket: PathBuf,
-}
-
-#[async_trait::async_trait]
-impl DockerApi for UnixDockerApi {
-    async fn network(&self, id: &str) -> Result<Value, ApiError> {
-        let (status, body) =
-            self.call(hyper::Method::GET, &format!("/networks/{id}"), None).await?;
-        if !status.is_success() {
-            return Err(ApiError::Failed {
-                path: format!("/networks/{id}"),
-                message: status.to_string(),
-            });
-        }
-        Ok(body)
-    }
-
-    async fn ensure_network(&self, name: &str) -> Result<bool, ApiError> {
-        let (status, _) = self.call(hyper::Method::GET, &format!("/networks/{name}"), None).await?;
-        if status.is_success() {
-            return Ok(false);
-        }
-        let create = serde_json::json!({
-            "Name": name, "Driver": "weft", "IPAM": { "Driver": "weft" }, "CheckDuplicate": true,
-        });
-        let (status, body) =
-            self.call(hyper::Method::POST, "/networks/create", Some(create)).await?;
-        if status.is_success() {
-            Ok(true)
-        } else {
-            Err(ApiError::Failed {
-                path: "/networks/create".into(),
-                message: format!("{status}: {body}"),
-            })
-        }
-    }
-}
-
-impl UnixDockerApi {
-    /// One request on a fresh connection; the status and the JSON body (null if none).
-    async fn call(
+    /// The container whose endpoint in network `network` (id) is `endpoint`; `None` if the
+    /// network or the endpoint is unknown (yet: a container shows in its network only once it
+    /// has started).
+    async fn endpoint_container(
         &self,
-        method: hyper::Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> Result<(hyper::StatusCode, Value), ApiError> {
-        let fail = |m: String| ApiError::Failed { path: path.to_owned(), message: m };
-        let stream = tokio::net::UnixStream::connect(&self.socket)
-            .await
-            .map_err(|e| fail(format!("{}: {e}", self.socket.display())))?;
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| fail(e.to_string()))?;
-        tokio::spawn(conn);
-        let data = body.map(|b| b.to_string()).unwrap_or_default();
-        let req = hyper::Request::builder()
-            .method(method)
-            .uri(path)
-            .header("Host", "docker")
-            .header("Content-Type", "application/json")
-            .body(Full::new(Bytes::from(data)))
-            .map_err(|e| fail(e.to_string()))?;
-        let resp = send.send_request(req).await.map_err(|e| fail(e.to_string()))?;
-        let status = resp.status();
-        let body = resp.into_body().collect().await.map_err(|e| fail(e.to_string()))?.to_bytes();
-        let json = serde_json::from_slice(&body).unwrap_or(Value::Null);
-        Ok((status, json))
-    }
+        network: &str,
+        endpoint: &str,
+    ) -> Result<Option<Container>, ApiError>;
+    /// The container named or with id (or unique id prefix) `name`; `None` if there is none.
+    async fn container(&self, name: &str) -> Result<Option<Container>, ApiError>;
+    /// Creates the network `name` with weft's drivers unless it exists (`weft launch`); true
+    /// if it was created.
+    async fn ensure_network(&self, name: &str) -> Result<bool, ApiError>;
+    /// Every endpoint Docker has in a network whose network or IPAM driver is weft (joined
+    /// or only created). A network removed while it is listed has none.
+    async fn weft_endpoints(&self) -> Result<Vec<DockerEndpoint>, ApiError>;
+}
+
+/// An endpoint as Docker reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DockerEndpoint {
+    pub network: String,
+    pub endpoint: String,
+    pub address: Option<std::net::IpAddr>,
 }
 
 /// Makes the network `name` exist, retrying while dockerd is not up yet.
@@ -139,15 +121,6 @@ pub fn unnamed(records: &[EndpointRecord]) -> Vec<(String, String, String)> {
         .collect()
 }
 
-/// The name of the container whose endpoint in `network` (Docker's inspect output) is
-/// `endpoint`, without Docker's leading slash.
-pub fn name_in_network(network: &Value, endpoint: &str) -> Option<String> {
-    network["Containers"].as_object()?.values().find_map(|c| {
-        (c["EndpointID"].as_str() == Some(endpoint))
-            .then(|| c["Name"].as_str().map(|n| n.trim_start_matches('/').to_owned()))?
-    })
-}
-
 /// Names Docker endpoints until the agent stops.
 pub async fn run(
     api: impl DockerApi,
@@ -162,15 +135,15 @@ pub async fn run(
         };
         let todo = unnamed(&records);
         for (id, network, endpoint) in &todo {
-            match api.network(network).await {
-                Ok(net) => {
-                    if let Some(name) = name_in_network(&net, endpoint) {
-                        debug!(endpoint = %id, name = %name, "naming a Docker endpoint");
-                        if let Err(e) = endpoints.docker_name(endpoint, name).await {
-                            warn!(endpoint = %id, error = %e, "cannot name the endpoint");
-                        }
+            match api.endpoint_container(network, endpoint).await {
+                Ok(Some(c)) => {
+                    let (name, aliases) = container_names(&c);
+                    debug!(endpoint = %id, name = %name, ?aliases, "naming a Docker endpoint");
+                    if let Err(e) = endpoints.docker_name(endpoint, name, aliases).await {
+                        warn!(endpoint = %id, error = %e, "cannot name the endpoint");
                     }
                 }
+                Ok(None) => debug!(endpoint = %id, "the endpoint's container is not known yet"),
                 Err(e) => debug!(endpoint = %id, error = %e, "container name not known yet"),
             }
         }
@@ -186,17 +159,29 @@ pub async fn run(
 mod tests {
     use super::*;
 
+    fn c(hostname: &str, aliases: &[&str]) -> Container {
+        Container {
+            id: "0123456789abcdef0123".into(),
+            name: "web".into(),
+            hostname: hostname.into(),
+            aliases: aliases.iter().map(|a| (*a).to_owned()).collect(),
+            pid: Some(7),
+            sandbox: None,
+        }
+    }
+
     #[test]
-    fn the_container_is_found_by_its_endpoint() {
-        let net: Value = serde_json::from_str(
-            r#"{"Name":"net1","Containers":{
-                "c0ffee":{"Name":"web","EndpointID":"e1","IPv4Address":"10.2.3.2/24"},
-                "beef":{"Name":"/db","EndpointID":"e2"}}}"#,
-        )
-        .unwrap();
-        assert_eq!(name_in_network(&net, "e1").as_deref(), Some("web"));
-        assert_eq!(name_in_network(&net, "e2").as_deref(), Some("db"));
-        assert_eq!(name_in_network(&net, "e3"), None);
-        assert_eq!(name_in_network(&serde_json::json!({"Containers": null}), "e1"), None);
+    fn docker_defaults_are_not_names() {
+        // No --hostname, no alias: Docker's short id in both places.
+        assert_eq!(container_names(&c("0123456789ab", &["0123456789ab"])), ("web".into(), vec![]));
+        assert_eq!(container_names(&c("", &[])), ("web".into(), vec![]));
+    }
+
+    #[test]
+    fn hostname_and_aliases_are_extra_names_once_each() {
+        let (name, extra) =
+            container_names(&c("www", &["db", "0123456789ab", "www", "Web", "cache", "db"]));
+        assert_eq!(name, "web");
+        assert_eq!(extra, vec!["www", "db", "cache"]);
     }
 }

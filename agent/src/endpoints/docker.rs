@@ -129,8 +129,31 @@ impl Endpoints {
         Ok((record, peer))
     }
 
-    /// Gives Docker's endpoint `endpoint` the DNS name `name`, if it is still joined.
-    pub async fn docker_name(&self, endpoint: &str, name: String) -> Result<(), EndpointError> {
+    /// Releases `rec` (a record from `docker:`, with its interface if any) after Docker said
+    /// it no longer has its endpoint (`docker::reconcile`); nothing if the record changed since
+    /// it was read, as a call from Docker may have moved it on. Returns whether it was released.
+    pub async fn docker_forget(&self, rec: &EndpointRecord) -> Result<bool, EndpointError> {
+        let _guard = self.inner.locks.lock(&rec.id).await;
+        if !self.still_recorded(rec).await {
+            return Ok(false);
+        }
+        if !rec.host_ifname.is_empty() {
+            let (dp, ifname) = (self.inner.dp.clone(), rec.host_ifname.clone());
+            blocking(move || dp.teardown_endpoint(&ifname)).await?;
+        }
+        let id = rec.id.clone();
+        let removed = self.inner.state.call(move |s| s.docker_forget(&id)).await??;
+        Ok(removed.is_some())
+    }
+
+    /// Gives Docker's endpoint `endpoint` the DNS name `name` and the further names
+    /// `aliases`, if it is still joined.
+    pub async fn docker_name(
+        &self,
+        endpoint: &str,
+        name: String,
+        aliases: Vec<String>,
+    ) -> Result<(), EndpointError> {
         let Some(rec) = self.docker_endpoint(endpoint).await? else { return Ok(()) };
         let _guard = self.inner.locks.lock(&rec.id).await;
         let e = endpoint.to_owned();
@@ -138,7 +161,7 @@ impl Endpoints {
             .state
             .call(move |s| match s.docker_endpoint(&e) {
                 Some(r) if r.kind == super::record::Kind::Docker => {
-                    s.set_hostname(&r.id, Some(name)).map(|_| ())
+                    s.set_names(&r.id, Some(name), aliases).map(|_| ())
                 }
                 _ => Ok(()),
             })

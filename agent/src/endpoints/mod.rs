@@ -584,6 +584,14 @@ impl Endpoints {
             }
             let spec2 = spec.clone();
             if blocking(move || dp.check_endpoint(&spec2)).await.is_err() {
+                // Docker configures the interface in its sandbox, and removes it itself when
+                // it disconnects a container while weft is down (the agent then finds it
+                // missing): putting it back would reconnect what Docker disconnected.
+                // `docker::reconcile` releases the endpoint once Docker no longer has it.
+                if rec.kind == Kind::Docker {
+                    warn!(endpoint = %rec.id, "a Docker endpoint's interface is missing; not set up again");
+                    continue;
+                }
                 let dp = self.inner.dp.clone();
                 match blocking(move || dp.setup_endpoint(&spec)).await {
                     Ok(_) => info!(endpoint = %rec.id, "endpoint repaired"),

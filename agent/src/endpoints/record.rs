@@ -75,11 +75,17 @@ pub struct EndpointRecord {
     /// DNS name registered for the endpoint.
     #[serde(default)]
     pub hostname: Option<String>,
+    /// Further DNS names of the endpoint, registered and removed with it (a Docker
+    /// container's `--hostname` and `--network-alias` values).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
     #[serde(default, with = "mac_opt")]
     pub mac: Option<Mac>,
     #[serde(default, with = "mac_opt")]
     pub host_mac: Option<Mac>,
-    /// Unix time of creation.
+    /// Unix time of creation; for `docker:` records, of the last Docker call that changed
+    /// the record (RequestAddress, CreateEndpoint, Join, Leave), which the reconciliations
+    /// measure their grace periods from.
     #[serde(default)]
     pub created: u64,
 }
@@ -136,6 +142,8 @@ pub struct EndpointSummary {
     pub netns: Option<PathBuf>,
     /// The DNS name given to the endpoint, as given.
     pub hostname: Option<String>,
+    /// Further DNS names of the endpoint (Docker's `--hostname`, `--network-alias`).
+    pub aliases: Vec<String>,
     pub addrs: Vec<IpAddr>,
     /// The MAC of its interface (for the host's own addresses: none, the bridge's is known).
     pub mac: Option<Mac>,
@@ -150,6 +158,7 @@ impl EndpointSummary {
             kind: r.kind,
             netns: r.netns.clone(),
             hostname: r.hostname.clone(),
+            aliases: r.aliases.clone(),
             addrs: r.addresses.iter().map(IpNet::addr).collect(),
             mac: if r.kind == Kind::Expose { None } else { r.mac },
             pod: r.pod.clone(),
@@ -206,6 +215,7 @@ mod tests {
                 uid: String::new(),
             }),
             hostname: None,
+            aliases: vec!["www".into()],
             mac: Some("0a:58:0a:20:00:02".parse().unwrap()),
             host_mac: None,
             created: 1,

@@ -14,6 +14,10 @@ pub struct BridgeReport {
     /// What the last reconciliation had to repair (empty when nothing was wrong).
     #[serde(default)]
     pub last_repairs: Vec<String>,
+    /// Why forwarded traffic through the bridge is dropped by rules weft cannot change
+    /// (Docker's iptables-legacy FORWARD policy), with the fix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forward_warning: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

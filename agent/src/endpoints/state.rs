@@ -22,6 +22,7 @@ use super::record::{
 };
 use super::report::{BridgeReport, EndpointCounts, IpamReport, PodAddresses};
 use crate::addr::AddrRequest;
+use crate::dataplane::coexist::{DOCKER_USER, DockerUser, ForwardAccept};
 use crate::dataplane::nft::{L4, OverlayFirewall, Table as NftTable};
 use crate::dataplane::{BridgeSpec, Dataplane, Mac, host_ifname_for};
 use crate::identity::PeerName;
@@ -86,10 +87,22 @@ pub struct State {
     summaries: watch::Sender<Arc<Vec<EndpointSummary>>>,
     summaries_stale: bool,
     last_bridge_repairs: Vec<String>,
+    /// What weft last wrote to Docker's `DOCKER-USER` (none since start: written again once).
+    forward_written: Option<ForwardAccept>,
+    /// Why weft's forwarded traffic is being dropped by rules weft cannot change, if it is.
+    forward_warning: Option<String>,
     /// Keys of endpoint records that did not decode at start (moved aside, see
     /// [`Store::all_or_quarantine`]).
     quarantined: Vec<String>,
+    /// Addresses `docker::reconcile` released, until when (IPAM clock) they are not handed out
+    /// by `RequestAddress` without `--ip`: a `ReleaseAddress` dockerd is still retrying for
+    /// them must not release a new container's address.
+    docker_cooling: BTreeMap<IpAddr, u64>,
 }
+
+/// How long a reconciled Docker address is not handed out again (dockerd retries a call for
+/// ≈15 s), in milliseconds.
+const DOCKER_COOLING_MS: u64 = 30_000;
 
 /// The key of the persisted ring in [`Table::Ipam`].
 const RING_KEY: &str = "ring";
@@ -165,7 +178,10 @@ impl State {
             summaries: watch::channel(Arc::new(Vec::new())).0,
             summaries_stale: true,
             last_bridge_repairs: Vec::new(),
+            forward_written: None,
+            forward_warning: None,
             quarantined,
+            docker_cooling: BTreeMap::new(),
         })
     }
 
@@ -221,6 +237,23 @@ impl State {
             return Ok(true);
         }
         let rec = EndpointRecord { hostname, ..rec.clone() };
+        self.persist(&[&rec], &[])?;
+        self.records.insert(id.to_owned(), rec);
+        Ok(true)
+    }
+
+    /// Sets the DNS name and the further names of endpoint `id`; false if there is none.
+    pub fn set_names(
+        &mut self,
+        id: &str,
+        hostname: Option<String>,
+        aliases: Vec<String>,
+    ) -> Result<bool, EndpointError> {
+        let Some(rec) = self.records.get(id) else { return Ok(false) };
+        if rec.hostname == hostname && rec.aliases == aliases {
+            return Ok(true);
+        }
+        let rec = EndpointRecord { hostname, aliases, ..rec.clone() };
         self.persist(&[&rec], &[])?;
         self.records.insert(id.to_owned(), rec);
         Ok(true)
@@ -485,6 +518,7 @@ impl State {
             container_id: Some(req.container_id),
             pod: req.pod,
             hostname: None,
+            aliases: Vec::new(),
             mac: first_v4.and_then(|a| match a.addr() {
                 IpAddr::V4(v4) => Some(Mac::for_ipv4(v4)),
                 IpAddr::V6(_) => None,
@@ -546,8 +580,7 @@ impl State {
                 net
             }
             None => {
-                const PENDING: &str = "docker:pending";
-                let net = self.ipam.allocate(PENDING, subnet, now)?;
+                let net = self.docker_allocate(subnet, now)?;
                 self.ipam.rename(net.addr(), &docker_id(net.addr()));
                 net
             }
@@ -561,6 +594,36 @@ impl State {
         }
         self.records.insert(id, rec);
         Ok(net)
+    }
+
+    /// The lowest free address of `subnet` that is not cooling, held by a pending owner; a
+    /// cooling one only if nothing else is free.
+    fn docker_allocate(&mut self, subnet: IpNet, now: u64) -> Result<IpNet, EndpointError> {
+        const PENDING: &str = "docker:pending";
+        self.docker_cooling.retain(|_, until| *until > now);
+        let mut cooling = Vec::new();
+        let got = loop {
+            match self.ipam.allocate(PENDING, subnet, now) {
+                Ok(n) if self.docker_cooling.contains_key(&n.addr()) => cooling.push(n),
+                Ok(n) => break Ok(n),
+                Err(e) => break cooling.first().copied().ok_or(e),
+            }
+        };
+        for n in cooling.iter().filter(|n| got.as_ref().ok() != Some(*n)) {
+            self.ipam.release(n.addr());
+        }
+        Ok(got?)
+    }
+
+    /// Forgets a `docker:` record Docker no longer has (the caller removed its interface);
+    /// its address cools before `RequestAddress` hands it out again.
+    pub fn docker_forget(&mut self, id: &str) -> Result<Option<EndpointRecord>, EndpointError> {
+        let removed = self.remove(id)?;
+        let until = self.now() + DOCKER_COOLING_MS;
+        for a in removed.iter().flat_map(|r| r.addresses.iter()) {
+            self.docker_cooling.insert(a.addr(), until);
+        }
+        Ok(removed)
     }
 
     /// `CreateEndpoint`: ties the address Docker's IPAM gave out to Docker's endpoint. An
@@ -591,6 +654,9 @@ impl State {
         }
         rec.container_id = Some(endpoint.to_owned());
         rec.network = Some(network.to_owned());
+        // Docker stores the endpoint only after this answer: `docker::reconcile` leaves the
+        // record alone for a while from now.
+        rec.created = now_secs();
         self.persist(&[&rec], &[])?;
         self.records.insert(id, rec.clone());
         Ok(rec)
@@ -656,6 +722,7 @@ impl State {
             // it appears only after Join (see `Endpoints::reconcile`).
             created: now_secs(),
             hostname: None,
+            aliases: Vec::new(),
             ..rec
         };
         self.persist(&[&joined], &[])?;
@@ -675,6 +742,9 @@ impl State {
             routes: Vec::new(),
             host_mac: None,
             hostname: None,
+            aliases: Vec::new(),
+            // Docker's ReleaseAddress follows; `docker::reconcile` waits for it from now.
+            created: now_secs(),
             ..rec.clone()
         };
         self.persist(&[&left], &[])?;
@@ -765,6 +835,7 @@ impl State {
             container_id: None,
             pod: None,
             hostname: None,
+            aliases: Vec::new(),
             mac: None,
             host_mac: None,
             created: now_secs(),
@@ -961,7 +1032,49 @@ impl State {
                 info!(table = %table.name, rules = table.rule_count(), "nftables table programmed");
             }
         }
+        self.program_forward_accept();
         Ok(())
+    }
+
+    /// Keeps weft's accept rules at the head of Docker's `DOCKER-USER` (dockerd may have
+    /// been started or restarted since the last pass) and notes a legacy DROP policy. Never
+    /// fatal: the rest of the bridge works without it, and the next pass retries.
+    fn program_forward_accept(&mut self) {
+        let want = ForwardAccept {
+            bridge: self.cfg.bridge.clone(),
+            exposed: self
+                .exposed()
+                .into_iter()
+                .filter_map(|n| match n.trunc() {
+                    IpNet::V4(v4) => Some(v4),
+                    IpNet::V6(_) => None,
+                })
+                .collect(),
+        };
+        let rewrite = self.forward_written.as_ref() != Some(&want);
+        match self.dp.sync_forward_accept(&want, rewrite) {
+            Ok(c) => {
+                if c.docker_user != DockerUser::Absent {
+                    if c.docker_user == DockerUser::Written {
+                        info!(
+                            chain = DOCKER_USER,
+                            rules = want.rules().len(),
+                            "accept rules for weft's traffic put at the head of Docker's chain"
+                        );
+                    }
+                    self.forward_written = Some(want);
+                }
+                let warning = c.warning(&self.cfg.bridge);
+                if warning.is_some() && warning != self.forward_warning {
+                    warn!(
+                        problem = warning.as_deref().unwrap_or_default(),
+                        "weft's forwarded traffic is dropped"
+                    );
+                }
+                self.forward_warning = warning;
+            }
+            Err(e) => warn!(error = %e, "cannot check Docker's FORWARD rules; will retry"),
+        }
     }
 
     /// [`Self::program_bridge`] after a change of exposed addresses; failures are retried by
@@ -1027,6 +1140,7 @@ impl State {
             mac: self.cfg.bridge_mac.to_string(),
             addresses: self.exposed(),
             last_repairs: self.last_bridge_repairs.clone(),
+            forward_warning: self.forward_warning.clone(),
         }
     }
 
