@@ -153,7 +153,13 @@ struct Builder<'a> {
 }
 
 impl Builder<'_> {
-    fn push_chain(&mut self, name: String, direction: Direction, rules: Vec<Rule>, drop_at_end: bool) -> ChainId {
+    fn push_chain(
+        &mut self,
+        name: String,
+        direction: Direction,
+        rules: Vec<Rule>,
+        drop_at_end: bool,
+    ) -> ChainId {
         self.program.chains.push(Chain { name, direction, rules, drop_at_end });
         self.program.chains.len() - 1
     }
@@ -210,6 +216,7 @@ impl Builder<'_> {
         peer: &Peer,
         ports: &[PortCond],
         name: String,
+        d: Direction,
     ) -> Vec<Rule> {
         match peer {
             Peer::Pods { .. } => {

@@ -9,18 +9,18 @@
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
 
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::IpNet;
 
 use super::{
-    Attrs, Expr, Family, Hook, NFTA_CHAIN_HOOK, NFTA_CHAIN_POLICY, NFTA_CHAIN_TYPE,
-    NFTA_HOOK_HOOKNUM, NFTA_HOOK_PRIORITY, NFPROTO_IPV4, NFT_MSG_DELTABLE, NFT_MSG_NEWCHAIN, NFT_MSG_NEWRULE,
-    NFT_MSG_NEWSET, NFT_MSG_NEWTABLE, NFT_REG_1, NFT_REG_VERDICT, NFTA_CHAIN_NAME,
-    NFTA_CHAIN_TABLE, NFTA_DATA_VALUE, NFTA_DATA_VERDICT, NFTA_EXPR_DATA, NFTA_EXPR_NAME,
-    NFTA_LIST_ELEM, NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS, NFTA_RULE_TABLE, NFTA_SET_FLAGS,
-    NFTA_SET_ID, NFTA_SET_KEY_LEN, NFTA_SET_KEY_TYPE, NFTA_SET_NAME, NFTA_SET_TABLE,
-    NFTA_VERDICT_CODE, NLM_F_APPEND, NLM_F_CREATE, NftError, NftSocket, PAYLOAD_NETWORK,
-    PAYLOAD_TRANSPORT, META_L4PROTO, META_NFPROTO, Verdict, ct_state_load, meta_load,
-    payload_load, table_attrs, verdict,
+    Attrs, Expr, Family, Hook, META_L4PROTO, META_NFPROTO, NFPROTO_IPV4, NFT_MSG_DELTABLE,
+    NFT_MSG_NEWCHAIN, NFT_MSG_NEWRULE, NFT_MSG_NEWSET, NFT_MSG_NEWTABLE, NFT_REG_1,
+    NFT_REG_VERDICT, NFTA_CHAIN_HOOK, NFTA_CHAIN_NAME, NFTA_CHAIN_POLICY, NFTA_CHAIN_TABLE,
+    NFTA_CHAIN_TYPE, NFTA_DATA_VALUE, NFTA_DATA_VERDICT, NFTA_EXPR_DATA, NFTA_EXPR_NAME,
+    NFTA_HOOK_HOOKNUM, NFTA_HOOK_PRIORITY, NFTA_LIST_ELEM, NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS,
+    NFTA_RULE_TABLE, NFTA_SET_FLAGS, NFTA_SET_ID, NFTA_SET_KEY_LEN, NFTA_SET_KEY_TYPE,
+    NFTA_SET_NAME, NFTA_SET_TABLE, NFTA_VERDICT_CODE, NLM_F_APPEND, NLM_F_CREATE, NftError,
+    NftSocket, PAYLOAD_NETWORK, PAYLOAD_TRANSPORT, Verdict, ct_state_load, meta_load, payload_load,
+    table_attrs, verdict,
 };
 use crate::policy::compile::{Action, PeerMatch, PortCond, Program};
 use crate::policy::model::{Direction, Protocol};
@@ -96,7 +96,7 @@ impl Ids {
 type Message = (u16, u16, Attrs);
 
 /// The whole table as one batch: replaced atomically, as weft's other tables.
-pub fn batch(p: &Program) -> Vec<Message> {
+fn batch(p: &Program) -> Vec<Message> {
     let ids = Ids::of(p);
     let mut out: Vec<Message> = vec![
         (NFT_MSG_NEWTABLE, NLM_F_CREATE, table_attrs(TABLE)),
@@ -104,12 +104,21 @@ pub fn batch(p: &Program) -> Vec<Message> {
         (NFT_MSG_NEWTABLE, NLM_F_CREATE, table_attrs(TABLE)),
     ];
     for (i, set) in p.addrs.iter().enumerate() {
-        out.push((NFT_MSG_NEWSET, NLM_F_CREATE, set_attrs(&addr_set(i), ids.addr(i), NFT_SET_INTERVAL, 4, TYPE_IPV4)));
-        let elems: Vec<Attrs> = intervals(set).iter().map(|(key, end)| element(key, None, *end)).collect();
+        out.push((
+            NFT_MSG_NEWSET,
+            NLM_F_CREATE,
+            set_attrs(&addr_set(i), ids.addr(i), NFT_SET_INTERVAL, 4, TYPE_IPV4),
+        ));
+        let elems: Vec<Attrs> =
+            intervals(set).iter().map(|(key, end)| element(key, None, *end)).collect();
         out.extend(elements(&addr_set(i), ids.addr(i), elems));
     }
     for (i, set) in p.services.iter().enumerate() {
-        out.push((NFT_MSG_NEWSET, NLM_F_CREATE, set_attrs(&service_set(i), ids.service(i), 0, 12, TYPE_SERVICE_TUPLE)));
+        out.push((
+            NFT_MSG_NEWSET,
+            NLM_F_CREATE,
+            set_attrs(&service_set(i), ids.service(i), 0, 12, TYPE_SERVICE_TUPLE),
+        ));
         let elems = set.iter().filter_map(|(ip, proto, port)| service_key(*ip, *proto, *port));
         let elems: Vec<Attrs> = elems.map(|k| element(&k, None, false)).collect();
         out.extend(elements(&service_set(i), ids.service(i), elems));
@@ -117,7 +126,9 @@ pub fn batch(p: &Program) -> Vec<Message> {
     for (i, c) in p.chains.iter().enumerate() {
         out.push((NFT_MSG_NEWCHAIN, NLM_F_CREATE, regular_chain(&chain_name(i, &c.name))));
     }
-    for (d, name, map) in [(Direction::Egress, EGRESS_MAP, &p.egress), (Direction::Ingress, INGRESS_MAP, &p.ingress)] {
+    for (d, name, map) in
+        [(Direction::Egress, EGRESS_MAP, &p.egress), (Direction::Ingress, INGRESS_MAP, &p.ingress)]
+    {
         let mut a = set_attrs(name, ids.map(p, d), NFT_SET_MAP, 4, TYPE_IPV4);
         a.u32(NFTA_SET_DATA_TYPE, NFT_DATA_VERDICT);
         out.push((NFT_MSG_NEWSET, NLM_F_CREATE, a));
@@ -131,7 +142,9 @@ pub fn batch(p: &Program) -> Vec<Message> {
         let name = base_name(d);
         out.push((NFT_MSG_NEWCHAIN, NLM_F_CREATE, base_chain(name, priority)));
         let map = if d == Direction::Egress { EGRESS_MAP } else { INGRESS_MAP };
-        let dispatch = [ipv4(), vec![payload_load(PAYLOAD_NETWORK, addr_offset(d, true), 4), lookup(map, ids.map(p, d), Some(NFT_REG_VERDICT))]].concat();
+        let mut dispatch = ipv4();
+        dispatch.push(payload_load(PAYLOAD_NETWORK, addr_offset(d, true), 4));
+        dispatch.push(lookup(map, ids.map(p, d), Some(NFT_REG_VERDICT)));
         for exprs in [established(), dispatch] {
             out.push((NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, rule(name, exprs)));
         }
@@ -221,7 +234,8 @@ fn l4proto(p: Protocol) -> u8 {
 }
 
 fn port_exprs(c: &PortCond, ids: &Ids) -> Vec<Expr> {
-    let proto = |p: Protocol| vec![meta_load(META_L4PROTO), cmp_raw(NFT_REG_1, NFT_CMP_EQ, &[l4proto(p)])];
+    let proto =
+        |p: Protocol| vec![meta_load(META_L4PROTO), cmp_raw(NFT_REG_1, NFT_CMP_EQ, &[l4proto(p)])];
     match c {
         PortCond::Any => Vec::new(),
         PortCond::Protocol(p) => proto(*p),
@@ -308,7 +322,8 @@ fn regular_chain(name: &str) -> Attrs {
 
 fn base_chain(name: &str, priority: i32) -> Attrs {
     let mut hook = Attrs::default();
-    hook.u32(NFTA_HOOK_HOOKNUM, Hook::Forward as u32).raw(NFTA_HOOK_PRIORITY, &priority.to_be_bytes());
+    hook.u32(NFTA_HOOK_HOOKNUM, Hook::Forward as u32)
+        .raw(NFTA_HOOK_PRIORITY, &priority.to_be_bytes());
     let mut a = Attrs::default();
     a.str(NFTA_CHAIN_TABLE, TABLE)
         .str(NFTA_CHAIN_NAME, name)
@@ -372,19 +387,33 @@ fn service_key(ip: IpAddr, proto: Protocol, port: u16) -> Option<Vec<u8>> {
     Some(k)
 }
 
-/// An interval set's elements: each merged IPv4 range as its first address and, unless it
-/// runs to the end of the space, the address after it flagged as an interval end.
+/// An interval set's elements: each maximal run of addresses as its first address and, unless
+/// it runs to the end of the space, the address after it flagged as an interval end.
 pub fn intervals(set: &BTreeSet<IpNet>) -> Vec<([u8; 4], bool)> {
-    let v4: Vec<Ipv4Net> = set.iter().filter_map(|n| match n {
-        IpNet::V4(n) => Some(*n),
-        IpNet::V6(_) => None,
-    }).collect();
+    // [first, last] as numbers, sorted, then joined where they touch or overlap.
+    let mut ranges: Vec<(u64, u64)> = set
+        .iter()
+        .filter_map(|n| match n {
+            IpNet::V4(n) => {
+                Some((u64::from(u32::from(n.network())), u64::from(u32::from(n.broadcast()))))
+            }
+            IpNet::V6(_) => None,
+        })
+        .collect();
+    ranges.sort_unstable();
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for (first, last) in ranges {
+        match runs.last_mut() {
+            Some(run) if first <= run.1 + 1 => run.1 = run.1.max(last),
+            _ => runs.push((first, last)),
+        }
+    }
+    let octets = |a: u64| Ipv4Addr::from(a as u32).octets();
     let mut out = Vec::new();
-    for net in Ipv4Net::aggregate(&v4) {
-        out.push((net.network().octets(), false));
-        let last = u32::from(net.broadcast());
-        if let Some(next) = last.checked_add(1) {
-            out.push((Ipv4Addr::from(next).octets(), true));
+    for (first, last) in runs {
+        out.push((octets(first), false));
+        if last < u64::from(u32::MAX) {
+            out.push((octets(last + 1), true));
         }
     }
     out
@@ -425,7 +454,12 @@ mod tests {
             s.spawn(|| {
                 // SAFETY: unshare affects only this thread, which nothing else uses.
                 let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-                assert_eq!(rc, 0, "unshare(CLONE_NEWNET) needs root: {}", std::io::Error::last_os_error());
+                assert_eq!(
+                    rc,
+                    0,
+                    "unshare(CLONE_NEWNET) needs root: {}",
+                    std::io::Error::last_os_error()
+                );
                 f()
             })
             .join()
@@ -439,13 +473,25 @@ mod tests {
 
         use crate::policy::tests::{policy, with};
         let c = with(vec![
-            policy("x", "named", json!({"podSelector": {}, "ingress": [{"ports": [{"port": "serve-81-tcp"}]}]})),
-            policy("x", "range", json!({"podSelector": {"matchLabels": {"pod": "a"}},
+            policy(
+                "x",
+                "named",
+                json!({"podSelector": {}, "ingress": [{"ports": [{"port": "serve-81-tcp"}]}]}),
+            ),
+            policy(
+                "x",
+                "range",
+                json!({"podSelector": {"matchLabels": {"pod": "a"}},
                 "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "y"}}}],
-                             "ports": [{"protocol": "UDP", "port": 80, "endPort": 81}, {"protocol": "SCTP"}]}]})),
-            policy("y", "except", json!({"podSelector": {}, "policyTypes": ["Egress"],
+                             "ports": [{"protocol": "UDP", "port": 80, "endPort": 81}, {"protocol": "SCTP"}]}]}),
+            ),
+            policy(
+                "y",
+                "except",
+                json!({"podSelector": {}, "policyTypes": ["Egress"],
                 "egress": [{"to": [{"ipBlock": {"cidr": "10.32.0.0/16", "except": ["10.32.1.2/32"]}}],
-                            "ports": [{"port": "serve-80-tcp"}, {"port": 81}]}]})),
+                            "ports": [{"port": "serve-80-tcp"}, {"port": 81}]}]}),
+            ),
         ]);
         let program = Program::compile(&c, "n1");
         assert!(!program.ingress.is_empty() && !program.egress.is_empty());
@@ -454,16 +500,19 @@ mod tests {
             install(&mut sock, &program).expect("the kernel takes the batch");
             // Installing again replaces it whole.
             install(&mut sock, &program).expect("and takes it again");
-            let out = std::process::Command::new("nft").args(["list", "table", "inet", TABLE]).output();
+            let out =
+                std::process::Command::new("nft").args(["list", "table", "inet", TABLE]).output();
             String::from_utf8_lossy(&out.expect("nft runs").stdout).into_owned()
         });
         for want in [
             "ip saddr vmap @egress-pods",
             "ip daddr vmap @ingress-pods",
             "ct state established,related accept",
-            "10.32.0.0-10.32.1.1",
-            "th dport 80-81",
-            "meta l4proto sctp",
+            "elements = { 10.32.0.0/16 }",
+            "ip daddr @addrs-1 return",
+            "udp dport 80-81 accept",
+            "meta l4proto sctp accept",
+            "tcp dport 81 accept",
             "ip daddr . meta l4proto . th dport @ports-",
             "counter packets 0 bytes 0 drop",
         ] {
