@@ -511,6 +511,35 @@ fn dns_names(h: &Host) -> Vec<String> {
         .collect()
 }
 
+/// Runs `op` for every (host index, container) at once, one thread each; asserts that all
+/// succeeded and returns the seconds they took together.
+fn on_each_at_once(
+    h: &[Host],
+    names: &[(usize, String)],
+    what: &str,
+    op: impl Fn(&Host, &str) -> (bool, String) + Sync,
+) -> f64 {
+    let t = std::time::Instant::now();
+    let results: Vec<(&str, bool, String)> = std::thread::scope(|s| {
+        let threads: Vec<_> = names
+            .iter()
+            .map(|(x, n)| {
+                let (host, op) = (&h[*x], &op);
+                s.spawn(move || {
+                    let (ok, err) = op(host, n);
+                    (n.as_str(), ok, err)
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().expect("a container thread")).collect()
+    });
+    let secs = t.elapsed().as_secs_f64();
+    for (n, ok, err) in &results {
+        assert!(ok, "{what} {n}: {err}");
+    }
+    secs
+}
+
 #[test]
 fn fifty_containers_started_and_removed_at_once_on_two_hosts() {
     const PER_HOST: usize = 25;
@@ -520,24 +549,10 @@ fn fifty_containers_started_and_removed_at_once_on_two_hosts() {
     let names: Vec<(usize, String)> =
         (0..2).flat_map(|x| (0..PER_HOST).map(move |i| (x, format!("m{x}-{i:02}")))).collect();
 
-    let t = std::time::Instant::now();
-    let started: Vec<(String, bool, String)> = std::thread::scope(|s| {
-        let runs: Vec<_> = names
-            .iter()
-            .map(|(x, n)| {
-                let host = &h[*x];
-                s.spawn(move || {
-                    let (ok, _, err) = run_on(host, n, "net1", &[]);
-                    (n.clone(), ok, err)
-                })
-            })
-            .collect();
-        runs.into_iter().map(|r| r.join().expect("docker run thread")).collect()
+    let start_all = on_each_at_once(&h, &names, "docker run", |host, n| {
+        let (ok, _, err) = run_on(host, n, "net1", &[]);
+        (ok, err)
     });
-    let start_all = t.elapsed().as_secs_f64();
-    for (n, ok, err) in &started {
-        assert!(ok, "docker run {n}: {err}");
-    }
 
     // Every container got an address, and no two the same.
     let mut seen = std::collections::BTreeMap::new();
@@ -561,24 +576,10 @@ fn fifty_containers_started_and_removed_at_once_on_two_hosts() {
     });
     let names_s = t_names.elapsed().as_secs_f64();
 
-    let t = std::time::Instant::now();
-    let removed: Vec<(String, bool, String)> = std::thread::scope(|s| {
-        let rms: Vec<_> = names
-            .iter()
-            .map(|(x, n)| {
-                let host = &h[*x];
-                s.spawn(move || {
-                    let (ok, _, err) = host.docker.try_docker(&["rm", "-f", n]);
-                    (n.clone(), ok, err)
-                })
-            })
-            .collect();
-        rms.into_iter().map(|r| r.join().expect("docker rm thread")).collect()
+    let remove_all = on_each_at_once(&h, &names, "docker rm -f", |host, n| {
+        let (ok, _, err) = host.docker.try_docker(&["rm", "-f", n]);
+        (ok, err)
     });
-    let remove_all = t.elapsed().as_secs_f64();
-    for (n, ok, err) in &removed {
-        assert!(ok, "docker rm -f {n}: {err}");
-    }
 
     // Nothing leaked: no records or reservations, no veths, no names.
     for (i, x) in h.iter().enumerate() {

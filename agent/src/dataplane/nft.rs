@@ -393,8 +393,13 @@ impl Action {
 }
 
 fn rule_attrs(table: &str, chain: &str, rule: &Rule) -> Attrs {
-    let mut list = Attrs::default();
     let exprs = rule.matches.iter().flat_map(Match::exprs).chain(rule.action.exprs());
+    exprs_attrs(table, chain, exprs)
+}
+
+/// A rule's table, chain and expression list.
+fn exprs_attrs(table: &str, chain: &str, exprs: impl IntoIterator<Item = Expr>) -> Attrs {
+    let mut list = Attrs::default();
     for e in exprs {
         let mut elem = Attrs::default();
         elem.str(NFTA_EXPR_NAME, e.name);
@@ -534,20 +539,11 @@ impl XtRule {
 }
 
 fn xt_rule_attrs(table: &str, chain: &str, rule: &XtRule) -> Attrs {
-    let mut list = Attrs::default();
-    for e in rule.exprs() {
-        let mut elem = Attrs::default();
-        elem.str(NFTA_EXPR_NAME, e.name).nested(NFTA_EXPR_DATA, &e.data);
-        list.nested(NFTA_LIST_ELEM, &elem);
-    }
     // NFTA_RULE_COMPAT_PROTO and _FLAGS: no protocol, as iptables-nft sends for these rules.
     let mut compat = Attrs::default();
     compat.u32(1, 0).u32(2, 0);
-    let mut a = Attrs::default();
-    a.str(NFTA_RULE_TABLE, table)
-        .str(NFTA_RULE_CHAIN, chain)
-        .nested(NFTA_RULE_EXPRESSIONS, &list)
-        .nested(NFTA_RULE_COMPAT, &compat);
+    let mut a = exprs_attrs(table, chain, rule.exprs());
+    a.nested(NFTA_RULE_COMPAT, &compat);
     a
 }
 

@@ -237,3 +237,145 @@ mod tests {
         assert!(stale(&[cni, other], &DockerView::default(), NOW).is_empty());
     }
 }
+
+/// [`once`] over the real endpoint service and a fake Docker API.
+#[cfg(test)]
+mod with_endpoints {
+    use std::path::PathBuf;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use super::once;
+    use crate::dataplane::fake::Op;
+    use crate::dataplane::host_ifname_for;
+    use crate::docker::names::{ApiError, Container, DockerApi, DockerEndpoint};
+    use crate::endpoints::Endpoints;
+    use crate::endpoints::tests::rig;
+
+    /// Answers with `answer`; first runs `during` (Docker's calls arriving while it is asked).
+    #[derive(Default)]
+    struct FakeApi {
+        answer: Mutex<Option<Vec<DockerEndpoint>>>,
+        during: Mutex<Option<Endpoints>>,
+    }
+
+    #[async_trait::async_trait]
+    impl DockerApi for FakeApi {
+        async fn endpoint_container(
+            &self,
+            _: &str,
+            _: &str,
+        ) -> Result<Option<Container>, ApiError> {
+            Ok(None)
+        }
+        async fn container(&self, _: &str) -> Result<Option<Container>, ApiError> {
+            Ok(None)
+        }
+        async fn ensure_network(&self, _: &str) -> Result<bool, ApiError> {
+            Ok(false)
+        }
+        async fn weft_endpoints(&self) -> Result<Vec<DockerEndpoint>, ApiError> {
+            let during = self.during.lock().unwrap().take();
+            if let Some(e) = during {
+                container(&e, "e9", "/run/docker/netns/late").await;
+                e.docker_leave("e1").await.unwrap();
+            }
+            self.answer.lock().unwrap().clone().ok_or(ApiError::Failed {
+                path: "/networks".into(),
+                message: "connection refused".into(),
+            })
+        }
+    }
+
+    const SUBNET: &str = "10.32.3.0/24";
+
+    /// RequestAddress, CreateEndpoint and Join, as Docker sends them.
+    async fn container(e: &Endpoints, endpoint: &str, sandbox: &str) -> std::net::IpAddr {
+        let addr = e.docker_request(SUBNET.parse().unwrap(), None, Duration::from_secs(2)).await;
+        let addr = addr.unwrap();
+        e.docker_bind(addr, endpoint.into(), "n1".into()).await.unwrap();
+        e.docker_join(endpoint, PathBuf::from(sandbox)).await.unwrap();
+        addr.addr()
+    }
+
+    fn reported(endpoint: &str, addr: std::net::IpAddr) -> DockerEndpoint {
+        DockerEndpoint { network: "n1".into(), endpoint: endpoint.into(), address: Some(addr) }
+    }
+
+    async fn ids(e: &Endpoints) -> Vec<String> {
+        let mut v: Vec<String> = e.list().await.unwrap().into_iter().map(|r| r.id).collect();
+        v.retain(|id| id.starts_with("docker:"));
+        v.sort();
+        v
+    }
+
+    #[tokio::test]
+    async fn releases_what_docker_no_longer_has_and_nothing_it_cannot_confirm() {
+        let rig = rig();
+        let e = &rig.endpoints;
+        let a1 = container(e, "e1", "/run/docker/netns/a").await;
+        let a2 = container(e, "e2", "/run/docker/netns/b").await;
+        // RequestAddress answered, CreateEndpoint still to come.
+        let pending =
+            e.docker_request(SUBNET.parse().unwrap(), None, Duration::from_secs(2)).await.unwrap();
+        let before = ids(e).await;
+        assert_eq!(before.len(), 3);
+
+        // Docker cannot be asked: nothing is released.
+        let api = FakeApi::default();
+        assert!(once(&api, e).await.is_err());
+        assert_eq!(ids(e).await, before);
+
+        // Docker removed e1's container while we were not listening; e2 runs; the pending
+        // request is in flight and kept.
+        *api.answer.lock().unwrap() = Some(vec![reported("e2", a2)]);
+        assert_eq!(once(&api, e).await.unwrap(), 1);
+        let now = ids(e).await;
+        assert!(!now.contains(&format!("docker:{a1}")), "{now:?}");
+        assert!(
+            now.contains(&format!("docker:{a2}"))
+                && now.contains(&format!("docker:{}", pending.addr()))
+        );
+        let host = host_ifname_for(&format!("docker:{a1}"));
+        assert!(rig.dp.calls().iter().any(|c| c.op == Op::TeardownEndpoint && c.subject == host));
+        // The address is free again, for whoever names it; a request without --ip gets
+        // another while dockerd may still be retrying a ReleaseAddress for it.
+        let next = container(e, "e3", "/run/docker/netns/c").await;
+        assert_ne!(next, a1);
+        assert!(!e.docker_release(a1).await.unwrap(), "a late ReleaseAddress finds nothing");
+        assert!(ids(e).await.contains(&format!("docker:{next}")));
+        let a1net = ipnet::IpNet::new(a1, 24).unwrap();
+        let again = e.docker_request(SUBNET.parse().unwrap(), Some(a1), Duration::from_secs(2));
+        assert_eq!(again.await.unwrap(), a1net);
+    }
+
+    #[tokio::test]
+    async fn calls_docker_makes_while_it_is_asked_are_not_undone() {
+        let rig = rig();
+        let e = &rig.endpoints;
+        container(e, "e1", "/run/docker/netns/a").await;
+        // While Docker answers: a new container joins (its record is newer than the records
+        // compared) and e1 leaves (its record changed since it was read). Docker's answer
+        // has neither.
+        let api = FakeApi::default();
+        *api.answer.lock().unwrap() = Some(vec![]);
+        *api.during.lock().unwrap() = Some(e.clone());
+        assert_eq!(once(&api, e).await.unwrap(), 0);
+        assert_eq!(ids(e).await.len(), 2, "e9's endpoint and e1's reservation stay");
+    }
+
+    #[tokio::test]
+    async fn a_docker_interface_docker_removed_is_not_put_back() {
+        let rig = rig();
+        let e = &rig.endpoints;
+        let a = container(e, "e1", "/run/docker/netns/a").await;
+        // Docker disconnected the container while the agent was down: the interface is gone,
+        // the sandbox is not.
+        rig.dp.lose_link(&host_ifname_for(&format!("docker:{a}")));
+        let joined = rig.dp.count(Op::SetupEndpoint);
+        e.reconcile(false).await.unwrap();
+        assert_eq!(rig.dp.count(Op::SetupEndpoint), joined);
+        assert!(!rig.dp.links().contains_key(&host_ifname_for(&format!("docker:{a}"))));
+        assert_eq!(ids(e).await.len(), 1, "kept for Docker's view to decide");
+    }
+}

@@ -12,7 +12,7 @@ pub mod record;
 pub mod report;
 pub mod state;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::collections::HashMap;
 use std::path::Path;

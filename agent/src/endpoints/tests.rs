@@ -21,9 +21,9 @@ use crate::mesh::gossip::GossipChannel;
 use crate::store::Store;
 
 /// The service under test. Dropping it ends the owner thread (its queue closes).
-struct Rig {
-    endpoints: Endpoints,
-    dp: Arc<RecordingDataplane>,
+pub(crate) struct Rig {
+    pub(crate) endpoints: Endpoints,
+    pub(crate) dp: Arc<RecordingDataplane>,
     dir: tempfile::TempDir,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -60,7 +60,7 @@ fn rig_in(dir: tempfile::TempDir, dp: Arc<RecordingDataplane>) -> Rig {
     Rig { endpoints, dp, dir, thread: Some(thread) }
 }
 
-fn rig() -> Rig {
+pub(crate) fn rig() -> Rig {
     rig_in(tempfile::tempdir().unwrap(), Arc::new(RecordingDataplane::default()))
 }
 
@@ -449,143 +449,4 @@ async fn a_docker_endpoint_s_names_go_with_its_leave() {
     assert!(left.is_ok(), "the endpoint (and its names) left the feed");
     let rec = r.endpoints.docker_endpoint("ep1").await.unwrap().unwrap();
     assert_eq!((rec.hostname, rec.aliases), (None, Vec::<String>::new()), "a reservation again");
-}
-
-/// `docker::reconcile` over the real endpoint service and a fake Docker API.
-mod docker_reconcile {
-    use std::sync::Mutex;
-
-    use super::*;
-    use crate::docker::names::{ApiError, DockerApi, DockerEndpoint};
-    use crate::docker::reconcile::once;
-
-    /// Answers with `answer`; first runs `during` (Docker's calls arriving while it is asked).
-    #[derive(Default)]
-    struct FakeApi {
-        answer: Mutex<Option<Vec<DockerEndpoint>>>,
-        during: Mutex<Option<Endpoints>>,
-    }
-
-    #[async_trait::async_trait]
-    impl DockerApi for FakeApi {
-        async fn endpoint_container(
-            &self,
-            _: &str,
-            _: &str,
-        ) -> Result<Option<crate::docker::names::Container>, ApiError> {
-            Ok(None)
-        }
-        async fn container(
-            &self,
-            _: &str,
-        ) -> Result<Option<crate::docker::names::Container>, ApiError> {
-            Ok(None)
-        }
-        async fn ensure_network(&self, _: &str) -> Result<bool, ApiError> {
-            Ok(false)
-        }
-        async fn weft_endpoints(&self) -> Result<Vec<DockerEndpoint>, ApiError> {
-            let during = self.during.lock().unwrap().take();
-            if let Some(e) = during {
-                container(&e, "e9", "/run/docker/netns/late").await;
-                e.docker_leave("e1").await.unwrap();
-            }
-            self.answer.lock().unwrap().clone().ok_or(ApiError::Failed {
-                path: "/networks".into(),
-                message: "connection refused".into(),
-            })
-        }
-    }
-
-    const SUBNET: &str = "10.32.3.0/24";
-
-    /// RequestAddress, CreateEndpoint and Join, as Docker sends them.
-    async fn container(e: &Endpoints, endpoint: &str, sandbox: &str) -> std::net::IpAddr {
-        let addr = e.docker_request(SUBNET.parse().unwrap(), None, Duration::from_secs(2)).await;
-        let addr = addr.unwrap();
-        e.docker_bind(addr, endpoint.into(), "n1".into()).await.unwrap();
-        e.docker_join(endpoint, PathBuf::from(sandbox)).await.unwrap();
-        addr.addr()
-    }
-
-    fn reported(endpoint: &str, addr: std::net::IpAddr) -> DockerEndpoint {
-        DockerEndpoint { network: "n1".into(), endpoint: endpoint.into(), address: Some(addr) }
-    }
-
-    async fn ids(e: &Endpoints) -> Vec<String> {
-        let mut v: Vec<String> = e.list().await.unwrap().into_iter().map(|r| r.id).collect();
-        v.retain(|id| id.starts_with("docker:"));
-        v.sort();
-        v
-    }
-
-    #[tokio::test]
-    async fn releases_what_docker_no_longer_has_and_nothing_it_cannot_confirm() {
-        let rig = rig();
-        let e = &rig.endpoints;
-        let a1 = container(e, "e1", "/run/docker/netns/a").await;
-        let a2 = container(e, "e2", "/run/docker/netns/b").await;
-        // RequestAddress answered, CreateEndpoint still to come.
-        let pending =
-            e.docker_request(SUBNET.parse().unwrap(), None, Duration::from_secs(2)).await.unwrap();
-        let before = ids(e).await;
-        assert_eq!(before.len(), 3);
-
-        // Docker cannot be asked: nothing is released.
-        let api = FakeApi::default();
-        assert!(once(&api, e).await.is_err());
-        assert_eq!(ids(e).await, before);
-
-        // Docker removed e1's container while we were not listening; e2 runs; the pending
-        // request is in flight and kept.
-        *api.answer.lock().unwrap() = Some(vec![reported("e2", a2)]);
-        assert_eq!(once(&api, e).await.unwrap(), 1);
-        let now = ids(e).await;
-        assert!(!now.contains(&format!("docker:{a1}")), "{now:?}");
-        assert!(
-            now.contains(&format!("docker:{a2}"))
-                && now.contains(&format!("docker:{}", pending.addr()))
-        );
-        let host = host_ifname_for(&format!("docker:{a1}"));
-        assert!(rig.dp.calls().iter().any(|c| c.op == Op::TeardownEndpoint && c.subject == host));
-        // The address is free again, for whoever names it; a request without --ip gets
-        // another while dockerd may still be retrying a ReleaseAddress for it.
-        let next = container(e, "e3", "/run/docker/netns/c").await;
-        assert_ne!(next, a1);
-        assert!(!e.docker_release(a1).await.unwrap(), "a late ReleaseAddress finds nothing");
-        assert!(ids(e).await.contains(&format!("docker:{next}")));
-        let a1net = ipnet::IpNet::new(a1, 24).unwrap();
-        let again = e.docker_request(SUBNET.parse().unwrap(), Some(a1), Duration::from_secs(2));
-        assert_eq!(again.await.unwrap(), a1net);
-    }
-
-    #[tokio::test]
-    async fn calls_docker_makes_while_it_is_asked_are_not_undone() {
-        let rig = rig();
-        let e = &rig.endpoints;
-        container(e, "e1", "/run/docker/netns/a").await;
-        // While Docker answers: a new container joins (its record is newer than the records
-        // compared) and e1 leaves (its record changed since it was read). Docker's answer
-        // has neither.
-        let api = FakeApi::default();
-        *api.answer.lock().unwrap() = Some(vec![]);
-        *api.during.lock().unwrap() = Some(e.clone());
-        assert_eq!(once(&api, e).await.unwrap(), 0);
-        assert_eq!(ids(e).await.len(), 2, "e9's endpoint and e1's reservation stay");
-    }
-
-    #[tokio::test]
-    async fn a_docker_interface_docker_removed_is_not_put_back() {
-        let rig = rig();
-        let e = &rig.endpoints;
-        let a = container(e, "e1", "/run/docker/netns/a").await;
-        // Docker disconnected the container while the agent was down: the interface is gone,
-        // the sandbox is not.
-        rig.dp.lose_link(&host_ifname_for(&format!("docker:{a}")));
-        let joined = rig.dp.count(Op::SetupEndpoint);
-        e.reconcile(false).await.unwrap();
-        assert_eq!(rig.dp.count(Op::SetupEndpoint), joined);
-        assert!(!rig.dp.links().contains_key(&host_ifname_for(&format!("docker:{a}"))));
-        assert_eq!(ids(e).await.len(), 1, "kept for Docker's view to decide");
-    }
 }

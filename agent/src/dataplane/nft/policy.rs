@@ -12,15 +12,13 @@ use std::net::{IpAddr, Ipv4Addr};
 use ipnet::IpNet;
 
 use super::{
-    Attrs, Expr, Family, Hook, META_L4PROTO, META_NFPROTO, NFPROTO_IPV4, NFT_MSG_DELTABLE,
-    NFT_MSG_NEWCHAIN, NFT_MSG_NEWRULE, NFT_MSG_NEWSET, NFT_MSG_NEWTABLE, NFT_REG_1,
-    NFT_REG_VERDICT, NFTA_CHAIN_HOOK, NFTA_CHAIN_NAME, NFTA_CHAIN_POLICY, NFTA_CHAIN_TABLE,
-    NFTA_CHAIN_TYPE, NFTA_DATA_VALUE, NFTA_DATA_VERDICT, NFTA_EXPR_DATA, NFTA_EXPR_NAME,
-    NFTA_HOOK_HOOKNUM, NFTA_HOOK_PRIORITY, NFTA_LIST_ELEM, NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS,
-    NFTA_RULE_TABLE, NFTA_SET_FLAGS, NFTA_SET_ID, NFTA_SET_KEY_LEN, NFTA_SET_KEY_TYPE,
-    NFTA_SET_NAME, NFTA_SET_TABLE, NFTA_VERDICT_CODE, NLM_F_APPEND, NLM_F_CREATE, NftError,
-    NftSocket, PAYLOAD_NETWORK, PAYLOAD_TRANSPORT, Verdict, ct_state_load, meta_load, payload_load,
-    table_attrs, verdict,
+    Attrs, Chain, ChainType, Expr, Family, Hook, META_L4PROTO, META_NFPROTO, NFPROTO_IPV4,
+    NFT_MSG_DELTABLE, NFT_MSG_NEWCHAIN, NFT_MSG_NEWRULE, NFT_MSG_NEWSET, NFT_MSG_NEWTABLE,
+    NFT_REG_1, NFT_REG_VERDICT, NFTA_CHAIN_NAME, NFTA_CHAIN_TABLE, NFTA_DATA_VALUE,
+    NFTA_DATA_VERDICT, NFTA_LIST_ELEM, NFTA_SET_FLAGS, NFTA_SET_ID, NFTA_SET_KEY_LEN,
+    NFTA_SET_KEY_TYPE, NFTA_SET_NAME, NFTA_SET_TABLE, NFTA_VERDICT_CODE, NLM_F_APPEND,
+    NLM_F_CREATE, NftError, NftSocket, PAYLOAD_NETWORK, PAYLOAD_TRANSPORT, Verdict, ct_state_load,
+    meta_load, payload_load, table_attrs, verdict,
 };
 use crate::policy::compile::{Action, PeerMatch, PortCond, Program};
 use crate::policy::model::{Direction, Protocol};
@@ -300,18 +298,7 @@ fn jump(chain: &str) -> Expr {
 }
 
 fn rule(chain: &str, exprs: Vec<Expr>) -> Attrs {
-    let mut list = Attrs::default();
-    for e in exprs {
-        let mut elem = Attrs::default();
-        elem.str(NFTA_EXPR_NAME, e.name);
-        if !e.data.0.is_empty() {
-            elem.nested(NFTA_EXPR_DATA, &e.data);
-        }
-        list.nested(NFTA_LIST_ELEM, &elem);
-    }
-    let mut a = Attrs::default();
-    a.str(NFTA_RULE_TABLE, TABLE).str(NFTA_RULE_CHAIN, chain).nested(NFTA_RULE_EXPRESSIONS, &list);
-    a
+    super::exprs_attrs(TABLE, chain, exprs)
 }
 
 fn regular_chain(name: &str) -> Attrs {
@@ -321,16 +308,14 @@ fn regular_chain(name: &str) -> Attrs {
 }
 
 fn base_chain(name: &str, priority: i32) -> Attrs {
-    let mut hook = Attrs::default();
-    hook.u32(NFTA_HOOK_HOOKNUM, Hook::Forward as u32)
-        .raw(NFTA_HOOK_PRIORITY, &priority.to_be_bytes());
-    let mut a = Attrs::default();
-    a.str(NFTA_CHAIN_TABLE, TABLE)
-        .str(NFTA_CHAIN_NAME, name)
-        .nested(NFTA_CHAIN_HOOK, &hook)
-        .u32(NFTA_CHAIN_POLICY, 1)
-        .str(NFTA_CHAIN_TYPE, "filter");
-    a
+    let chain = Chain {
+        name: name.to_owned(),
+        kind: ChainType::Filter,
+        hook: Hook::Forward,
+        priority,
+        rules: Vec::new(),
+    };
+    super::chain_attrs(TABLE, &chain)
 }
 
 fn set_attrs(name: &str, id: u32, flags: u32, key_len: u32, key_type: u32) -> Attrs {
