@@ -2,8 +2,10 @@
 //! address sets and verdict maps instead of a rule per pod pair. Two base chains on the
 //! forward hook, egress first: an accept in one base chain only hands the packet to the next,
 //! while a drop is final, so a connection passes when the sender's egress and the receiver's
-//! ingress both accept. In each, a map from a local isolated pod's address to its chain. The
-//! pod's chain jumps to the chain of each policy that selects it and drops what none accepts.
+//! ingress both accept. In each, a map from a local isolated pod's address to the chain of the
+//! policies that isolate it: one chain per distinct list of policies, shared by every pod they
+//! select, so a new pod under known policies is one map element, not a new chain. That chain
+//! jumps to the chain of each of its policies and drops what none accepts.
 //! A policy chain has one rule per (peer, port) alternative. An ipBlock with `except` gets a
 //! sub-chain whose first rule returns on the excepted addresses. Traffic between a pod and its
 //! own node takes the input and output hooks, not forward, so it is never seen here.
@@ -62,8 +64,11 @@ pub struct Chain {
     /// Ingress chains look at the source, egress chains at the destination.
     pub direction: Direction,
     pub rules: Vec<Rule>,
-    /// A pod's chain ends in a drop (counted per policy set); others fall back to the caller.
+    /// A dispatch chain ends in a drop (counted per list of policies); others fall back to
+    /// the caller.
     pub drop_at_end: bool,
+    /// For a dispatch chain: the policies that isolate the pods it serves, whose rules it runs.
+    pub isolated_by: Vec<PolicyKey>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -75,6 +80,16 @@ pub struct Program {
     pub addrs: Vec<BTreeSet<IpNet>>,
     /// Named-port sets: (address, protocol, port).
     pub services: Vec<BTreeSet<(IpAddr, Protocol, u16)>>,
+}
+
+impl Program {
+    /// Everything but the contents of the sets and maps: two programs of the same shape differ
+    /// only in elements, which can be changed in place.
+    pub fn same_shape(&self, other: &Program) -> bool {
+        self.chains == other.chains
+            && self.addrs.len() == other.addrs.len()
+            && self.services.len() == other.services.len()
+    }
 }
 
 /// One packet that opens a connection, as the forward hook sees it.
@@ -89,8 +104,12 @@ pub struct Packet {
 impl Program {
     /// The program for the pods of `node`.
     pub fn compile(cluster: &Cluster, node: &str) -> Program {
-        let mut b =
-            Builder { cluster, program: Program::default(), policy_chains: BTreeMap::new() };
+        let mut b = Builder {
+            cluster,
+            program: Program::default(),
+            policy_chains: BTreeMap::new(),
+            dispatch_chains: BTreeMap::new(),
+        };
         let local = cluster.pods.values().filter(|p| p.node == node && p.selectable());
         for pod in local {
             for d in [Direction::Ingress, Direction::Egress] {
@@ -150,17 +169,12 @@ struct Builder<'a> {
     cluster: &'a Cluster,
     program: Program,
     policy_chains: BTreeMap<(PolicyKey, Direction), ChainId>,
+    dispatch_chains: BTreeMap<(Vec<PolicyKey>, Direction), ChainId>,
 }
 
 impl Builder<'_> {
-    fn push_chain(
-        &mut self,
-        name: String,
-        direction: Direction,
-        rules: Vec<Rule>,
-        drop_at_end: bool,
-    ) -> ChainId {
-        self.program.chains.push(Chain { name, direction, rules, drop_at_end });
+    fn push_chain(&mut self, chain: Chain) -> ChainId {
+        self.program.chains.push(chain);
         self.program.chains.len() - 1
     }
 
@@ -169,16 +183,7 @@ impl Builder<'_> {
         if policies.is_empty() {
             return;
         }
-        let jumps = policies
-            .iter()
-            .map(|p| Rule {
-                peer: PeerMatch::Any,
-                port: PortCond::Any,
-                action: Action::Jump(self.policy_chain(p, d)),
-            })
-            .collect();
-        let name = format!("pod-{}-{}", direction_tag(d), pod.key);
-        let chain = self.push_chain(name, d, jumps, true);
+        let chain = self.dispatch_chain(&policies, d);
         let map = match d {
             Direction::Ingress => &mut self.program.ingress,
             Direction::Egress => &mut self.program.egress,
@@ -186,6 +191,32 @@ impl Builder<'_> {
         for ip in &pod.ips {
             map.insert(*ip, chain);
         }
+    }
+
+    /// The chain of the pods these policies isolate, built once however many pods they share.
+    fn dispatch_chain(&mut self, policies: &[&Policy], d: Direction) -> ChainId {
+        let keys: Vec<PolicyKey> = policies.iter().map(|p| p.key()).collect();
+        if let Some(c) = self.dispatch_chains.get(&(keys.clone(), d)) {
+            return *c;
+        }
+        let rules = policies
+            .iter()
+            .map(|p| Rule {
+                peer: PeerMatch::Any,
+                port: PortCond::Any,
+                action: Action::Jump(self.policy_chain(p, d)),
+            })
+            .collect();
+        let name = format!("isolated-{}-{}", direction_tag(d), self.dispatch_chains.len());
+        let id = self.push_chain(Chain {
+            name,
+            direction: d,
+            rules,
+            drop_at_end: true,
+            isolated_by: keys.clone(),
+        });
+        self.dispatch_chains.insert((keys, d), id);
+        id
     }
 
     /// The chain of `policy` in `d`, built once however many pods it selects.
@@ -205,7 +236,13 @@ impl Builder<'_> {
             }
         }
         let name = format!("policy-{}-{}", direction_tag(d), policy.key());
-        let id = self.push_chain(name, d, rules, false);
+        let id = self.push_chain(Chain {
+            name,
+            direction: d,
+            rules,
+            drop_at_end: false,
+            isolated_by: Vec::new(),
+        });
         self.policy_chains.insert((policy.key(), d), id);
         id
     }
@@ -235,7 +272,13 @@ impl Builder<'_> {
                     action: Action::Return,
                 }];
                 sub.extend(accepts(PeerMatch::In(inside), ports));
-                let chain = self.push_chain(name, d, sub, false);
+                let chain = self.push_chain(Chain {
+                    name,
+                    direction: d,
+                    rules: sub,
+                    drop_at_end: false,
+                    isolated_by: Vec::new(),
+                });
                 vec![Rule {
                     peer: PeerMatch::Any,
                     port: PortCond::Any,

@@ -3,8 +3,11 @@
 //! sets of (address, protocol, port) for named ports, two verdict maps from a local pod's
 //! address to its chain, and the chains. Two base chains sit on the forward hook: egress at
 //! priority 0, ingress at 1. An accept in the first hands the packet to the second; a drop in
-//! either is final. Each starts by accepting established and related packets. The encoding
-//! follows include/uapi/linux/netfilter/nf_tables.h, as the rest of `nft`.
+//! either is final. Each starts by accepting established and related packets. [`PolicyTable`]
+//! writes a program whose shape (chains and rules) is that of the one before it as the set and
+//! map elements that changed, also in one batch: pods coming, going and changing labels touch
+//! elements only. The encoding follows include/uapi/linux/netfilter/nf_tables.h, as the rest
+//! of `nft`.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
@@ -26,6 +29,7 @@ use crate::policy::model::{Direction, Protocol};
 pub const TABLE: &str = "weft-policy";
 
 const NFT_MSG_NEWSETELEM: u16 = 12;
+const NFT_MSG_DELSETELEM: u16 = 14;
 const NFTA_SET_DATA_TYPE: u16 = 6;
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
@@ -343,8 +347,13 @@ fn element(key: &[u8], jump_to: Option<&str>, interval_end: bool) -> Attrs {
     e
 }
 
-/// NEWSETELEM messages for `set`, a bounded number of elements each.
+/// NEWSETELEM messages for `set`, made in this batch as `id`, a bounded number of elements
+/// each.
 fn elements(set: &str, id: u32, elems: Vec<Attrs>) -> Vec<Message> {
+    element_messages(NFT_MSG_NEWSETELEM, set, Some(id), elems)
+}
+
+fn element_messages(kind: u16, set: &str, id: Option<u32>, elems: Vec<Attrs>) -> Vec<Message> {
     elems
         .chunks(ELEMENTS_PER_MESSAGE)
         .map(|chunk| {
@@ -353,13 +362,134 @@ fn elements(set: &str, id: u32, elems: Vec<Attrs>) -> Vec<Message> {
                 list.nested(NFTA_LIST_ELEM, e);
             }
             let mut a = Attrs::default();
-            a.str(NFTA_SET_ELEM_LIST_TABLE, TABLE)
-                .str(NFTA_SET_ELEM_LIST_SET, set)
-                .u32(NFTA_SET_ELEM_LIST_SET_ID, id)
-                .nested(NFTA_SET_ELEM_LIST_ELEMENTS, &list);
-            (NFT_MSG_NEWSETELEM, NLM_F_CREATE, a)
+            a.str(NFTA_SET_ELEM_LIST_TABLE, TABLE).str(NFTA_SET_ELEM_LIST_SET, set);
+            if let Some(id) = id {
+                a.u32(NFTA_SET_ELEM_LIST_SET_ID, id);
+            }
+            a.nested(NFTA_SET_ELEM_LIST_ELEMENTS, &list);
+            let flags = if kind == NFT_MSG_NEWSETELEM { NLM_F_CREATE } else { 0 };
+            (kind, flags, a)
         })
         .collect()
+}
+
+/// How [`PolicyTable::apply`] wrote a program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Written {
+    /// The table was replaced whole (the first program, or a new shape).
+    Whole,
+    /// This many elements were deleted or added in place.
+    Elements(usize),
+}
+
+/// The table as this agent last wrote it, so that the next program can be written as the
+/// elements that changed.
+#[derive(Debug, Default)]
+pub struct PolicyTable {
+    installed: Option<Program>,
+}
+
+impl PolicyTable {
+    /// Makes the table enforce `p`. After a failure the table is written whole next time: what
+    /// the kernel holds is then not known.
+    pub fn apply(&mut self, sock: &mut NftSocket, p: &Program) -> Result<Written, NftError> {
+        let installed = self.installed.take();
+        let written = match installed {
+            Some(old) if old.same_shape(p) => {
+                let (messages, count) = element_changes(&old, p);
+                if !messages.is_empty() {
+                    sock.send_batch(Family::Inet as u8, &messages)?;
+                }
+                Written::Elements(count)
+            }
+            _ => {
+                install(sock, p)?;
+                Written::Whole
+            }
+        };
+        self.installed = Some(p.clone());
+        Ok(written)
+    }
+}
+
+/// The deletions, then the additions, that turn `old`'s elements into `new`'s (same shape),
+/// and how many elements they touch. An interval set changes by whole runs: a run and its end
+/// are deleted or added together.
+fn element_changes(old: &Program, new: &Program) -> (Vec<Message>, usize) {
+    let mut deletes = Vec::new();
+    let mut adds = Vec::new();
+    let mut count = 0;
+    let mut change = |set: &str, gone: Vec<Attrs>, came: Vec<Attrs>| {
+        count += gone.len() + came.len();
+        deletes.extend(element_messages(NFT_MSG_DELSETELEM, set, None, gone));
+        adds.extend(element_messages(NFT_MSG_NEWSETELEM, set, None, came));
+    };
+    for (i, (was, is)) in old.addrs.iter().zip(&new.addrs).enumerate() {
+        let (was, is) = (runs(was), runs(is));
+        let elems = |a: &BTreeSet<Run>, b: &BTreeSet<Run>| -> Vec<Attrs> {
+            a.difference(b).flat_map(|r| r.elements()).collect()
+        };
+        change(&addr_set(i), elems(&was, &is), elems(&is, &was));
+    }
+    for (i, (was, is)) in old.services.iter().zip(&new.services).enumerate() {
+        let elems = |a: &BTreeSet<_>, b: &BTreeSet<_>| -> Vec<Attrs> {
+            a.difference(b)
+                .filter_map(|(ip, proto, port)| service_key(*ip, *proto, *port))
+                .map(|k| element(&k, None, false))
+                .collect()
+        };
+        change(&service_set(i), elems(was, is), elems(is, was));
+    }
+    for (name, was, is) in
+        [(EGRESS_MAP, &old.egress, &new.egress), (INGRESS_MAP, &old.ingress, &new.ingress)]
+    {
+        let keys: BTreeSet<&IpAddr> = was.keys().chain(is.keys()).collect();
+        let (mut gone, mut came) = (Vec::new(), Vec::new());
+        for ip in keys.into_iter().filter(|ip| was.get(ip) != is.get(ip)) {
+            let IpAddr::V4(v4) = ip else { continue };
+            if was.contains_key(ip) {
+                gone.push(element(&v4.octets(), None, false));
+            }
+            if let Some(c) = is.get(ip) {
+                came.push(element(
+                    &v4.octets(),
+                    Some(&chain_name(*c, &new.chains[*c].name)),
+                    false,
+                ));
+            }
+        }
+        change(name, gone, came);
+    }
+    deletes.extend(adds);
+    (deletes, count)
+}
+
+/// One maximal run of an interval set: its first address and the address after its last
+/// (`None` when it runs to the end of the space).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Run {
+    first: [u8; 4],
+    end: Option<[u8; 4]>,
+}
+
+impl Run {
+    fn elements(&self) -> Vec<Attrs> {
+        let mut out = vec![element(&self.first, None, false)];
+        if let Some(end) = self.end {
+            out.push(element(&end, None, true));
+        }
+        out
+    }
+}
+
+fn runs(set: &BTreeSet<IpNet>) -> BTreeSet<Run> {
+    let mut out = BTreeSet::new();
+    let mut bounds = intervals(set).into_iter().peekable();
+    while let Some((first, _)) = bounds.next() {
+        let end = bounds.next_if(|(_, is_end)| *is_end).map(|(k, _)| k);
+        out.insert(Run { first, end });
+    }
+    out
 }
 
 /// (address, protocol, port) as a concatenated key: each field padded to 4 bytes.
@@ -405,6 +535,9 @@ pub fn intervals(set: &BTreeSet<IpNet>) -> Vec<([u8; 4], bool)> {
 }
 
 #[cfg(test)]
+mod packets;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -424,6 +557,47 @@ mod tests {
         assert_eq!(got, want);
         let all: BTreeSet<IpNet> = ["0.0.0.0/0".parse().expect("net")].into();
         assert_eq!(intervals(&all), vec![([0, 0, 0, 0], false)]);
+    }
+
+    #[test]
+    fn a_changed_run_is_deleted_and_added_whole_with_deletions_first() {
+        let net = |s: &str| -> IpNet { s.parse().expect("net") };
+        let mut old = Program::default();
+        old.addrs.push([net("10.0.0.2/32"), net("10.0.0.9/32")].into());
+        let mut new = old.clone();
+        // 10.0.0.3 joins the run of 10.0.0.2; the run of 10.0.0.9 is untouched.
+        new.addrs[0].insert(net("10.0.0.3/32"));
+        let (messages, count) = element_changes(&old, &new);
+        assert_eq!(count, 4, "the old run's start and end, the new run's start and end");
+        let kinds: Vec<u16> = messages.iter().map(|m| m.0).collect();
+        assert_eq!(kinds, [NFT_MSG_DELSETELEM, NFT_MSG_NEWSETELEM]);
+        let (none, zero) = element_changes(&new, &new);
+        assert!(none.is_empty() && zero == 0);
+    }
+
+    #[test]
+    fn a_pod_moving_to_another_chain_is_one_deletion_and_one_addition() {
+        use crate::policy::compile::Chain as PolicyChain;
+        let chain = |name: &str| PolicyChain {
+            name: name.into(),
+            direction: Direction::Ingress,
+            rules: Vec::new(),
+            drop_at_end: true,
+            isolated_by: Vec::new(),
+        };
+        let ip: IpAddr = "10.32.1.1".parse().expect("ip");
+        let mut old = Program {
+            chains: vec![chain("isolated-in-0"), chain("isolated-in-1")],
+            ..Program::default()
+        };
+        old.ingress.insert(ip, 0);
+        let mut new = old.clone();
+        new.ingress.insert(ip, 1);
+        let (messages, count) = element_changes(&old, &new);
+        assert_eq!(count, 2);
+        assert_eq!(messages.len(), 2);
+        new.ingress.clear();
+        assert_eq!(element_changes(&old, &new).1, 1, "a pod gone is one deletion");
     }
 
     #[test]
