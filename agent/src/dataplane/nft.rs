@@ -600,6 +600,26 @@ impl ListedRule {
     }
 }
 
+/// A rule message's chain and its `counter` expression's packets and bytes.
+fn rule_counter(attrs: &[u8]) -> Option<(String, u64, u64)> {
+    let top = attributes(attrs);
+    let chain = c_string(&find(&top, NFTA_RULE_CHAIN)?);
+    let exprs = find(&top, NFTA_RULE_EXPRESSIONS)?;
+    attributes(&exprs).into_iter().find_map(|(_, elem)| {
+        let elem = attributes(elem);
+        if find(&elem, NFTA_EXPR_NAME).map(|n| c_string(&n)).as_deref() != Some("counter") {
+            return None;
+        }
+        let data = find(&elem, NFTA_EXPR_DATA)?;
+        let data = attributes(&data);
+        let number = |kind: u16| -> Option<u64> {
+            Some(u64::from_be_bytes(find(&data, kind)?.try_into().ok()?))
+        };
+        // NFTA_COUNTER_PACKETS 2, NFTA_COUNTER_BYTES 1.
+        Some((chain.clone(), number(2)?, number(1)?))
+    })
+}
+
 // ---- messages and the socket ----
 
 /// Appends one nfnetlink message (header, nfgenmsg, attributes) to `buf`.
@@ -865,6 +885,18 @@ impl NftSocket {
             return Ok(());
         }
         self.send_batch(family as u8, &inner)
+    }
+
+    /// The counters of a table's rules that have one: (chain, packets, bytes), in the order
+    /// the kernel lists them.
+    pub fn counters(
+        &mut self,
+        family: Family,
+        table: &str,
+    ) -> Result<Vec<(String, u64, u64)>, NftError> {
+        let mut out = Vec::new();
+        self.dump_rules(family, table, None, |payload| out.extend(rule_counter(payload)))?;
+        Ok(out)
     }
 
     /// Number of rules in a table (all chains).

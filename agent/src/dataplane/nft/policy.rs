@@ -24,12 +24,21 @@ use super::{
     meta_load, payload_load, table_attrs, verdict,
 };
 use crate::policy::compile::{Action, PeerMatch, PortCond, Program};
-use crate::policy::model::{Direction, Protocol};
+use crate::policy::model::{Direction, PolicyKey, Protocol};
 
 pub const TABLE: &str = "weft-policy";
 
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DELSETELEM: u16 = 14;
+const NFTA_COUNTER_BYTES: u16 = 1;
+const NFTA_COUNTER_PACKETS: u16 = 2;
+const NFTA_LOG_PREFIX: u16 = 2;
+/// NF_LOG_PREFIXLEN without its terminating NUL.
+const LOG_PREFIX_MAX: usize = 127;
+const NFTA_LIMIT_RATE: u16 = 1;
+const NFTA_LIMIT_UNIT: u16 = 2;
+const NFTA_LIMIT_BURST: u16 = 3;
+const NFTA_LIMIT_TYPE: u16 = 4;
 const NFTA_SET_DATA_TYPE: u16 = 6;
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
@@ -97,8 +106,9 @@ impl Ids {
 
 type Message = (u16, u16, Attrs);
 
-/// The whole table as one batch: replaced atomically, as weft's other tables.
-fn batch(p: &Program) -> Vec<Message> {
+/// The whole table as one batch: replaced atomically, as weft's other tables. With `log`,
+/// what a dispatch chain drops is also logged, rate-limited, naming the policies.
+fn batch(p: &Program, log: bool) -> Vec<Message> {
     let ids = Ids::of(p);
     let mut out: Vec<Message> = vec![
         (NFT_MSG_NEWTABLE, NLM_F_CREATE, table_attrs(TABLE)),
@@ -170,8 +180,13 @@ fn batch(p: &Program) -> Vec<Message> {
             out.push((NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, rule(&name, exprs)));
         }
         if c.drop_at_end {
+            if log {
+                let exprs = vec![log_limit(), log_prefix(c.direction, &c.isolated_by)];
+                out.push((NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, rule(&name, exprs)));
+            }
             let mut counter = Attrs::default();
-            counter.raw(1, &0u64.to_be_bytes()).raw(2, &0u64.to_be_bytes());
+            counter.raw(NFTA_COUNTER_BYTES, &0u64.to_be_bytes());
+            counter.raw(NFTA_COUNTER_PACKETS, &0u64.to_be_bytes());
             let exprs = vec![Expr { name: "counter", data: counter }, verdict(Verdict::Drop)];
             out.push((NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, rule(&name, exprs)));
         }
@@ -181,7 +196,49 @@ fn batch(p: &Program) -> Vec<Message> {
 
 /// Installs the program in the current namespace.
 pub fn install(sock: &mut NftSocket, p: &Program) -> Result<(), NftError> {
-    sock.send_batch(Family::Inet as u8, &batch(p))
+    sock.send_batch(Family::Inet as u8, &batch(p, false))
+}
+
+/// At most this many denials a second are logged per dispatch chain (a burst of twice that):
+/// a flood of denied packets must not flood the kernel log.
+const LOG_PER_SECOND: u64 = 10;
+
+fn log_limit() -> Expr {
+    let mut a = Attrs::default();
+    a.raw(NFTA_LIMIT_RATE, &LOG_PER_SECOND.to_be_bytes())
+        .raw(NFTA_LIMIT_UNIT, &1u64.to_be_bytes())
+        .u32(NFTA_LIMIT_BURST, 2 * LOG_PER_SECOND as u32)
+        .u32(NFTA_LIMIT_TYPE, 0);
+    Expr { name: "limit", data: a }
+}
+
+/// `log prefix "weft-policy deny in x/a,x/b: "`, cut to the kernel's 127 bytes.
+fn log_prefix(d: Direction, policies: &[PolicyKey]) -> Expr {
+    let names: Vec<String> = policies.iter().map(ToString::to_string).collect();
+    let dir = if d == Direction::Ingress { "in" } else { "out" };
+    let mut text = format!("weft-policy deny {dir} {}", names.join(","));
+    if text.len() > LOG_PREFIX_MAX - 2 {
+        let mut cut = LOG_PREFIX_MAX - 5;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push_str("...");
+    }
+    text.push_str(": ");
+    let mut a = Attrs::default();
+    a.str(NFTA_LOG_PREFIX, &text);
+    Expr { name: "log", data: a }
+}
+
+/// What one dispatch chain has dropped since the table was last written whole.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Denied {
+    pub direction: Direction,
+    /// The policies isolating the pods it serves.
+    pub policies: Vec<PolicyKey>,
+    pub packets: u64,
+    pub bytes: u64,
 }
 
 fn base_name(d: Direction) -> &'static str {
@@ -387,9 +444,34 @@ pub enum Written {
 #[derive(Debug, Default)]
 pub struct PolicyTable {
     installed: Option<Program>,
+    log: bool,
 }
 
 impl PolicyTable {
+    /// A table whose drops are also logged to the kernel log (`--policy-log`).
+    pub fn logging() -> PolicyTable {
+        PolicyTable { installed: None, log: true }
+    }
+
+    /// The drop counters of the dispatch chains, with the policies each stands for.
+    pub fn denied(&self, sock: &mut NftSocket) -> Result<Vec<Denied>, NftError> {
+        let Some(p) = &self.installed else { return Ok(Vec::new()) };
+        let mut out = Vec::new();
+        for (chain, packets, bytes) in sock.counters(Family::Inet, TABLE)? {
+            let index = chain.split_once('-').and_then(|(i, _)| i.parse::<usize>().ok());
+            let Some(c) = index.and_then(|i| p.chains.get(i)).filter(|c| c.drop_at_end) else {
+                continue;
+            };
+            out.push(Denied {
+                direction: c.direction,
+                policies: c.isolated_by.clone(),
+                packets,
+                bytes,
+            });
+        }
+        Ok(out)
+    }
+
     /// Makes the table enforce `p`. After a failure the table is written whole next time: what
     /// the kernel holds is then not known.
     pub fn apply(&mut self, sock: &mut NftSocket, p: &Program) -> Result<Written, NftError> {
@@ -403,7 +485,7 @@ impl PolicyTable {
                 Written::Elements(count)
             }
             _ => {
-                install(sock, p)?;
+                sock.send_batch(Family::Inet as u8, &batch(p, self.log))?;
                 Written::Whole
             }
         };
@@ -598,6 +680,21 @@ mod tests {
         assert_eq!(messages.len(), 2);
         new.ingress.clear();
         assert_eq!(element_changes(&old, &new).1, 1, "a pod gone is one deletion");
+    }
+
+    #[test]
+    fn a_long_log_prefix_is_cut_to_the_kernels_limit() {
+        let key = |i: usize| PolicyKey { namespace: "default".into(), name: format!("policy-{i}") };
+        let prefix =
+            |e: Expr| String::from_utf8_lossy(&e.data.0[4..]).trim_end_matches('\0').to_owned();
+        let short = prefix(log_prefix(Direction::Ingress, &[key(1)]));
+        assert_eq!(short, "weft-policy deny in default/policy-1: ");
+        let many: Vec<PolicyKey> = (0..20).map(key).collect();
+        let long = prefix(log_prefix(Direction::Egress, &many));
+        assert!(long.len() <= LOG_PREFIX_MAX, "{} bytes", long.len());
+        assert!(
+            long.starts_with("weft-policy deny out default/policy-0,") && long.ends_with("...: ")
+        );
     }
 
     #[test]
