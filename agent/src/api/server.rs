@@ -19,11 +19,15 @@ use crate::endpoints::error::EndpointError;
 use crate::endpoints::record::{EndpointRecord, Kind, PodRef};
 use crate::endpoints::state::{AttachReserve, CniReserve};
 use crate::endpoints::{CniAdd, CniAdded, Readiness};
+use crate::netpol::GateError;
+use crate::policy::model::PodKey;
 use crate::services::Services;
 use crate::status::report::collect;
 
 /// How long a leaving agent waits for the heir of its address space to confirm.
 const LEAVE_WAIT: Duration = Duration::from_secs(10);
+/// How long CNI ADD waits for NetworkPolicy to account for the new pod (k8s-wave §2.2).
+const POLICY_WAIT: Duration = Duration::from_secs(10);
 
 /// Serves the API until the agent shuts down.
 pub async fn serve(svc: Arc<Services>, listener: UnixListener) {
@@ -158,6 +162,28 @@ impl Service {
     }
 }
 
+impl Service {
+    /// With NetworkPolicy on, a pod starts only once the kernel enforces the policies that
+    /// concern it: otherwise its first packets would pass unfiltered, and packets from it
+    /// would be dropped by policies that allow it but do not list its address yet.
+    async fn policy_in_place(&self, rec: &EndpointRecord) -> Result<(), EndpointError> {
+        let (Some(gate), Some(pod)) = (&self.svc.policy, &rec.pod) else { return Ok(()) };
+        if pod.namespace.is_empty() || pod.name.is_empty() {
+            return Ok(());
+        }
+        let key = PodKey::new(&pod.namespace, &pod.name);
+        let deadline = Instant::now() + POLICY_WAIT;
+        for ip in rec.addresses.iter().map(IpNet::addr) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            gate.wait_programmed(&key, ip, left).await.map_err(|e| match e {
+                GateError::Stopped => EndpointError::Stopped,
+                e @ GateError::Timeout { .. } => EndpointError::NotReady(e.to_string()),
+            })?;
+        }
+        Ok(())
+    }
+}
+
 #[tonic::async_trait]
 impl v1::agent_server::Agent for Service {
     async fn hello(
@@ -197,7 +223,9 @@ impl v1::agent_server::Agent for Service {
                 return Err(bad("container_id", "is empty"));
             }
             let wait_ready = Duration::from_millis(u64::from(req.wait_ready_ms));
-            self.svc.hub.endpoints.cni_add(CniAdd { reserve, wait_ready }).await
+            let added = self.svc.hub.endpoints.cni_add(CniAdd { reserve, wait_ready }).await?;
+            self.policy_in_place(&added.record).await?;
+            Ok(added)
         };
         let added = self.timed("ADD", work).await?;
         Ok(Response::new(add_reply(&added)))
