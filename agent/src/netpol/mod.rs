@@ -54,6 +54,53 @@ pub struct Programmed {
     pub error: Option<String>,
 }
 
+/// The status report's `policy` part (docs/status.md), rendered by `weft status policy`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PolicyReport {
+    /// Kinds not listed from the API yet (`namespaces`, `pods`, `networkpolicies`).
+    pub unlisted: Vec<String>,
+    /// Programs the kernel has taken since the agent started.
+    pub installs: u64,
+    /// The kernel's last refusal (empty when it took the last program).
+    #[serde(default)]
+    pub error: String,
+    /// This node's pods in the installed program.
+    pub pods: Vec<PolicyPodReport>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PolicyPodReport {
+    /// `namespace/name`.
+    pub pod: String,
+    pub addresses: Vec<IpAddr>,
+    /// The policies isolating it for ingress (`namespace/name`); empty: not isolated.
+    pub ingress: Vec<String>,
+    pub egress: Vec<String>,
+}
+
+impl Programmed {
+    pub fn report(&self) -> PolicyReport {
+        let names = |keys: &[crate::policy::model::PolicyKey]| -> Vec<String> {
+            keys.iter().map(ToString::to_string).collect()
+        };
+        PolicyReport {
+            unlisted: self.unlisted.iter().map(|k| k.name().to_owned()).collect(),
+            installs: self.installs,
+            error: self.error.clone().unwrap_or_default(),
+            pods: self
+                .pods
+                .values()
+                .map(|p| PolicyPodReport {
+                    pod: p.key.to_string(),
+                    addresses: p.ips.clone(),
+                    ingress: names(&p.ingress),
+                    egress: names(&p.egress),
+                })
+                .collect(),
+        }
+    }
+}
+
 /// A CNI ADD that cannot be let through yet.
 #[derive(Debug, thiserror::Error)]
 pub enum GateError {
