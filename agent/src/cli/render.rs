@@ -480,10 +480,7 @@ mod tests {
         use crate::netpol::{PolicyPodReport, PolicyReport};
         let mut r = Report::default();
         assert!(policy(&r)[0].contains("not enforced"));
-        r.policy = Some(PolicyReport {
-            unlisted: vec!["pods".into()],
-            ..PolicyReport::default()
-        });
+        r.policy = Some(PolicyReport { unlisted: vec!["pods".into()], ..PolicyReport::default() });
         assert!(status(&r).join("\n").contains("NetworkPolicy: waiting for the API's pods"));
         r.policy = Some(PolicyReport {
             unlisted: Vec::new(),

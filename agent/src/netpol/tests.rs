@@ -108,8 +108,7 @@ impl Drop for Rig {
 #[tokio::test]
 async fn events_in_program_applied_after_every_kind_is_listed() {
     let r = Rig::start();
-    r.list(vec![pod("web", vec![ip(2)]), pod("db", vec![ip(3)])], vec![deny_ingress("web")])
-        .await;
+    r.list(vec![pod("web", vec![ip(2)]), pod("db", vec![ip(3)])], vec![deny_ingress("web")]).await;
     let p = r.until("first install", |p| p.installs >= 1).await;
     assert!(p.unlisted.is_empty());
     let first = r.kernel.applied.lock().expect("not poisoned")[0].clone();
