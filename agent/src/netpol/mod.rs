@@ -122,6 +122,12 @@ pub struct PolicyHandle {
 }
 
 impl PolicyHandle {
+    /// A handle over a published state the test sets by hand.
+    #[cfg(test)]
+    pub(crate) fn from_receiver(programmed: watch::Receiver<Arc<Programmed>>) -> PolicyHandle {
+        PolicyHandle { programmed }
+    }
+
     pub fn programmed(&self) -> Arc<Programmed> {
         self.programmed.borrow().clone()
     }
