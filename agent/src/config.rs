@@ -181,6 +181,11 @@ pub struct AgentArgs {
     /// Where Kubernetes mode writes 10-weft.conflist.
     #[arg(long, env = "WEFT_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
     pub cni_conf_dir: PathBuf,
+
+    /// Kubernetes mode: do not enforce NetworkPolicies (on by default there; the nftables
+    /// table `inet weft-policy` is then neither written nor removed; docs/network-policy.md).
+    #[arg(long, env = "WEFT_NO_NETWORK_POLICY")]
+    pub no_network_policy: bool,
 }
 
 /// `--status-addr`: an address, or off.
@@ -312,6 +317,7 @@ impl AgentArgs {
             cni_conf_dir: self.cni_conf_dir.clone(),
             socket: socket.to_path_buf(),
             mesh_port,
+            network_policy: !self.no_network_policy,
         }))
     }
 
@@ -404,6 +410,13 @@ impl AgentArgs {
             ));
         }
         let kube = self.kube_config(&socket, mesh.port)?;
+        if kube.is_none() && self.no_network_policy {
+            warnings.push(
+                "--no-network-policy has no effect outside Kubernetes mode (NetworkPolicies \
+                 are only enforced with --kube)"
+                    .to_owned(),
+            );
+        }
         // A Node's name is what Kubernetes users know a host by (and where the hostname is not
         // the Node name, the only one that matches `kubectl get nodes`).
         let nickname = self.nickname.clone().unwrap_or_else(|| match &kube {
@@ -493,6 +506,11 @@ mod tests {
         assert_eq!(k.socket, PathBuf::from("/run/weft/weft.sock"));
         assert_eq!(cfg.nickname, "n1", "a Node's agent is known by the Node's name");
         assert!(validate(&["--kube=false", "--node-name", "n1"]).expect("valid").kube.is_none());
+        assert!(k.network_policy, "NetworkPolicy is enforced by default in Kubernetes mode");
+        let off = validate(&["--kube", "--node-name", "n1", "--no-network-policy"]).expect("valid");
+        assert!(!off.kube.expect("kube mode").network_policy);
+        let outside = validate(&["--kube=false", "--no-network-policy"]).expect("valid");
+        assert!(outside.warnings.iter().any(|w| w.contains("--no-network-policy")));
         if std::env::var_os("NODE_NAME").is_none() {
             let e = validate(&["--kube"]).expect_err("no node name");
             assert!(e.to_string().contains("--node-name"), "{e}");

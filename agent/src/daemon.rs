@@ -162,6 +162,7 @@ pub async fn run(cfg: AgentConfig, log_filter: &str) -> anyhow::Result<()> {
     let overlay =
         overlay::start(overlay_config(&cfg, &identity, mtu, underlay_mtu), &hub, links, &mut tasks)
             .await?;
+    let policy = kube.as_ref().and_then(|k| start_policy(k, &hub, &mut tasks));
     if let Some(k) = kube {
         crate::kube::start(k, dp.clone(), &hub, &mut tasks);
     }
@@ -170,7 +171,7 @@ pub async fn run(cfg: AgentConfig, log_filter: &str) -> anyhow::Result<()> {
     }
     // Every gossip channel is registered by now.
     hub.mesh.open();
-    let svc = Arc::new(Services { hub, overlay, dns, ready });
+    let svc = Arc::new(Services { hub, overlay, dns, ready, policy });
     serve(&cfg, svc.clone(), &mut tasks).await?;
     tasks.spawn("signals", watch_signals(shutdown.clone()));
     tasks.spawn(
@@ -179,6 +180,7 @@ pub async fn run(cfg: AgentConfig, log_filter: &str) -> anyhow::Result<()> {
     );
 
     tasks.run().await;
+    // The NetworkPolicy table stays too: pods stay isolated while the agent restarts.
     info!("weft agent stopping; the kernel state stays in place");
     // Graceful shutdown waits for API clients to hang up; one that keeps its connection open
     // must not keep the agent alive.
@@ -191,6 +193,18 @@ pub async fn run(cfg: AgentConfig, log_filter: &str) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&cfg.socket);
     info!("weft agent stopped");
     Ok(())
+}
+
+/// NetworkPolicy enforcement fed by Kubernetes mode's watches, unless turned off.
+fn start_policy(
+    kube: &crate::kube::Prepared,
+    hub: &Hub,
+    tasks: &mut Tasks,
+) -> Option<crate::netpol::PolicyHandle> {
+    let events = kube.policy_events(tasks)?;
+    let cfg = crate::netpol::NetpolConfig { node: kube.node_name().to_owned() };
+    let kernel = Arc::new(crate::netpol::kernel::NftPolicyKernel);
+    Some(crate::netpol::start(cfg, hub, tasks, events, kernel))
 }
 
 fn open_store(cfg: &AgentConfig) -> anyhow::Result<Arc<Store>> {

@@ -25,6 +25,7 @@ pub mod ipam;
 pub mod kube;
 pub mod mesh;
 pub mod metrics;
+pub mod netpol;
 pub mod overlay;
 pub mod policy;
 pub mod proto;

@@ -5,6 +5,7 @@ use tokio::sync::watch;
 
 use crate::dns::Dns;
 use crate::endpoints::Readiness;
+use crate::netpol::PolicyHandle;
 use crate::overlay::OverlayReport;
 use crate::subsystem::Hub;
 
@@ -16,4 +17,7 @@ pub struct Services {
     /// `None` with --no-dns.
     pub dns: Option<Dns>,
     pub ready: watch::Receiver<Readiness>,
+    /// NetworkPolicy enforcement (Kubernetes mode, unless --no-network-policy): CNI ADD
+    /// waits for it.
+    pub policy: Option<PolicyHandle>,
 }

@@ -19,11 +19,15 @@ use crate::endpoints::error::EndpointError;
 use crate::endpoints::record::{EndpointRecord, Kind, PodRef};
 use crate::endpoints::state::{AttachReserve, CniReserve};
 use crate::endpoints::{CniAdd, CniAdded, Readiness};
+use crate::netpol::{GateError, PolicyHandle};
+use crate::policy::model::PodKey;
 use crate::services::Services;
 use crate::status::report::collect;
 
 /// How long a leaving agent waits for the heir of its address space to confirm.
 const LEAVE_WAIT: Duration = Duration::from_secs(10);
+/// How long CNI ADD waits for NetworkPolicy to account for the new pod (k8s-wave §2.2).
+const POLICY_WAIT: Duration = Duration::from_secs(10);
 
 /// Serves the API until the agent shuts down.
 pub async fn serve(svc: Arc<Services>, listener: UnixListener) {
@@ -158,6 +162,37 @@ impl Service {
     }
 }
 
+impl Service {
+    async fn policy_in_place(&self, rec: &EndpointRecord) -> Result<(), EndpointError> {
+        policy_in_place(self.svc.policy.as_ref(), rec, POLICY_WAIT).await
+    }
+}
+
+/// With NetworkPolicy on, a pod starts only once the kernel enforces the policies that concern
+/// it: otherwise its first packets would pass unfiltered, and packets from it would be dropped
+/// by policies that allow it but do not list its address yet. Not in place within `wait`: a
+/// retryable error (the runtime tries the ADD again) saying what to check.
+async fn policy_in_place(
+    gate: Option<&PolicyHandle>,
+    rec: &EndpointRecord,
+    wait: Duration,
+) -> Result<(), EndpointError> {
+    let (Some(gate), Some(pod)) = (gate, &rec.pod) else { return Ok(()) };
+    if pod.namespace.is_empty() || pod.name.is_empty() {
+        return Ok(());
+    }
+    let key = PodKey::new(&pod.namespace, &pod.name);
+    let deadline = Instant::now() + wait;
+    for ip in rec.addresses.iter().map(IpNet::addr) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        gate.wait_programmed(&key, ip, left).await.map_err(|e| match e {
+            GateError::Stopped => EndpointError::Stopped,
+            e @ GateError::Timeout { .. } => EndpointError::NotReady(e.to_string()),
+        })?;
+    }
+    Ok(())
+}
+
 #[tonic::async_trait]
 impl v1::agent_server::Agent for Service {
     async fn hello(
@@ -197,7 +232,9 @@ impl v1::agent_server::Agent for Service {
                 return Err(bad("container_id", "is empty"));
             }
             let wait_ready = Duration::from_millis(u64::from(req.wait_ready_ms));
-            self.svc.hub.endpoints.cni_add(CniAdd { reserve, wait_ready }).await
+            let added = self.svc.hub.endpoints.cni_add(CniAdd { reserve, wait_ready }).await?;
+            self.policy_in_place(&added.record).await?;
+            Ok(added)
         };
         let added = self.timed("ADD", work).await?;
         Ok(Response::new(add_reply(&added)))
@@ -460,5 +497,84 @@ impl v1::agent_server::Agent for Service {
         // The server shuts down gracefully: this reply, already in flight, is still sent.
         self.svc.hub.shutdown.cancel();
         Ok(Response::new(v1::StopReply {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    use tokio::sync::watch;
+
+    use super::*;
+    use crate::netpol::Programmed;
+    use crate::policy::state::LocalPod;
+
+    fn pod_record(addr: &str) -> EndpointRecord {
+        EndpointRecord {
+            id: "cni:c1/eth0".into(),
+            kind: Kind::Cni,
+            netns: Some(PathBuf::from("/run/netns/p1")),
+            ifname: "eth0".into(),
+            host_ifname: "vethwe1".into(),
+            addresses: vec![addr.parse().expect("a prefix")],
+            routes: Vec::new(),
+            mtu: 1376,
+            hairpin: false,
+            network: Some("weft".into()),
+            container_id: Some("c1".into()),
+            pod: Some(PodRef { namespace: "ns".into(), name: "web".into(), uid: String::new() }),
+            hostname: None,
+            aliases: Vec::new(),
+            mac: None,
+            host_mac: None,
+            created: 0,
+        }
+    }
+
+    fn programmed_with(ip: &str) -> Programmed {
+        let key = PodKey::new("ns", "web");
+        let pod = LocalPod {
+            key: key.clone(),
+            ips: vec![ip.parse().expect("an address")],
+            ingress: Vec::new(),
+            egress: Vec::new(),
+        };
+        Programmed { installs: 1, pods: BTreeMap::from([(key, pod)]), ..Programmed::default() }
+    }
+
+    #[tokio::test]
+    async fn cni_add_waits_for_policy_and_fails_retryably_naming_what_to_check() {
+        let (tx, rx) = watch::channel(Arc::new(Programmed::default()));
+        let gate = PolicyHandle::from_receiver(rx);
+        let rec = pod_record("10.32.0.9/12");
+        let wait = Duration::from_secs(10);
+
+        // Without policy enforcement, or for a non-pod endpoint, nothing is waited for.
+        policy_in_place(None, &rec, wait).await.expect("no gate");
+        let no_pod = EndpointRecord { pod: None, ..rec.clone() };
+        policy_in_place(Some(&gate), &no_pod, Duration::ZERO).await.expect("not a pod");
+
+        // The ADD returns once the program accounts for the pod at its address.
+        let waiting = {
+            let (gate, rec) = (gate.clone(), rec.clone());
+            tokio::spawn(async move { policy_in_place(Some(&gate), &rec, wait).await })
+        };
+        tx.send_replace(Arc::new(programmed_with("10.32.0.9")));
+        waiting.await.expect("no panic").expect("in place");
+
+        // The pod at another address only: a retryable error that says what to check.
+        tx.send_replace(Arc::new(programmed_with("10.32.0.8")));
+        let e = policy_in_place(Some(&gate), &rec, Duration::from_millis(100))
+            .await
+            .expect_err("not this address");
+        assert!(matches!(e, EndpointError::NotReady(_)), "{e:?}");
+        let status = Status::from(e);
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        let msg = status.message();
+        assert!(msg.contains("NetworkPolicy for pod ns/web (10.32.0.9)"), "{msg}");
+        assert!(msg.contains("not at this address"), "{msg}");
+        assert!(msg.contains("RBAC"), "{msg}");
     }
 }

@@ -125,6 +125,8 @@ pub async fn status(socket: &Path, what: Option<StatusView>, json: bool) -> Resu
         (Some(StatusView::Ipam), false) => print_lines(render::ipam(&r)),
         (Some(StatusView::Dns), true) => print_json(&r.dns),
         (Some(StatusView::Dns), false) => print_lines(render::dns(&r)),
+        (Some(StatusView::Policy), true) => print_json(&r.policy),
+        (Some(StatusView::Policy), false) => print_lines(render::policy(&r)),
         (Some(StatusView::Targets), true) => print_json(&r.mesh.targets),
         (Some(StatusView::Targets), false) => print_lines(render::targets(&r.mesh.targets)),
     }

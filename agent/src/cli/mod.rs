@@ -48,6 +48,8 @@ pub enum StatusView {
     Targets,
     Ipam,
     Dns,
+    /// NetworkPolicy: this node's pods and the policies isolating each.
+    Policy,
 }
 
 #[derive(Subcommand, Debug)]

@@ -70,6 +70,7 @@ pub fn status(r: &Report) -> Vec<String> {
         field("fastdp", &r.overlay.fastdp),
         String::new(),
         field("DNS", dns_summary(r)),
+        field("NetworkPolicy", policy_summary(r)),
     ];
     if !r.endpoints.quarantined.is_empty() {
         let at = lines.iter().position(|l| l.contains("Kubernetes pods")).map_or(0, |i| i + 1);
@@ -145,6 +146,52 @@ fn dns_summary(r: &Report) -> String {
         d.entries.iter().map(|e| e.name.as_str()).collect();
     let place = if d.listen.is_empty() { d.listen_problem.clone() } else { d.listen.join(", ") };
     format!("{} ({} names, {} entries), {place}", d.domain, names.len(), d.entries.len())
+}
+
+fn policy_summary(r: &Report) -> String {
+    let Some(p) = &r.policy else {
+        return "not enforced (Kubernetes mode only; off with --no-network-policy)".to_owned();
+    };
+    if !p.unlisted.is_empty() {
+        return format!("waiting for the API's {}", p.unlisted.join(", "));
+    }
+    let isolated = p.pods.iter().filter(|x| !x.ingress.is_empty() || !x.egress.is_empty());
+    let mut out = format!(
+        "enforced: {} local pods, {} isolated; {} programs installed",
+        p.pods.len(),
+        isolated.count(),
+        p.installs
+    );
+    if !p.error.is_empty() {
+        out.push_str(&format!("; the kernel refused the last one: {}", p.error));
+    }
+    out
+}
+
+/// `weft status policy`: this node's pods in the installed program and the policies that
+/// isolate each, per direction.
+pub fn policy(r: &Report) -> Vec<String> {
+    let Some(p) = &r.policy else {
+        return vec![
+            "NetworkPolicy is not enforced by this agent (Kubernetes mode only; off with \
+             --no-network-policy)"
+                .into(),
+        ];
+    };
+    let mut out = vec![field("NetworkPolicy", policy_summary(r)), String::new()];
+    out.push(format!("{:<40} {:<24} {:<32} {}", "POD", "ADDRESSES", "INGRESS", "EGRESS"));
+    let list = |v: &[String]| if v.is_empty() { "-".to_owned() } else { v.join(",") };
+    for pod in &p.pods {
+        let addrs: Vec<String> = pod.addresses.iter().map(ToString::to_string).collect();
+        out.push(format!(
+            "{:<40} {:<24} {:<32} {}",
+            pod.pod,
+            addrs.join(","),
+            list(&pod.ingress),
+            list(&pod.egress)
+        ));
+    }
+    out
 }
 
 /// `weft status dns`: where the server listens, its upstreams, and every live entry (name,
@@ -426,5 +473,39 @@ mod tests {
             ..rows[0].clone()
         };
         assert_eq!(ps(&[docker]), vec!["docker-cli:c0ffee 0a:58:0a:20:00:02 10.32.0.2/12 plain"]);
+    }
+
+    #[test]
+    fn policy_lists_local_pods_and_what_isolates_them() {
+        use crate::netpol::{PolicyPodReport, PolicyReport};
+        let mut r = Report::default();
+        assert!(policy(&r)[0].contains("not enforced"));
+        r.policy = Some(PolicyReport { unlisted: vec!["pods".into()], ..PolicyReport::default() });
+        assert!(status(&r).join("\n").contains("NetworkPolicy: waiting for the API's pods"));
+        r.policy = Some(PolicyReport {
+            unlisted: Vec::new(),
+            installs: 3,
+            error: String::new(),
+            pods: vec![
+                PolicyPodReport {
+                    pod: "ns/web".into(),
+                    addresses: vec!["10.32.0.2".parse().unwrap()],
+                    ingress: vec!["ns/deny-web".into(), "ns/allow-db".into()],
+                    egress: Vec::new(),
+                },
+                PolicyPodReport {
+                    pod: "ns/db".into(),
+                    addresses: vec!["10.32.0.3".parse().unwrap()],
+                    ..PolicyPodReport::default()
+                },
+            ],
+        });
+        let lines = policy(&r);
+        assert!(lines[0].contains("enforced: 2 local pods, 1 isolated; 3 programs installed"));
+        let web = lines.iter().find(|l| l.starts_with("ns/web")).expect("web's line");
+        let cells: Vec<&str> = web.split_whitespace().collect();
+        assert_eq!(cells, vec!["ns/web", "10.32.0.2", "ns/deny-web,ns/allow-db", "-"]);
+        let db = lines.iter().find(|l| l.starts_with("ns/db")).expect("db's line");
+        assert_eq!(db.split_whitespace().collect::<Vec<_>>(), vec!["ns/db", "10.32.0.3", "-", "-"]);
     }
 }

@@ -1,5 +1,6 @@
-//! The real [`KubeApi`] over kube-rs (rustls), and the Node watch that feeds the peer
-//! source and the reclaim filter. Configuration comes from KUBECONFIG (or ~/.kube/config)
+//! The real [`KubeApi`] over kube-rs (rustls), the Node watch that feeds the peer
+//! source and the reclaim filter, and the watches of NetworkPolicies, Pods and Namespaces,
+//! parsed here into the policy state's events. Configuration comes from KUBECONFIG (or ~/.kube/config)
 //! when set, else from the in-cluster ServiceAccount.
 
 use std::collections::BTreeMap;
@@ -7,17 +8,21 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::api::core::v1::{ConfigMap, Node};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use super::api::{ApiError, KubeApi, LeaseRecord, NodeInfo, Stored, Write};
+use crate::policy::model::{PodKey, PolicyKey};
+use crate::policy::parse::{self, ParseError};
+use crate::policy::state::{Change, Event};
 
 /// The API server, as the agent's ServiceAccount (or KUBECONFIG) sees it.
 #[derive(Clone)]
@@ -169,19 +174,7 @@ impl KubeClient {
                         n.metadata.name.as_ref().is_some_and(|name| nodes.remove(name).is_some())
                     }
                     Err(e) => {
-                        let msg = match &e {
-                            watcher::Error::InitialListFailed(kube::Error::Api(s))
-                            | watcher::Error::WatchStartFailed(kube::Error::Api(s))
-                                if s.is_forbidden() =>
-                            {
-                                format!(
-                                    "list/watch nodes: forbidden; the weft ServiceAccount needs \
-                                     RBAC permission to list and watch nodes: {}",
-                                    s.message
-                                )
-                            }
-                            e => format!("watching nodes: {e}"),
-                        };
+                        let msg = watch_error("nodes", &e);
                         if msg != last_error {
                             warn!("{msg} (retrying)");
                             last_error = msg;
@@ -196,6 +189,146 @@ impl KubeClient {
             }
         };
         (rx, task)
+    }
+
+    /// Watches NetworkPolicies, Pods and Namespaces (all namespaces) until shutdown, each
+    /// parsed into [`Event`]s: the whole list after every (re)listing, then each change. An
+    /// object that cannot be read is logged with the field that is wrong and left out (an
+    /// unreadable update removes the version read before: a policy weft cannot read is not
+    /// half enforced). Errors (RBAC, a lost connection) are logged and retried with backoff.
+    pub fn watch_policy_objects(
+        &self,
+        shutdown: CancellationToken,
+    ) -> (mpsc::Receiver<Event>, impl Future<Output = ()> + Send + 'static) {
+        let (tx, rx) = mpsc::channel(256);
+        let policies = Watched {
+            what: "networkpolicies",
+            parse: parse::policy,
+            key: |p: &NetworkPolicy| {
+                let m = &p.metadata;
+                Some(PolicyKey { namespace: m.namespace.clone()?, name: m.name.clone()? })
+            },
+            wrap: Event::Policy,
+        };
+        let pods = Watched {
+            what: "pods",
+            parse: parse::pod,
+            key: |p: &Pod| {
+                let m = &p.metadata;
+                Some(PodKey { namespace: m.namespace.clone()?, name: m.name.clone()? })
+            },
+            wrap: Event::Pod,
+        };
+        let namespaces = Watched {
+            what: "namespaces",
+            parse: parse::namespace,
+            key: |n: &Namespace| n.metadata.name.clone(),
+            wrap: Event::Namespace,
+        };
+        let client = &self.client;
+        let task = futures_util::future::join3(
+            policies.run(Api::all(client.clone()), tx.clone(), shutdown.clone()),
+            pods.run(Api::all(client.clone()), tx.clone(), shutdown.clone()),
+            namespaces.run(Api::all(client.clone()), tx, shutdown),
+        );
+        (rx, async move {
+            task.await;
+        })
+    }
+}
+
+/// What a watch error means to the person running weft; RBAC refusals say what to grant.
+fn watch_error(what: &str, e: &watcher::Error) -> String {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+            if s.is_forbidden() =>
+        {
+            format!(
+                "list/watch {what}: forbidden; the weft ServiceAccount needs RBAC permission to \
+                 list and watch {what}: {}",
+                s.message
+            )
+        }
+        e => format!("watching {what}: {e}"),
+    }
+}
+
+/// One kind of object watched for the policy state: how it is read and keyed.
+struct Watched<K, T, Key> {
+    what: &'static str,
+    parse: fn(&K) -> Result<T, ParseError>,
+    key: fn(&K) -> Option<Key>,
+    wrap: fn(Change<T, Key>) -> Event,
+}
+
+impl<K, T, Key> Watched<K, T, Key>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    async fn run(self, api: Api<K>, tx: mpsc::Sender<Event>, shutdown: CancellationToken) {
+        let stream = watcher(api, watcher::Config::default()).default_backoff();
+        futures_util::pin_mut!(stream);
+        let mut listing: Option<Vec<T>> = None;
+        let mut last_error = String::new();
+        loop {
+            let ev = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                ev = stream.next() => match ev { Some(ev) => ev, None => return },
+            };
+            let change = match ev {
+                Ok(watcher::Event::Init) => {
+                    listing = Some(Vec::new());
+                    None
+                }
+                Ok(watcher::Event::InitApply(o)) => {
+                    if let (Some(l), Some(t)) = (listing.as_mut(), self.read(&o)) {
+                        l.push(t);
+                    }
+                    None
+                }
+                Ok(watcher::Event::InitDone) => {
+                    last_error.clear();
+                    Some(Change::Resync(listing.take().unwrap_or_default()))
+                }
+                Ok(watcher::Event::Apply(o)) => match self.read(&o) {
+                    Some(t) => Some(Change::Apply(t)),
+                    None => (self.key)(&o).map(Change::Delete),
+                },
+                Ok(watcher::Event::Delete(o)) => (self.key)(&o).map(Change::Delete),
+                Err(e) => {
+                    let msg = watch_error(self.what, &e);
+                    if msg != last_error {
+                        warn!("{msg} (retrying)");
+                        last_error = msg;
+                    }
+                    None
+                }
+            };
+            if let Some(c) = change {
+                if tx.send((self.wrap)(c)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    fn read(&self, o: &K) -> Option<T> {
+        match (self.parse)(o) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                let m = o.meta();
+                let ns = m.namespace.as_deref().map(|n| format!("{n}/")).unwrap_or_default();
+                let name = m.name.as_deref().unwrap_or("?");
+                warn!(
+                    object = format!("{}/{ns}{name}", self.what),
+                    error = %e,
+                    "cannot read this object; left out of NetworkPolicy enforcement"
+                );
+                None
+            }
+        }
     }
 }
 

@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -33,10 +33,11 @@ use crate::endpoints::ipam::{IpamHandle, ReclaimError};
 use crate::identity::PeerName;
 use crate::ipam::InitMode;
 use crate::mesh::view::MeshView;
+use crate::policy::state::Event;
 use crate::subsystem::{Hub, Tasks};
 
 /// Kubernetes-mode settings (from `--kube`, `--node-name`, `--kube-namespace`,
-/// `--cni-conf-dir`).
+/// `--cni-conf-dir`, `--no-network-policy`).
 #[derive(Clone, Debug)]
 pub struct KubeConfig {
     /// This Node's name (the downward API's spec.nodeName).
@@ -49,6 +50,8 @@ pub struct KubeConfig {
     pub socket: PathBuf,
     /// The mesh port every agent of the cluster listens on.
     pub mesh_port: u16,
+    /// Enforce NetworkPolicies on this node (off with `--no-network-policy`).
+    pub network_policy: bool,
 }
 
 /// The namespace the agent runs in: the ServiceAccount's, else kube-system.
@@ -118,6 +121,22 @@ impl Prepared {
     /// The init mode for IP allocation, if this mode decided one.
     pub fn init_mode(&self) -> Option<InitMode> {
         self.decision.as_ref().map(|d| d.mode.clone())
+    }
+
+    pub fn node_name(&self) -> &str {
+        &self.cfg.node_name
+    }
+
+    /// Starts the NetworkPolicy, Pod and Namespace watches when enforcement is on, and hands
+    /// back their events (the daemon passes them to `netpol`, which this module does not
+    /// know).
+    pub fn policy_events(&self, tasks: &mut Tasks) -> Option<mpsc::Receiver<Event>> {
+        if !self.cfg.network_policy {
+            return None;
+        }
+        let (events, task) = self.api.watch_policy_objects(tasks.shutdown().clone());
+        tasks.spawn("kube-policy-watch", task);
+        Some(events)
     }
 }
 

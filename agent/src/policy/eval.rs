@@ -82,6 +82,18 @@ impl Cluster {
         self.policies.insert(policy.key(), policy);
     }
 
+    pub fn remove_namespace(&mut self, name: &str) {
+        self.namespaces.remove(name);
+    }
+
+    pub fn remove_pod(&mut self, key: &PodKey) {
+        self.pods.remove(key);
+    }
+
+    pub fn remove_policy(&mut self, key: &PolicyKey) {
+        self.policies.remove(key);
+    }
+
     /// The party an address stands for: a live pod's, else a node's (a hostNetwork pod's
     /// address is its node's), else just the address.
     pub fn party_of(&self, ip: IpAddr) -> Party {

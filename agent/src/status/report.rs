@@ -23,6 +23,10 @@ pub struct Report {
     /// Absent when the agent runs with --no-dns.
     #[serde(default)]
     pub dns: Option<crate::dns::DnsReport>,
+    /// NetworkPolicy enforcement; absent outside Kubernetes mode and with
+    /// --no-network-policy.
+    #[serde(default)]
+    pub policy: Option<crate::netpol::PolicyReport>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,5 +57,6 @@ pub async fn collect(svc: &Services) -> Report {
         mesh: svc.hub.mesh.report(),
         overlay: svc.overlay.borrow().clone(),
         dns,
+        policy: svc.policy.as_ref().map(|p| p.programmed().report()),
     }
 }
