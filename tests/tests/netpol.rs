@@ -73,9 +73,12 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        if !self.ours || (std::thread::panicking() && std::env::var("WK8S_KEEP").as_deref() == Ok("1"))
+        if !self.ours
+            || (std::thread::panicking() && std::env::var("WK8S_KEEP").as_deref() == Ok("1"))
         {
-            eprintln!("lab left running: eval \"$(scripts/k8s-lab.sh env)\"; scripts/k8s-lab.sh down");
+            eprintln!(
+                "lab left running: eval \"$(scripts/k8s-lab.sh env)\"; scripts/k8s-lab.sh down"
+            );
             return;
         }
         let _ = Command::new(repo().join("tests/k8s/netpol-lab.sh")).arg("down").status();
@@ -91,7 +94,10 @@ struct Kube {
 impl Kube {
     /// kubectl as `scripts/k8s-lab.sh env` sets it up.
     fn from_lab() -> Kube {
-        let out = Command::new(repo().join("scripts/k8s-lab.sh")).arg("env").output().expect("k8s-lab.sh env");
+        let out = Command::new(repo().join("scripts/k8s-lab.sh"))
+            .arg("env")
+            .output()
+            .expect("k8s-lab.sh env");
         let text = String::from_utf8_lossy(&out.stdout);
         let value = |name: &str| {
             text.lines()
@@ -113,7 +119,9 @@ impl Kube {
         let out = self.cmd().args(args).output().map_err(|e| format!("kubectl {args:?}: {e}"))?;
         match out.status.success() {
             true => Ok(String::from_utf8_lossy(&out.stdout).into_owned()),
-            false => Err(format!("kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim())),
+            false => {
+                Err(format!("kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim()))
+            }
         }
     }
 
@@ -134,7 +142,10 @@ impl Kube {
         let out = child.wait_with_output().map_err(|e| e.to_string())?;
         match out.status.success() {
             true => Ok(()),
-            false => Err(format!("kubectl apply: {}\n{yaml}", String::from_utf8_lossy(&out.stderr).trim())),
+            false => Err(format!(
+                "kubectl apply: {}\n{yaml}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )),
         }
     }
 
@@ -145,18 +156,24 @@ impl Kube {
         let mut cluster = Cluster::default();
         for item in list["items"].as_array().expect("items") {
             let kind = item["kind"].as_str().unwrap_or_default();
-            let name = format!("{kind} {}/{}", item["metadata"]["namespace"], item["metadata"]["name"]);
+            let name =
+                format!("{kind} {}/{}", item["metadata"]["namespace"], item["metadata"]["name"]);
             match kind {
                 "Namespace" => {
-                    let ns: core::Namespace = serde_json::from_value(item.clone()).unwrap_or_else(|e| unreadable(&name, e));
-                    cluster.add_namespace(parse::namespace(&ns).unwrap_or_else(|e| unreadable(&name, e)));
+                    let ns: core::Namespace = serde_json::from_value(item.clone())
+                        .unwrap_or_else(|e| unreadable(&name, e));
+                    cluster.add_namespace(
+                        parse::namespace(&ns).unwrap_or_else(|e| unreadable(&name, e)),
+                    );
                 }
                 "Pod" => {
-                    let pod: core::Pod = serde_json::from_value(item.clone()).unwrap_or_else(|e| unreadable(&name, e));
+                    let pod: core::Pod = serde_json::from_value(item.clone())
+                        .unwrap_or_else(|e| unreadable(&name, e));
                     cluster.add_pod(parse::pod(&pod).unwrap_or_else(|e| unreadable(&name, e)));
                 }
                 "NetworkPolicy" => {
-                    let p: net::NetworkPolicy = serde_json::from_value(item.clone()).unwrap_or_else(|e| unreadable(&name, e));
+                    let p: net::NetworkPolicy = serde_json::from_value(item.clone())
+                        .unwrap_or_else(|e| unreadable(&name, e));
                     cluster.add_policy(parse::policy(&p).unwrap_or_else(|e| unreadable(&name, e)));
                 }
                 other => panic!("unexpected kind {other:?} in the list"),
@@ -178,14 +195,24 @@ fn pod_yaml(ns: &str, name: &str, node: &str, host: bool) -> String {
         .iter()
         .map(|(port, proto)| {
             let p = proto.name();
-            format!("{{name: serve-{port}-{}, containerPort: {port}, protocol: {p}}}", p.to_lowercase())
+            format!(
+                "{{name: serve-{port}-{}, containerPort: {port}, protocol: {p}}}",
+                p.to_lowercase()
+            )
         })
         .collect::<Vec<_>>()
         .join(", ");
     // hostNetwork pods only probe; they serve on a port no pod uses so as not to hold the node's 80
     let (labels, extra, args, ports) = match host {
-        false => (format!("{{pod: {name}}}"), "", "[serve]".to_owned(), format!("ports: [{ports}]")),
-        true => ("{role: host-probe}".to_owned(), "hostNetwork: true", "[serve, \"18181\"]".to_owned(), String::new()),
+        false => {
+            (format!("{{pod: {name}}}"), "", "[serve]".to_owned(), format!("ports: [{ports}]"))
+        }
+        true => (
+            "{role: host-probe}".to_owned(),
+            "hostNetwork: true",
+            "[serve, \"18181\"]".to_owned(),
+            String::new(),
+        ),
     };
     format!(
         "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {labels}}}\nspec:\n  \
@@ -240,7 +267,9 @@ fn pods() -> Vec<End> {
 }
 
 fn hosts() -> Vec<End> {
-    (1..=NODES.len()).map(|i| End { key: PodKey::new(HOST_NS, &format!("node{i}")), label: format!("n{i}") }).collect()
+    (1..=NODES.len())
+        .map(|i| End { key: PodKey::new(HOST_NS, &format!("node{i}")), label: format!("n{i}") })
+        .collect()
 }
 
 /// (source index, destination index, index into PORTS) -> allowed
@@ -285,20 +314,35 @@ fn probe(kube: &Kube, cluster: &Cluster, from: &[End], to: &[End]) -> Result<Cel
         let handles: Vec<_> = from
             .iter()
             .map(|src| {
-                let mut args = vec!["exec", "-n", &src.key.namespace, &src.key.name, "--", "/weft-netprobe", "probe"];
+                let mut args = vec![
+                    "exec",
+                    "-n",
+                    &src.key.namespace,
+                    &src.key.name,
+                    "--",
+                    "/weft-netprobe",
+                    "probe",
+                ];
                 let own = to.iter().position(|t| t.key == src.key);
-                args.extend(targets.iter().filter(|(_, (d, _))| Some(*d) != own).map(|(t, _)| t.as_str()));
+                args.extend(
+                    targets.iter().filter(|(_, (d, _))| Some(*d) != own).map(|(t, _)| t.as_str()),
+                );
                 scope.spawn(move || kube.run(&args))
             })
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("probe thread panicked".into()))).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err("probe thread panicked".into())))
+            .collect()
     });
     let mut cells = Cells::new();
     for (s, out) in outputs.into_iter().enumerate() {
         let out = out.map_err(|e| format!("probing from {}: {e}", from[s].label))?;
         for line in out.lines() {
-            let (target, verdict) = line.split_once(' ').ok_or_else(|| format!("probe output {line:?}"))?;
-            let (d, i) = targets.get(target).ok_or_else(|| format!("probe output names {target:?}"))?;
+            let (target, verdict) =
+                line.split_once(' ').ok_or_else(|| format!("probe output {line:?}"))?;
+            let (d, i) =
+                targets.get(target).ok_or_else(|| format!("probe output names {target:?}"))?;
             cells.insert((s, *d, *i), verdict == "ok");
         }
     }
@@ -320,7 +364,13 @@ fn differences(want: &Cells, got: &Cells, from: &[End], to: &[End]) -> Vec<Strin
         .filter(|(cell, w)| got.get(cell) != Some(w))
         .map(|((s, d, i), w)| {
             let g = got.get(&(*s, *d, *i)).map_or("no answer", |g| word(*g));
-            format!("{}->{} {} (expected {}, got {g})", from[*s].label, to[*d].label, port_label(*i), word(*w))
+            format!(
+                "{}->{} {} (expected {}, got {g})",
+                from[*s].label,
+                to[*d].label,
+                port_label(*i),
+                word(*w)
+            )
         })
         .collect()
 }
@@ -328,7 +378,9 @@ fn differences(want: &Cells, got: &Cells, from: &[End], to: &[End]) -> Vec<Strin
 /// The whole matrix, a grid per port and protocol: `.` allowed and `X` denied as expected,
 /// `A!` allowed but expected denied, `D!` denied but expected allowed, `-` loopback (ignored).
 fn render(want: &Cells, got: &Cells, from: &[End], to: &[End]) -> String {
-    let mut out = String::from("    legend: . allowed, X denied (as expected); A! allowed but expected denied; D! denied but expected allowed; - loopback\n");
+    let mut out = String::from(
+        "    legend: . allowed, X denied (as expected); A! allowed but expected denied; D! denied but expected allowed; - loopback\n",
+    );
     for i in 0..PORTS.len() {
         out += &format!("    {:<8}", port_label(i));
         for dst in to {
@@ -412,7 +464,9 @@ struct Scenario {
 }
 
 fn np(ns: &str, name: &str, spec: &str) -> String {
-    format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {spec}\n---\n")
+    format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {spec}\n---\n"
+    )
 }
 
 fn phase(what: &'static str, actions: Vec<Action>) -> Phase {
@@ -432,7 +486,8 @@ fn one(n: u32, name: &'static str, policies: &[String]) -> Scenario {
 }
 
 const POD_A: &str = "{matchLabels: {pod: a}}";
-const NOT_X: &str = "{matchExpressions: [{key: kubernetes.io/metadata.name, operator: NotIn, values: [x]}]}";
+const NOT_X: &str =
+    "{matchExpressions: [{key: kubernetes.io/metadata.name, operator: NotIn, values: [x]}]}";
 
 fn ns_is(ns: &str) -> String {
     format!("{{matchLabels: {{kubernetes.io/metadata.name: {ns}}}}}")
@@ -440,58 +495,155 @@ fn ns_is(ns: &str) -> String {
 
 /// x/a's ingress from `from` (a YAML flow list of peers).
 fn a_from(name: &str, from: &str) -> String {
-    np("x", name, &format!("{{podSelector: {POD_A}, policyTypes: [Ingress], ingress: [{{from: {from}}}]}}"))
+    np(
+        "x",
+        name,
+        &format!("{{podSelector: {POD_A}, policyTypes: [Ingress], ingress: [{{from: {from}}}]}}"),
+    )
 }
 
 /// x/a's ingress on `ports` (a YAML flow list) from anyone.
 fn a_ports(name: &str, ports: &str) -> String {
-    np("x", name, &format!("{{podSelector: {POD_A}, policyTypes: [Ingress], ingress: [{{ports: {ports}}}]}}"))
+    np(
+        "x",
+        name,
+        &format!("{{podSelector: {POD_A}, policyTypes: [Ingress], ingress: [{{ports: {ports}}}]}}"),
+    )
 }
 
 fn a_egress_to(name: &str, to: &str) -> String {
-    np("x", name, &format!("{{podSelector: {POD_A}, policyTypes: [Egress], egress: [{{to: {to}}}]}}"))
+    np(
+        "x",
+        name,
+        &format!("{{podSelector: {POD_A}, policyTypes: [Egress], egress: [{{to: {to}}}]}}"),
+    )
 }
 
 /// The 26 scenarios of k8s-wave §2.4; `y_b` is y/b's address, `x_b` x/b's.
 fn scenarios(y_b: IpAddr, x_b: IpAddr) -> Vec<Scenario> {
     let deny_ingress_x = np("x", "deny-ingress", "{podSelector: {}, policyTypes: [Ingress]}");
     let ns_y = ns_is("y");
-    let y_tcp_81 = np("x", "y-tcp-81", &format!("{{podSelector: {POD_A}, ingress: [{{from: [{{namespaceSelector: {ns_y}}}], ports: [{{protocol: TCP, port: 81}}]}}]}}"));
-    let y_tcp_80 = np("x", "y-tcp-80", &format!("{{podSelector: {POD_A}, ingress: [{{from: [{{namespaceSelector: {ns_y}}}], ports: [{{protocol: TCP, port: 80}}]}}]}}"));
+    let y_tcp_81 = np(
+        "x",
+        "y-tcp-81",
+        &format!(
+            "{{podSelector: {POD_A}, ingress: [{{from: [{{namespaceSelector: {ns_y}}}], ports: [{{protocol: TCP, port: 81}}]}}]}}"
+        ),
+    );
+    let y_tcp_80 = np(
+        "x",
+        "y-tcp-80",
+        &format!(
+            "{{podSelector: {POD_A}, ingress: [{{from: [{{namespaceSelector: {ns_y}}}], ports: [{{protocol: TCP, port: 80}}]}}]}}"
+        ),
+    );
     vec![
         one(1, "no-policy", &[]),
         one(2, "deny-ingress-x", std::slice::from_ref(&deny_ingress_x)),
-        one(3, "deny-all-x", &[np("x", "deny-all", "{podSelector: {}, policyTypes: [Ingress, Egress]}")]),
+        one(
+            3,
+            "deny-all-x",
+            &[np("x", "deny-all", "{podSelector: {}, policyTypes: [Ingress, Egress]}")],
+        ),
         one(4, "x-a-from-pod-b", &[a_from("from-b", "[{podSelector: {matchLabels: {pod: b}}}]")]),
         one(5, "x-a-from-ns-y", &[a_from("from-y", &format!("[{{namespaceSelector: {ns_y}}}]"))]),
         one(6, "x-a-from-all-namespaces", &[a_from("from-all-ns", "[{namespaceSelector: {}}]")]),
-        one(7, "x-a-from-ns-not-x-or-pod-b", &[a_from("two-peers", &format!("[{{namespaceSelector: {NOT_X}}}, {{podSelector: {{matchLabels: {{pod: b}}}}}}]"))]),
-        one(8, "x-a-from-ns-not-x-and-pod-b", &[a_from("one-peer", &format!("[{{namespaceSelector: {NOT_X}, podSelector: {{matchLabels: {{pod: b}}}}}}]"))]),
+        one(
+            7,
+            "x-a-from-ns-not-x-or-pod-b",
+            &[a_from(
+                "two-peers",
+                &format!(
+                    "[{{namespaceSelector: {NOT_X}}}, {{podSelector: {{matchLabels: {{pod: b}}}}}}]"
+                ),
+            )],
+        ),
+        one(
+            8,
+            "x-a-from-ns-not-x-and-pod-b",
+            &[a_from(
+                "one-peer",
+                &format!(
+                    "[{{namespaceSelector: {NOT_X}, podSelector: {{matchLabels: {{pod: b}}}}}}]"
+                ),
+            )],
+        ),
         Scenario {
             n: 9,
             name: "match-expressions",
             phases: vec![
-                phase("ns In [y, z] and pod NotIn [a]", apply(&[a_from("exprs", "[{namespaceSelector: {matchExpressions: [{key: kubernetes.io/metadata.name, operator: In, values: [y, z]}]}, podSelector: {matchExpressions: [{key: pod, operator: NotIn, values: [a]}]}}]")])),
-                phase("ns Exists and pod DoesNotExist (matches nobody)", apply(&[a_from("exprs", "[{namespaceSelector: {matchExpressions: [{key: kubernetes.io/metadata.name, operator: Exists}]}, podSelector: {matchExpressions: [{key: pod, operator: DoesNotExist}]}}]")])),
-                phase("pod Exists and target DoesNotExist (matches everyone)", apply(&[a_from("exprs", "[{namespaceSelector: {}, podSelector: {matchExpressions: [{key: pod, operator: Exists}, {key: target, operator: DoesNotExist}]}}]")])),
+                phase(
+                    "ns In [y, z] and pod NotIn [a]",
+                    apply(&[a_from(
+                        "exprs",
+                        "[{namespaceSelector: {matchExpressions: [{key: kubernetes.io/metadata.name, operator: In, values: [y, z]}]}, podSelector: {matchExpressions: [{key: pod, operator: NotIn, values: [a]}]}}]",
+                    )]),
+                ),
+                phase(
+                    "ns Exists and pod DoesNotExist (matches nobody)",
+                    apply(&[a_from(
+                        "exprs",
+                        "[{namespaceSelector: {matchExpressions: [{key: kubernetes.io/metadata.name, operator: Exists}]}, podSelector: {matchExpressions: [{key: pod, operator: DoesNotExist}]}}]",
+                    )]),
+                ),
+                phase(
+                    "pod Exists and target DoesNotExist (matches everyone)",
+                    apply(&[a_from(
+                        "exprs",
+                        "[{namespaceSelector: {}, podSelector: {matchExpressions: [{key: pod, operator: Exists}, {key: target, operator: DoesNotExist}]}}]",
+                    )]),
+                ),
             ],
         },
         one(10, "x-a-from-ns-y-tcp-81", std::slice::from_ref(&y_tcp_81)),
         one(11, "x-a-from-ns-y-tcp-81-plus-80", &[y_tcp_81.clone(), y_tcp_80]),
-        one(12, "x-port-80-plus-allow-all", &[
-            np("x", "port-80", "{podSelector: {}, ingress: [{ports: [{port: 80}]}]}"),
-            np("x", "allow-all", "{podSelector: {}, ingress: [{}]}"),
-        ]),
-        one(13, "x-named-port-serve-81-tcp", &[np("x", "named-81", "{podSelector: {}, ingress: [{ports: [{port: serve-81-tcp}]}]}")]),
-        one(14, "x-egress-named-port-serve-80-tcp", &[np("x", "egress-named-80", "{podSelector: {}, policyTypes: [Egress], egress: [{ports: [{port: serve-80-tcp}]}]}")]),
-        one(15, "x-named-port-wrong-protocol", &[np("x", "wrong-protocol", "{podSelector: {}, ingress: [{ports: [{port: serve-80-udp, protocol: TCP}]}]}")]),
+        one(
+            12,
+            "x-port-80-plus-allow-all",
+            &[
+                np("x", "port-80", "{podSelector: {}, ingress: [{ports: [{port: 80}]}]}"),
+                np("x", "allow-all", "{podSelector: {}, ingress: [{}]}"),
+            ],
+        ),
+        one(
+            13,
+            "x-named-port-serve-81-tcp",
+            &[np("x", "named-81", "{podSelector: {}, ingress: [{ports: [{port: serve-81-tcp}]}]}")],
+        ),
+        one(
+            14,
+            "x-egress-named-port-serve-80-tcp",
+            &[np(
+                "x",
+                "egress-named-80",
+                "{podSelector: {}, policyTypes: [Egress], egress: [{ports: [{port: serve-80-tcp}]}]}",
+            )],
+        ),
+        one(
+            15,
+            "x-named-port-wrong-protocol",
+            &[np(
+                "x",
+                "wrong-protocol",
+                "{podSelector: {}, ingress: [{ports: [{port: serve-80-udp, protocol: TCP}]}]}",
+            )],
+        ),
         Scenario {
             n: 16,
             name: "x-a-end-port",
             phases: vec![
-                phase("TCP 80-81", apply(&[a_ports("range", "[{protocol: TCP, port: 80, endPort: 81}]")])),
-                phase("TCP 79-80", apply(&[a_ports("range", "[{protocol: TCP, port: 79, endPort: 80}]")])),
-                phase("UDP 80-81", apply(&[a_ports("range", "[{protocol: UDP, port: 80, endPort: 81}]")])),
+                phase(
+                    "TCP 80-81",
+                    apply(&[a_ports("range", "[{protocol: TCP, port: 80, endPort: 81}]")]),
+                ),
+                phase(
+                    "TCP 79-80",
+                    apply(&[a_ports("range", "[{protocol: TCP, port: 79, endPort: 80}]")]),
+                ),
+                phase(
+                    "UDP 80-81",
+                    apply(&[a_ports("range", "[{protocol: UDP, port: 80, endPort: 81}]")]),
+                ),
             ],
         },
         one(17, "x-a-tcp-any-port", &[a_ports("tcp-any", "[{protocol: TCP}]")]),
@@ -503,26 +655,67 @@ fn scenarios(y_b: IpAddr, x_b: IpAddr) -> Vec<Scenario> {
                 phase("SCTP 81", apply(&[a_ports("only-81", "[{protocol: SCTP, port: 81}]")])),
             ],
         },
-        one(19, "x-a-deny-egress", &[np("x", "deny-egress", &format!("{{podSelector: {POD_A}, policyTypes: [Egress], egress: []}}"))]),
-        one(20, "x-a-egress-to-y-a-beats-y-ingress", &[
-            a_egress_to("to-y-a", &format!("[{{namespaceSelector: {ns_y}, podSelector: {POD_A}}}]")),
-            np("y", "from-x-a", &format!("{{podSelector: {{matchExpressions: [{{key: pod, operator: In, values: [a, b]}}]}}, policyTypes: [Ingress], ingress: [{{from: [{{namespaceSelector: {}, podSelector: {POD_A}}}]}}]}}", ns_is("x"))),
-        ]),
-        one(21, "x-a-egress-ipblock-y-b", &[a_egress_to("to-y-b", &format!("[{{ipBlock: {{cidr: {y_b}/32}}}}]"))]),
+        one(
+            19,
+            "x-a-deny-egress",
+            &[np(
+                "x",
+                "deny-egress",
+                &format!("{{podSelector: {POD_A}, policyTypes: [Egress], egress: []}}"),
+            )],
+        ),
+        one(
+            20,
+            "x-a-egress-to-y-a-beats-y-ingress",
+            &[
+                a_egress_to(
+                    "to-y-a",
+                    &format!("[{{namespaceSelector: {ns_y}, podSelector: {POD_A}}}]"),
+                ),
+                np(
+                    "y",
+                    "from-x-a",
+                    &format!(
+                        "{{podSelector: {{matchExpressions: [{{key: pod, operator: In, values: [a, b]}}]}}, policyTypes: [Ingress], ingress: [{{from: [{{namespaceSelector: {}, podSelector: {POD_A}}}]}}]}}",
+                        ns_is("x")
+                    ),
+                ),
+            ],
+        ),
+        one(
+            21,
+            "x-a-egress-ipblock-y-b",
+            &[a_egress_to("to-y-b", &format!("[{{ipBlock: {{cidr: {y_b}/32}}}}]"))],
+        ),
         Scenario {
             n: 22,
             name: "x-a-egress-ipblock-except",
             phases: vec![
-                phase("range except x/b", apply(&[a_egress_to("range-except", &format!("[{{ipBlock: {{cidr: {POD_RANGE}, except: [{x_b}/32]}}}}]"))])),
-                phase("plus x/b/32", apply(&[a_egress_to("x-b", &format!("[{{ipBlock: {{cidr: {x_b}/32}}}}]"))])),
+                phase(
+                    "range except x/b",
+                    apply(&[a_egress_to(
+                        "range-except",
+                        &format!("[{{ipBlock: {{cidr: {POD_RANGE}, except: [{x_b}/32]}}}}]"),
+                    )]),
+                ),
+                phase(
+                    "plus x/b/32",
+                    apply(&[a_egress_to("x-b", &format!("[{{ipBlock: {{cidr: {x_b}/32}}}}]"))]),
+                ),
             ],
         },
         Scenario {
             n: 23,
             name: "update-and-delete",
             phases: vec![
-                phase("allow-all", apply(&[np("x", "update-me", "{podSelector: {}, ingress: [{}]}")])),
-                phase("updated in place to ingress: []", apply(&[np("x", "update-me", "{podSelector: {}, ingress: []}")])),
+                phase(
+                    "allow-all",
+                    apply(&[np("x", "update-me", "{podSelector: {}, ingress: [{}]}")]),
+                ),
+                phase(
+                    "updated in place to ingress: []",
+                    apply(&[np("x", "update-me", "{podSelector: {}, ingress: []}")]),
+                ),
                 phase("every policy deleted", vec![Action::DeleteAll]),
             ],
         },
@@ -530,12 +723,25 @@ fn scenarios(y_b: IpAddr, x_b: IpAddr) -> Vec<Scenario> {
             n: 24,
             name: "label-changes",
             phases: vec![
-                phase("x/a from ns team=blue (none yet); y isolates target=isolated (none yet)", apply(&[
-                    a_from("from-blue", "[{namespaceSelector: {matchLabels: {team: blue}}}]"),
-                    np("y", "isolate-target", "{podSelector: {matchLabels: {target: isolated}}, policyTypes: [Ingress]}"),
-                ])),
-                phase("namespace y labelled team=blue", kubectl(&["label", "namespace", "y", "team=blue"])),
-                phase("pod y/b labelled target=isolated", kubectl(&["label", "pod", "-n", "y", "b", "target=isolated"])),
+                phase(
+                    "x/a from ns team=blue (none yet); y isolates target=isolated (none yet)",
+                    apply(&[
+                        a_from("from-blue", "[{namespaceSelector: {matchLabels: {team: blue}}}]"),
+                        np(
+                            "y",
+                            "isolate-target",
+                            "{podSelector: {matchLabels: {target: isolated}}, policyTypes: [Ingress]}",
+                        ),
+                    ]),
+                ),
+                phase(
+                    "namespace y labelled team=blue",
+                    kubectl(&["label", "namespace", "y", "team=blue"]),
+                ),
+                phase(
+                    "pod y/b labelled target=isolated",
+                    kubectl(&["label", "pod", "-n", "y", "b", "target=isolated"]),
+                ),
             ],
         },
         Scenario {
@@ -543,7 +749,10 @@ fn scenarios(y_b: IpAddr, x_b: IpAddr) -> Vec<Scenario> {
             name: "own-node-and-host-network",
             phases: vec![Phase {
                 what: "x denies ingress; x/a allows wk8s-n2's address",
-                actions: apply(&[deny_ingress_x, a_from("from-node-2", "[{ipBlock: {cidr: 10.98.0.12/32}}]")]),
+                actions: apply(&[
+                    deny_ingress_x,
+                    a_from("from-node-2", "[{ipBlock: {cidr: 10.98.0.12/32}}]"),
+                ]),
                 hosts: true,
             }],
         },
@@ -559,7 +768,17 @@ fn scenario_26(kube: &Kube) -> Vec<String> {
     let hold_s = deadline().as_secs() + 10;
     let mut hold: Child = kube
         .cmd()
-        .args(["exec", "-n", "x", "b", "--", "/weft-netprobe", "hold", &format!("{a}:80"), &hold_s.to_string()])
+        .args([
+            "exec",
+            "-n",
+            "x",
+            "b",
+            "--",
+            "/weft-netprobe",
+            "hold",
+            &format!("{a}:80"),
+            &hold_s.to_string(),
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -569,7 +788,8 @@ fn scenario_26(kube: &Kube) -> Vec<String> {
         Some(Ok(l)) if l == "connected" => {}
         other => {
             let _ = hold.kill();
-            let out = hold.wait_with_output().map(|o| String::from_utf8_lossy(&o.stderr).into_owned());
+            let out =
+                hold.wait_with_output().map(|o| String::from_utf8_lossy(&o.stderr).into_owned());
             return vec![format!("x/b could not open a connection to x/a:80 ({other:?}, {out:?})")];
         }
     }
@@ -616,9 +836,13 @@ fn network_policy_conformance_matrix() {
     let _lab = Lab::up();
     let kube = Kube::from_lab();
     workloads(&kube);
-    eprintln!("==> [{}s] 9 probe pods in x, y, z Ready, 3 hostNetwork probe pods", t0.elapsed().as_secs());
+    eprintln!(
+        "==> [{}s] 9 probe pods in x, y, z Ready, 3 hostNetwork probe pods",
+        t0.elapsed().as_secs()
+    );
     let cluster = kube.cluster();
-    let (y_b, x_b) = (ip_of(&cluster, &PodKey::new("y", "b")), ip_of(&cluster, &PodKey::new("x", "b")));
+    let (y_b, x_b) =
+        (ip_of(&cluster, &PodKey::new("y", "b")), ip_of(&cluster, &PodKey::new("x", "b")));
     let only = selected();
     let wanted = |n: u32| only.as_ref().is_none_or(|o| o.contains(&n));
     let mut failed = Vec::new();
@@ -630,7 +854,11 @@ fn network_policy_conformance_matrix() {
         let mut problems = Vec::new();
         let mut times = Vec::new();
         for (i, p) in s.phases.iter().enumerate() {
-            let what = if s.phases.len() > 1 { format!("phase {} ({}): ", i + 1, p.what) } else { String::new() };
+            let what = if s.phases.len() > 1 {
+                format!("phase {} ({}): ", i + 1, p.what)
+            } else {
+                String::new()
+            };
             match run_phase(&kube, p) {
                 Ok(t) => times.push(format!("{:.1}", t.as_secs_f64())),
                 Err(e) => problems.push(format!("{what}{e}")),
@@ -659,11 +887,19 @@ fn network_policy_conformance_matrix() {
 fn report(n: u32, name: &str, problems: &[String], times: &[String], started: Instant) {
     let took = started.elapsed().as_secs_f64();
     if problems.is_empty() {
-        let conv = if times.is_empty() { String::new() } else { format!(", matrix equal after {} s", times.join("/")) };
+        let conv = if times.is_empty() {
+            String::new()
+        } else {
+            format!(", matrix equal after {} s", times.join("/"))
+        };
         eprintln!("scenario {n} {name}: pass ({took:.1} s{conv})");
         return;
     }
-    let first = problems.iter().map(|p| p.lines().next().unwrap_or_default()).collect::<Vec<_>>().join(" | ");
+    let first = problems
+        .iter()
+        .map(|p| p.lines().next().unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join(" | ");
     eprintln!("scenario {n} {name}: {first}");
     for p in problems {
         for l in p.lines().skip(1) {

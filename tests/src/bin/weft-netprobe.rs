@@ -27,8 +27,10 @@ fn main() -> ExitCode {
         Some("serve") => serve(&args[1..]),
         Some("probe") => probe(&args[1..]),
         Some("hold") => hold(&args[1..]),
-        _ => Err("usage: weft-netprobe serve [PORT...] | probe IP:PORT/PROTO... | hold IP:PORT SECONDS"
-            .to_owned()),
+        _ => Err(
+            "usage: weft-netprobe serve [PORT...] | probe IP:PORT/PROTO... | hold IP:PORT SECONDS"
+                .to_owned(),
+        ),
     };
     match result {
         Ok(code) => code,
@@ -53,7 +55,10 @@ fn say(line: &str) {
 fn serve(args: &[String]) -> Result<ExitCode, String> {
     let ports: Vec<u16> = match args.is_empty() {
         true => vec![80, 81],
-        false => args.iter().map(|p| p.parse().map_err(|_| format!("bad port {p:?}"))).collect::<Result<_, _>>()?,
+        false => args
+            .iter()
+            .map(|p| p.parse().map_err(|_| format!("bad port {p:?}")))
+            .collect::<Result<_, _>>()?,
     };
     let mut threads = Vec::new();
     for port in ports {
@@ -112,7 +117,8 @@ fn target(s: &str) -> Result<(SocketAddr, Proto), String> {
 }
 
 fn probe(args: &[String]) -> Result<ExitCode, String> {
-    let targets: Vec<_> = args.iter().map(|a| target(a).map(|t| (a.clone(), t))).collect::<Result<_, _>>()?;
+    let targets: Vec<_> =
+        args.iter().map(|a| target(a).map(|t| (a.clone(), t))).collect::<Result<_, _>>()?;
     let wait = timeout();
     let handles: Vec<_> = targets
         .into_iter()
@@ -169,7 +175,8 @@ fn hold(args: &[String]) -> Result<ExitCode, String> {
     let addr: SocketAddr = addr.parse().map_err(|_| format!("{addr:?}: not IP:PORT"))?;
     let secs: u64 = secs.parse().map_err(|_| format!("{secs:?}: not seconds"))?;
     let wait = timeout();
-    let conn = TcpStream::connect_timeout(&addr, wait).map_err(|e| format!("connect {addr}: {e}"))?;
+    let conn =
+        TcpStream::connect_timeout(&addr, wait).map_err(|e| format!("connect {addr}: {e}"))?;
     conn.set_read_timeout(Some(wait)).map_err(|e| e.to_string())?;
     let mut writer = conn.try_clone().map_err(|e| e.to_string())?;
     let mut reader = BufReader::new(conn);
