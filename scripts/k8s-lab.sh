@@ -22,6 +22,12 @@
 # Everything lives in $WK8S_DIR (default /var/lib/wk8s). Nothing is changed in the root netns except the
 # link wk8s0; the host's kernel tunables are not touched (see node_mounts).
 set -euo pipefail
+# The daemons started here must not inherit the caller's descriptors: a lock held through
+# `flock LOCK scripts/k8s-lab.sh up` would otherwise stay held by etcd and every kubelet for
+# the life of the lab. 255 is bash's own handle on this script.
+for fd in $(ls /proc/$$/fd); do
+  case $fd in 0|1|2|255) ;; *) eval "exec $fd>&-" 2>/dev/null || true ;; esac
+done
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 P=wk8s

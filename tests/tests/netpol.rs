@@ -215,7 +215,7 @@ fn pod_yaml(ns: &str, name: &str, node: &str, host: bool) -> String {
         ),
     };
     format!(
-        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {labels}}}\nspec:\n  \
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: \"{ns}\", labels: {labels}}}\nspec:\n  \
          nodeName: {node}\n  terminationGracePeriodSeconds: 1\n  {extra}\n  containers:\n  - name: netprobe\n    \
          image: {IMAGE}\n    imagePullPolicy: Never\n    args: {args}\n    {ports}\n---\n"
     )
@@ -224,7 +224,7 @@ fn pod_yaml(ns: &str, name: &str, node: &str, host: bool) -> String {
 fn workloads(kube: &Kube) {
     let mut yaml = String::new();
     for ns in NAMESPACES.iter().chain([&HOST_NS]) {
-        yaml += &format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n---\n");
+        yaml += &format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: \"{ns}\"}}\n---\n");
     }
     for ns in NAMESPACES {
         for (pod, node) in PODS {
@@ -243,8 +243,9 @@ fn workloads(kube: &Kube) {
 /// Back to no policies and none of the labels scenarios add.
 fn reset(kube: &Kube) {
     kube.must(&["delete", "networkpolicy", "--all", "--all-namespaces", "--wait=true"]);
-    let mut args = vec!["label", "namespace", "--overwrite", "team-"];
+    let mut args = vec!["label", "namespace"];
     args.extend(NAMESPACES);
+    args.push("team-");
     kube.must(&args);
     for ns in NAMESPACES {
         kube.must(&["label", "pod", "--all", "-n", ns, "target-"]);
@@ -465,7 +466,7 @@ struct Scenario {
 
 fn np(ns: &str, name: &str, spec: &str) -> String {
     format!(
-        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {spec}\n---\n"
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: \"{ns}\"}}\nspec: {spec}\n---\n"
     )
 }
 
@@ -490,7 +491,7 @@ const NOT_X: &str =
     "{matchExpressions: [{key: kubernetes.io/metadata.name, operator: NotIn, values: [x]}]}";
 
 fn ns_is(ns: &str) -> String {
-    format!("{{matchLabels: {{kubernetes.io/metadata.name: {ns}}}}}")
+    format!("{{matchLabels: {{kubernetes.io/metadata.name: \"{ns}\"}}}}")
 }
 
 /// x/a's ingress from `from` (a YAML flow list of peers).
@@ -576,7 +577,7 @@ fn scenarios(y_b: IpAddr, x_b: IpAddr) -> Vec<Scenario> {
                     "ns In [y, z] and pod NotIn [a]",
                     apply(&[a_from(
                         "exprs",
-                        "[{namespaceSelector: {matchExpressions: [{key: kubernetes.io/metadata.name, operator: In, values: [y, z]}]}, podSelector: {matchExpressions: [{key: pod, operator: NotIn, values: [a]}]}}]",
+                        "[{namespaceSelector: {matchExpressions: [{key: kubernetes.io/metadata.name, operator: In, values: [\"y\", \"z\"]}]}, podSelector: {matchExpressions: [{key: pod, operator: NotIn, values: [a]}]}}]",
                     )]),
                 ),
                 phase(
