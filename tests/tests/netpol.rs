@@ -475,7 +475,10 @@ fn phase(what: &'static str, actions: Vec<Action>) -> Phase {
 }
 
 fn apply(policies: &[String]) -> Vec<Action> {
-    vec![Action::Apply(policies.concat())]
+    match policies.is_empty() {
+        true => Vec::new(),
+        false => vec![Action::Apply(policies.concat())],
+    }
 }
 
 fn kubectl(args: &[&str]) -> Vec<Action> {
