@@ -33,4 +33,6 @@ echo "==> Helm chart: helm lint, and manifests/weft.yaml is the chart's output"
 scripts/manifests.sh --check
 echo "==> Kubernetes journey: weft installed by kubectl and helm on a 3-node cluster (tests/k8s/weft.sh)"
 tests/k8s/weft.sh
+echo "==> NetworkPolicy conformance: the 26 scenarios' matrices on a 3-node cluster against weft's evaluator"
+cargo test --locked --release -p weft-e2e --test netpol -- --ignored --nocapture
 echo "==> all tests passed"
