@@ -186,6 +186,12 @@ pub struct AgentArgs {
     /// table `inet weft-policy` is then neither written nor removed; docs/network-policy.md).
     #[arg(long, env = "WEFT_NO_NETWORK_POLICY")]
     pub no_network_policy: bool,
+
+    /// Kubernetes mode: also log denied connections to the kernel log, naming the policies
+    /// that isolate the pod (at most 10 a second per group of policies; read them with
+    /// `dmesg` or `journalctl -k`, prefix `weft-policy deny`).
+    #[arg(long, env = "WEFT_POLICY_LOG")]
+    pub policy_log: bool,
 }
 
 /// `--status-addr`: an address, or off.
@@ -318,6 +324,7 @@ impl AgentArgs {
             socket: socket.to_path_buf(),
             mesh_port,
             network_policy: !self.no_network_policy,
+            policy_log: self.policy_log,
         }))
     }
 

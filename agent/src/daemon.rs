@@ -203,7 +203,7 @@ fn start_policy(
 ) -> Option<crate::netpol::PolicyHandle> {
     let events = kube.policy_events(tasks)?;
     let cfg = crate::netpol::NetpolConfig { node: kube.node_name().to_owned() };
-    let kernel = Arc::new(crate::netpol::kernel::NftPolicyKernel);
+    let kernel = Arc::new(crate::netpol::kernel::NftPolicyKernel::new(kube.policy_log()));
     Some(crate::netpol::start(cfg, hub, tasks, events, kernel))
 }
 

@@ -32,6 +32,13 @@ pub struct PodLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyDeniedLabels {
+    pub direction: String,
+    /// The policies isolating the pods, `namespace/name`, comma-separated.
+    pub policies: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
     pub kind: String,
 }
@@ -70,6 +77,7 @@ pub struct Metrics {
     pub dns_queries: Family<KindLabel, Counter>,
     pub mesh_refused_accepts: Family<KindLabel, Counter>,
     pub pod_addresses: Family<PodLabels, Gauge>,
+    pub policy_denied: Family<PolicyDeniedLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -118,6 +126,13 @@ impl Metrics {
             "pod_addresses",
             "Addresses held by each Kubernetes pod on this host",
             pod_addresses.clone(),
+        );
+        let policy_denied = Family::<PolicyDeniedLabels, Gauge>::default();
+        registry.register(
+            "policy_denied_packets",
+            "Packets NetworkPolicy dropped on this host, by direction and the policies isolating \
+             the pod; starts again from 0 when the policy table is written whole",
+            policy_denied.clone(),
         );
         let gossip = Family::<ChannelDirection, Counter>::default();
         registry.register(
@@ -193,6 +208,7 @@ impl Metrics {
             ring_mismatches,
             endpoints,
             pod_addresses,
+            policy_denied,
             gossip,
             connections,
             peers,

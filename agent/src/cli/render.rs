@@ -191,6 +191,13 @@ pub fn policy(r: &Report) -> Vec<String> {
             list(&pod.egress)
         ));
     }
+    if !p.denied.is_empty() {
+        out.push(String::new());
+        out.push(format!("{:<8} {:>12}  {}", "DENIED", "PACKETS", "POLICIES ISOLATING THE POD"));
+        for d in &p.denied {
+            out.push(format!("{:<8} {:>12}  {}", d.direction, d.packets, d.policies.join(",")));
+        }
+    }
     out
 }
 
@@ -477,7 +484,7 @@ mod tests {
 
     #[test]
     fn policy_lists_local_pods_and_what_isolates_them() {
-        use crate::netpol::{PolicyPodReport, PolicyReport};
+        use crate::netpol::{DeniedReport, PolicyPodReport, PolicyReport};
         let mut r = Report::default();
         assert!(policy(&r)[0].contains("not enforced"));
         r.policy = Some(PolicyReport { unlisted: vec!["pods".into()], ..PolicyReport::default() });
@@ -499,6 +506,12 @@ mod tests {
                     ..PolicyPodReport::default()
                 },
             ],
+            denied: vec![DeniedReport {
+                direction: "ingress".into(),
+                policies: vec!["ns/deny-web".into(), "ns/allow-db".into()],
+                packets: 53,
+                bytes: 3180,
+            }],
         });
         let lines = policy(&r);
         assert!(lines[0].contains("enforced: 2 local pods, 1 isolated; 3 programs installed"));
@@ -507,5 +520,10 @@ mod tests {
         assert_eq!(cells, vec!["ns/web", "10.32.0.2", "ns/deny-web,ns/allow-db", "-"]);
         let db = lines.iter().find(|l| l.starts_with("ns/db")).expect("db's line");
         assert_eq!(db.split_whitespace().collect::<Vec<_>>(), vec!["ns/db", "10.32.0.3", "-", "-"]);
+        let denied = lines.iter().find(|l| l.starts_with("ingress")).expect("the drop counter");
+        assert_eq!(
+            denied.split_whitespace().collect::<Vec<_>>(),
+            vec!["ingress", "53", "ns/deny-web,ns/allow-db"]
+        );
     }
 }

@@ -52,6 +52,8 @@ pub struct KubeConfig {
     pub mesh_port: u16,
     /// Enforce NetworkPolicies on this node (off with `--no-network-policy`).
     pub network_policy: bool,
+    /// Log denied connections to the kernel log (`--policy-log`).
+    pub policy_log: bool,
 }
 
 /// The namespace the agent runs in: the ServiceAccount's, else kube-system.
@@ -130,6 +132,11 @@ impl Prepared {
     /// Starts the NetworkPolicy, Pod and Namespace watches when enforcement is on, and hands
     /// back their events (the daemon passes them to `netpol`, which this module does not
     /// know).
+    /// Whether denied connections are logged (`--policy-log`).
+    pub fn policy_log(&self) -> bool {
+        self.cfg.policy_log
+    }
+
     pub fn policy_events(&self, tasks: &mut Tasks) -> Option<mpsc::Receiver<Event>> {
         if !self.cfg.network_policy {
             return None;

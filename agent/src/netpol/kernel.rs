@@ -1,7 +1,11 @@
 //! Where the node's policy program goes: the kernel's nftables (table `inet weft-policy`,
-//! replaced whole by `dataplane::nft::policy`), or a recording fake in tests.
+//! written whole or as the elements that changed by `dataplane::nft::policy::PolicyTable`),
+//! or a recording fake in tests.
 
-use crate::dataplane::nft::{NftError, NftSocket, policy};
+use std::sync::Mutex;
+
+use crate::dataplane::nft::policy::{Denied, PolicyTable, Written};
+use crate::dataplane::nft::{NftError, NftSocket};
 use crate::policy::compile::Program;
 
 #[derive(Debug, thiserror::Error)]
@@ -14,17 +18,41 @@ pub enum PolicyKernelError {
 /// async workers.
 pub trait PolicyKernel: Send + Sync + std::fmt::Debug {
     fn apply(&self, program: &Program) -> Result<(), PolicyKernelError>;
+    /// What each group of policies has dropped since the table was last written whole.
+    fn denied(&self) -> Result<Vec<Denied>, PolicyKernelError>;
 }
 
 /// nftables in the agent's own (the host's) namespace.
 #[derive(Debug, Default)]
-pub struct NftPolicyKernel;
+pub struct NftPolicyKernel {
+    table: Mutex<PolicyTable>,
+}
+
+impl NftPolicyKernel {
+    /// With `log`, denied connections also go to the kernel log (`--policy-log`).
+    pub fn new(log: bool) -> NftPolicyKernel {
+        let table = if log { PolicyTable::logging() } else { PolicyTable::default() };
+        NftPolicyKernel { table: Mutex::new(table) }
+    }
+}
 
 impl PolicyKernel for NftPolicyKernel {
     fn apply(&self, program: &Program) -> Result<(), PolicyKernelError> {
         let mut sock = NftSocket::open()?;
-        policy::install(&mut sock, program)?;
+        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        match table.apply(&mut sock, program)? {
+            Written::Whole => tracing::debug!("NetworkPolicy table written whole"),
+            Written::Elements(n) => {
+                tracing::debug!(elements = n, "NetworkPolicy table updated in place")
+            }
+        }
         Ok(())
+    }
+
+    fn denied(&self) -> Result<Vec<Denied>, PolicyKernelError> {
+        let mut sock = NftSocket::open()?;
+        let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(table.denied(&mut sock)?)
     }
 }
 
@@ -32,7 +60,7 @@ impl PolicyKernel for NftPolicyKernel {
 #[cfg(test)]
 #[derive(Debug, Default)]
 pub struct FakeKernel {
-    pub applied: std::sync::Mutex<Vec<Program>>,
+    pub applied: Mutex<Vec<Program>>,
     pub failing: std::sync::atomic::AtomicBool,
     pub attempts: std::sync::atomic::AtomicUsize,
 }
@@ -58,5 +86,9 @@ impl PolicyKernel for FakeKernel {
         }
         self.applied.lock().expect("not poisoned").push(program.clone());
         Ok(())
+    }
+
+    fn denied(&self) -> Result<Vec<Denied>, PolicyKernelError> {
+        Ok(Vec::new())
     }
 }

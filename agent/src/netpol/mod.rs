@@ -66,6 +66,19 @@ pub struct PolicyReport {
     pub error: String,
     /// This node's pods in the installed program.
     pub pods: Vec<PolicyPodReport>,
+    /// What each group of policies has dropped since the table was last written whole.
+    #[serde(default)]
+    pub denied: Vec<DeniedReport>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DeniedReport {
+    /// `ingress` or `egress`.
+    pub direction: String,
+    /// The policies isolating the pods whose packets were dropped (`namespace/name`).
+    pub policies: Vec<String>,
+    pub packets: u64,
+    pub bytes: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -97,6 +110,7 @@ impl Programmed {
                     egress: names(&p.egress),
                 })
                 .collect(),
+            denied: Vec::new(),
         }
     }
 }
@@ -119,13 +133,37 @@ pub enum GateError {
 #[derive(Clone, Debug)]
 pub struct PolicyHandle {
     programmed: watch::Receiver<Arc<Programmed>>,
+    /// Read for the drop counters.
+    kernel: Option<Arc<dyn PolicyKernel>>,
 }
 
 impl PolicyHandle {
     /// A handle over a published state the test sets by hand.
     #[cfg(test)]
     pub(crate) fn from_receiver(programmed: watch::Receiver<Arc<Programmed>>) -> PolicyHandle {
-        PolicyHandle { programmed }
+        PolicyHandle { programmed, kernel: None }
+    }
+
+    /// The status report's part: the published state and the kernel's drop counters.
+    pub async fn report(&self) -> PolicyReport {
+        let mut report = self.programmed().report();
+        let Some(kernel) = self.kernel.clone() else { return report };
+        match tokio::task::spawn_blocking(move || kernel.denied()).await {
+            Ok(Ok(denied)) => {
+                report.denied = denied
+                    .into_iter()
+                    .map(|d| DeniedReport {
+                        direction: d.direction.name().to_owned(),
+                        policies: d.policies.iter().map(ToString::to_string).collect(),
+                        packets: d.packets,
+                        bytes: d.bytes,
+                    })
+                    .collect();
+            }
+            Ok(Err(e)) => debug!(error = %e, "reading the NetworkPolicy drop counters"),
+            Err(e) => debug!(error = %e, "reading the NetworkPolicy drop counters"),
+        }
+        report
     }
 
     pub fn programmed(&self) -> Arc<Programmed> {
@@ -205,7 +243,8 @@ fn owner(
         error: None,
         retry: RETRY_FIRST,
     };
-    (PolicyHandle { programmed }, owner.run())
+    let handle = PolicyHandle { programmed, kernel: Some(owner.kernel.clone()) };
+    (handle, owner.run())
 }
 
 /// This node's pods' addresses in the endpoint feed.

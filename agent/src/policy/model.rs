@@ -128,6 +128,15 @@ pub enum Direction {
     Egress,
 }
 
+impl Direction {
+    pub fn name(self) -> &'static str {
+        match self {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        }
+    }
+}
+
 impl Policy {
     pub fn rules(&self, d: Direction) -> Option<&[Rule]> {
         match d {

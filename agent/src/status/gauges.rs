@@ -8,7 +8,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use super::report::Report;
 use crate::ipam::RingState;
 use crate::mesh::report::ConnState;
-use crate::metrics::{ConnectionLabels, KindLabel, Metrics, PodLabels, StateLabel};
+use crate::metrics::{
+    ConnectionLabels, KindLabel, Metrics, PodLabels, PolicyDeniedLabels, StateLabel,
+};
 use crate::overlay::health::Mode;
 
 fn set(f: &Family<StateLabel, Gauge>, state: &str, v: u64) {
@@ -40,6 +42,12 @@ pub fn render(m: &Metrics, report: &Report) -> String {
     for p in &report.endpoints.pods {
         let labels = PodLabels { namespace: p.namespace.clone(), pod: p.name.clone() };
         m.pod_addresses.get_or_create(&labels).set(p.addresses.len() as i64);
+    }
+    m.policy_denied.clear();
+    for d in report.policy.iter().flat_map(|p| &p.denied) {
+        let labels =
+            PolicyDeniedLabels { direction: d.direction.clone(), policies: d.policies.join(",") };
+        m.policy_denied.get_or_create(&labels).set(i64::try_from(d.packets).unwrap_or(i64::MAX));
     }
     m.connections.clear();
     for state in ConnState::ALL {

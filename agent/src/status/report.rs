@@ -43,6 +43,10 @@ pub async fn collect(svc: &Services) -> Report {
         Some(d) => Some(d.report().await),
         None => None,
     };
+    let policy = match &svc.policy {
+        Some(p) => Some(p.report().await),
+        None => None,
+    };
     Report {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         peer: PeerReport {
@@ -57,6 +61,6 @@ pub async fn collect(svc: &Services) -> Report {
         mesh: svc.hub.mesh.report(),
         overlay: svc.overlay.borrow().clone(),
         dns,
-        policy: svc.policy.as_ref().map(|p| p.programmed().report()),
+        policy,
     }
 }
