@@ -89,6 +89,10 @@ impl Drop for Lab {
 struct Kube {
     kubectl: PathBuf,
     kubeconfig: String,
+    /// The source address each node's traffic to pods on other nodes carries, by node
+    /// (`NODES` order): the kernel's choice for the route to the pod network, the node's weft
+    /// bridge address (docs/network-policy.md, "Nodes and hostNetwork pods").
+    node_sources: Vec<IpAddr>,
 }
 
 impl Kube {
@@ -106,7 +110,11 @@ impl Kube {
         };
         let path = value("PATH");
         let dir = path.strip_suffix(":$PATH").unwrap_or(&path);
-        Kube { kubectl: Path::new(dir).join("kubectl"), kubeconfig: value("KUBECONFIG") }
+        Kube {
+            kubectl: Path::new(dir).join("kubectl"),
+            kubeconfig: value("KUBECONFIG"),
+            node_sources: Vec::new(),
+        }
     }
 
     fn cmd(&self) -> Command {
@@ -414,9 +422,29 @@ fn deadline() -> Duration {
 
 /// Probes until the matrix equals the evaluator's expectation (Ok: how long that took), or
 /// the deadline passes (Err: the differing cells and the whole matrix).
+/// The source address `node` picks for `dst`, as `ip route get` on the node says.
+fn source_toward(node: &str, dst: IpAddr) -> IpAddr {
+    let out = Command::new(repo().join("scripts/k8s-lab.sh"))
+        .args(["exec", node, "ip", "-4", "-o", "route", "get", &dst.to_string()])
+        .output()
+        .expect("k8s-lab.sh exec");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let src = text.split_whitespace().skip_while(|w| *w != "src").nth(1);
+    src.and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no source address in `ip route get {dst}` on {node}: {text}"))
+}
+
 fn check(kube: &Kube, with_hosts: bool) -> Result<Duration, String> {
     let t0 = Instant::now();
-    let cluster = kube.cluster();
+    let mut cluster = kube.cluster();
+    // A hostNetwork pod stands for its node, whose traffic to pods on other nodes leaves
+    // from the node's source address toward the pod network (own-node traffic always passes).
+    for (i, src) in kube.node_sources.iter().enumerate() {
+        let key = PodKey::new(HOST_NS, &format!("node{}", i + 1));
+        if let Some(pod) = cluster.pods.get_mut(&key) {
+            pod.ips = vec![*src];
+        }
+    }
     let to = pods();
     let from: Vec<End> = match with_hosts {
         true => pods().into_iter().chain(hosts()).collect(),
@@ -524,7 +552,7 @@ fn a_egress_to(name: &str, to: &str) -> String {
 }
 
 /// The 26 scenarios of k8s-wave §2.4; `y_b` is y/b's address, `x_b` x/b's.
-fn scenarios(y_b: IpAddr, x_b: IpAddr) -> Vec<Scenario> {
+fn scenarios(y_b: IpAddr, x_b: IpAddr, n2_source: IpAddr) -> Vec<Scenario> {
     let deny_ingress_x = np("x", "deny-ingress", "{podSelector: {}, policyTypes: [Ingress]}");
     let ns_y = ns_is("y");
     let y_tcp_81 = np(
@@ -752,10 +780,10 @@ fn scenarios(y_b: IpAddr, x_b: IpAddr) -> Vec<Scenario> {
             n: 25,
             name: "own-node-and-host-network",
             phases: vec![Phase {
-                what: "x denies ingress; x/a allows wk8s-n2's address",
+                what: "x denies ingress; x/a allows the address wk8s-n2 reaches pods from",
                 actions: apply(&[
                     deny_ingress_x,
-                    a_from("from-node-2", "[{ipBlock: {cidr: 10.98.0.12/32}}]"),
+                    a_from("from-node-2", &format!("[{{ipBlock: {{cidr: {n2_source}/32}}}}]")),
                 ]),
                 hosts: true,
             }],
@@ -838,7 +866,7 @@ fn network_policy_conformance_matrix() {
     require_root();
     let t0 = Instant::now();
     let _lab = Lab::up();
-    let kube = Kube::from_lab();
+    let mut kube = Kube::from_lab();
     workloads(&kube);
     eprintln!(
         "==> [{}s] 9 probe pods in x, y, z Ready, 3 hostNetwork probe pods",
@@ -847,11 +875,16 @@ fn network_policy_conformance_matrix() {
     let cluster = kube.cluster();
     let (y_b, x_b) =
         (ip_of(&cluster, &PodKey::new("y", "b")), ip_of(&cluster, &PodKey::new("x", "b")));
+    let x_a = ip_of(&cluster, &PodKey::new("x", "a"));
+    // x/a runs on wk8s-n1 and x/b on wk8s-n2: each node's route to a pod elsewhere.
+    kube.node_sources =
+        NODES.iter().map(|n| source_toward(n, if *n == NODES[0] { x_b } else { x_a })).collect();
+    let n2_source = kube.node_sources[1];
     let only = selected();
     let wanted = |n: u32| only.as_ref().is_none_or(|o| o.contains(&n));
     let mut failed = Vec::new();
     let mut ran = 0;
-    for s in scenarios(y_b, x_b).into_iter().filter(|s| wanted(s.n)) {
+    for s in scenarios(y_b, x_b, n2_source).into_iter().filter(|s| wanted(s.n)) {
         reset(&kube);
         ran += 1;
         let started = Instant::now();
