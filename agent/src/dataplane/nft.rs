@@ -754,6 +754,7 @@ impl NftSocket {
             NFNL_SUBSYS_NFTABLES,
             &[],
         );
+        fit_buffers(&self.sock, buf.len(), inner.len())?;
         self.sock.send(&buf, 0)?;
         // Every message asked for an acknowledgement: wait for all of them, so that no stale
         // answer is left on the socket, and report the first rejection.
@@ -975,6 +976,41 @@ fn messages(buf: &[u8]) -> Vec<(u16, u32, &[u8])> {
         off += (len + 3) & !3;
     }
     out
+}
+
+/// The default socket buffers (net.core.wmem_default and rmem_default) hold a batch of a
+/// couple of hundred KiB and its acknowledgements; larger ones need larger buffers.
+const DEFAULT_BUFFER: usize = 208 * 1024;
+/// What one acknowledgement costs in the receive buffer (its skb), as libnftables reckons.
+const ACK_COST: usize = 1024;
+
+/// Sizes the buffers for a batch of `len` bytes and `messages` acknowledgements, as `nft`
+/// does: forced, so that net.core.wmem_max and rmem_max do not cap them (CAP_NET_ADMIN).
+fn fit_buffers(sock: &Socket, len: usize, messages: usize) -> io::Result<()> {
+    if len > DEFAULT_BUFFER {
+        set_buffer(sock, libc::SO_SNDBUFFORCE, len + 4096)?;
+    }
+    let acks = messages * ACK_COST;
+    if acks > DEFAULT_BUFFER {
+        set_buffer(sock, libc::SO_RCVBUFFORCE, acks + 64 * 1024)?;
+    }
+    Ok(())
+}
+
+fn set_buffer(sock: &Socket, option: libc::c_int, size: usize) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let size = libc::c_int::try_from(size).unwrap_or(libc::c_int::MAX);
+    // SAFETY: a valid socket descriptor and a correctly sized int.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            (&size as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
 fn set_recv_timeout(sock: &Socket, t: Duration) -> io::Result<()> {

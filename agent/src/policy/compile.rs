@@ -110,11 +110,28 @@ impl Program {
             policy_chains: BTreeMap::new(),
             dispatch_chains: BTreeMap::new(),
         };
+        // Chains are made in the order of the distinct lists of isolating policies, not of
+        // the pods, so that a pod coming or going under known policies keeps the shape.
+        let mut isolated: BTreeMap<(Vec<PolicyKey>, Direction), Vec<IpAddr>> = BTreeMap::new();
         let local = cluster.pods.values().filter(|p| p.node == node && p.selectable());
         for pod in local {
             for d in [Direction::Ingress, Direction::Egress] {
-                b.dispatch(pod, d);
+                let keys: Vec<PolicyKey> =
+                    cluster.isolating(pod, d).iter().map(|p| p.key()).collect();
+                if !keys.is_empty() {
+                    isolated.entry((keys, d)).or_default().extend(&pod.ips);
+                }
             }
+        }
+        for ((keys, d), ips) in isolated {
+            let policies: Vec<&Policy> =
+                keys.iter().filter_map(|k| cluster.policies.get(k)).collect();
+            let chain = b.dispatch_chain(&policies, d);
+            let map = match d {
+                Direction::Ingress => &mut b.program.ingress,
+                Direction::Egress => &mut b.program.egress,
+            };
+            map.extend(ips.into_iter().map(|ip| (ip, chain)));
         }
         b.program
     }
@@ -176,21 +193,6 @@ impl Builder<'_> {
     fn push_chain(&mut self, chain: Chain) -> ChainId {
         self.program.chains.push(chain);
         self.program.chains.len() - 1
-    }
-
-    fn dispatch(&mut self, pod: &Pod, d: Direction) {
-        let policies = self.cluster.isolating(pod, d);
-        if policies.is_empty() {
-            return;
-        }
-        let chain = self.dispatch_chain(&policies, d);
-        let map = match d {
-            Direction::Ingress => &mut self.program.ingress,
-            Direction::Egress => &mut self.program.egress,
-        };
-        for ip in &pod.ips {
-            map.insert(*ip, chain);
-        }
     }
 
     /// The chain of the pods these policies isolate, built once however many pods they share.

@@ -776,6 +776,88 @@ mod tests {
         }
     }
 
+    /// The issue's scale: 1000 policies over 5000 pods in 50 namespaces. The whole table must
+    /// go into the kernel in one batch, and a pod's arrival must then be an in-place change.
+    #[test]
+    fn the_kernel_takes_a_thousand_policies_over_five_thousand_pods() {
+        use std::net::Ipv4Addr;
+
+        use crate::policy::eval::Cluster;
+        use crate::policy::model::{Namespace, Pod, PodKey};
+        use crate::policy::tests::policy;
+        use serde_json::json;
+
+        let labels = |pairs: &[(&str, String)]| -> crate::policy::model::Labels {
+            pairs.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect()
+        };
+        let mut c = Cluster::default();
+        for n in 0..50u32 {
+            let ns = format!("ns{n}");
+            c.add_namespace(Namespace {
+                name: ns.clone(),
+                labels: labels(&[("team", format!("t{}", n % 5))]),
+            });
+            for i in 0..100u32 {
+                let k = n * 100 + i;
+                c.add_pod(Pod {
+                    key: PodKey::new(&ns, &format!("p{i}")),
+                    labels: labels(&[("app", format!("a{}", i % 20))]),
+                    ips: vec![IpAddr::V4(Ipv4Addr::from(0x0a20_0000 + k + 1))],
+                    node: format!("n{}", k % 3),
+                    host_network: false,
+                    finished: false,
+                    ports: Vec::new(),
+                });
+            }
+            for j in 0..20u32 {
+                c.add_policy(policy(
+                    &ns,
+                    &format!("pol{j}"),
+                    json!({"podSelector": {"matchLabels": {"app": format!("a{j}")}},
+                    "ingress": [{"from": [
+                        {"namespaceSelector": {"matchLabels": {"team": format!("t{}", j % 5)}},
+                         "podSelector": {"matchLabels": {"app": format!("a{}", (j + 1) % 20)}}},
+                        {"ipBlock": {"cidr": "10.96.0.0/12", "except": ["10.96.0.0/24"]}}],
+                        "ports": [{"protocol": "TCP", "port": 8000 + j}]}]}),
+                ));
+            }
+        }
+        let program = Program::compile(&c, "n0");
+        let mut grown = c.clone();
+        grown.add_pod(Pod {
+            key: PodKey::new("ns0", "new"),
+            labels: labels(&[("app", "a1".to_owned())]),
+            ips: vec!["10.33.0.1".parse().expect("ip")],
+            node: "n0".into(),
+            host_network: false,
+            finished: false,
+            ports: Vec::new(),
+        });
+        let next = Program::compile(&grown, "n0");
+        assert!(program.same_shape(&next), "a pod under known policies is elements only");
+        let (whole, in_place) = in_fresh_netns(|| {
+            let mut sock = NftSocket::open().expect("netlink");
+            let mut table = PolicyTable::default();
+            let t = std::time::Instant::now();
+            let first = table.apply(&mut sock, &program).expect("the kernel takes the table");
+            let whole = t.elapsed();
+            assert_eq!(first, Written::Whole);
+            let t = std::time::Instant::now();
+            let second = table.apply(&mut sock, &next).expect("and the change");
+            assert!(matches!(second, Written::Elements(n) if n > 0), "{second:?}");
+            (whole, t.elapsed())
+        });
+        eprintln!(
+            "1000 policies, 5000 pods: {} chains, {} sets, {} local pods; whole table {:?}, \
+             one new pod in place {:?}",
+            program.chains.len(),
+            program.addrs.len() + program.services.len(),
+            program.ingress.len(),
+            whole,
+            in_place
+        );
+    }
+
     #[test]
     fn loads_can_target_another_register() {
         let e = load_into(payload_load(PAYLOAD_TRANSPORT, 2, 2), NFT_REG32_02);
