@@ -4,7 +4,7 @@
 
 use std::sync::Mutex;
 
-use crate::dataplane::nft::policy::{Denied, PolicyTable, Written};
+use crate::dataplane::nft::policy::{self, Denied, PolicyTable, Written};
 use crate::dataplane::nft::{NftError, NftSocket};
 use crate::policy::compile::Program;
 
@@ -50,9 +50,11 @@ impl PolicyKernel for NftPolicyKernel {
     }
 
     fn denied(&self) -> Result<Vec<Denied>, PolicyKernelError> {
+        // Only the chain list under the lock: a dump must not hold up an install (and with it
+        // a CNI ADD waiting for policy).
+        let counters = self.table.lock().unwrap_or_else(|e| e.into_inner()).counters();
         let mut sock = NftSocket::open()?;
-        let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        Ok(table.denied(&mut sock)?)
+        Ok(policy::denied(&mut sock, &counters)?)
     }
 }
 

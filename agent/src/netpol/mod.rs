@@ -342,9 +342,18 @@ impl Owner {
             self.publish();
             return Ok(());
         }
+        // Compiling is CPU work in proportion to policies x pods: off the async workers.
         let cluster = self.state.cluster(&self.node);
-        let program = Program::compile(&cluster, &self.node);
-        let pods = state::local_pods(&cluster, &self.node);
+        let node = self.node.clone();
+        let compiled = tokio::task::spawn_blocking(move || {
+            (Program::compile(&cluster, &node), state::local_pods(&cluster, &node))
+        })
+        .await;
+        let Ok((program, pods)) = compiled else {
+            self.error = Some("compiling the NetworkPolicy program failed".to_owned());
+            self.publish();
+            return Err(self.retry);
+        };
         if self.installed.as_ref() != Some(&program) {
             let kernel = self.kernel.clone();
             let outcome = tokio::task::spawn_blocking(move || {
@@ -361,6 +370,8 @@ impl Owner {
                 Err(e) => Some(format!("the kernel call failed: {e}")),
             };
             if let Some(e) = refused {
+                // What the kernel holds is not known now: the next attempt writes it all.
+                self.installed = None;
                 let wait = self.retry;
                 warn!(error = %e, retry_in = ?wait, "cannot install the NetworkPolicy program; retrying");
                 self.error = Some(e);

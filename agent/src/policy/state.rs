@@ -5,7 +5,7 @@
 //! names. What the node must enforce ([`State::program`]) and what the status shows
 //! ([`State::local_pods`]) are both derived from that merged view. Pure.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use super::compile::Program;
@@ -125,15 +125,21 @@ impl State {
     /// The API's view with this node's endpoint addresses in place of the API's for the pods
     /// the endpoint feed names (a pod without `status.podIPs` yet gets its address here). A
     /// pod the feed names but the API does not is left out: without its labels no selector
-    /// can be decided for it.
+    /// can be decided for it. The feed is the truth for this node's addresses: one it gives a
+    /// pod is no other pod's, whatever the API still says of a pod that is going (freed
+    /// addresses are handed out again at once). A pod the API places on another node keeps
+    /// the API's view: a sandbox of it left here is stale.
     pub fn cluster(&self, node: &str) -> Cluster {
         let mut c = self.api.clone();
-        for (key, ips) in &self.local {
-            if let Some(pod) = c.pods.get_mut(key) {
-                if !ips.is_empty() {
+        let claimed: BTreeSet<IpAddr> = self.local.values().flatten().copied().collect();
+        for pod in c.pods.values_mut() {
+            let here = self.local.get(&pod.key).filter(|ips| !ips.is_empty());
+            match here {
+                Some(ips) if pod.node.is_empty() || pod.node == node => {
                     pod.ips.clone_from(ips);
+                    pod.node = node.to_owned();
                 }
-                pod.node = node.to_owned();
+                _ => pod.ips.retain(|ip| !claimed.contains(ip)),
             }
         }
         c
@@ -210,6 +216,33 @@ mod tests {
         s.apply(Event::Pod(Change::Resync(pods)));
         s.apply(Event::Policy(Change::Resync(policies)));
         s
+    }
+
+    /// Review finding: IPAM hands a freed address out again at once, while the API may still
+    /// list the pod that had it.
+    #[test]
+    fn an_address_the_feed_gives_a_new_pod_is_no_longer_the_going_pods() {
+        let going = pod("ns", "old", "web", "n1", vec![ip(5)]);
+        let new = pod("ns", "new", "db", "n1", Vec::new());
+        let mut s = listed(vec![going, new], vec![deny_ingress("ns", "web")]);
+        s.set_local(BTreeMap::from([(PodKey::new("ns", "new"), vec![ip(5)])]));
+        let c = s.cluster("n1");
+        assert_eq!(c.pods[&PodKey::new("ns", "new")].ips, vec![ip(5)]);
+        assert!(c.pods[&PodKey::new("ns", "old")].ips.is_empty(), "not the going pod's any more");
+        assert!(s.program("n1").ingress.is_empty(), "the new pod is not isolated by deny-web");
+    }
+
+    /// Review finding: a pod recreated on another node under the same name, while a stale
+    /// sandbox of it is still here.
+    #[test]
+    fn a_pod_the_api_places_elsewhere_keeps_the_apis_view() {
+        let moved = pod("ns", "web-0", "web", "n2", vec![ip(9)]);
+        let mut s = listed(vec![moved], vec![deny_ingress("ns", "web")]);
+        s.set_local(BTreeMap::from([(PodKey::new("ns", "web-0"), vec![ip(3)])]));
+        let c = s.cluster("n1");
+        let p = &c.pods[&PodKey::new("ns", "web-0")];
+        assert_eq!((p.node.as_str(), p.ips.clone()), ("n2", vec![ip(9)]));
+        assert!(s.program("n1").ingress.is_empty(), "not n1's to isolate");
     }
 
     #[test]

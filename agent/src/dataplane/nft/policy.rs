@@ -9,7 +9,7 @@
 //! elements only. The encoding follows include/uapi/linux/netfilter/nf_tables.h, as the rest
 //! of `nft`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::IpNet;
@@ -229,6 +229,24 @@ fn log_prefix(d: Direction, policies: &[PolicyKey]) -> Expr {
     let mut a = Attrs::default();
     a.str(NFTA_LOG_PREFIX, &text);
     Expr { name: "log", data: a }
+}
+
+/// The dispatch chains of the installed program by index, with their direction and the
+/// policies they stand for.
+#[derive(Clone, Debug, Default)]
+pub struct Counters(BTreeMap<usize, (Direction, Vec<PolicyKey>)>);
+
+/// The drop counters of the dispatch chains `counters` names.
+pub fn denied(sock: &mut NftSocket, counters: &Counters) -> Result<Vec<Denied>, NftError> {
+    let mut out = Vec::new();
+    for (chain, packets, bytes) in sock.counters(Family::Inet, TABLE)? {
+        let index = chain.split_once('-').and_then(|(i, _)| i.parse::<usize>().ok());
+        let Some((direction, policies)) = index.and_then(|i| counters.0.get(&i)) else {
+            continue;
+        };
+        out.push(Denied { direction: *direction, policies: policies.clone(), packets, bytes });
+    }
+    Ok(out)
 }
 
 /// What one dispatch chain has dropped since the table was last written whole.
@@ -455,21 +473,15 @@ impl PolicyTable {
 
     /// The drop counters of the dispatch chains, with the policies each stands for.
     pub fn denied(&self, sock: &mut NftSocket) -> Result<Vec<Denied>, NftError> {
-        let Some(p) = &self.installed else { return Ok(Vec::new()) };
-        let mut out = Vec::new();
-        for (chain, packets, bytes) in sock.counters(Family::Inet, TABLE)? {
-            let index = chain.split_once('-').and_then(|(i, _)| i.parse::<usize>().ok());
-            let Some(c) = index.and_then(|i| p.chains.get(i)).filter(|c| c.drop_at_end) else {
-                continue;
-            };
-            out.push(Denied {
-                direction: c.direction,
-                policies: c.isolated_by.clone(),
-                packets,
-                bytes,
-            });
-        }
-        Ok(out)
+        denied(sock, &self.counters())
+    }
+
+    /// What the installed dispatch chains' counters stand for: read under a lock, so that
+    /// the dump of the counters ([`denied`]) need not hold it.
+    pub fn counters(&self) -> Counters {
+        let chains = self.installed.iter().flat_map(|p| p.chains.iter().enumerate());
+        let dispatch = chains.filter(|(_, c)| c.drop_at_end);
+        Counters(dispatch.map(|(i, c)| (i, (c.direction, c.isolated_by.clone()))).collect())
     }
 
     /// Makes the table enforce `p`. After a failure the table is written whole next time: what
