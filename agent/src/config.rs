@@ -192,6 +192,13 @@ pub struct AgentArgs {
     /// `dmesg` or `journalctl -k`, prefix `weft-policy deny`).
     #[arg(long, env = "WEFT_POLICY_LOG")]
     pub policy_log: bool,
+
+    /// Kubernetes mode: check every packet a pod sends against the policies, not only the
+    /// first of each connection, so that a connection a changed policy no longer allows stops
+    /// at its next packet. Off by default: a connection allowed when it began lives on, as
+    /// with most CNIs (docs/network-policy.md, "Established connections").
+    #[arg(long, env = "WEFT_POLICY_STRICT")]
+    pub policy_strict: bool,
 }
 
 /// `--status-addr`: an address, or off.
@@ -325,6 +332,7 @@ impl AgentArgs {
             mesh_port,
             network_policy: !self.no_network_policy,
             policy_log: self.policy_log,
+            policy_strict: self.policy_strict,
         }))
     }
 
@@ -417,10 +425,20 @@ impl AgentArgs {
             ));
         }
         let kube = self.kube_config(&socket, mesh.port)?;
-        if kube.is_none() && self.no_network_policy {
+        let policy_flags = [
+            ("--no-network-policy", self.no_network_policy),
+            ("--policy-log", self.policy_log),
+            ("--policy-strict", self.policy_strict),
+        ];
+        for (flag, _) in policy_flags.iter().filter(|(_, set)| kube.is_none() && *set) {
+            warnings.push(format!(
+                "{flag} has no effect outside Kubernetes mode (NetworkPolicies are only \
+                 enforced with --kube)"
+            ));
+        }
+        if self.no_network_policy && (self.policy_log || self.policy_strict) {
             warnings.push(
-                "--no-network-policy has no effect outside Kubernetes mode (NetworkPolicies \
-                 are only enforced with --kube)"
+                "--policy-log and --policy-strict have no effect with --no-network-policy"
                     .to_owned(),
             );
         }

@@ -202,8 +202,15 @@ fn start_policy(
     tasks: &mut Tasks,
 ) -> Option<crate::netpol::PolicyHandle> {
     let events = kube.policy_events(tasks)?;
-    let cfg = crate::netpol::NetpolConfig { node: kube.node_name().to_owned() };
-    let kernel = Arc::new(crate::netpol::kernel::NftPolicyKernel::new(kube.policy_log()));
+    let cfg = crate::netpol::NetpolConfig {
+        node: kube.node_name().to_owned(),
+        check_every: crate::netpol::CHECK_EVERY,
+    };
+    let opts = crate::dataplane::nft::policy::TableOptions {
+        log: kube.policy_log(),
+        strict: kube.policy_strict(),
+    };
+    let kernel = Arc::new(crate::netpol::kernel::NftPolicyKernel::new(opts));
     Some(crate::netpol::start(cfg, hub, tasks, events, kernel))
 }
 

@@ -13,6 +13,12 @@
 //! manifests/ (tests/k8s/netpol-lab.sh) and takes it down at the end (`WK8S_KEEP=1` keeps it
 //! after a failure; `WEFT_NETPOL_LAB=reuse` runs on a lab that is already up with weft and leaves
 //! it). `NETPOL_SCENARIOS=1,4` runs a subset.
+//!
+//! Then the other paths between nodes: scenarios 4, 8, 14 and 19 (ingress and egress, pod and
+//! namespace selectors, a named port) run again with the underlay between wk8s-n1 and wk8s-n3
+//! cut, so that their pods' traffic is relayed through wk8s-n2, and again with every agent on
+//! sleeve (`--no-fastdp`). `NETPOL_OVERLAYS=` (empty) skips these; by default they run when
+//! every scenario does.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -26,7 +32,7 @@ use k8s_openapi::api::networking::v1 as net;
 use weft::policy::eval::{Cluster, Flow, Party};
 use weft::policy::model::{PodKey, Protocol};
 use weft::policy::parse;
-use weft_e2e::{Value, bins, require_root};
+use weft_e2e::{Value, bins, require_root, wait_until};
 
 const NAMESPACES: [&str; 3] = ["x", "y", "z"];
 /// Each pod name and the node it runs on, the same in every namespace.
@@ -855,6 +861,119 @@ fn run_phase(kube: &Kube, p: &Phase) -> Result<Duration, String> {
     check(kube, p.hosts)
 }
 
+// ------------------------------------------------------------------------------------------
+// the other paths between nodes
+
+/// The scenarios run again over each other path: cross-node ingress and egress, pod and
+/// namespace selectors, a named port.
+const OVERLAY_SCENARIOS: [u32; 4] = [4, 8, 14, 19];
+
+/// A node agent's `/status` report, from its status listener on the node's address.
+fn node_status(node: usize) -> Result<Value, String> {
+    let addr = format!("10.98.0.{}:6782", 10 + node);
+    let sock: std::net::SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let mut conn = std::net::TcpStream::connect_timeout(&sock, Duration::from_secs(2))
+        .map_err(|e| format!("{addr}: {e}"))?;
+    conn.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
+    conn.write_all(b"GET /status HTTP/1.0\r\nHost: weft\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut conn, &mut text).map_err(|e| format!("{addr}: {e}"))?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
+    serde_json::from_str(body).map_err(|e| format!("{addr}/status: {e}: {body:.200}"))
+}
+
+/// Whether `node`'s agent relays to some peer through another.
+fn relays(node: usize) -> bool {
+    node_status(node)
+        .is_ok_and(|r| r["overlay"]["relayed"].as_array().is_some_and(|a| !a.is_empty()))
+}
+
+/// Whether every link of every agent is on sleeve, each agent with a link to both others.
+fn all_on_sleeve() -> bool {
+    (1..=NODES.len()).all(|n| {
+        node_status(n).is_ok_and(|r| {
+            let links = r["overlay"]["links"].as_array().cloned().unwrap_or_default();
+            links.len() == NODES.len() - 1 && links.iter().all(|l| l["mode"] == "sleeve")
+        })
+    })
+}
+
+/// The underlay between two nodes cut (a bridge-family table in the lab's underlay namespace,
+/// as `scripts/k8s-lab.sh` names its ports), healed on drop.
+struct Cut;
+
+impl Cut {
+    fn between(a: usize, b: usize) -> Cut {
+        let script = format!(
+            "table bridge netpolcut {{ chain cut {{ type filter hook forward priority 0; \
+             iifname \"n{a}\" oifname \"n{b}\" drop; iifname \"n{b}\" oifname \"n{a}\" drop; }} }}"
+        );
+        let status = Command::new("ip")
+            .args(["netns", "exec", "wk8s-ul", "nft", &script])
+            .status()
+            .expect("ip netns exec wk8s-ul nft");
+        assert!(status.success(), "nft refused {script}");
+        Cut
+    }
+}
+
+impl Drop for Cut {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "exec", "wk8s-ul", "nft", "delete", "table", "bridge", "netpolcut"])
+            .status();
+    }
+}
+
+/// The overlay scenarios over relayed traffic, then over sleeve; how many ran and the failing
+/// ones, labelled. With `restore`, the agents go back to their settings afterwards (on a lab
+/// that is not ours).
+fn over_other_paths(
+    kube: &Kube,
+    all: &[Scenario],
+    t0: Instant,
+    restore: bool,
+) -> (usize, Vec<String>) {
+    let subset: Vec<&Scenario> = all.iter().filter(|s| OVERLAY_SCENARIOS.contains(&s.n)).collect();
+    let mut failed = Vec::new();
+    let mut ran = 0;
+    {
+        let _cut = Cut::between(1, 3);
+        wait_until(Duration::from_secs(90), "wk8s-n1 and wk8s-n3 to relay through wk8s-n2", || {
+            relays(1) && relays(3)
+        });
+        eprintln!(
+            "==> [{}s] underlay wk8s-n1 <-> wk8s-n3 cut: their traffic is relayed through wk8s-n2",
+            t0.elapsed().as_secs()
+        );
+        for s in &subset {
+            ran += 1;
+            if !run_scenario(kube, s, "relayed ") {
+                failed.push(format!("relayed {}", s.n));
+            }
+        }
+    }
+    let patch = r#"[{"op": "add", "path": "/spec/template/spec/containers/0/args/-", "value": "--no-fastdp"}]"#;
+    kube.must(&["-n", "kube-system", "patch", "daemonset", "weft", "--type=json", "-p", patch]);
+    kube.must(&["-n", "kube-system", "rollout", "status", "daemonset/weft", "--timeout=240s"]);
+    wait_until(Duration::from_secs(90), "every agent on sleeve to both others", all_on_sleeve);
+    eprintln!(
+        "==> [{}s] every agent restarted with --no-fastdp: all links on sleeve",
+        t0.elapsed().as_secs()
+    );
+    for s in &subset {
+        ran += 1;
+        if !run_scenario(kube, s, "sleeve ") {
+            failed.push(format!("sleeve {}", s.n));
+        }
+    }
+    if restore {
+        kube.must(&["-n", "kube-system", "rollout", "undo", "daemonset/weft"]);
+        kube.must(&["-n", "kube-system", "rollout", "status", "daemonset/weft", "--timeout=240s"]);
+    }
+    (ran, failed)
+}
+
 fn selected() -> Option<Vec<u32>> {
     let s = std::env::var("NETPOL_SCENARIOS").ok()?;
     Some(s.split([',', ' ']).filter_map(|n| n.trim().parse().ok()).collect())
@@ -865,7 +984,7 @@ fn selected() -> Option<Vec<u32>> {
 fn network_policy_conformance_matrix() {
     require_root();
     let t0 = Instant::now();
-    let _lab = Lab::up();
+    let lab = Lab::up();
     let mut kube = Kube::from_lab();
     workloads(&kube);
     eprintln!(
@@ -884,26 +1003,11 @@ fn network_policy_conformance_matrix() {
     let wanted = |n: u32| only.as_ref().is_none_or(|o| o.contains(&n));
     let mut failed = Vec::new();
     let mut ran = 0;
-    for s in scenarios(y_b, x_b, n2_source).into_iter().filter(|s| wanted(s.n)) {
-        reset(&kube);
+    let all = scenarios(y_b, x_b, n2_source);
+    for s in all.iter().filter(|s| wanted(s.n)) {
         ran += 1;
-        let started = Instant::now();
-        let mut problems = Vec::new();
-        let mut times = Vec::new();
-        for (i, p) in s.phases.iter().enumerate() {
-            let what = if s.phases.len() > 1 {
-                format!("phase {} ({}): ", i + 1, p.what)
-            } else {
-                String::new()
-            };
-            match run_phase(&kube, p) {
-                Ok(t) => times.push(format!("{:.1}", t.as_secs_f64())),
-                Err(e) => problems.push(format!("{what}{e}")),
-            }
-        }
-        report(s.n, s.name, &problems, &times, started);
-        if !problems.is_empty() {
-            failed.push(s.n);
+        if !run_scenario(&kube, s, "") {
+            failed.push(s.n.to_string());
         }
     }
     if wanted(26) {
@@ -911,17 +1015,51 @@ fn network_policy_conformance_matrix() {
         ran += 1;
         let started = Instant::now();
         let problems = scenario_26(&kube);
-        report(26, "established-connection-kept", &problems, &[], started);
+        report("", 26, "established-connection-kept", &problems, &[], started);
         if !problems.is_empty() {
-            failed.push(26);
+            failed.push("26".to_owned());
         }
+    }
+    let overlays = std::env::var("NETPOL_OVERLAYS").map_or(only.is_none(), |v| !v.is_empty());
+    if overlays {
+        let (n, f) = over_other_paths(&kube, &all, t0, !lab.ours);
+        ran += n;
+        failed.extend(f);
     }
     reset(&kube);
     eprintln!("==> [{}s] {} of {ran} scenarios pass", t0.elapsed().as_secs(), ran - failed.len());
     assert!(failed.is_empty(), "scenarios failing: {failed:?}");
 }
 
-fn report(n: u32, name: &str, problems: &[String], times: &[String], started: Instant) {
+/// One scenario from no policies: each phase applied and its matrix probed; whether all passed.
+fn run_scenario(kube: &Kube, s: &Scenario, label: &str) -> bool {
+    reset(kube);
+    let started = Instant::now();
+    let mut problems = Vec::new();
+    let mut times = Vec::new();
+    for (i, p) in s.phases.iter().enumerate() {
+        let what = if s.phases.len() > 1 {
+            format!("phase {} ({}): ", i + 1, p.what)
+        } else {
+            String::new()
+        };
+        match run_phase(kube, p) {
+            Ok(t) => times.push(format!("{:.1}", t.as_secs_f64())),
+            Err(e) => problems.push(format!("{what}{e}")),
+        }
+    }
+    report(label, s.n, s.name, &problems, &times, started);
+    problems.is_empty()
+}
+
+fn report(
+    label: &str,
+    n: u32,
+    name: &str,
+    problems: &[String],
+    times: &[String],
+    started: Instant,
+) {
     let took = started.elapsed().as_secs_f64();
     if problems.is_empty() {
         let conv = if times.is_empty() {
@@ -929,7 +1067,7 @@ fn report(n: u32, name: &str, problems: &[String], times: &[String], started: In
         } else {
             format!(", matrix equal after {} s", times.join("/"))
         };
-        eprintln!("scenario {n} {name}: pass ({took:.1} s{conv})");
+        eprintln!("{label}scenario {n} {name}: pass ({took:.1} s{conv})");
         return;
     }
     let first = problems
@@ -937,7 +1075,7 @@ fn report(n: u32, name: &str, problems: &[String], times: &[String], started: In
         .map(|p| p.lines().next().unwrap_or_default())
         .collect::<Vec<_>>()
         .join(" | ");
-    eprintln!("scenario {n} {name}: {first}");
+    eprintln!("{label}scenario {n} {name}: {first}");
     for p in problems {
         for l in p.lines().skip(1) {
             eprintln!("{l}");

@@ -26,8 +26,10 @@ use crate::status::report::collect;
 
 /// How long a leaving agent waits for the heir of its address space to confirm.
 const LEAVE_WAIT: Duration = Duration::from_secs(10);
-/// How long CNI ADD waits for NetworkPolicy to account for the new pod (k8s-wave §2.2).
+/// How long CNI ADD waits for NetworkPolicy to account for the new pod (k8s-wave §2.2): what
+/// is left of the plugin's wait (`ready_timeout_seconds`), within these bounds.
 const POLICY_WAIT: Duration = Duration::from_secs(10);
+const POLICY_WAIT_MIN: Duration = Duration::from_secs(2);
 
 /// Serves the API until the agent shuts down.
 pub async fn serve(svc: Arc<Services>, listener: UnixListener) {
@@ -163,8 +165,13 @@ impl Service {
 }
 
 impl Service {
-    async fn policy_in_place(&self, rec: &EndpointRecord) -> Result<(), EndpointError> {
-        policy_in_place(self.svc.policy.as_ref(), rec, POLICY_WAIT).await
+    async fn policy_in_place(
+        &self,
+        rec: &EndpointRecord,
+        wait: Duration,
+    ) -> Result<(), EndpointError> {
+        policy_in_place(self.svc.policy.as_ref(), rec, wait.clamp(POLICY_WAIT_MIN, POLICY_WAIT))
+            .await
     }
 }
 
@@ -232,8 +239,10 @@ impl v1::agent_server::Agent for Service {
                 return Err(bad("container_id", "is empty"));
             }
             let wait_ready = Duration::from_millis(u64::from(req.wait_ready_ms));
+            let started = Instant::now();
             let added = self.svc.hub.endpoints.cni_add(CniAdd { reserve, wait_ready }).await?;
-            self.policy_in_place(&added.record).await?;
+            self.policy_in_place(&added.record, wait_ready.saturating_sub(started.elapsed()))
+                .await?;
             Ok(added)
         };
         let added = self.timed("ADD", work).await?;

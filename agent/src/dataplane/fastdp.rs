@@ -212,6 +212,29 @@ fn vxlan_matches(link: &LinkMessage, spec: &VxlanSpec) -> bool {
     id == Some(spec.vni) && port == Some(spec.port) && !learning && !proxy
 }
 
+/// Deletes the VXLAN device `name` if there is one (a run with fastdp left it: with its port
+/// and forwarding entries on the bridge, frames would keep going out through it); whether
+/// there was. A link of that name of another kind is left alone.
+pub fn remove_vxlan(name: &str) -> Result<bool, KernelError> {
+    let name = name.to_owned();
+    block_on(async move {
+        let sock = Rtnl::host()?;
+        let link = sock.link_by_name(&name).await.ctx(|| format!("looking up {name}"))?;
+        let Some(link) = link.filter(is_vxlan) else { return Ok(false) };
+        sock.del_link(link.header.index).await.ctx(|| format!("deleting {name}"))?;
+        Ok(true)
+    })
+}
+
+fn is_vxlan(link: &LinkMessage) -> bool {
+    link.attributes.iter().any(|a| match a {
+        LinkAttribute::LinkInfo(infos) => {
+            infos.iter().any(|i| matches!(i, NlLinkInfo::Kind(InfoKind::Vxlan)))
+        }
+        _ => false,
+    })
+}
+
 /// Creates or repairs the VXLAN device; returns its index and what was repaired.
 pub fn ensure_vxlan(spec: &VxlanSpec) -> Result<(u32, Vec<String>), KernelError> {
     let spec = spec.clone();

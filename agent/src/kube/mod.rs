@@ -54,6 +54,8 @@ pub struct KubeConfig {
     pub network_policy: bool,
     /// Log denied connections to the kernel log (`--policy-log`).
     pub policy_log: bool,
+    /// Check established connections packet by packet (`--policy-strict`).
+    pub policy_strict: bool,
 }
 
 /// The namespace the agent runs in: the ServiceAccount's, else kube-system.
@@ -129,14 +131,19 @@ impl Prepared {
         &self.cfg.node_name
     }
 
-    /// Starts the NetworkPolicy, Pod and Namespace watches when enforcement is on, and hands
-    /// back their events (the daemon passes them to `netpol`, which this module does not
-    /// know).
     /// Whether denied connections are logged (`--policy-log`).
     pub fn policy_log(&self) -> bool {
         self.cfg.policy_log
     }
 
+    /// Whether established connections are checked packet by packet (`--policy-strict`).
+    pub fn policy_strict(&self) -> bool {
+        self.cfg.policy_strict
+    }
+
+    /// Starts the NetworkPolicy, Pod and Namespace watches when enforcement is on, and hands
+    /// back their events (the daemon passes them to `netpol`, which this module does not
+    /// know).
     pub fn policy_events(&self, tasks: &mut Tasks) -> Option<mpsc::Receiver<Event>> {
         if !self.cfg.network_policy {
             return None;

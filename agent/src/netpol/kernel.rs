@@ -4,7 +4,7 @@
 
 use std::sync::Mutex;
 
-use crate::dataplane::nft::policy::{self, Denied, PolicyTable, Written};
+use crate::dataplane::nft::policy::{self, Denied, PolicyTable, TableOptions, Written};
 use crate::dataplane::nft::{NftError, NftSocket};
 use crate::policy::compile::Program;
 
@@ -12,6 +12,27 @@ use crate::policy::compile::Program;
 pub enum PolicyKernelError {
     #[error("installing the NetworkPolicy table: {0}")]
     Nft(#[from] NftError),
+    /// Without br_netfilter's hand-over, packets between pods on the bridge never meet the
+    /// table: writing it would claim an enforcement that does not happen.
+    #[error(
+        "bridged pod traffic does not reach nftables ({0}): weft sets \
+         net.bridge.bridge-nf-call-iptables=1 at start; load br_netfilter and set it to 1 again"
+    )]
+    BridgeNetfilterOff(String),
+}
+
+const BRIDGE_NF_CALL: &str = "/proc/sys/net/bridge/bridge-nf-call-iptables";
+
+/// Whether bridged IPv4 packets go through the forward hook, as the table needs.
+fn bridged_packets_filtered() -> Result<(), PolicyKernelError> {
+    match std::fs::read_to_string(BRIDGE_NF_CALL) {
+        Ok(v) if v.trim() == "1" => Ok(()),
+        Ok(v) => Err(PolicyKernelError::BridgeNetfilterOff(format!(
+            "net.bridge.bridge-nf-call-iptables is {}",
+            v.trim()
+        ))),
+        Err(e) => Err(PolicyKernelError::BridgeNetfilterOff(format!("{BRIDGE_NF_CALL}: {e}"))),
+    }
 }
 
 /// Takes the whole program for this node. Blocking (a netlink round trip): call it off the
@@ -20,6 +41,8 @@ pub trait PolicyKernel: Send + Sync + std::fmt::Debug {
     fn apply(&self, program: &Program) -> Result<(), PolicyKernelError>;
     /// What each group of policies has dropped since the table was last written whole.
     fn denied(&self) -> Result<Vec<Denied>, PolicyKernelError>;
+    /// Whether what was last applied still holds; when not, the next `apply` writes it all.
+    fn intact(&self) -> Result<bool, PolicyKernelError>;
 }
 
 /// nftables in the agent's own (the host's) namespace.
@@ -29,15 +52,16 @@ pub struct NftPolicyKernel {
 }
 
 impl NftPolicyKernel {
-    /// With `log`, denied connections also go to the kernel log (`--policy-log`).
-    pub fn new(log: bool) -> NftPolicyKernel {
-        let table = if log { PolicyTable::logging() } else { PolicyTable::default() };
-        NftPolicyKernel { table: Mutex::new(table) }
+    /// `opts`: whether denied connections also go to the kernel log (`--policy-log`), and
+    /// whether established connections are checked packet by packet (`--policy-strict`).
+    pub fn new(opts: TableOptions) -> NftPolicyKernel {
+        NftPolicyKernel { table: Mutex::new(PolicyTable::new(opts)) }
     }
 }
 
 impl PolicyKernel for NftPolicyKernel {
     fn apply(&self, program: &Program) -> Result<(), PolicyKernelError> {
+        bridged_packets_filtered()?;
         let mut sock = NftSocket::open()?;
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
         match table.apply(&mut sock, program)? {
@@ -56,6 +80,12 @@ impl PolicyKernel for NftPolicyKernel {
         let mut sock = NftSocket::open()?;
         Ok(policy::denied(&mut sock, &counters)?)
     }
+
+    fn intact(&self) -> Result<bool, PolicyKernelError> {
+        let mut sock = NftSocket::open()?;
+        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(table.intact(&mut sock)? && bridged_packets_filtered().is_ok())
+    }
 }
 
 /// Records every program it is given; refuses while `failing` is set.
@@ -65,6 +95,8 @@ pub struct FakeKernel {
     pub applied: Mutex<Vec<Program>>,
     pub failing: std::sync::atomic::AtomicBool,
     pub attempts: std::sync::atomic::AtomicUsize,
+    /// The next check finds the table gone.
+    pub lost: std::sync::atomic::AtomicBool,
 }
 
 #[cfg(test)]
@@ -92,5 +124,9 @@ impl PolicyKernel for FakeKernel {
 
     fn denied(&self) -> Result<Vec<Denied>, PolicyKernelError> {
         Ok(Vec::new())
+    }
+
+    fn intact(&self) -> Result<bool, PolicyKernelError> {
+        Ok(!self.lost.swap(false, std::sync::atomic::Ordering::SeqCst))
     }
 }

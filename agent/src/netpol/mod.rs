@@ -39,7 +39,14 @@ const RETRY_MAX: Duration = Duration::from_secs(30);
 pub struct NetpolConfig {
     /// This Node's name: the pods whose traffic this agent filters.
     pub node: String,
+    /// How often the kernel is asked whether it still holds what was installed
+    /// ([`CHECK_EVERY`] in the agent).
+    pub check_every: Duration,
 }
+
+/// The agent's interval between checks that the table is still in the kernel as written
+/// (a flushed ruleset, or br_netfilter's hand-over turned off, must not stay unnoticed).
+pub const CHECK_EVERY: Duration = Duration::from_secs(30);
 
 /// What the kernel enforces, as last published by the owner.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -242,6 +249,7 @@ fn owner(
         installs: 0,
         error: None,
         retry: RETRY_FIRST,
+        check_every: cfg.check_every,
     };
     let handle = PolicyHandle { programmed, kernel: Some(owner.kernel.clone()) };
     (handle, owner.run())
@@ -274,13 +282,32 @@ struct Owner {
     installs: u64,
     error: Option<String>,
     retry: Duration,
+    check_every: Duration,
+}
+
+/// Why the owner woke.
+enum Wake {
+    Stop,
+    /// Something may have changed the program or what the kernel holds.
+    Change,
+    /// A check found the kernel as it was left.
+    Quiet,
 }
 
 impl Owner {
     async fn run(mut self) {
         self.take_feed();
         let mut next_try: Option<Instant> = None;
-        while self.wait_change(next_try).await && self.settle().await {
+        let mut next_check = Instant::now() + self.check_every;
+        loop {
+            match self.wait_change(next_try, &mut next_check).await {
+                Wake::Stop => return,
+                Wake::Quiet => continue,
+                Wake::Change => {}
+            }
+            if !self.settle().await {
+                return;
+            }
             // After a refusal, changes gather until the backoff is over.
             if next_try.is_some_and(|t| Instant::now() < t) {
                 continue;
@@ -297,14 +324,48 @@ impl Owner {
         self.state.set_local(local)
     }
 
-    /// Waits for an event, an endpoint change or a retry that is due; false at shutdown.
-    async fn wait_change(&mut self, next_try: Option<Instant>) -> bool {
+    /// Waits for an event, an endpoint change, a retry that is due or the next check of the
+    /// kernel.
+    async fn wait_change(&mut self, next_try: Option<Instant>, next_check: &mut Instant) -> Wake {
         let retry_at = next_try.unwrap_or_else(Instant::now);
+        let go_on = |more: bool| if more { Wake::Change } else { Wake::Stop };
         tokio::select! {
-            _ = self.shutdown.cancelled() => false,
-            ev = self.events.recv() => self.take_event(ev),
-            changed = self.feed.changed() => changed.is_ok() && { self.take_feed(); true },
-            _ = tokio::time::sleep_until(retry_at), if next_try.is_some() => true,
+            _ = self.shutdown.cancelled() => Wake::Stop,
+            ev = self.events.recv() => go_on(self.take_event(ev)),
+            changed = self.feed.changed() => go_on(changed.is_ok() && { self.take_feed(); true }),
+            _ = tokio::time::sleep_until(retry_at), if next_try.is_some() => Wake::Change,
+            _ = tokio::time::sleep_until(*next_check) => {
+                *next_check = Instant::now() + self.check_every;
+                self.check_kernel().await
+            }
+        }
+    }
+
+    /// Whether the kernel still holds what was installed; if not, it is written again whole.
+    async fn check_kernel(&mut self) -> Wake {
+        if self.installed.is_none() {
+            return Wake::Quiet;
+        }
+        let kernel = self.kernel.clone();
+        match tokio::task::spawn_blocking(move || kernel.intact()).await {
+            Ok(Ok(true)) => Wake::Quiet,
+            Ok(Ok(false)) => {
+                warn!(
+                    "the NetworkPolicy table is not as weft wrote it (the ruleset flushed or \
+                     changed by hand, or bridged traffic no longer handed to nftables); writing \
+                     it again"
+                );
+                self.installed = None;
+                Wake::Change
+            }
+            Ok(Err(e)) => {
+                debug!(error = %e, "checking the NetworkPolicy table");
+                Wake::Quiet
+            }
+            Err(e) => {
+                debug!(error = %e, "checking the NetworkPolicy table");
+                Wake::Quiet
+            }
         }
     }
 

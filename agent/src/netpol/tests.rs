@@ -71,7 +71,7 @@ impl Rig {
         let (feed, feed_rx) = watch::channel(Arc::new(Vec::new()));
         let (events, events_rx) = mpsc::channel(64);
         let shutdown = CancellationToken::new();
-        let cfg = NetpolConfig { node: NODE.to_owned() };
+        let cfg = NetpolConfig { node: NODE.to_owned(), check_every: Duration::from_millis(50) };
         let (handle, task) = owner(cfg, feed_rx, events_rx, kernel.clone(), shutdown.clone());
         tokio::spawn(task);
         Rig { handle, events, feed, kernel, shutdown }
@@ -208,4 +208,20 @@ async fn an_unchanged_program_is_not_installed_again() {
     r.send(Event::Pod(Change::Apply(pod("other", vec![ip(3)])))).await;
     r.until("other accounted", |p| p.pods.contains_key(&PodKey::new("ns", "other"))).await;
     assert_eq!(r.kernel.count(), 1, "the kernel already holds this program");
+}
+
+#[tokio::test]
+async fn a_table_lost_from_the_kernel_is_written_again() {
+    let r = Rig::start();
+    r.list(vec![pod("web", vec![ip(2)])], vec![deny_ingress("web")]).await;
+    r.until("first install", |p| p.installs == 1).await;
+    // Checks that find the table as written write nothing (six of them in 300 ms).
+    let mut rx = r.handle.programmed.clone();
+    let again = tokio::time::timeout(Duration::from_millis(300), rx.wait_for(|p| p.installs > 1));
+    assert!(again.await.is_err(), "an intact table was written again");
+    r.kernel.lost.store(true, Ordering::SeqCst);
+    let p = r.until("written again", |p| p.installs == 2).await;
+    assert!(p.error.is_none());
+    let applied = r.kernel.applied.lock().expect("not poisoned").clone();
+    assert_eq!(applied[1], applied[0], "the same program, written again");
 }

@@ -11,6 +11,8 @@ use crate::dataplane::nft::{Family, NftSocket, Table};
 pub trait OverlayKernel: Send + Sync + 'static {
     /// Creates or repairs the VXLAN device; its index and what was repaired.
     fn ensure_vxlan(&self, spec: &VxlanSpec) -> Result<(u32, Vec<String>), KernelError>;
+    /// Deletes the VXLAN device `name` if there is one; whether there was.
+    fn remove_vxlan(&self, name: &str) -> Result<bool, KernelError>;
     /// Attaches an existing interface (the sleeve TAP) to the bridge as an overlay port.
     fn attach_port(&self, name: &str, bridge: &str, mtu: u32) -> Result<(), KernelError>;
     /// Makes the forwarding entries match `spec`.
@@ -35,6 +37,10 @@ pub struct LinuxOverlay;
 impl OverlayKernel for LinuxOverlay {
     fn ensure_vxlan(&self, spec: &VxlanSpec) -> Result<(u32, Vec<String>), KernelError> {
         fastdp::ensure_vxlan(spec)
+    }
+
+    fn remove_vxlan(&self, name: &str) -> Result<bool, KernelError> {
+        fastdp::remove_vxlan(name)
     }
 
     fn attach_port(&self, name: &str, bridge: &str, mtu: u32) -> Result<(), KernelError> {

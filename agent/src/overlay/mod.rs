@@ -340,6 +340,21 @@ impl DataPlane {
         inputs: mpsc::Sender<Input>,
     ) -> Result<Arc<FrameSocket>, String> {
         if cfg.no_fastdp {
+            let name = cfg.vxlan.clone();
+            let removed = tokio::task::spawn_blocking(move || {
+                on_blocking_thread(|| kernel.remove_vxlan(&name))
+            })
+            .await;
+            match removed {
+                Ok(Ok(true)) => {
+                    info!(device = %cfg.vxlan, "removed the VXLAN device a run with fastdp left")
+                }
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => {
+                    warn!(device = %cfg.vxlan, error = %e, "cannot remove the VXLAN device a run with fastdp left")
+                }
+                Err(e) => warn!(error = %e, "removing the VXLAN device"),
+            }
             return Err("disabled by --no-fastdp".into());
         }
         Self::start_vxlan_filter(cfg, kernel.clone()).await?;

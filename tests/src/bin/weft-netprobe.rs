@@ -10,6 +10,18 @@
 //!                                          every 200 ms; prints `connected`, then `kept N` (exit
 //!                                          0) or `broken after N` (exit 1)
 //!
+//! and for the NetworkPolicy benchmark (scripts/netpol-bench.sh):
+//!
+//!   weft-netprobe sink PORT...             TCP on each PORT: reads to the end, then answers the
+//!                                          byte count as one line
+//!   weft-netprobe stream IP:PORT SECONDS   sends to a sink for SECONDS; prints `gbit_per_s X`
+//!                                          (the bytes the sink counted over the time to its
+//!                                          answer)
+//!   weft-netprobe watch IP:PORT SECONDS    a new TCP connection every 10 ms; prints `start ok`
+//!                                          or `start denied`, then `change UNIX_MS STATE` for
+//!                                          the first attempt that differs (its start time), or
+//!                                          `no change` after SECONDS (exit 1)
+//!
 //! The wait for an answer is 1 s (`NETPROBE_TIMEOUT_MS`): a denied packet is dropped, so
 //! "no answer in time" is what denied looks like.
 
@@ -17,7 +29,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::ExitCode;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 const GREETING: &[u8] = b"weft-netprobe\n";
 
@@ -27,10 +39,12 @@ fn main() -> ExitCode {
         Some("serve") => serve(&args[1..]),
         Some("probe") => probe(&args[1..]),
         Some("hold") => hold(&args[1..]),
-        _ => Err(
-            "usage: weft-netprobe serve [PORT...] | probe IP:PORT/PROTO... | hold IP:PORT SECONDS"
-                .to_owned(),
-        ),
+        Some("sink") => sink(&args[1..]),
+        Some("stream") => stream(&args[1..]),
+        Some("watch") => watch(&args[1..]),
+        _ => Err("usage: weft-netprobe serve [PORT...] | probe IP:PORT/PROTO... | hold IP:PORT \
+                  SECONDS | sink PORT... | stream IP:PORT SECONDS | watch IP:PORT SECONDS"
+            .to_owned()),
     };
     match result {
         Ok(code) => code,
@@ -55,10 +69,7 @@ fn say(line: &str) {
 fn serve(args: &[String]) -> Result<ExitCode, String> {
     let ports: Vec<u16> = match args.is_empty() {
         true => vec![80, 81],
-        false => args
-            .iter()
-            .map(|p| p.parse().map_err(|_| format!("bad port {p:?}")))
-            .collect::<Result<_, _>>()?,
+        false => ports(args)?,
     };
     let mut threads = Vec::new();
     for port in ports {
@@ -200,4 +211,90 @@ fn hold(args: &[String]) -> Result<ExitCode, String> {
     }
     say(&format!("kept {n}"));
     Ok(ExitCode::SUCCESS)
+}
+
+fn ports(args: &[String]) -> Result<Vec<u16>, String> {
+    args.iter().map(|p| p.parse().map_err(|_| format!("bad port {p:?}"))).collect()
+}
+
+fn addr_and_secs(args: &[String], usage: &str) -> Result<(SocketAddr, Duration), String> {
+    let [addr, secs] = args else { return Err(format!("usage: {usage} IP:PORT SECONDS")) };
+    let addr: SocketAddr = addr.parse().map_err(|_| format!("{addr:?}: not IP:PORT"))?;
+    let secs: f64 = secs.parse().map_err(|_| format!("{secs:?}: not seconds"))?;
+    let secs = Duration::try_from_secs_f64(secs).map_err(|e| format!("{secs}: {e}"))?;
+    Ok((addr, secs))
+}
+
+fn sink(args: &[String]) -> Result<ExitCode, String> {
+    let mut threads = Vec::new();
+    for port in ports(args)? {
+        let tcp = TcpListener::bind(("0.0.0.0", port)).map_err(|e| format!("tcp {port}: {e}"))?;
+        threads.push(thread::spawn(move || {
+            for conn in tcp.incoming().flatten() {
+                thread::spawn(move || count_to_the_end(conn));
+            }
+        }));
+    }
+    say("sinking");
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn count_to_the_end(mut conn: TcpStream) {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    loop {
+        match conn.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => total += n as u64,
+            Err(_) => return,
+        }
+    }
+    let _ = conn.write_all(format!("{total}\n").as_bytes());
+}
+
+fn stream(args: &[String]) -> Result<ExitCode, String> {
+    let (addr, secs) = addr_and_secs(args, "stream")?;
+    let start = Instant::now();
+    let mut conn =
+        TcpStream::connect_timeout(&addr, timeout()).map_err(|e| format!("connect {addr}: {e}"))?;
+    let buf = vec![0u8; 256 * 1024];
+    while start.elapsed() < secs {
+        conn.write_all(&buf).map_err(|e| format!("send: {e}"))?;
+    }
+    conn.shutdown(std::net::Shutdown::Write).map_err(|e| format!("shutdown: {e}"))?;
+    let mut answer = String::new();
+    BufReader::new(&conn).read_line(&mut answer).map_err(|e| format!("the count: {e}"))?;
+    let bytes: u64 = answer.trim().parse().map_err(|_| format!("the sink answered {answer:?}"))?;
+    let gbit = bytes as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e9;
+    say(&format!("gbit_per_s {gbit:.3}"));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn unix_ms() -> u128 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0)
+}
+
+fn watch(args: &[String]) -> Result<ExitCode, String> {
+    let (addr, secs) = addr_and_secs(args, "watch")?;
+    // a denied SYN is dropped: no answer within this long reads as denied (the lab's round
+    // trip is well under a millisecond)
+    let wait = Duration::from_millis(100);
+    let word = |ok: bool| if ok { "ok" } else { "denied" };
+    let first = TcpStream::connect_timeout(&addr, wait).is_ok();
+    say(&format!("start {}", word(first)));
+    let end = Instant::now() + secs;
+    while Instant::now() < end {
+        thread::sleep(Duration::from_millis(10));
+        let at = unix_ms();
+        let ok = TcpStream::connect_timeout(&addr, wait).is_ok();
+        if ok != first {
+            say(&format!("change {at} {}", word(ok)));
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+    say("no change");
+    Ok(ExitCode::FAILURE)
 }

@@ -3,7 +3,11 @@
 //! sets of (address, protocol, port) for named ports, two verdict maps from a local pod's
 //! address to its chain, and the chains. Two base chains sit on the forward hook: egress at
 //! priority 0, ingress at 1. An accept in the first hands the packet to the second; a drop in
-//! either is final. Each starts by accepting established and related packets. [`PolicyTable`]
+//! either is final. Each starts by accepting established and related packets, so that a
+//! connection a policy allowed when it began lives on after the policy is gone; with
+//! [`TableOptions::strict`] only the replies and related packets are accepted so, and every
+//! packet a pod sends goes through its chains: a connection no longer allowed stops at its next
+//! packet (docs/network-policy.md, "Established connections"). [`PolicyTable`]
 //! writes a program whose shape (chains and rules) is that of the one before it as the set and
 //! map elements that changed, also in one batch: pods coming, going and changing labels touch
 //! elements only. The encoding follows include/uapi/linux/netfilter/nf_tables.h, as the rest
@@ -70,7 +74,11 @@ const TYPE_SERVICE_TUPLE: u32 = (((7 << 6) | 12) << 6) | 13;
 /// Elements per NEWSETELEM message: an attribute's length is 16 bits.
 const ELEMENTS_PER_MESSAGE: usize = 256;
 /// IP_CT_ESTABLISHED and IP_CT_RELATED as `ct state` bits.
-const CT_ESTABLISHED_RELATED: u32 = (1 << 1) | (1 << 2);
+const CT_ESTABLISHED: u32 = 1 << 1;
+const CT_RELATED: u32 = 1 << 2;
+/// `NFT_CT_DIRECTION` and its value for replies (`IP_CT_DIR_REPLY`).
+const NFT_CT_DIRECTION: u32 = 1;
+const IP_CT_DIR_REPLY: u8 = 1;
 
 const EGRESS_MAP: &str = "egress-pods";
 const INGRESS_MAP: &str = "ingress-pods";
@@ -106,9 +114,19 @@ impl Ids {
 
 type Message = (u16, u16, Attrs);
 
-/// The whole table as one batch: replaced atomically, as weft's other tables. With `log`,
-/// what a dispatch chain drops is also logged, rate-limited, naming the policies.
-fn batch(p: &Program, log: bool) -> Vec<Message> {
+/// How the table treats what the policies do not say.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TableOptions {
+    /// What a dispatch chain drops is also logged, rate-limited, naming the policies
+    /// (`--policy-log`).
+    pub log: bool,
+    /// Established connections are checked packet by packet, not only when they begin
+    /// (`--policy-strict`).
+    pub strict: bool,
+}
+
+/// The whole table as one batch: replaced atomically, as weft's other tables.
+fn batch(p: &Program, opts: TableOptions) -> Vec<Message> {
     let ids = Ids::of(p);
     let mut out: Vec<Message> = vec![
         (NFT_MSG_NEWTABLE, NLM_F_CREATE, table_attrs(TABLE)),
@@ -157,7 +175,7 @@ fn batch(p: &Program, log: bool) -> Vec<Message> {
         let mut dispatch = ipv4();
         dispatch.push(payload_load(PAYLOAD_NETWORK, addr_offset(d, true), 4));
         dispatch.push(lookup(map, ids.map(p, d), Some(NFT_REG_VERDICT)));
-        for exprs in [established(), dispatch] {
+        for exprs in established(opts.strict).into_iter().chain([dispatch]) {
             out.push((NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, rule(name, exprs)));
         }
     }
@@ -180,7 +198,7 @@ fn batch(p: &Program, log: bool) -> Vec<Message> {
             out.push((NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, rule(&name, exprs)));
         }
         if c.drop_at_end {
-            if log {
+            if opts.log {
                 let exprs = vec![log_limit(), log_prefix(c.direction, &c.isolated_by)];
                 out.push((NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, rule(&name, exprs)));
             }
@@ -195,8 +213,8 @@ fn batch(p: &Program, log: bool) -> Vec<Message> {
 }
 
 /// Installs the program in the current namespace.
-pub fn install(sock: &mut NftSocket, p: &Program) -> Result<(), NftError> {
-    sock.send_batch(Family::Inet as u8, &batch(p, false))
+pub fn install(sock: &mut NftSocket, p: &Program, opts: TableOptions) -> Result<(), NftError> {
+    sock.send_batch(Family::Inet as u8, &batch(p, opts))
 }
 
 /// At most this many denials a second are logged per dispatch chain (a burst of twice that):
@@ -287,13 +305,31 @@ fn ipv4() -> Vec<Expr> {
     vec![meta_load(META_NFPROTO), cmp_raw(NFT_REG_1, NFT_CMP_EQ, &[NFPROTO_IPV4])]
 }
 
-fn established() -> Vec<Expr> {
-    vec![
-        ct_state_load(),
-        super::bitwise(&CT_ESTABLISHED_RELATED.to_ne_bytes()),
-        cmp_raw(NFT_REG_1, 1, &[0; 4]),
-        verdict(Verdict::Accept),
-    ]
+/// The rules ahead of the dispatch: `ct state established,related accept`, or when strict
+/// `ct state related accept` and `ct state established ct direction reply accept`.
+fn established(strict: bool) -> Vec<Vec<Expr>> {
+    let state_in = |bits: u32| {
+        vec![ct_state_load(), super::bitwise(&bits.to_ne_bytes()), cmp_raw(NFT_REG_1, 1, &[0; 4])]
+    };
+    if !strict {
+        let mut all = state_in(CT_ESTABLISHED | CT_RELATED);
+        all.push(verdict(Verdict::Accept));
+        return vec![all];
+    }
+    let mut related = state_in(CT_RELATED);
+    related.push(verdict(Verdict::Accept));
+    let mut replies = state_in(CT_ESTABLISHED);
+    replies.push(ct_load(NFT_CT_DIRECTION));
+    replies.push(cmp_raw(NFT_REG_1, NFT_CMP_EQ, &[IP_CT_DIR_REPLY]));
+    replies.push(verdict(Verdict::Accept));
+    vec![related, replies]
+}
+
+/// A conntrack key (`NFTA_CT_KEY`) loaded into register 1 (`NFTA_CT_DREG`).
+fn ct_load(key: u32) -> Expr {
+    let mut a = Attrs::default();
+    a.u32(1, NFT_REG_1).u32(2, key);
+    Expr { name: "ct", data: a }
 }
 
 fn cmp_raw(reg: u32, op: u32, value: &[u8]) -> Expr {
@@ -462,13 +498,29 @@ pub enum Written {
 #[derive(Debug, Default)]
 pub struct PolicyTable {
     installed: Option<Program>,
-    log: bool,
+    /// How many rules the table had when it was last written whole.
+    rules: usize,
+    opts: TableOptions,
 }
 
 impl PolicyTable {
-    /// A table whose drops are also logged to the kernel log (`--policy-log`).
-    pub fn logging() -> PolicyTable {
-        PolicyTable { installed: None, log: true }
+    pub fn new(opts: TableOptions) -> PolicyTable {
+        PolicyTable { installed: None, rules: 0, opts }
+    }
+
+    /// Whether the kernel still holds the table as written (it exists, with as many rules):
+    /// something else may have flushed the ruleset. Set elements are not compared. When it is
+    /// not intact, the next [`PolicyTable::apply`] writes it whole.
+    pub fn intact(&mut self, sock: &mut NftSocket) -> Result<bool, NftError> {
+        if self.installed.is_none() {
+            return Ok(true);
+        }
+        let intact = sock.table_exists(Family::Inet, TABLE)?
+            && sock.rule_count(Family::Inet, TABLE)? == self.rules;
+        if !intact {
+            self.installed = None;
+        }
+        Ok(intact)
     }
 
     /// The drop counters of the dispatch chains, with the policies each stands for.
@@ -497,7 +549,9 @@ impl PolicyTable {
                 Written::Elements(count)
             }
             _ => {
-                sock.send_batch(Family::Inet as u8, &batch(p, self.log))?;
+                let messages = batch(p, self.opts);
+                sock.send_batch(Family::Inet as u8, &messages)?;
+                self.rules = messages.iter().filter(|m| m.0 == NFT_MSG_NEWRULE).count();
                 Written::Whole
             }
         };
@@ -765,13 +819,35 @@ mod tests {
         assert!(!program.ingress.is_empty() && !program.egress.is_empty());
         let listed = in_fresh_netns(|| {
             let mut sock = NftSocket::open().expect("netlink");
-            install(&mut sock, &program).expect("the kernel takes the batch");
+            let list = || {
+                let out = std::process::Command::new("nft")
+                    .args(["list", "table", "inet", TABLE])
+                    .output();
+                String::from_utf8_lossy(&out.expect("nft runs").stdout).into_owned()
+            };
+            let strict = TableOptions { strict: true, log: true };
+            install(&mut sock, &program, strict).expect("the kernel takes the strict batch");
+            let strict = list();
+            for want in
+                ["ct state related accept", "ct state established ct direction reply accept"]
+            {
+                assert!(strict.contains(want), "no {want:?} in\n{strict}");
+            }
+            assert!(strict.contains("log prefix"), "no log rule in\n{strict}");
+            install(&mut sock, &program, TableOptions::default()).expect("the kernel takes it");
             // Installing again replaces it whole.
-            install(&mut sock, &program).expect("and takes it again");
-            let out =
-                std::process::Command::new("nft").args(["list", "table", "inet", TABLE]).output();
-            String::from_utf8_lossy(&out.expect("nft runs").stdout).into_owned()
+            install(&mut sock, &program, TableOptions::default()).expect("and takes it again");
+            // A table deleted behind the writer's back is noticed and written whole again.
+            let mut table = PolicyTable::default();
+            assert_eq!(table.apply(&mut sock, &program).expect("applied"), Written::Whole);
+            assert!(table.intact(&mut sock).expect("checked"), "just written");
+            sock.delete_table(Family::Inet, TABLE).expect("deleted");
+            assert!(!table.intact(&mut sock).expect("checked"), "a deleted table is intact");
+            assert_eq!(table.apply(&mut sock, &program).expect("applied"), Written::Whole);
+            assert!(table.intact(&mut sock).expect("checked"), "written again");
+            list()
         });
+        assert!(!listed.contains("log prefix"), "a log rule without --policy-log:\n{listed}");
         for want in [
             "ip saddr vmap @egress-pods",
             "ip daddr vmap @ingress-pods",

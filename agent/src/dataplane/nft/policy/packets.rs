@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use super::{Denied, PolicyTable, Written};
+use super::{Denied, PolicyTable, TableOptions, Written};
 use crate::dataplane::nft::NftSocket;
 use crate::policy::compile::{Packet, Program};
 use crate::policy::eval::{Cluster, Flow};
@@ -72,7 +72,9 @@ impl Drop for Lab {
 
 impl Lab {
     fn new(cluster: &Cluster) -> Lab {
-        let tag = format!("wtp{}", std::process::id());
+        // Tests in this process run at once: each lab gets names of its own.
+        static LABS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let tag = format!("wtp{}-{}", std::process::id(), LABS.fetch_add(1, Ordering::Relaxed));
         let node = format!("{tag}-n");
         let mut lab = Lab { node: node.clone(), pods: Vec::new() };
         ip(&["netns", "add", &node]);
@@ -303,7 +305,7 @@ fn packets_through_the_table_agree_with_the_program_and_the_evaluator() {
     let lab = Lab::new(&base);
     let _servers = lab.serve();
     // Logging on: the kernel must take the log rules too.
-    let mut table = PolicyTable::logging();
+    let mut table = PolicyTable::new(TableOptions { log: true, strict: false });
 
     // Each step: a cluster state, and whether its program must be written in place.
     let mut relabelled = with(base.clone(), policies());
@@ -347,4 +349,101 @@ fn packets_through_the_table_agree_with_the_program_and_the_evaluator() {
         assert!(wrong.is_empty(), "{name} ({written:?}):\n{}", wrong.join("\n"));
     }
     eprintln!("{}", report.join("\n"));
+}
+
+/// What happens to a TCP connection x/a -> x/b:82 (both pods isolated, each policy allowing it)
+/// when x/b's policy stops allowing it: with the default table it lives on and only new
+/// connections are refused; with a strict one it stops at its next packet. Either way the
+/// replies of an allowed connection pass although both ends are isolated.
+#[test]
+fn established_connections_outlive_their_policy_unless_strict() {
+    let base = one_node(lab());
+    let lab = Lab::new(&base);
+    let pod = |name: &str| lab.pods.iter().find(|p| p.0 == PodKey::new("x", name)).expect("pod");
+    let ((_, _, a_ns), (_, b_addr, b_ns)) = (pod("a"), pod("b"));
+    let server = SocketAddr::new(IpAddr::V4(*b_addr), 82);
+    let listener = in_netns(b_ns, || TcpListener::bind(server).expect("port 82"));
+    let _echo = Echo::serve(listener);
+    let allowing = |from: &str| {
+        with(
+            base.clone(),
+            vec![
+                policy(
+                    "x",
+                    "b-in",
+                    json!({"podSelector": {"matchLabels": {"pod": "b"}},
+                    "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": from}}}],
+                                 "ports": [{"port": 82}]}]}),
+                ),
+                policy(
+                    "x",
+                    "a-out",
+                    json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Egress"],
+                    "egress": [{"to": [{"podSelector": {"matchLabels": {"pod": "b"}}}],
+                                "ports": [{"port": 82}]}]}),
+                ),
+            ],
+        )
+    };
+    let (before, after) = (allowing("a"), allowing("c"));
+    let connect = || in_netns(a_ns, || TcpStream::connect_timeout(&server, PROBE_TIMEOUT));
+    for strict in [false, true] {
+        let mut table = PolicyTable::new(TableOptions { log: false, strict });
+        lab.write(&mut table, &Program::compile(&before, NODE));
+        let mut conn = connect().expect("x/a reaches x/b:82 while b-in allows it");
+        assert!(exchange(&mut conn), "strict {strict}: no echo while allowed");
+        lab.write(&mut table, &Program::compile(&after, NODE));
+        assert!(connect().is_err(), "strict {strict}: a new connection after b-in changed");
+        assert_eq!(
+            exchange(&mut conn),
+            !strict,
+            "strict {strict}: the established connection after b-in changed"
+        );
+    }
+}
+
+/// A line sent and the same line echoed within the probe timeout.
+fn exchange(conn: &mut TcpStream) -> bool {
+    let mut back = [0u8; 5];
+    conn.set_read_timeout(Some(PROBE_TIMEOUT)).is_ok()
+        && conn.write_all(b"ping\n").is_ok()
+        && conn.read_exact(&mut back).is_ok()
+        && &back == b"ping\n"
+}
+
+/// Echoes every connection on a listener; stops (and joins) on drop.
+struct Echo {
+    listener: TcpListener,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Echo {
+    fn serve(listener: TcpListener) -> Echo {
+        let accepting = listener.try_clone().expect("clone");
+        let thread = std::thread::spawn(move || {
+            while let Ok((mut c, _)) = accepting.accept() {
+                std::thread::spawn(move || {
+                    // a connection the strict table cut never sees its end
+                    let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+                    let mut buf = [0u8; 64];
+                    while let Ok(n @ 1..) = c.read(&mut buf) {
+                        if c.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Echo { listener, thread: Some(thread) }
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        // SAFETY: the fd is open and owned by self; shutdown wakes the accepting thread.
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
