@@ -1,13 +1,12 @@
 #!/bin/bash
 # Benchmark (not a test) of NetworkPolicy enforcement on the lab's real 3-node cluster, weft
 # installed from manifests/ as tests/k8s/netpol-lab.sh does it. One run measures:
-#   throughput   pod->pod TCP across nodes (client on wk8s-n1, server on wk8s-n2, 5 s streams of
-#                weft-netprobe) with 0 and with 500 policies selecting both pods, interleaved
-#                ROUNDS times by labelling the two pods into and out of the policies' selector
-#                (each switch is checked: a third pod is refused, then let in); prints the medians
-#                and their ratio
-#   strict       the throughput rounds again with every agent on --policy-strict (every packet
-#                a pod sends goes through its policy chains, not only a connection's first)
+#   throughput   pod->pod TCP across nodes: two pairs (clients on wk8s-n1, servers on wk8s-n2)
+#                stream at once for 10 s (weft-netprobe), one pair selected by 500 policies and
+#                the other by none, so that both see the same load on the machine; ROUNDS times,
+#                the selected pair swapped each round (each switch checked: a third pod is
+#                refused by the selected server, let in by the other); prints each round's ratio
+#                selected / not selected and the median ratio
 #   enforcement  with 5000 simulated pods (Pod objects bound to 10 Node objects that have no
 #                kubelet, their status written through the API, so that weft sees them as any
 #                remote pod) and 1000 policies (the 500 above and 500 that let groups of
@@ -15,14 +14,16 @@
 #                start of `kubectl apply` of a policy letting the client reach the server's port
 #                5202 to the first connection the client's pod makes there, and from the start of
 #                `kubectl delete` of it to the first one refused; ROUNDS times each
+#   strict       the throughput rounds again with every agent on --policy-strict (every packet
+#                a pod sends goes through its policy chains, not only a connection's first)
 # Prints one line per figure; docs/benchmarks.md records them. Needs what tests/k8s/weft.sh needs
 # and the release binaries (cargo build --release --workspace --bins).
-#   sudo scripts/netpol-bench.sh [ROUNDS]    (default 3)
+#   sudo scripts/netpol-bench.sh [ROUNDS]    (default 6)
 #   WEFT_NETPOL_LAB=reuse                    on a lab that is already up with weft (left up)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 LAB=$ROOT/scripts/k8s-lab.sh
-ROUNDS=${1:-3}
+ROUNDS=${1:-6}
 BIN=${WEFT_BIN_DIR:-${CARGO_TARGET_DIR:-$ROOT/target}/release}
 NS=netpol-bench
 SIM=netpol-sim
@@ -30,7 +31,7 @@ POLICIES=500
 SIM_PODS=5000
 SIM_NODES=10
 SIM_GROUPS=50
-STREAM_S=5
+STREAM_S=10
 PROXY_PORT=18011
 IMAGE=localhost/weft-netprobe:latest
 
@@ -70,11 +71,11 @@ state() { probe "$1" watch "$2" 0 2>/dev/null | sed -n 's/^start //p' || true; }
 state_is() { [ "$(state "$1" "$2")" = "$3" ]; }
 median() { python3 -c 'import statistics, sys; print("%.3f" % statistics.median(float(a) for a in sys.argv[1:]))' "$@"; }
 
-pod() { # NAME NODE LABEL ARGS
+pod() { # NAME NODE ARGS: labels app (the name without its -a/-b) and pair (a, b)
   cat <<EOF
 apiVersion: v1
 kind: Pod
-metadata: {name: $1, namespace: $NS, labels: {app: $1}}
+metadata: {name: $1, namespace: $NS, labels: {app: ${1%-?}, pair: "${1##*-}"}}
 spec:
   nodeName: $2
   terminationGracePeriodSeconds: 1
@@ -85,11 +86,15 @@ EOF
 
 # ---- the pods
 kubectl create namespace $NS >/dev/null
-{ pod server wk8s-n2 '[sink, "5201", "5202"]'; pod client wk8s-n1 '[sink, "9"]'; pod third wk8s-n3 '[sink, "9"]'; } |
-  kubectl apply -f - >/dev/null
+{ for p in a b; do pod server-$p wk8s-n2 '[sink, "5201", "5202"]'; pod client-$p wk8s-n1 '[sink, "9"]'; done
+  pod third wk8s-n3 '[sink, "9"]'; } | kubectl apply -f - >/dev/null
 kubectl -n $NS wait --for=condition=Ready pod --all --timeout=180s >/dev/null
-SERVER=$(kubectl -n $NS get pod server -o jsonpath='{.status.podIP}')
-[ -n "$SERVER" ] || die "the server pod has no address"
+declare -A ADDR
+for p in a b; do
+  ADDR[$p]=$(kubectl -n $NS get pod server-$p -o jsonpath='{.status.podIP}')
+  [ -n "${ADDR[$p]}" ] || die "server-$p has no address"
+done
+SERVER=${ADDR[a]}
 
 # ---- throughput: 500 policies selecting both pods when they carry bench=on
 for i in $(seq 1 $POLICIES); do
@@ -109,21 +114,28 @@ T0=$(now_ms)
 kubectl create -f "$TMP/tp.yaml" >/dev/null
 say "created $POLICIES policies in $(( $(now_ms) - T0 )) ms"
 
-stream() { probe client stream "$SERVER:5201" $STREAM_S | awk '/^gbit_per_s/ { print $2 }'; }
+select_pair() { # PAIR: its two pods carry bench=on, the other pair's none
+  local other=b; [ "$1" = a ] || other=a
+  kubectl -n $NS label pod server-$other client-$other bench- >/dev/null
+  kubectl -n $NS label pod server-$1 client-$1 bench=on --overwrite >/dev/null
+  poll 30 state_is third "${ADDR[$1]}:5201" denied
+  poll 30 state_is third "${ADDR[$other]}:5201" ok
+}
 
-throughput() { # LABEL: ROUNDS of (no policy selects the pods, 500 do), interleaved
-  local off=() on=() r
+throughput() { # LABEL: ROUNDS of both pairs streaming at once, one selected by the policies
+  local ratios=() r on off out=$TMP/stream
   for r in $(seq 1 "$ROUNDS"); do
-    kubectl -n $NS label pod server client bench- >/dev/null
-    poll 30 state_is third "$SERVER:5201" ok
-    off+=("$(stream)")
-    kubectl -n $NS label pod server client bench=on >/dev/null
-    poll 30 state_is third "$SERVER:5201" denied
-    on+=("$(stream)")
-    say "$1throughput round $r: 0 policies ${off[-1]} Gbit/s, $POLICIES policies ${on[-1]} Gbit/s"
+    on=a off=b; [ $((r % 2)) = 1 ] || { on=b off=a; }
+    select_pair $on
+    probe client-$on stream "${ADDR[$on]}:5201" $STREAM_S >"$out.on" &
+    probe client-$off stream "${ADDR[$off]}:5201" $STREAM_S >"$out.off"
+    wait $! || die "the stream of pair $on failed: $(cat "$out.on")"
+    local g1 g0
+    g1=$(awk '/^gbit_per_s/ { print $2 }' "$out.on") g0=$(awk '/^gbit_per_s/ { print $2 }' "$out.off")
+    ratios+=("$(python3 -c "print('%.3f' % ($g1 / $g0))")")
+    say "$1throughput round $r: pair $on under $POLICIES policies $g1 Gbit/s, pair $off under none $g0 Gbit/s, ratio ${ratios[-1]}"
   done
-  local m0 m1; m0=$(median "${off[@]}") m1=$(median "${on[@]}")
-  say "$1throughput median: 0 policies $m0 Gbit/s, $POLICIES policies $m1 Gbit/s, ratio $(python3 -c "print('%.3f' % ($m1 / $m0))")"
+  say "$1throughput: median ratio (500 policies / none) $(median "${ratios[@]}") over $ROUNDS rounds"
 }
 
 # every agent's links to the two others on fastdp (after a restart, until heartbeats pass)
@@ -141,6 +153,8 @@ EOF
 
 poll 120 all_fastdp
 throughput ""
+# client-a and server-a stay selected: client-a's egress is isolated from here on
+select_pair a
 
 # ---- 5000 simulated pods on 10 Node objects with no kubelet
 kubectl create namespace $SIM >/dev/null
@@ -227,7 +241,7 @@ EOF
 # from T0 to the first connection attempt in the new state
 timed_change() { # ACTION... (kubectl arguments)
   local out=$TMP/watch.$RANDOM t0 at
-  probe client watch "$SERVER:5202" 30 >"$out" 2>&1 &
+  probe client-a watch "$SERVER:5202" 30 >"$out" 2>&1 &
   local watcher=$!
   poll 30 grep -q '^start' "$out"
   t0=$(now_ms)
@@ -237,7 +251,7 @@ timed_change() { # ACTION... (kubectl arguments)
   echo $(( at - t0 ))
 }
 
-poll 60 state_is client "$SERVER:5202" denied
+poll 60 state_is client-a "$SERVER:5202" denied
 # the table on the server's node, as the kernel holds it, for the record
 ELEMS=$(ip netns exec wk8s-n2 nft -j list table inet weft-policy | python3 -c '
 import json, sys
@@ -245,13 +259,27 @@ items = json.load(sys.stdin)["nftables"]
 sets = [i["set"] for i in items if "set" in i]
 chains = sum(1 for i in items if "chain" in i)
 rules = sum(1 for i in items if "rule" in i)
-print(f"{chains} chains, {rules} rules, {len(sets)} sets and maps with {sum(len(s.get(\"elem\", [])) for s in sets)} elements")')
+elems = sum(len(s.get("elem", [])) for s in sets)
+print(f"{chains} chains, {rules} rules, {len(sets)} sets and maps with {elems} elements")')
 say "wk8s-n2's table: $ELEMS"
+# what the agents of the client's and the server's nodes say the last program took
+agent_times() {
+  python3 - <<'EOF'
+import json, urllib.request
+out = []
+for n in (1, 2):
+    r = json.load(urllib.request.urlopen(f"http://10.98.0.{10 + n}:6782/status", timeout=5))["policy"]
+    out.append(f"wk8s-n{n} compiled {r['compile_ms']} ms, wrote {r['write_ms']} ms")
+print("; ".join(out))
+EOF
+}
+
 ADD=() DEL=()
 for r in $(seq 1 "$ROUNDS"); do
   ADD+=("$(timed_change apply -f "$TMP/allow.yaml")")
+  T_ADD=$(agent_times)
   DEL+=("$(timed_change -n $NS delete networkpolicy allow-5202)")
-  say "enforcement round $r: kubectl apply -> first connection allowed ${ADD[-1]} ms; kubectl delete -> first refused ${DEL[-1]} ms"
+  say "enforcement round $r: kubectl apply -> first connection allowed ${ADD[-1]} ms ($T_ADD); kubectl delete -> first refused ${DEL[-1]} ms ($(agent_times))"
 done
 say "enforcement with $(( 2 * POLICIES )) policies and $SIM_PODS simulated pods: apply median $(median "${ADD[@]}") ms, max $(printf '%s\n' "${ADD[@]}" | sort -n | tail -1) ms; delete median $(median "${DEL[@]}") ms, max $(printf '%s\n' "${DEL[@]}" | sort -n | tail -1) ms"
 

@@ -904,9 +904,11 @@ struct Cut;
 
 impl Cut {
     fn between(a: usize, b: usize) -> Cut {
+        let t = "bridge netpolcut";
         let script = format!(
-            "table bridge netpolcut {{ chain cut {{ type filter hook forward priority 0; \
-             iifname \"n{a}\" oifname \"n{b}\" drop; iifname \"n{b}\" oifname \"n{a}\" drop; }} }}"
+            "add table {t}; add chain {t} cut {{ type filter hook forward priority 0; }}; \
+             add rule {t} cut iifname \"n{a}\" oifname \"n{b}\" drop; \
+             add rule {t} cut iifname \"n{b}\" oifname \"n{a}\" drop"
         );
         let status = Command::new("ip")
             .args(["netns", "exec", "wk8s-ul", "nft", &script])

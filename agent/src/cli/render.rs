@@ -157,10 +157,13 @@ fn policy_summary(r: &Report) -> String {
     }
     let isolated = p.pods.iter().filter(|x| !x.ingress.is_empty() || !x.egress.is_empty());
     let mut out = format!(
-        "enforced: {} local pods, {} isolated; {} programs installed",
+        "enforced: {} local pods, {} isolated; {} programs installed, the last compiled in {} ms \
+         and written in {} ms",
         p.pods.len(),
         isolated.count(),
-        p.installs
+        p.installs,
+        p.compile_ms,
+        p.write_ms
     );
     if !p.error.is_empty() {
         out.push_str(&format!("; the kernel refused the last one: {}", p.error));
@@ -512,9 +515,14 @@ mod tests {
                 packets: 53,
                 bytes: 3180,
             }],
+            compile_ms: 12,
+            write_ms: 4,
         });
         let lines = policy(&r);
-        assert!(lines[0].contains("enforced: 2 local pods, 1 isolated; 3 programs installed"));
+        assert!(lines[0].contains(
+            "enforced: 2 local pods, 1 isolated; 3 programs installed, the last compiled in 12 ms \
+             and written in 4 ms"
+        ));
         let web = lines.iter().find(|l| l.starts_with("ns/web")).expect("web's line");
         let cells: Vec<&str> = web.split_whitespace().collect();
         assert_eq!(cells, vec!["ns/web", "10.32.0.2", "ns/deny-web,ns/allow-db", "-"]);

@@ -59,6 +59,9 @@ pub struct Programmed {
     pub installs: u64,
     /// The kernel's last refusal; cleared when it takes a program.
     pub error: Option<String>,
+    /// How long the last program installed took to compile, and to write.
+    pub compile: Duration,
+    pub write: Duration,
 }
 
 /// The status report's `policy` part (docs/status.md), rendered by `weft status policy`.
@@ -76,6 +79,12 @@ pub struct PolicyReport {
     /// What each group of policies has dropped since the table was last written whole.
     #[serde(default)]
     pub denied: Vec<DeniedReport>,
+    /// How long the last program installed took to compile, and to write into the kernel
+    /// (milliseconds).
+    #[serde(default)]
+    pub compile_ms: u64,
+    #[serde(default)]
+    pub write_ms: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -118,6 +127,8 @@ impl Programmed {
                 })
                 .collect(),
             denied: Vec::new(),
+            compile_ms: u64::try_from(self.compile.as_millis()).unwrap_or(u64::MAX),
+            write_ms: u64::try_from(self.write.as_millis()).unwrap_or(u64::MAX),
         }
     }
 }
@@ -250,6 +261,8 @@ fn owner(
         error: None,
         retry: RETRY_FIRST,
         check_every: cfg.check_every,
+        compile: Duration::ZERO,
+        write: Duration::ZERO,
     };
     let handle = PolicyHandle { programmed, kernel: Some(owner.kernel.clone()) };
     (handle, owner.run())
@@ -283,6 +296,9 @@ struct Owner {
     error: Option<String>,
     retry: Duration,
     check_every: Duration,
+    /// How long the last program installed took to compile and to write.
+    compile: Duration,
+    write: Duration,
 }
 
 /// Why the owner woke.
@@ -404,12 +420,14 @@ impl Owner {
             return Ok(());
         }
         // Compiling is CPU work in proportion to policies x pods: off the async workers.
+        let started = Instant::now();
         let cluster = self.state.cluster(&self.node);
         let node = self.node.clone();
         let compiled = tokio::task::spawn_blocking(move || {
             (Program::compile(&cluster, &node), state::local_pods(&cluster, &node))
         })
         .await;
+        let compile = started.elapsed();
         let Ok((program, pods)) = compiled else {
             self.error = Some("compiling the NetworkPolicy program failed".to_owned());
             self.publish();
@@ -417,6 +435,7 @@ impl Owner {
         };
         if self.installed.as_ref() != Some(&program) {
             let kernel = self.kernel.clone();
+            let started = Instant::now();
             let outcome = tokio::task::spawn_blocking(move || {
                 let r = kernel.apply(&program);
                 (program, r)
@@ -424,6 +443,7 @@ impl Owner {
             .await;
             let refused = match outcome {
                 Ok((program, Ok(()))) => {
+                    (self.compile, self.write) = (compile, started.elapsed());
                     self.installed_now(program, pods.len());
                     None
                 }
@@ -447,15 +467,24 @@ impl Owner {
     }
 
     fn installed_now(&mut self, program: Program, local_pods: usize) {
+        let (compile, write) = (self.compile, self.write);
         if self.installs == 0 || self.error.is_some() {
             info!(
                 local_pods,
                 isolated_ingress = program.ingress.len(),
                 isolated_egress = program.egress.len(),
+                ?compile,
+                ?write,
                 "NetworkPolicy program installed"
             );
         } else {
-            debug!(local_pods, chains = program.chains.len(), "NetworkPolicy program updated");
+            debug!(
+                local_pods,
+                chains = program.chains.len(),
+                ?compile,
+                ?write,
+                "NetworkPolicy program updated"
+            );
         }
         self.installed = Some(program);
         self.installs += 1;
@@ -469,6 +498,8 @@ impl Owner {
             pods: self.pods.clone(),
             installs: self.installs,
             error: self.error.clone(),
+            compile: self.compile,
+            write: self.write,
         };
         self.out.send_if_modified(|p| {
             if **p == now {

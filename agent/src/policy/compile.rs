@@ -9,15 +9,20 @@
 //! A policy chain has one rule per (peer, port) alternative. An ipBlock with `except` gets a
 //! sub-chain whose first rule returns on the excepted addresses. Traffic between a pod and its
 //! own node takes the input and output hooks, not forward, so it is never seen here.
+//! Policies that name the same peer (the same selectors, the same prefixes) or the same named
+//! port share one set: the sets follow the policies' text, not the pods', so the shape stays
+//! when pods come and go, and a thousand policies over a few selectors make a few sets.
 //! [`Program::decide`] runs a program on one packet, so tests can hold it to `eval`. Pure.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 
 use super::eval::Cluster;
-use super::model::{Direction, Namespaces, Peer, Pod, Policy, PolicyKey, PortMatch, Protocol};
+use super::model::{
+    Direction, Namespaces, Peer, Pod, Policy, PolicyKey, PortMatch, Protocol, Selector,
+};
 
 pub type SetId = usize;
 pub type ChainId = usize;
@@ -109,6 +114,8 @@ impl Program {
             program: Program::default(),
             policy_chains: BTreeMap::new(),
             dispatch_chains: BTreeMap::new(),
+            addr_sets: HashMap::new(),
+            service_sets: HashMap::new(),
         };
         // Chains are made in the order of the distinct lists of isolating policies, not of
         // the pods, so that a pod coming or going under known policies keeps the shape.
@@ -187,6 +194,28 @@ struct Builder<'a> {
     program: Program,
     policy_chains: BTreeMap<(PolicyKey, Direction), ChainId>,
     dispatch_chains: BTreeMap<(Vec<PolicyKey>, Direction), ChainId>,
+    addr_sets: HashMap<AddrKey, SetId>,
+    service_sets: HashMap<ServiceKey, SetId>,
+}
+
+/// What an address set stands for: two rules with equal keys match the same addresses.
+#[derive(PartialEq, Eq, Hash)]
+enum AddrKey {
+    /// A pod peer; with no namespace selector, of the policy's own namespace.
+    Pods {
+        own: Option<String>,
+        peer: Peer,
+    },
+    Prefixes(BTreeSet<IpNet>),
+}
+
+/// What a named-port set stands for: the port's name and protocol on the destinations (on
+/// ingress, the pods the policy selects in its namespace; on egress, any pod).
+#[derive(PartialEq, Eq, Hash)]
+struct ServiceKey {
+    targets: Option<(String, Selector)>,
+    name: String,
+    protocol: Protocol,
 }
 
 impl Builder<'_> {
@@ -258,16 +287,17 @@ impl Builder<'_> {
         d: Direction,
     ) -> Vec<Rule> {
         match peer {
-            Peer::Pods { .. } => {
-                let set = self.add_addrs(self.peer_pods(policy, peer));
+            Peer::Pods { namespaces, .. } => {
+                let own = (*namespaces == Namespaces::Own).then(|| policy.namespace.clone());
+                let set = self.pod_set(policy, peer, AddrKey::Pods { own, peer: peer.clone() });
                 accepts(PeerMatch::In(set), ports)
             }
             Peer::Block { cidr, except } if except.is_empty() => {
-                accepts(PeerMatch::In(self.add_addrs([*cidr].into())), ports)
+                accepts(PeerMatch::In(self.prefix_set([*cidr].into())), ports)
             }
             Peer::Block { cidr, except } => {
-                let excepted = self.add_addrs(except.iter().copied().collect());
-                let inside = self.add_addrs([*cidr].into());
+                let excepted = self.prefix_set(except.iter().copied().collect());
+                let inside = self.prefix_set([*cidr].into());
                 let mut sub = vec![Rule {
                     peer: PeerMatch::In(excepted),
                     port: PortCond::Any,
@@ -290,21 +320,41 @@ impl Builder<'_> {
         }
     }
 
-    /// The host prefixes of the pods a pod peer stands for.
+    /// The set of the pods a pod peer stands for, made once per distinct peer.
+    fn pod_set(&mut self, policy: &Policy, peer: &Peer, key: AddrKey) -> SetId {
+        if let Some(id) = self.addr_sets.get(&key) {
+            return *id;
+        }
+        let set = self.peer_pods(policy, peer);
+        self.add_addrs(key, set)
+    }
+
+    fn prefix_set(&mut self, prefixes: BTreeSet<IpNet>) -> SetId {
+        let key = AddrKey::Prefixes(prefixes.clone());
+        match self.addr_sets.get(&key) {
+            Some(id) => *id,
+            None => self.add_addrs(key, prefixes),
+        }
+    }
+
+    /// The host prefixes of the pods a pod peer stands for: the pods of the namespaces it
+    /// names that its selector matches.
     fn peer_pods(&self, policy: &Policy, peer: &Peer) -> BTreeSet<IpNet> {
         let Peer::Pods { namespaces, pods } = peer else { return BTreeSet::new() };
-        let in_namespace = |p: &Pod| match namespaces {
-            Namespaces::Own => p.key.namespace == policy.namespace,
+        let names: Vec<&str> = match namespaces {
+            Namespaces::Own => vec![&policy.namespace],
             Namespaces::Matching(sel) => self
                 .cluster
                 .namespaces
-                .get(&p.key.namespace)
-                .is_some_and(|ns| sel.matches(&ns.labels)),
+                .values()
+                .filter(|ns| sel.matches(&ns.labels))
+                .map(|ns| ns.name.as_str())
+                .collect(),
         };
-        self.cluster
-            .pods
-            .values()
-            .filter(|p| p.selectable() && in_namespace(p) && pods.matches(&p.labels))
+        names
+            .into_iter()
+            .flat_map(|ns| self.cluster.pods_in(ns))
+            .filter(|p| p.selectable() && pods.matches(&p.labels))
             .flat_map(|p| p.ips.iter().map(|ip| IpNet::from(*ip)))
             .collect()
     }
@@ -326,12 +376,32 @@ impl Builder<'_> {
                     PortCond::Range { protocol: p.protocol, first: *first, last: *last }
                 }
                 PortMatch::Named(name) => {
-                    let set = self.named_ports(policy, d, name, p.protocol);
-                    self.program.services.push(set);
-                    PortCond::Named(self.program.services.len() - 1)
+                    PortCond::Named(self.service_set(policy, d, name, p.protocol))
                 }
             })
             .collect()
+    }
+
+    /// The named-port set of `name`/`protocol` for `policy` in `d`, made once per distinct
+    /// destination selector, name and protocol.
+    fn service_set(
+        &mut self,
+        policy: &Policy,
+        d: Direction,
+        name: &str,
+        protocol: Protocol,
+    ) -> SetId {
+        let targets = (d == Direction::Ingress)
+            .then(|| (policy.namespace.clone(), policy.pod_selector.clone()));
+        let key = ServiceKey { targets, name: name.to_owned(), protocol };
+        if let Some(id) = self.service_sets.get(&key) {
+            return *id;
+        }
+        let set = self.named_ports(policy, d, name, protocol);
+        self.program.services.push(set);
+        let id = self.program.services.len() - 1;
+        self.service_sets.insert(key, id);
+        id
     }
 
     /// (address, protocol, number) of every pod that could be the destination and has the
@@ -343,25 +413,26 @@ impl Builder<'_> {
         name: &str,
         protocol: Protocol,
     ) -> BTreeSet<(IpAddr, Protocol, u16)> {
-        let destinations = self.cluster.pods.values().filter(|p| {
-            p.selectable()
-                && match d {
-                    Direction::Ingress => {
-                        p.key.namespace == policy.namespace
-                            && policy.pod_selector.matches(&p.labels)
-                    }
-                    Direction::Egress => true,
-                }
-        });
+        let candidates: Box<dyn Iterator<Item = &Pod>> = match d {
+            Direction::Ingress => Box::new(
+                self.cluster
+                    .pods_in(&policy.namespace)
+                    .filter(|p| policy.pod_selector.matches(&p.labels)),
+            ),
+            Direction::Egress => Box::new(self.cluster.pods.values()),
+        };
+        let destinations = candidates.filter(|p| p.selectable());
         destinations
             .filter_map(|p| p.resolve(name, protocol).map(|n| (p, n)))
             .flat_map(|(p, n)| p.ips.iter().map(move |ip| (*ip, protocol, n)))
             .collect()
     }
 
-    fn add_addrs(&mut self, set: BTreeSet<IpNet>) -> SetId {
+    fn add_addrs(&mut self, key: AddrKey, set: BTreeSet<IpNet>) -> SetId {
         self.program.addrs.push(set);
-        self.program.addrs.len() - 1
+        let id = self.program.addrs.len() - 1;
+        self.addr_sets.insert(key, id);
+        id
     }
 }
 

@@ -114,11 +114,19 @@ impl Cluster {
         if !pod.selectable() {
             return Vec::new();
         }
+        let first = PolicyKey { namespace: pod.key.namespace.clone(), name: String::new() };
         self.policies
-            .values()
-            .filter(|p| p.namespace == pod.key.namespace && p.rules(d).is_some())
-            .filter(|p| p.pod_selector.matches(&pod.labels))
+            .range(first..)
+            .map(|(_, p)| p)
+            .take_while(|p| p.namespace == pod.key.namespace)
+            .filter(|p| p.rules(d).is_some() && p.pod_selector.matches(&pod.labels))
             .collect()
+    }
+
+    /// The pods of namespace `ns` (keys sort by namespace first).
+    pub fn pods_in<'a>(&'a self, ns: &'a str) -> impl Iterator<Item = &'a Pod> + 'a {
+        let first = PodKey { namespace: ns.to_owned(), name: String::new() };
+        self.pods.range(first..).map(|(_, p)| p).take_while(move |p| p.key.namespace == ns)
     }
 
     pub fn evaluate(&self, flow: &Flow) -> Verdict {

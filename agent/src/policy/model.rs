@@ -11,13 +11,13 @@ use ipnet::IpNet;
 pub type Labels = BTreeMap<String, String>;
 
 /// A label selector. The empty selector matches everything.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Selector {
     pub labels: Labels,
     pub expressions: Vec<Requirement>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Requirement {
     In(String, Vec<String>),
     NotIn(String, Vec<String>),
@@ -88,14 +88,14 @@ pub struct Port {
 }
 
 /// Which namespaces a pod peer is drawn from.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Namespaces {
     /// No `namespaceSelector`: the policy's own namespace.
     Own,
     Matching(Selector),
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Peer {
     /// Pods matching `pods` (everything when `None`) in `namespaces`.
     Pods { namespaces: Namespaces, pods: Selector },
