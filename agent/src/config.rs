@@ -425,6 +425,16 @@ impl AgentArgs {
             ));
         }
         let kube = self.kube_config(&socket, mesh.port)?;
+        // The policy table matches IPv4: IPv6 pods would pass it unfiltered.
+        if kube.as_ref().is_some_and(|k| k.network_policy) && range.addr().is_ipv6() {
+            return Err(err(
+                "ipalloc-range",
+                format!(
+                    "{range} is IPv6, and NetworkPolicy is enforced for IPv4 pods only: use an \
+                     IPv4 range, or --no-network-policy to run without enforcement"
+                ),
+            ));
+        }
         let policy_flags = [
             ("--no-network-policy", self.no_network_policy),
             ("--policy-log", self.policy_log),
@@ -536,6 +546,17 @@ mod tests {
         assert!(!off.kube.expect("kube mode").network_policy);
         let outside = validate(&["--kube=false", "--no-network-policy"]).expect("valid");
         assert!(outside.warnings.iter().any(|w| w.contains("--no-network-policy")));
+        let outside = validate(&["--policy-strict", "--policy-log"]).expect("valid");
+        for flag in ["--policy-strict", "--policy-log"] {
+            assert!(outside.warnings.iter().any(|w| w.starts_with(flag)), "{flag}");
+        }
+        let strict = validate(&["--kube", "--node-name", "n1", "--policy-strict"]).expect("valid");
+        assert!(strict.kube.expect("kube mode").policy_strict);
+        let v6 = ["--kube", "--node-name", "n1", "--ipalloc-range", "fd00:10::/64"];
+        let e = validate(&v6).expect_err("IPv6 pods would not be filtered");
+        assert!(e.to_string().contains("--no-network-policy"), "{e}");
+        let v6_off = [&v6[..], &["--no-network-policy"]].concat();
+        assert!(validate(&v6_off).is_ok(), "without enforcement an IPv6 range is the user's call");
         if std::env::var_os("NODE_NAME").is_none() {
             let e = validate(&["--kube"]).expect_err("no node name");
             assert!(e.to_string().contains("--node-name"), "{e}");
