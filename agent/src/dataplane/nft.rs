@@ -286,11 +286,16 @@ fn verdict(v: Verdict) -> Expr {
     Expr { name: "immediate", data: a }
 }
 
-/// `ct state` loaded into register 1 (`NFTA_CT_DREG`, `NFTA_CT_KEY` = `NFT_CT_STATE`).
-fn ct_state_load() -> Expr {
+/// A conntrack key (`NFTA_CT_KEY`) loaded into register 1 (`NFTA_CT_DREG`).
+fn ct_load(key: u32) -> Expr {
     let mut a = Attrs::default();
-    a.u32(1, NFT_REG_1).u32(2, 0);
+    a.u32(1, NFT_REG_1).u32(2, key);
     Expr { name: "ct", data: a }
+}
+
+/// `ct state` (`NFT_CT_STATE`) loaded into register 1.
+fn ct_state_load() -> Expr {
+    ct_load(0)
 }
 
 /// `ct count over max` (`NFTA_CONNLIMIT_COUNT`, `NFTA_CONNLIMIT_FLAGS` = `NFT_CONNLIMIT_F_INV`:

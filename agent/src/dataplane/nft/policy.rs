@@ -319,17 +319,10 @@ fn established(strict: bool) -> Vec<Vec<Expr>> {
     let mut related = state_in(CT_RELATED);
     related.push(verdict(Verdict::Accept));
     let mut replies = state_in(CT_ESTABLISHED);
-    replies.push(ct_load(NFT_CT_DIRECTION));
+    replies.push(super::ct_load(NFT_CT_DIRECTION));
     replies.push(cmp_raw(NFT_REG_1, NFT_CMP_EQ, &[IP_CT_DIR_REPLY]));
     replies.push(verdict(Verdict::Accept));
     vec![related, replies]
-}
-
-/// A conntrack key (`NFTA_CT_KEY`) loaded into register 1 (`NFTA_CT_DREG`).
-fn ct_load(key: u32) -> Expr {
-    let mut a = Attrs::default();
-    a.u32(1, NFT_REG_1).u32(2, key);
-    Expr { name: "ct", data: a }
 }
 
 fn cmp_raw(reg: u32, op: u32, value: &[u8]) -> Expr {
