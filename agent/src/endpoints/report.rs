@@ -52,6 +52,26 @@ pub struct EndpointCounts {
     /// table (`endpoints/KEY`), not loaded.
     #[serde(default)]
     pub quarantined: Vec<String>,
+    /// Every endpoint on this host, for the map page (`weft ps` has the same through the API).
+    #[serde(default)]
+    pub list: Vec<EndpointEntry>,
+}
+
+/// One endpoint of this host, as the map page shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointEntry {
+    pub id: String,
+    /// `cni`, `attach`, `expose`, `reservation` or `docker`.
+    pub kind: String,
+    /// Empty for the host's own addresses and for reservations.
+    pub mac: String,
+    pub addresses: Vec<IpNet>,
+    /// `namespace/name` of a Kubernetes pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    /// The DNS name registered for it (a Docker container's name, `weft attach --name`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 /// A Kubernetes pod on this host and the addresses it holds.
@@ -60,4 +80,21 @@ pub struct PodAddresses {
     pub namespace: String,
     pub name: String,
     pub addresses: Vec<IpNet>,
+}
+
+impl From<&super::record::EndpointRecord> for EndpointEntry {
+    fn from(r: &super::record::EndpointRecord) -> EndpointEntry {
+        let kind = serde_json::to_value(r.kind)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        EndpointEntry {
+            id: r.id.clone(),
+            kind,
+            mac: r.mac.map(|m| m.to_string()).unwrap_or_default(),
+            addresses: r.addresses.clone(),
+            pod: r.pod.as_ref().map(|p| format!("{}/{}", p.namespace, p.name)),
+            name: r.hostname.clone(),
+        }
+    }
 }

@@ -20,7 +20,7 @@ use super::error::EndpointError;
 use super::record::{
     DOCKER_PREFIX, EXPOSE_ID, EndpointRecord, EndpointSummary, Kind, PodRef, Route, docker_id,
 };
-use super::report::{BridgeReport, EndpointCounts, IpamReport, PodAddresses};
+use super::report::{BridgeReport, EndpointCounts, EndpointEntry, IpamReport, PodAddresses};
 use crate::addr::AddrRequest;
 use crate::dataplane::coexist::{DOCKER_USER, DockerUser, ForwardAccept};
 use crate::dataplane::nft::{L4, OverlayFirewall, Table as NftTable};
@@ -1129,6 +1129,7 @@ impl State {
                     })
                 })
                 .collect(),
+            list: self.records.values().map(EndpointEntry::from).collect(),
         };
         (self.bridge_report(), self.ipam_report(), counts)
     }

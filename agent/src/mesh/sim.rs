@@ -313,6 +313,16 @@ impl Sim {
         live.into_iter().choose(&mut self.rng)
     }
 
+    /// The peers `i` is connected to.
+    pub fn neighbours(&self, i: usize) -> impl Iterator<Item = usize> + '_ {
+        self.peers[i].conns.iter().copied()
+    }
+
+    /// The name peer `i` has in the simulation.
+    pub fn name(i: usize) -> PeerName {
+        name(i)
+    }
+
     pub fn rng(&mut self) -> &mut StdRng {
         &mut self.rng
     }

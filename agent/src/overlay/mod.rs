@@ -30,7 +30,9 @@ use self::macs::MacTable;
 use self::pmtu::PathMtu;
 use crate::dataplane::fastdp::{FdbSpec, FrameSocket, HEARTBEAT_ETHERTYPE, Port, VxlanSpec};
 use crate::dataplane::sleeve::codec::Cipher;
-use crate::dataplane::sleeve::{Hop, MIN_DATAGRAM, Sleeve, SleeveEvent, StatsReport, Table};
+use crate::dataplane::sleeve::{
+    Hop, MIN_DATAGRAM, Sleeve, SleeveEvent, StatsReport, Table, Traffic,
+};
 use crate::dataplane::{Mac, VXLAN_OVERHEAD, on_blocking_thread};
 use crate::endpoints::record::EndpointFeed;
 use crate::identity::PeerName;
@@ -123,6 +125,23 @@ pub struct LinkReport {
     /// got through to the peer recently; 0 while none did.
     #[serde(default)]
     pub path_mtu: u32,
+    /// Sleeve data datagrams exchanged with this peer on this link (relayed ones included);
+    /// starts from 0 with each new connection.
+    #[serde(default)]
+    pub sleeve_traffic: Traffic,
+}
+
+/// Another peer's endpoints as its `macs` origin announces them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteEndpoints {
+    pub peer: String,
+    pub endpoints: Vec<RemoteEndpoint>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteEndpoint {
+    pub mac: String,
+    pub addresses: Vec<IpAddr>,
 }
 
 /// The data plane's part of the status report.
@@ -143,6 +162,9 @@ pub struct OverlayReport {
     pub fdb_refused: usize,
     #[serde(default)]
     pub fdb_error: String,
+    /// The endpoints of every other peer (MACs with addresses), from the `macs` channel.
+    #[serde(default)]
+    pub remote: Vec<RemoteEndpoints>,
 }
 
 /// Logs a sync's outcome (a refusal only when it changes, as it is retried every second) and
@@ -832,6 +854,7 @@ impl DataPlane {
                     sleeve,
                     encrypted: l.info.encrypt,
                     path_mtu: path_mtu.unwrap_or(0),
+                    sleeve_traffic: l.hop.traffic.report(),
                 }
             })
             .collect();
@@ -856,7 +879,31 @@ impl DataPlane {
             sleeve: self.sleeve.stats(),
             fdb_refused: self.fdb.lock().map_or(0, |o| o.refused),
             fdb_error: self.fdb.lock().map(|o| o.error.clone()).unwrap_or_default(),
+            remote: self.remote_endpoints(),
         });
+    }
+
+    /// Other peers' MACs that carry addresses (a bridge MAC without exposed addresses is
+    /// not an endpoint).
+    fn remote_endpoints(&self) -> Vec<RemoteEndpoints> {
+        self.macs
+            .origins()
+            .iter()
+            .filter(|(p, _)| **p != self.cfg.me)
+            .map(|(p, o)| RemoteEndpoints {
+                peer: p.to_string(),
+                endpoints: o
+                    .macs
+                    .iter()
+                    .filter(|(_, ips)| !ips.is_empty())
+                    .map(|(m, ips)| RemoteEndpoint {
+                        mac: m.to_string(),
+                        addresses: ips.iter().copied().collect(),
+                    })
+                    .collect(),
+            })
+            .filter(|r| !r.endpoints.is_empty())
+            .collect()
     }
 }
 
@@ -876,6 +923,7 @@ fn new_hop(info: &LinkInfo, password: bool, datagram: usize) -> Option<Hop> {
         recv,
         seq: AtomicU64::new(1),
         datagram: AtomicUsize::new(datagram),
+        traffic: Default::default(),
     })
 }
 

@@ -1,6 +1,7 @@
-//! The read-only HTTP listener (`--status-addr`, default 127.0.0.1:6782): `/healthz` (200 once
-//! ready, 503 before), `/status` (the JSON report), `/metrics` (Prometheus text). Nothing here
-//! changes the agent: management happens only on the unix socket.
+//! The read-only HTTP listener (`--status-addr`, default 127.0.0.1:6782): `/` (the map page),
+//! `/healthz` (200 once ready, 503 before), `/status` (the JSON report), `/metrics`
+//! (Prometheus text). Nothing here changes the agent: management happens only on the unix
+//! socket.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,6 +14,27 @@ use axum::routing::get;
 
 use super::report::collect;
 use crate::services::Services;
+
+/// The map page: one self-contained document (styles and script inline, nothing fetched
+/// from elsewhere) that polls `status` and draws it. Built into the binary.
+pub const MAP_PAGE: &str = include_str!("page.html");
+
+/// `GET /`: the map page.
+pub async fn map_page() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+            // The page loads nothing from elsewhere; say so to the browser too.
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+                 connect-src 'self'; img-src 'self' data:",
+            ),
+        ],
+        MAP_PAGE,
+    )
+}
 
 async fn healthz(State(svc): State<Arc<Services>>) -> impl IntoResponse {
     let r = svc.ready.borrow().clone();
@@ -55,6 +77,7 @@ pub async fn serve(
         tokio::net::TcpListener::bind(addr).await.map_err(|source| BindError { addr, source })?;
     let shutdown = svc.hub.shutdown.clone();
     let app = Router::new()
+        .route("/", get(map_page))
         .route("/healthz", get(healthz))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
@@ -66,4 +89,22 @@ pub async fn serve(
             tracing::error!(error = %e, "status listener failed");
         }
     })
+}
+
+/// Serves the map page with a fixed report (a simulated mesh, see `status::simulated`) until
+/// `shutdown`: how the page is measured at a scale no lab reaches.
+pub async fn serve_fixed(
+    listener: tokio::net::TcpListener,
+    report: super::report::Report,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
+    let body = Arc::new(serde_json::to_string(&report).map_err(std::io::Error::other)?);
+    let app = Router::new().route("/", get(map_page)).route(
+        "/status",
+        get(move || {
+            let body = body.clone();
+            async move { ([(header::CONTENT_TYPE, "application/json")], body.as_str().to_owned()) }
+        }),
+    );
+    axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
 }

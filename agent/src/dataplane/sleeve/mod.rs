@@ -44,6 +44,43 @@ pub struct Hop {
     /// Largest datagram (UDP payload: header, chunk and tag) to send on this hop; set by
     /// the overlay's path-MTU discovery.
     pub datagram: AtomicUsize,
+    /// Data datagrams sent to and received from this peer (relayed ones included).
+    pub traffic: HopTraffic,
+}
+
+/// Per-hop counters of data datagrams: the UDP payloads (sleeve header, chunk, tag) sent to
+/// and received from one peer, for the per-peer overlay metrics.
+#[derive(Debug, Default)]
+pub struct HopTraffic {
+    pub tx_packets: AtomicU64,
+    pub tx_bytes: AtomicU64,
+    pub rx_packets: AtomicU64,
+    pub rx_bytes: AtomicU64,
+}
+
+/// A snapshot of [`HopTraffic`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Traffic {
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+}
+
+impl HopTraffic {
+    pub fn report(&self) -> Traffic {
+        Traffic {
+            tx_packets: self.tx_packets.load(Relaxed),
+            tx_bytes: self.tx_bytes.load(Relaxed),
+            rx_packets: self.rx_packets.load(Relaxed),
+            rx_bytes: self.rx_bytes.load(Relaxed),
+        }
+    }
+
+    fn sent(&self, datagrams: usize, bytes: usize) {
+        self.tx_packets.fetch_add(datagrams as u64, Relaxed);
+        self.tx_bytes.fetch_add(bytes as u64, Relaxed);
+    }
 }
 
 /// The smallest datagram size a hop is given: room for the header, the tag and a chunk.
@@ -365,6 +402,7 @@ fn send_in_place(
         }
         first_chunk = last;
     }
+    hop.traffic.sent(n, n * (HEADER + if sealed { TAG } else { 0 }) + payload.len());
     counted(s, Ok(()), dst, payload.len());
 }
 
@@ -413,6 +451,9 @@ fn send_copy(
         if r.is_err() {
             break;
         }
+    }
+    if r.is_ok() {
+        hop.traffic.sent(ranges.len(), out.len());
     }
     counted(s, r, dst, payload.len());
 }
@@ -463,12 +504,12 @@ struct RxContext<'a> {
 /// have a link with, it must come from that peer's address, and, on an encrypted hop (every
 /// hop with a password), be authentic and not replayed. Returns the header and the payload
 /// length; `None` for a datagram to drop as bad.
-fn open_datagram(
-    table: &Table,
+fn open_datagram<'t>(
+    table: &'t Table,
     from: IpAddr,
     d: &mut [u8],
     windows: &mut HashMap<PeerName, (usize, ReplayWindow)>,
-) -> Option<(Header, usize)> {
+) -> Option<(Header, usize, &'t Arc<Hop>)> {
     let h = Header::parse(d)?;
     let hop = table.hops.get(&h.hop)?;
     // Only the peer's own address may speak for it (a dual-stack socket reports IPv4
@@ -477,7 +518,7 @@ fn open_datagram(
         return None;
     }
     let Some(c) = &hop.recv else {
-        return (!table.encrypted).then_some((h, d.len() - HEADER));
+        return (!table.encrypted).then_some((h, d.len() - HEADER, hop));
     };
     let n = c.open(d, h.seq)?;
     // One window per key: a new connection (new key) starts a new window.
@@ -486,7 +527,7 @@ fn open_datagram(
     if w.0 != key_id {
         *w = (key_id, ReplayWindow::default());
     }
-    w.1.accept(h.seq).then_some((h, n))
+    w.1.accept(h.seq).then_some((h, n, hop))
 }
 
 fn handle_datagram(
@@ -499,10 +540,14 @@ fn handle_datagram(
     events: &mpsc::Sender<SleeveEvent>,
 ) {
     let size = d.len();
-    let Some((h, payload_len)) = open_datagram(table, from, d, ctx.windows) else {
+    let Some((h, payload_len, hop)) = open_datagram(table, from, d, ctx.windows) else {
         s.stats.dropped_bad.fetch_add(1, Relaxed);
         return;
     };
+    if h.kind == Kind::Data {
+        hop.traffic.rx_packets.fetch_add(1, Relaxed);
+        hop.traffic.rx_bytes.fetch_add(size as u64, Relaxed);
+    }
     let payload = &d[HEADER..HEADER + payload_len];
     match h.kind {
         Kind::Heartbeat | Kind::HeartbeatFull => {
@@ -565,6 +610,7 @@ fn relay(s: &Shared, table: &Table, me: PeerName, h: &Header, payload: &[u8], ou
     };
     if s.udp.sock.send_to(&out[..n], next.addr).is_ok() {
         s.stats.relayed.fetch_add(1, Relaxed);
+        next.traffic.sent(1, n);
     }
 }
 
@@ -583,6 +629,7 @@ mod tests {
             recv: key.and_then(|k| Cipher::new(&k)),
             seq: AtomicU64::new(1),
             datagram: AtomicUsize::new(1400),
+            traffic: HopTraffic::default(),
         })
     }
 
@@ -625,7 +672,7 @@ mod tests {
         let mut w = HashMap::new();
         let forged = open_datagram(&t, ip("10.0.0.99"), &mut datagram(5, None), &mut w);
         assert_eq!(forged, None, "another address claiming peer 2");
-        let (h, n) = open_datagram(&t, ip("10.0.0.2"), &mut datagram(6, None), &mut w)
+        let (h, n, _) = open_datagram(&t, ip("10.0.0.2"), &mut datagram(6, None), &mut w)
             .expect("from peer 2's address");
         assert_eq!((h.hop, n), (peer(2), 20));
         let mapped = open_datagram(&t, ip("::ffff:10.0.0.2"), &mut datagram(7, None), &mut w);
