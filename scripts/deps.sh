@@ -4,7 +4,7 @@
 DEMO_PACKAGES="iproute2 nftables iputils-ping ca-certificates"
 TEST_PACKAGES="$DEMO_PACKAGES iptables containernetworking-plugins containerd runc podman busybox-static
   iperf3 tcpdump dnsperf knot-dnsutils dnsmasq-base bind9-dnsutils python3 netcat-openbsd procps
-  etcd-server openssl conntrack util-linux binutils docker.io"
+  etcd-server openssl conntrack util-linux binutils docker.io chromium"
 
 need_root() {
   [ "$(id -u)" = 0 ] || { echo "$0: run as root (weft creates network namespaces, bridges and nftables tables)" >&2; exit 1; }
@@ -20,6 +20,12 @@ install_packages() {
   echo "==> installing:$missing"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
+}
+
+# Node.js (with npm) for the browser tests of the map page (tests/ui); Debian's if missing.
+need_node() {
+  command -v node >/dev/null && command -v npm >/dev/null && return 0
+  install_packages nodejs npm
 }
 
 need_rust() {

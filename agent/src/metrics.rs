@@ -50,6 +50,43 @@ pub struct ChannelDirection {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabel {
+    pub version: String,
+}
+
+/// A peer, by name and nickname.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    pub peer: String,
+    pub nickname: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerStateLabels {
+    pub peer: String,
+    pub nickname: String,
+    pub state: String,
+}
+
+/// A data-plane link: the overlay in use, and whether traffic on it is encrypted.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LinkLabels {
+    pub peer: String,
+    pub nickname: String,
+    pub mode: String,
+    pub encrypted: String,
+}
+
+/// Traffic of one overlay on the link to a peer.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TrafficLabels {
+    pub peer: String,
+    pub nickname: String,
+    pub mode: String,
+    pub direction: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConnectionLabels {
     pub state: String,
     pub encryption: String,
@@ -78,6 +115,203 @@ pub struct Metrics {
     pub mesh_refused_accepts: Family<KindLabel, Counter>,
     pub pod_addresses: Family<PodLabels, Gauge>,
     pub policy_denied: Family<PolicyDeniedLabels, Gauge>,
+    /// The gauges below are set from the status report at each scrape (`status::gauges`).
+    pub state: StateMetrics,
+    /// One scrape sets the state gauges at a time (they are cleared and set again).
+    pub scrape: std::sync::Mutex<()>,
+}
+
+/// The figures of the status report that the metrics above do not already carry: every number
+/// `weft status` and the map page show is also a metric.
+#[derive(Debug, Default)]
+pub struct StateMetrics {
+    pub build_info: Family<VersionLabel, Gauge>,
+    pub bridge_mtu: Gauge,
+    pub overlay_mtu: Gauge,
+    pub remote_endpoints: Gauge,
+    pub ipam_peer_addresses: Family<PeerStateLabels, Gauge>,
+    pub ipam_peer_reachable: Family<PeerLabels, Gauge>,
+    pub ipam_pending: Family<KindLabel, Gauge>,
+    pub ipam_conflicts: Gauge,
+    pub mesh_targets: Family<KindLabel, Gauge>,
+    pub mesh_topology_connections: Gauge,
+    pub mesh_handshakes: Gauge,
+    pub mesh_accept_sources: Gauge,
+    pub mesh_conn_limit: Gauge,
+    pub link_info: Family<LinkLabels, Gauge>,
+    pub link_degraded: Family<PeerLabels, Gauge>,
+    pub link_path_mtu: Family<PeerLabels, Gauge>,
+    pub overlay_bytes: Family<TrafficLabels, Counter>,
+    pub overlay_packets: Family<TrafficLabels, Counter>,
+    pub relayed_peers: Gauge,
+    pub remote_macs: Gauge,
+    pub fdb_refused: Gauge,
+    pub dns_names: Gauge,
+    pub dns_tombstones: Gauge,
+    pub dns_ttl: Gauge,
+    pub dns_listening: Gauge,
+    pub policy_installs: Counter,
+    pub policy_compile: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub policy_write: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub policy_pods: Family<StateLabel, Gauge>,
+    pub policy_unlisted: Gauge,
+    pub policy_kernel_error: Gauge,
+    pub policy_denied_bytes: Family<PolicyDeniedLabels, Gauge>,
+}
+
+impl StateMetrics {
+    fn register(&self, r: &mut Registry) {
+        r.register("build_info", "1, labelled with the agent's version", self.build_info.clone());
+        r.register("bridge_mtu_bytes", "MTU of the weft bridge", self.bridge_mtu.clone());
+        r.register(
+            "overlay_mtu_bytes",
+            "MTU the overlay gives endpoints",
+            self.overlay_mtu.clone(),
+        );
+        r.register(
+            "remote_endpoints",
+            "Endpoints of other peers known here (MACs with addresses, from gossip)",
+            self.remote_endpoints.clone(),
+        );
+        r.register(
+            "ipam_peer_addresses",
+            "Addresses of the range each peer owns (state=owned) and last reported free \
+             (state=free)",
+            self.ipam_peer_addresses.clone(),
+        );
+        r.register(
+            "ipam_peer_reachable",
+            "1 when the owner of ring space is reachable from this peer",
+            self.ipam_peer_reachable.clone(),
+        );
+        r.register(
+            "ipam_pending_requests",
+            "Open requests to other peers, by kind (space: for space in a subnet, claims: for \
+             a static address they own)",
+            self.ipam_pending.clone(),
+        );
+        r.register(
+            "ipam_ring_conflicts",
+            "Ranges a peer's ring gave away while addresses were in use here (kept)",
+            self.ipam_conflicts.clone(),
+        );
+        r.register(
+            "mesh_targets",
+            "Addresses the mesh keeps connecting to, by kind (direct, discovered)",
+            self.mesh_targets.clone(),
+        );
+        r.register(
+            "mesh_topology_connections",
+            "Established connections every peer of the topology reports, counted once per end",
+            self.mesh_topology_connections.clone(),
+        );
+        r.register(
+            "mesh_handshakes_in_progress",
+            "Inbound mesh handshakes in progress",
+            self.mesh_handshakes.clone(),
+        );
+        r.register(
+            "mesh_accept_sources",
+            "Source addresses the inbound rate limit tracks",
+            self.mesh_accept_sources.clone(),
+        );
+        r.register(
+            "mesh_connection_limit",
+            "Connections this peer accepts and makes at most (--conn-limit)",
+            self.mesh_conn_limit.clone(),
+        );
+        r.register(
+            "overlay_link_info",
+            "1 per data-plane link, labelled with the overlay in use (fastdp, sleeve, relayed) \
+             and whether its traffic is encrypted",
+            self.link_info.clone(),
+        );
+        r.register(
+            "overlay_link_degraded",
+            "1 when the link to the peer is not at its best (the reason is in /status)",
+            self.link_degraded.clone(),
+        );
+        r.register(
+            "overlay_path_mtu_bytes",
+            "Largest underlay packet sleeve's probes got through to the peer (0: none yet)",
+            self.link_path_mtu.clone(),
+        );
+        r.register(
+            "overlay_bytes",
+            "Bytes the overlay exchanged with each directly linked peer, by mode and direction \
+             (sleeve: datagram payloads, relayed ones included); from 0 with each new connection",
+            self.overlay_bytes.clone(),
+        );
+        r.register(
+            "overlay_packets",
+            "Packets (sleeve datagrams) the overlay exchanged with each directly linked peer, by \
+             mode and direction; from 0 with each new connection",
+            self.overlay_packets.clone(),
+        );
+        r.register(
+            "overlay_relayed_peers",
+            "Peers reached only through others",
+            self.relayed_peers.clone(),
+        );
+        r.register(
+            "overlay_remote_macs",
+            "MAC addresses of other peers' endpoints the overlay forwards to",
+            self.remote_macs.clone(),
+        );
+        r.register(
+            "overlay_fdb_refused_entries",
+            "Forwarding entries the kernel refused at the last sync (retried every second)",
+            self.fdb_refused.clone(),
+        );
+        r.register("dns_names", "Distinct weave.local names", self.dns_names.clone());
+        r.register(
+            "dns_tombstones",
+            "Deleted weave.local entries still remembered (30 min)",
+            self.dns_tombstones.clone(),
+        );
+        r.register("dns_ttl_seconds", "TTL of weave.local answers", self.dns_ttl.clone());
+        r.register(
+            "dns_listen_addresses",
+            "Addresses the DNS server answers on now (0: not listening, see /status)",
+            self.dns_listening.clone(),
+        );
+        r.register(
+            "policy_installs",
+            "NetworkPolicy programs the kernel took since the agent started",
+            self.policy_installs.clone(),
+        );
+        r.register(
+            "policy_compile_seconds",
+            "Time the last NetworkPolicy program took to compile",
+            self.policy_compile.clone(),
+        );
+        r.register(
+            "policy_write_seconds",
+            "Time the last NetworkPolicy program took to write into the kernel",
+            self.policy_write.clone(),
+        );
+        r.register(
+            "policy_pods",
+            "This node's pods in the installed program, by state (isolated, not_isolated)",
+            self.policy_pods.clone(),
+        );
+        r.register(
+            "policy_unlisted_kinds",
+            "Kinds (namespaces, pods, networkpolicies) not yet listed from the API; nothing is \
+             enforced before all are",
+            self.policy_unlisted.clone(),
+        );
+        r.register(
+            "policy_kernel_refused",
+            "1 while the kernel refuses the NetworkPolicy program (the reason is in /status)",
+            self.policy_kernel_error.clone(),
+        );
+        r.register(
+            "policy_denied_bytes",
+            "Bytes NetworkPolicy dropped on this host, as weft_policy_denied_packets",
+            self.policy_denied_bytes.clone(),
+        );
+    }
 }
 
 impl Default for Metrics {
@@ -195,8 +429,21 @@ impl Metrics {
              source's rate exceeded, handshakes: too many handshakes in progress)",
             mesh_refused_accepts.clone(),
         );
+        // Every CNI command's series exist from the start, at 0, so that rates and quantiles
+        // are defined before the first pod.
+        for command in ["ADD", "DEL", "CHECK", "GC", "STATUS"] {
+            let _ = cni_duration.get_or_create(&CommandLabel { command: command.into() });
+            for result in ["ok", "error"] {
+                let labels = CommandResult { command: command.into(), result: result.into() };
+                let _ = cni_requests.get_or_create(&labels);
+            }
+        }
+        let state = StateMetrics::default();
+        state.register(&mut registry);
         Metrics {
             registry,
+            state,
+            scrape: std::sync::Mutex::new(()),
             mesh_refused_accepts,
             dns_entries,
             dns_queries,

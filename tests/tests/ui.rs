@@ -202,6 +202,54 @@ fn the_map_page_shows_a_partitioned_encrypted_lab_and_a_new_pod_within_2_s() {
     assert_eq!(summary["navigations"], 1, "the page was not reloaded");
     assert!(shot.exists(), "screenshot saved");
     eprintln!("screenshot: {}", shot.display());
+    scrape_has_every_documented_metric(&h1);
+}
+
+/// The metric names docs/status.md lists.
+fn documented_metrics() -> Vec<String> {
+    let docs = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/status.md");
+    let text = std::fs::read_to_string(&docs).expect("reading docs/status.md");
+    text.lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split('`').next())
+        .filter(|n| n.starts_with("weft_"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A real scrape of h1's `/metrics`: every metric docs/status.md lists is there (but those of
+/// NetworkPolicy and Kubernetes pods, which exist in Kubernetes mode only), and the per-link
+/// series show the sleeve traffic to h2 that carried the pings. Kept as an artifact.
+fn scrape_has_every_documented_metric(h1: &Agent) {
+    let fetch = "import urllib.request, sys; \
+                 sys.stdout.write(urllib.request.urlopen('http://127.0.0.1:6782/metrics').read().decode())";
+    let text = must(h1.host().cmd("python3").args(["-c", fetch]));
+    std::fs::write(artifacts().join("metrics-sample.txt"), &text).expect("saving the scrape");
+    let kube_only = |n: &str| n.starts_with("weft_policy_") || n == "weft_pod_addresses";
+    let docs = documented_metrics();
+    assert!(docs.len() > 40, "the Metrics table of docs/status.md: {docs:?}");
+    for name in docs.iter().filter(|n| !kube_only(n)) {
+        let exported = text.lines().any(|l| {
+            l.strip_prefix(name.as_str())
+                .is_some_and(|r| r.starts_with(['{', ' ']) || r.starts_with("_bucket"))
+        });
+        assert!(exported, "{name} (docs/status.md) is not in the scrape:\n{text}");
+    }
+    let to_h2 = text.lines().find(|l| {
+        l.starts_with("weft_overlay_bytes_total{")
+            && l.contains("nickname=\"h2\"")
+            && l.contains("direction=\"sent\"")
+    });
+    let sent: f64 = to_h2.and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(0.0);
+    assert!(sent > 0.0, "sleeve bytes sent to h2 are counted: {to_h2:?}\n{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with("weft_overlay_link_info{")
+            && l.contains("nickname=\"h2\"")
+            && l.contains("mode=\"sleeve\"")
+            && l.contains("encrypted=\"yes\"")
+            && l.ends_with(" 1")),
+        "the link to h2 is on sleeve, encrypted:\n{text}"
+    );
 }
 
 #[test]

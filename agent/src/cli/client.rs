@@ -114,7 +114,13 @@ pub async fn status(socket: &Path, what: Option<StatusView>, json: bool) -> Resu
     let r = report(socket).await?;
     match (what, json) {
         (None, true) => print_json(&r),
-        (None, false) => print_lines(render::status(&r)),
+        (None, false) => {
+            let colour = super::table::colour_wanted();
+            let mut lines = render::status(&r);
+            lines.push(String::new());
+            lines.extend(render::peer_table(&r, colour));
+            print_lines(lines)
+        }
         (Some(StatusView::Peers), true) => print_json(&r.mesh.peers),
         (Some(StatusView::Peers), false) => print_lines(render::peers(&r.mesh)),
         (Some(StatusView::Connections), true) => print_json(&r.mesh.connections),
@@ -213,7 +219,11 @@ pub async fn ps(
         })
         .map(|(r, _)| r)
         .collect();
-    if json { print_json(&rows) } else { print_lines(render::ps(&rows)) }
+    if json {
+        print_json(&rows)
+    } else {
+        print_lines(render::ps(&rows, super::table::colour_wanted()))
+    }
 }
 
 /// `weft attach [CONTAINER] [ADDR...] [--netns PATH]`.

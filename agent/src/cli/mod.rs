@@ -5,6 +5,7 @@ pub mod client;
 pub mod container;
 pub mod launch;
 pub mod render;
+pub mod table;
 
 use std::path::PathBuf;
 

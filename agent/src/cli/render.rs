@@ -4,6 +4,7 @@
 use ipnet::IpNet;
 use serde::Serialize;
 
+use super::table::{self, Cell, Colour};
 use crate::mesh::report::{ConnState, MeshReport, TargetReport};
 use crate::overlay::health::Mode;
 use crate::overlay::{LinkReport, OverlayReport};
@@ -362,17 +363,153 @@ fn kube_pods(pods: &[crate::endpoints::report::PodAddresses]) -> String {
 }
 
 /// `weft ps`: `ID MAC ADDRESS...` like Weave, plus the pod, the Docker container's name or
-/// the kind.
-pub fn ps(rows: &[EndpointRow]) -> Vec<String> {
-    rows.iter()
+/// the kind, in aligned columns (no header: scripts read it line by line, as Weave's).
+pub fn ps(rows: &[EndpointRow], colour: bool) -> Vec<String> {
+    let cells: Vec<Vec<Cell>> = rows
+        .iter()
         .map(|r| {
             let addrs = r.addresses.iter().map(IpNet::to_string).collect::<Vec<_>>().join(" ");
             let mac = if r.mac.is_empty() { "-" } else { &r.mac };
             let who =
                 r.pod.clone().or_else(|| r.container.clone()).unwrap_or_else(|| r.kind.clone());
-            format!("{} {} {} {}", r.id, mac, addrs, who).trim_end().to_owned()
+            vec![
+                Cell::new(r.id.clone(), Some(Colour::Dim)),
+                mac.into(),
+                Cell::new(addrs, Some(Colour::Green)),
+                Cell::new(who, Some(Colour::Bold)),
+            ]
         })
-        .collect()
+        .collect();
+    table::render(None, &cells, colour)
+}
+
+/// Peers listed in full by `weft status`; beyond, the problems first and a pointer.
+const STATUS_PEERS: usize = 50;
+
+/// The peer table of `weft status`: one line per peer with the overlay this host reaches it
+/// by, the link's encryption, path MTU and sleeve traffic, its endpoints, and why a link is
+/// not at its best. Problems (failures, degraded and relayed links) come first.
+pub fn peer_table(r: &Report, colour: bool) -> Vec<String> {
+    let mut rows: Vec<(u8, String, Vec<Cell>)> = Vec::new();
+    let endpoints_of = |peer: &str| -> usize {
+        if peer == r.peer.name {
+            r.endpoints.list.iter().filter(|e| !e.addresses.is_empty()).count()
+        } else {
+            r.overlay.remote.iter().find(|o| o.peer == peer).map_or(0, |o| o.endpoints.len())
+        }
+    };
+    for p in &r.mesh.peers {
+        let (rank, row) = peer_row(r, &p.name, &p.nickname, endpoints_of(&p.name));
+        rows.push((rank, p.nickname.clone(), row));
+    }
+    let known = |peer: &str| r.mesh.peers.iter().any(|p| p.name == peer);
+    for c in r.mesh.connections.iter().filter(|c| c.state == ConnState::Failed && !known(&c.peer)) {
+        let who = if c.peer.is_empty() { c.address.clone() } else { c.peer.clone() };
+        let failed = Cell::new("failed", Some(Colour::Red));
+        let mut row = vec![who.clone().into(), failed];
+        row.extend(std::iter::repeat_with(Cell::default).take(5));
+        row.push(c.info.clone().into());
+        rows.push((1, who, row));
+    }
+    rows.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+    let total = rows.len();
+    let shown: Vec<Vec<Cell>> = rows.into_iter().take(STATUS_PEERS).map(|(_, _, r)| r).collect();
+    let header =
+        ["PEER", "LINK", "ENCRYPTION", "PATH-MTU", "SLEEVE-TX", "SLEEVE-RX", "ENDPOINTS", "NOTE"];
+    let mut out = table::render(Some(&header), &shown, colour);
+    if total > STATUS_PEERS {
+        out.push(format!(
+            "... {} more peers (`weft status connections` and `weft status peers` list them all)",
+            total - STATUS_PEERS
+        ));
+    }
+    out
+}
+
+/// One peer's line and its rank: this host, then failures, degraded or relayed links, the rest.
+fn peer_row(r: &Report, name: &str, nickname: &str, endpoints: usize) -> (u8, Vec<Cell>) {
+    let who = nick(name, nickname);
+    let blank = || Cell::from("");
+    if name == r.peer.name {
+        let me = Cell::new("this host", Some(Colour::Bold));
+        let enc = if r.mesh.encryption { "password set" } else { "" };
+        return (
+            0,
+            vec![
+                who.into(),
+                me,
+                enc.into(),
+                blank(),
+                blank(),
+                blank(),
+                endpoints.to_string().into(),
+                blank(),
+            ],
+        );
+    }
+    let o = &r.overlay;
+    let link = o.links.iter().find(|l| l.peer == name);
+    let via = o.relayed.iter().find(|(d, _)| d == name).map(|(_, v)| v.as_str());
+    let failed = r.mesh.connections.iter().find(|c| c.peer == name && c.state == ConnState::Failed);
+    let via_nick = |v: &str| {
+        r.mesh.peers.iter().find(|p| p.name == v).map_or(v.to_owned(), |p| p.nickname.clone())
+    };
+    let (rank, mode, note) = match (link, via, failed) {
+        (Some(l), v, _) if l.mode == Mode::Relayed => {
+            let text = v.map_or("relayed".to_owned(), |v| format!("relayed via {}", via_nick(v)));
+            (2, Cell::new(text, Some(Colour::Magenta)), l.degraded.clone())
+        }
+        (Some(l), _, _) => {
+            let c = if l.mode == Mode::Fastdp { Colour::Green } else { Colour::Yellow };
+            (
+                if l.degraded.is_empty() { 3 } else { 2 },
+                Cell::new(l.mode.to_string(), Some(c)),
+                l.degraded.clone(),
+            )
+        }
+        (None, Some(v), _) => (
+            2,
+            Cell::new(format!("relayed via {}", via_nick(v)), Some(Colour::Magenta)),
+            String::new(),
+        ),
+        (None, None, Some(c)) => (1, Cell::new("failed", Some(Colour::Red)), c.info.clone()),
+        (None, None, None) => (3, "-".into(), String::new()),
+    };
+    let (enc, mtu, tx, rx) = match link {
+        Some(l) => (
+            if l.encrypted { "encrypted" } else { "clear" }.to_owned(),
+            if l.path_mtu > 0 { l.path_mtu.to_string() } else { String::new() },
+            bytes(l.sleeve_traffic.tx_bytes),
+            bytes(l.sleeve_traffic.rx_bytes),
+        ),
+        None => Default::default(),
+    };
+    let note = Cell::new(note, Some(Colour::Yellow));
+    (
+        rank,
+        vec![
+            who.into(),
+            mode,
+            enc.into(),
+            mtu.into(),
+            tx.into(),
+            rx.into(),
+            endpoints.to_string().into(),
+            note,
+        ],
+    )
+}
+
+/// A byte count for people: B, KiB, MiB, GiB.
+fn bytes(n: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < units.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 { format!("{n} B") } else { format!("{v:.1} {}", units[i]) }
 }
 
 #[cfg(test)]
@@ -411,6 +548,7 @@ mod tests {
             encrypted: false,
             degraded: degraded.into(),
             path_mtu: 0,
+            sleeve_traffic: Default::default(),
         }
     }
 
@@ -464,6 +602,32 @@ mod tests {
     }
 
     #[test]
+    fn the_peer_table_has_one_aligned_line_per_peer_problems_first() {
+        let mut r = crate::status::simulated::simulated_report(12, 24, 5);
+        r.mesh.connections.push(ConnectionReport {
+            address: "10.99.0.9:6783".into(),
+            state: ConnState::Failed,
+            info: "wrong password".into(),
+            ..ConnectionReport::default()
+        });
+        let lines = peer_table(&r, false);
+        assert!(lines[0].starts_with("PEER") && lines[0].contains("LINK"), "{lines:?}");
+        assert_eq!(lines.len(), 1 + 12 + 1, "a header, a line per peer, the failure: {lines:?}");
+        assert!(lines[1].contains("this host"), "{lines:?}");
+        assert!(lines[2].contains("failed") && lines[2].ends_with("wrong password"), "{lines:?}");
+        let link = lines[0].find("LINK").expect("LINK column");
+        assert!(lines[1..].iter().all(|l| l.len() > link && l.is_char_boundary(link)), "{lines:?}");
+        let relayed = lines.iter().filter(|l| l.contains("relayed via")).count();
+        assert_eq!(relayed, r.overlay.relayed.len(), "every relayed peer says through whom");
+        let fastdp = lines.iter().position(|l| l.contains(" fastdp ")).expect("a fastdp line");
+        let last_relayed = lines.iter().rposition(|l| l.contains("relayed via")).unwrap_or(0);
+        assert!(last_relayed < fastdp, "relayed links come before healthy ones: {lines:?}");
+        let coloured = peer_table(&r, true);
+        assert!(coloured.iter().any(|l| l.contains("\x1b[")), "colour when asked");
+        assert!(lines.iter().all(|l| !l.contains('\x1b')), "none otherwise");
+    }
+
+    #[test]
     fn ps_lines() {
         let rows = vec![EndpointRow {
             id: "c1/eth0".into(),
@@ -474,7 +638,7 @@ mod tests {
             pod: Some("default/web".into()),
             container: None,
         }];
-        assert_eq!(ps(&rows), vec!["c1/eth0 0a:58:0a:20:00:02 10.32.0.2/12 default/web"]);
+        assert_eq!(ps(&rows, false), vec!["c1/eth0  0a:58:0a:20:00:02  10.32.0.2/12  default/web"]);
         let docker = EndpointRow {
             id: "docker-cli:c0ffee".into(),
             kind: "attach".into(),
@@ -482,7 +646,15 @@ mod tests {
             container: Some("plain".into()),
             ..rows[0].clone()
         };
-        assert_eq!(ps(&[docker]), vec!["docker-cli:c0ffee 0a:58:0a:20:00:02 10.32.0.2/12 plain"]);
+        let both = ps(&[rows[0].clone(), docker], false);
+        assert_eq!(
+            both,
+            vec![
+                "c1/eth0            0a:58:0a:20:00:02  10.32.0.2/12  default/web",
+                "docker-cli:c0ffee  0a:58:0a:20:00:02  10.32.0.2/12  plain",
+            ],
+            "aligned"
+        );
     }
 
     #[test]

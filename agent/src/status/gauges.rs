@@ -9,7 +9,8 @@ use super::report::Report;
 use crate::ipam::RingState;
 use crate::mesh::report::ConnState;
 use crate::metrics::{
-    ConnectionLabels, KindLabel, Metrics, PodLabels, PolicyDeniedLabels, StateLabel,
+    ConnectionLabels, KindLabel, LinkLabels, Metrics, PeerLabels, PeerStateLabels, PodLabels,
+    PolicyDeniedLabels, StateLabel, StateMetrics, TrafficLabels, VersionLabel,
 };
 use crate::overlay::health::Mode;
 
@@ -24,8 +25,18 @@ fn mirror(f: &Family<KindLabel, Counter>, kind: &str, total: u64) {
     c.inc_by(total.saturating_sub(c.get()));
 }
 
+fn count(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn int(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
 /// The text exposition, with the state gauges taken from `report`.
 pub fn render(m: &Metrics, report: &Report) -> String {
+    let _one_at_a_time = m.scrape.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    set_state(&m.state, report);
     m.ready.set(i64::from(report.ready));
     set(&m.ips, "used", report.ipam.used);
     set(&m.ips, "free", report.ipam.free);
@@ -93,6 +104,141 @@ pub fn render(m: &Metrics, report: &Report) -> String {
     m.encode()
 }
 
+/// Every other figure of the report (docs/status.md lists them all).
+fn set_state(s: &StateMetrics, r: &Report) {
+    s.build_info.clear();
+    s.build_info.get_or_create(&VersionLabel { version: r.version.clone() }).set(1);
+    s.bridge_mtu.set(i64::from(r.bridge.mtu));
+    s.overlay_mtu.set(i64::from(r.overlay.mtu));
+    s.remote_endpoints.set(count(r.overlay.remote.iter().map(|o| o.endpoints.len()).sum()));
+    set_ipam(s, r);
+    set_mesh(s, r);
+    set_links(s, r);
+    s.relayed_peers.set(count(
+        r.overlay
+            .relayed
+            .iter()
+            .filter(|(d, _)| {
+                !r.overlay.links.iter().any(|l| l.peer == *d && l.mode != Mode::Relayed)
+            })
+            .count(),
+    ));
+    s.remote_macs.set(count(r.overlay.remote_macs));
+    s.fdb_refused.set(count(r.overlay.fdb_refused));
+    if let Some(d) = &r.dns {
+        let names: std::collections::BTreeSet<String> =
+            d.entries.iter().map(|e| e.name.to_ascii_lowercase()).collect();
+        s.dns_names.set(count(names.len()));
+        s.dns_tombstones.set(int(d.tombstones));
+        s.dns_ttl.set(i64::from(d.ttl));
+        s.dns_listening.set(count(d.listen.len()));
+    }
+    if let Some(p) = &r.policy {
+        let c = &s.policy_installs;
+        c.inc_by(p.installs.saturating_sub(c.get()));
+        s.policy_compile.set(p.compile_ms as f64 / 1000.0);
+        s.policy_write.set(p.write_ms as f64 / 1000.0);
+        let isolated = p.pods.iter().filter(|x| !x.ingress.is_empty() || !x.egress.is_empty());
+        let isolated = isolated.count();
+        s.policy_pods.get_or_create(&state("isolated")).set(count(isolated));
+        s.policy_pods.get_or_create(&state("not_isolated")).set(count(p.pods.len() - isolated));
+        s.policy_unlisted.set(count(p.unlisted.len()));
+        s.policy_kernel_error.set(i64::from(!p.error.is_empty()));
+        s.policy_denied_bytes.clear();
+        for d in &p.denied {
+            let labels = PolicyDeniedLabels {
+                direction: d.direction.clone(),
+                policies: d.policies.join(","),
+            };
+            s.policy_denied_bytes.get_or_create(&labels).set(int(d.bytes));
+        }
+    }
+}
+
+fn state(name: &str) -> StateLabel {
+    StateLabel { state: name.to_owned() }
+}
+
+fn set_ipam(s: &StateMetrics, r: &Report) {
+    let ring = &r.ipam.ring;
+    s.ipam_peer_addresses.clear();
+    s.ipam_peer_reachable.clear();
+    for p in &ring.peers {
+        let (peer, nickname) = (p.peer.clone(), p.nickname.clone());
+        for (st, v) in [("owned", p.owned), ("free", p.free)] {
+            let labels = PeerStateLabels {
+                peer: peer.clone(),
+                nickname: nickname.clone(),
+                state: st.into(),
+            };
+            s.ipam_peer_addresses.get_or_create(&labels).set(int(v));
+        }
+        s.ipam_peer_reachable
+            .get_or_create(&PeerLabels { peer, nickname })
+            .set(i64::from(p.reachable));
+    }
+    let pending = [("space", ring.pending_space.len()), ("claims", ring.pending_claims.len())];
+    for (kind, n) in pending {
+        s.ipam_pending.get_or_create(&KindLabel { kind: kind.into() }).set(count(n));
+    }
+    s.ipam_conflicts.set(count(ring.conflicts.len()));
+}
+
+fn set_mesh(s: &StateMetrics, r: &Report) {
+    let m = &r.mesh;
+    let discovered = m.targets.iter().filter(|t| t.discovered).count();
+    s.mesh_targets
+        .get_or_create(&KindLabel { kind: "direct".into() })
+        .set(count(m.targets.len() - discovered));
+    s.mesh_targets.get_or_create(&KindLabel { kind: "discovered".into() }).set(count(discovered));
+    let established: usize =
+        m.peers.iter().map(|p| p.connections.iter().filter(|c| c.established).count()).sum();
+    s.mesh_topology_connections.set(count(established));
+    s.mesh_handshakes.set(i64::from(m.accepts.handshakes));
+    s.mesh_accept_sources.set(i64::from(m.accepts.sources));
+    s.mesh_conn_limit.set(i64::from(m.conn_limit));
+}
+
+/// Per link: its overlay, whether it is degraded, its path MTU and its traffic.
+fn set_links(s: &StateMetrics, r: &Report) {
+    let nickname = |peer: &str| {
+        r.mesh.peers.iter().find(|p| p.name == peer).map(|p| p.nickname.clone()).unwrap_or_default()
+    };
+    s.link_info.clear();
+    s.link_degraded.clear();
+    s.link_path_mtu.clear();
+    // Cleared and set to the totals: a link that went takes its series with it.
+    s.overlay_bytes.clear();
+    s.overlay_packets.clear();
+    for l in &r.overlay.links {
+        let (peer, nick) = (l.peer.clone(), nickname(&l.peer));
+        let enc = if l.encrypted { "yes" } else { "no" };
+        let info = LinkLabels {
+            peer: peer.clone(),
+            nickname: nick.clone(),
+            mode: l.mode.name().into(),
+            encrypted: enc.into(),
+        };
+        s.link_info.get_or_create(&info).set(1);
+        let who = PeerLabels { peer: peer.clone(), nickname: nick.clone() };
+        s.link_degraded.get_or_create(&who).set(i64::from(!l.degraded.is_empty()));
+        s.link_path_mtu.get_or_create(&who).set(i64::from(l.path_mtu));
+        let t = &l.sleeve_traffic;
+        for (direction, bytes, packets) in
+            [("sent", t.tx_bytes, t.tx_packets), ("received", t.rx_bytes, t.rx_packets)]
+        {
+            let labels = TrafficLabels {
+                peer: peer.clone(),
+                nickname: nick.clone(),
+                mode: Mode::Sleeve.name().into(),
+                direction: direction.into(),
+            };
+            s.overlay_bytes.get_or_create(&labels).inc_by(bytes);
+            s.overlay_packets.get_or_create(&labels).inc_by(packets);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,6 +269,87 @@ mod tests {
         assert!(text.contains("weft_pod_addresses{namespace=\"shop\",pod=\"web-1\"} 1"), "{text}");
         r.endpoints.pods.clear();
         assert!(!render(&m, &r).contains("web-1"), "a deleted pod's series goes away");
+    }
+
+    /// The metric names docs/status.md lists, from its Metrics table.
+    fn documented() -> Vec<String> {
+        include_str!("../../../docs/status.md")
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `"))
+            .filter_map(|l| l.split('`').next())
+            .filter(|n| n.starts_with("weft_"))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// A report with something in every section, as a Kubernetes node with NetworkPolicy,
+    /// DNS and a relayed peer has.
+    fn full_report() -> Report {
+        let mut r = super::super::simulated::simulated_report(12, 60, 3);
+        r.overlay.links[0].sleeve_traffic.tx_bytes = 4096;
+        r.policy = Some(crate::netpol::PolicyReport {
+            installs: 3,
+            compile_ms: 12,
+            write_ms: 4,
+            pods: vec![crate::netpol::PolicyPodReport {
+                pod: "prod/web-0".into(),
+                addresses: vec!["10.0.0.2".parse().expect("address")],
+                ingress: vec!["prod/deny-all".into()],
+                egress: vec![],
+            }],
+            denied: vec![crate::netpol::DeniedReport {
+                direction: "ingress".into(),
+                policies: vec!["prod/deny-all".into()],
+                packets: 5,
+                bytes: 420,
+            }],
+            ..Default::default()
+        });
+        r.endpoints.pods = vec![crate::endpoints::report::PodAddresses {
+            namespace: "prod".into(),
+            name: "web-0".into(),
+            addresses: vec!["10.0.0.2/8".parse().expect("net")],
+        }];
+        r
+    }
+
+    #[test]
+    fn every_documented_metric_is_exported_and_every_exported_one_documented() {
+        let m = Metrics::new();
+        m.observe_cni("ADD", true, 0.004);
+        m.gossip_bytes("topology", "sent", 100);
+        let text = render(&m, &full_report());
+        let docs = documented();
+        assert!(docs.len() > 40, "the Metrics table of docs/status.md was not found: {docs:?}");
+        for name in &docs {
+            let sample = text.lines().any(|l| {
+                l.strip_prefix(name.as_str())
+                    .is_some_and(|rest| rest.starts_with(['{', ' ']) || rest.starts_with("_bucket"))
+            });
+            assert!(sample, "{name} is documented but not exported:\n{text}");
+        }
+        for line in text.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
+            let mut parts = line.split(' ');
+            let (family, kind) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let name =
+                if kind == "counter" { format!("{family}_total") } else { family.to_owned() };
+            assert!(docs.contains(&name), "{name} is exported but not in docs/status.md");
+        }
+        // A sample scrape, for the record (cargo test -- --nocapture).
+        eprintln!("{text}");
+    }
+
+    #[test]
+    fn per_link_series_follow_the_links() {
+        let m = Metrics::new();
+        let mut r = full_report();
+        let peer = r.overlay.links[0].peer.clone();
+        let text = render(&m, &r);
+        let sent = format!("weft_overlay_bytes_total{{peer=\"{peer}\"");
+        let line = text.lines().find(|l| l.starts_with(&sent) && l.contains("direction=\"sent\""));
+        assert!(line.is_some_and(|l| l.ends_with(" 4096")), "{text}");
+        r.overlay.links.remove(0);
+        assert!(!render(&m, &r).contains(&sent), "a link that went takes its series with it");
     }
 
     #[test]

@@ -671,7 +671,7 @@ mod tests {
         let t = table(hop("10.0.0.2:6783", None), false);
         let mut w = HashMap::new();
         let forged = open_datagram(&t, ip("10.0.0.99"), &mut datagram(5, None), &mut w);
-        assert_eq!(forged, None, "another address claiming peer 2");
+        assert!(forged.is_none(), "another address claiming peer 2");
         let (h, n, _) = open_datagram(&t, ip("10.0.0.2"), &mut datagram(6, None), &mut w)
             .expect("from peer 2's address");
         assert_eq!((h.hop, n), (peer(2), 20));
@@ -681,7 +681,7 @@ mod tests {
         let key = Some([3u8; 32]);
         let t = table(hop("10.0.0.2:6783", key), true);
         let forged = open_datagram(&t, ip("10.0.0.99"), &mut datagram(8, key), &mut w);
-        assert_eq!(forged, None, "a sealed datagram replayed from elsewhere");
+        assert!(forged.is_none(), "a sealed datagram replayed from elsewhere");
         assert!(open_datagram(&t, ip("10.0.0.2"), &mut datagram(9, key), &mut w).is_some());
     }
 
@@ -691,7 +691,7 @@ mod tests {
         let t = table(hop("10.0.0.2:6783", None), true);
         let mut w = HashMap::new();
         let plain = open_datagram(&t, ip("10.0.0.2"), &mut datagram(1, None), &mut w);
-        assert_eq!(plain, None, "plaintext accepted with a password");
+        assert!(plain.is_none(), "plaintext accepted with a password");
         assert!(t.usable_hop(&peer(2)).is_none(), "plaintext would be sent");
         let open = table(hop("10.0.0.2:6783", None), false);
         assert!(open.usable_hop(&peer(2)).is_some(), "without a password the hop is used");
