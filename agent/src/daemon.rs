@@ -283,6 +283,7 @@ fn overlay_config(
         sleeve_port: cfg.mesh.port,
         bind: cfg.mesh.bind,
         filter_table: overlay::filter_table(&cfg.nft_table),
+        traffic_table: overlay::traffic_table(&cfg.nft_table),
         mtu,
         underlay_mtu,
         no_fastdp: cfg.mesh.no_fastdp,

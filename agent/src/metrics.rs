@@ -239,13 +239,14 @@ impl StateMetrics {
         r.register(
             "overlay_bytes",
             "Bytes the overlay exchanged with each directly linked peer, by mode and direction \
-             (sleeve: datagram payloads, relayed ones included); from 0 with each new connection",
+             (fastdp: VXLAN datagrams with their outer headers; sleeve: datagram payloads, \
+             relayed ones included); from 0 with each new connection",
             self.overlay_bytes.clone(),
         );
         r.register(
             "overlay_packets",
-            "Packets (sleeve datagrams) the overlay exchanged with each directly linked peer, by \
-             mode and direction; from 0 with each new connection",
+            "Datagrams (VXLAN for fastdp, sleeve's for sleeve) the overlay exchanged with each \
+             directly linked peer, by mode and direction; from 0 with each new connection",
             self.overlay_packets.clone(),
         );
         r.register(

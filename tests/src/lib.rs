@@ -462,10 +462,10 @@ impl Drop for Agent {
                 for family in ["inet", "ip"] {
                     let _ = Command::new("nft").args(["delete", "table", family, table]).status();
                 }
-                // The overlay's VXLAN filter (with a password).
-                let filter = format!("{table}-overlay");
-                let _ =
-                    Command::new("nft").args(["delete", "table", "inet", filter.as_str()]).status();
+                // The overlay's VXLAN filter (with a password) and its per-peer counters.
+                for own in [format!("{table}-overlay"), format!("{table}-traffic")] {
+                    let _ = Command::new("nft").args(["delete", "table", "inet", &own]).status();
+                }
             }
         }
         if std::thread::panicking() {

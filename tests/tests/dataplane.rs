@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use serde_json::Value;
 use weft_e2e::*;
 
 const T: Duration = Duration::from_secs(30);
@@ -72,6 +73,25 @@ fn pods_on_three_hosts_talk_over_fastdp() {
     }
     let text = must(a[0].weft().args(["status", "connections"]));
     assert!(text.contains("fastdp"), "{text}");
+    // The kernel counted the 10 MiB per peer: sent by host 1 to host 3 (data), received by
+    // host 3 from host 1, and not to host 2 (a few heartbeats only). The report is published
+    // every second: poll it.
+    let link = |x: &Agent, to: &Agent| -> Value {
+        let s = x.status().unwrap_or_default();
+        let links = s["overlay"]["links"].as_array().cloned().unwrap_or_default();
+        let peer = to.peer_name();
+        links.into_iter().find(|l| l["peer"] == peer.as_str()).unwrap_or_default()
+    };
+    let bytes = |l: &Value, key: &str| l["fastdp_traffic"][key].as_u64().unwrap_or(0);
+    wait_until(T, "host 1 to count 10 MiB of fastdp sent to host 3", || {
+        bytes(&link(&a[0], &a[2]), "tx_bytes") > 10 << 20
+    });
+    wait_until(T, "host 3 to count 10 MiB of fastdp from host 1", || {
+        bytes(&link(&a[2], &a[0]), "rx_bytes") > 10 << 20
+    });
+    let to_h2 = link(&a[0], &a[1]);
+    assert!(bytes(&to_h2, "tx_bytes") < 1 << 20, "host 2 got no share of it: {to_h2}");
+    assert!(bytes(&to_h2, "tx_packets") > 0, "but its heartbeats: {to_h2}");
 }
 
 fn nft(ns: &Netns, script: &str) {

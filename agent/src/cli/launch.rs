@@ -193,6 +193,7 @@ pub async fn reset(
     }
     dp.remove_firewall(nft_table).map_err(kernel)?;
     dp.remove_firewall(&crate::overlay::filter_table(nft_table)).map_err(kernel)?;
+    dp.remove_firewall(&crate::overlay::traffic_table(nft_table)).map_err(kernel)?;
     // Only weft's own rules in Docker's DOCKER-USER chain; Docker's stay.
     dp.remove_forward_accept(bridge).map_err(kernel)?;
     for file in [crate::store::STATE_FILE, PID_FILE] {

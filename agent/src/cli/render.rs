@@ -387,8 +387,8 @@ pub fn ps(rows: &[EndpointRow], colour: bool) -> Vec<String> {
 const STATUS_PEERS: usize = 50;
 
 /// The peer table of `weft status`: one line per peer with the overlay this host reaches it
-/// by, the link's encryption, path MTU and sleeve traffic, its endpoints, and why a link is
-/// not at its best. Problems (failures, degraded and relayed links) come first.
+/// by, the link's encryption, path MTU and traffic (fastdp and sleeve), its endpoints, and why
+/// a link is not at its best. Problems (failures, degraded and relayed links) come first.
 pub fn peer_table(r: &Report, colour: bool) -> Vec<String> {
     let mut rows: Vec<(u8, String, Vec<Cell>)> = Vec::new();
     let endpoints_of = |peer: &str| -> usize {
@@ -415,7 +415,7 @@ pub fn peer_table(r: &Report, colour: bool) -> Vec<String> {
     let total = rows.len();
     let shown: Vec<Vec<Cell>> = rows.into_iter().take(STATUS_PEERS).map(|(_, _, r)| r).collect();
     let header =
-        ["PEER", "LINK", "ENCRYPTION", "PATH-MTU", "SLEEVE-TX", "SLEEVE-RX", "ENDPOINTS", "NOTE"];
+        ["PEER", "LINK", "ENCRYPTION", "PATH-MTU", "SENT", "RECEIVED", "ENDPOINTS", "NOTE"];
     let mut out = table::render(Some(&header), &shown, colour);
     if total > STATUS_PEERS {
         out.push(format!(
@@ -479,8 +479,8 @@ fn peer_row(r: &Report, name: &str, nickname: &str, endpoints: usize) -> (u8, Ve
         Some(l) => (
             if l.encrypted { "encrypted" } else { "clear" }.to_owned(),
             if l.path_mtu > 0 { l.path_mtu.to_string() } else { String::new() },
-            bytes(l.sleeve_traffic.tx_bytes),
-            bytes(l.sleeve_traffic.rx_bytes),
+            bytes(l.sleeve_traffic.tx_bytes + l.fastdp_traffic.tx_bytes),
+            bytes(l.sleeve_traffic.rx_bytes + l.fastdp_traffic.rx_bytes),
         ),
         None => Default::default(),
     };
@@ -549,6 +549,7 @@ mod tests {
             degraded: degraded.into(),
             path_mtu: 0,
             sleeve_traffic: Default::default(),
+            fastdp_traffic: Default::default(),
         }
     }
 

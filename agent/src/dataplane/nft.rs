@@ -11,6 +11,7 @@ use ipnet::Ipv4Net;
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
 
 pub mod policy;
+pub mod traffic;
 
 // ---- constants from the kernel's uapi headers ----
 const NFNL_SUBSYS_NFTABLES: u16 = 10;

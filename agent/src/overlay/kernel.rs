@@ -1,10 +1,15 @@
 //! The kernel operations of the overlay behind a trait: the VXLAN device, the sleeve's TAP
-//! port on the bridge, the forwarding entries, and the table filtering who may send VXLAN. [`LinuxOverlay`] does them with netlink
+//! port on the bridge, the forwarding entries, the table filtering who may send VXLAN, and the
+//! table counting each peer's VXLAN traffic. [`LinuxOverlay`] does them with netlink
 //! (`dataplane::fastdp`); tests use a fake. All calls block: async callers use
 //! `spawn_blocking`.
 
 use crate::dataplane::KernelError;
 use crate::dataplane::fastdp::{self, FdbChanges, FdbSpec, VxlanSpec};
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use crate::dataplane::nft::traffic::{self, PeerCounters};
 use crate::dataplane::nft::{Family, NftSocket, Table};
 
 /// What the overlay asks of the kernel.
@@ -22,6 +27,18 @@ pub trait OverlayKernel: Send + Sync + 'static {
     fn ensure_table(&self, table: &Table, replace: bool) -> Result<(), KernelError>;
     /// Removes an nftables table of the overlay's if it exists.
     fn remove_table(&self, family: Family, name: &str) -> Result<(), KernelError>;
+    /// Writes the table counting fastdp traffic per peer (their underlay addresses), from 0.
+    fn write_traffic_table(
+        &self,
+        table: &str,
+        port: u16,
+        peers: &[Ipv4Addr],
+    ) -> Result<(), KernelError>;
+    /// That table's counters by peer (none while there is no table).
+    fn read_traffic_table(
+        &self,
+        table: &str,
+    ) -> Result<BTreeMap<Ipv4Addr, PeerCounters>, KernelError>;
 }
 
 impl std::fmt::Debug for dyn OverlayKernel {
@@ -68,5 +85,21 @@ impl OverlayKernel for LinuxOverlay {
             sock.delete_table(family, name)?;
         }
         Ok(())
+    }
+
+    fn write_traffic_table(
+        &self,
+        table: &str,
+        port: u16,
+        peers: &[Ipv4Addr],
+    ) -> Result<(), KernelError> {
+        Ok(traffic::install(&mut NftSocket::open()?, table, port, peers)?)
+    }
+
+    fn read_traffic_table(
+        &self,
+        table: &str,
+    ) -> Result<BTreeMap<Ipv4Addr, PeerCounters>, KernelError> {
+        Ok(traffic::read(&mut NftSocket::open()?, table)?)
     }
 }

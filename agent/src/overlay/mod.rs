@@ -11,6 +11,7 @@ pub mod health;
 pub mod kernel;
 pub mod macs;
 pub mod pmtu;
+pub mod traffic;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -82,6 +83,8 @@ pub struct OverlayConfig {
     pub bind: IpAddr,
     /// Name of the nftables table (family inet) that limits who may send VXLAN.
     pub filter_table: String,
+    /// Name of the nftables table (family inet) counting each peer's fastdp traffic.
+    pub traffic_table: String,
     /// Endpoint (and bridge) MTU.
     pub mtu: u32,
     /// MTU of the underlay interface (the largest sleeve datagrams; path-MTU discovery may
@@ -129,6 +132,11 @@ pub struct LinkReport {
     /// starts from 0 with each new connection.
     #[serde(default)]
     pub sleeve_traffic: Traffic,
+    /// VXLAN datagrams (outer headers included) exchanged with this peer, counted by the
+    /// kernel per peer address; kept across rewrites of the counting table while the link
+    /// lives.
+    #[serde(default)]
+    pub fastdp_traffic: Traffic,
 }
 
 /// Another peer's endpoints as its `macs` origin announces them.
@@ -239,6 +247,8 @@ pub struct DataPlane {
     /// With a password and fastdp: the VXLAN senders to allow, as last asked of the kernel
     /// (applied by blocking tasks, each of which installs the latest).
     vxlan_filter: Option<Arc<std::sync::Mutex<VxlanFilter>>>,
+    /// With fastdp: each peer's fastdp traffic.
+    traffic: Option<traffic::FastdpTraffic>,
 }
 
 impl std::fmt::Debug for DataPlane {
@@ -333,7 +343,25 @@ impl DataPlane {
                 allowed: BTreeSet::new(),
             }))
         });
+        let traffic = match &fastdp {
+            Some(_) => Some(traffic::FastdpTraffic::new(
+                cfg.traffic_table.clone(),
+                cfg.fastdp_port,
+                kernel.clone(),
+            )),
+            None => {
+                // A table an earlier run with fastdp left would count nothing: remove it.
+                let (k, name) = (kernel.clone(), cfg.traffic_table.clone());
+                tokio::task::spawn_blocking(move || {
+                    on_blocking_thread(|| {
+                        k.remove_table(crate::dataplane::nft::Family::Inet, &name)
+                    })
+                });
+                None
+            }
+        };
         let dp = DataPlane {
+            traffic,
             macs: MacTable::new(cfg.me),
             departed: crate::mesh::departed::Unknown::default(),
             routes: mesh.data_routes(),
@@ -765,6 +793,9 @@ impl DataPlane {
             self.links.iter().map(|(p, l)| (*p, l.link.mode())).collect();
         self.program_sleeve(&remote, &mode_of);
         self.program_vxlan_filter();
+        if let Some(t) = &self.traffic {
+            t.refresh(self.fastdp_peers());
+        }
         let refused = self.fdb.lock().map_or(0, |o| o.refused);
         let unchanged = refused == 0
             && self.last_programmed.as_ref().is_some_and(|(s, m)| *s == spec && *m == modes);
@@ -781,18 +812,19 @@ impl DataPlane {
         self.publish(now);
     }
 
+    /// The underlay addresses of the linked peers fastdp may be used with (IPv4 only).
+    fn fastdp_peers(&self) -> BTreeSet<std::net::Ipv4Addr> {
+        self.links
+            .values()
+            .filter(|l| l.link.fastdp.disabled.is_none())
+            .filter_map(|l| ipv4(l.info.remote))
+            .collect()
+    }
+
     /// Lets VXLAN in from the linked peers fastdp may be used with (IPv4 underlay only).
     fn program_vxlan_filter(&self) {
         let Some(filter) = &self.vxlan_filter else { return };
-        let allowed: BTreeSet<std::net::Ipv4Addr> = self
-            .links
-            .values()
-            .filter(|l| l.link.fastdp.disabled.is_none())
-            .filter_map(|l| match l.info.remote {
-                IpAddr::V4(a) => Some(a),
-                IpAddr::V6(a) => a.to_ipv4_mapped(),
-            })
-            .collect();
+        let allowed = self.fastdp_peers();
         {
             let mut f = filter.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             if f.allowed == allowed {
@@ -855,6 +887,10 @@ impl DataPlane {
                     encrypted: l.info.encrypt,
                     path_mtu: path_mtu.unwrap_or(0),
                     sleeve_traffic: l.hop.traffic.report(),
+                    fastdp_traffic: match (&self.traffic, ipv4(l.info.remote)) {
+                        (Some(t), Some(a)) => t.of(a),
+                        _ => Traffic::default(),
+                    },
                 }
             })
             .collect();
@@ -974,6 +1010,19 @@ pub struct StartError {
 /// (sleeve splits frames into datagrams of any size, so it imposes no limit of its own).
 pub fn derived_mtu(underlay: u32) -> u32 {
     underlay.saturating_sub(VXLAN_OVERHEAD).max(576)
+}
+
+/// An underlay address as IPv4, if it is one (IPv4-mapped IPv6 included).
+fn ipv4(a: IpAddr) -> Option<std::net::Ipv4Addr> {
+    match a {
+        IpAddr::V4(a) => Some(a),
+        IpAddr::V6(a) => a.to_ipv4_mapped(),
+    }
+}
+
+/// The nftables table (family inet) counting fastdp traffic per peer, next to weft's `table`.
+pub fn traffic_table(table: &str) -> String {
+    format!("{table}-traffic")
 }
 
 /// The nftables table (family inet) of the VXLAN filter, next to weft's own `table`.

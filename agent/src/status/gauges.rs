@@ -223,18 +223,19 @@ fn set_links(s: &StateMetrics, r: &Report) {
         let who = PeerLabels { peer: peer.clone(), nickname: nick.clone() };
         s.link_degraded.get_or_create(&who).set(i64::from(!l.degraded.is_empty()));
         s.link_path_mtu.get_or_create(&who).set(i64::from(l.path_mtu));
-        let t = &l.sleeve_traffic;
-        for (direction, bytes, packets) in
-            [("sent", t.tx_bytes, t.tx_packets), ("received", t.rx_bytes, t.rx_packets)]
-        {
-            let labels = TrafficLabels {
-                peer: peer.clone(),
-                nickname: nick.clone(),
-                mode: Mode::Sleeve.name().into(),
-                direction: direction.into(),
-            };
-            s.overlay_bytes.get_or_create(&labels).inc_by(bytes);
-            s.overlay_packets.get_or_create(&labels).inc_by(packets);
+        for (mode, t) in [(Mode::Sleeve, &l.sleeve_traffic), (Mode::Fastdp, &l.fastdp_traffic)] {
+            for (direction, bytes, packets) in
+                [("sent", t.tx_bytes, t.tx_packets), ("received", t.rx_bytes, t.rx_packets)]
+            {
+                let labels = TrafficLabels {
+                    peer: peer.clone(),
+                    nickname: nick.clone(),
+                    mode: mode.name().into(),
+                    direction: direction.into(),
+                };
+                s.overlay_bytes.get_or_create(&labels).inc_by(bytes);
+                s.overlay_packets.get_or_create(&labels).inc_by(packets);
+            }
         }
     }
 }

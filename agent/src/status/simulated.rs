@@ -172,6 +172,7 @@ fn link(k: usize, i: usize) -> LinkReport {
         degraded,
         path_mtu: 1500,
         sleeve_traffic: Default::default(),
+        fastdp_traffic: Default::default(),
     }
 }
 

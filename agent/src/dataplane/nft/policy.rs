@@ -32,10 +32,10 @@ use crate::policy::model::{Direction, PolicyKey, Protocol};
 
 pub const TABLE: &str = "weft-policy";
 
-const NFT_MSG_NEWSETELEM: u16 = 12;
+pub(super) const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DELSETELEM: u16 = 14;
-const NFTA_COUNTER_BYTES: u16 = 1;
-const NFTA_COUNTER_PACKETS: u16 = 2;
+pub(super) const NFTA_COUNTER_BYTES: u16 = 1;
+pub(super) const NFTA_COUNTER_PACKETS: u16 = 2;
 const NFTA_LOG_PREFIX: u16 = 2;
 /// NF_LOG_PREFIXLEN without its terminating NUL.
 const LOG_PREFIX_MAX: usize = 127;
@@ -43,7 +43,7 @@ const NFTA_LIMIT_RATE: u16 = 1;
 const NFTA_LIMIT_UNIT: u16 = 2;
 const NFTA_LIMIT_BURST: u16 = 3;
 const NFTA_LIMIT_TYPE: u16 = 4;
-const NFTA_SET_DATA_TYPE: u16 = 6;
+pub(super) const NFTA_SET_DATA_TYPE: u16 = 6;
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
@@ -53,8 +53,8 @@ const NFTA_SET_ELEM_DATA: u16 = 2;
 const NFTA_SET_ELEM_FLAGS: u16 = 3;
 const NFT_SET_ELEM_INTERVAL_END: u32 = 1;
 const NFT_SET_INTERVAL: u32 = 0x4;
-const NFT_SET_MAP: u32 = 0x8;
-const NFT_DATA_VERDICT: u32 = 0xffff_ff00;
+pub(super) const NFT_SET_MAP: u32 = 0x8;
+pub(super) const NFT_DATA_VERDICT: u32 = 0xffff_ff00;
 const NFTA_VERDICT_CHAIN: u16 = 2;
 const NFT_JUMP: i32 = -3;
 const NFTA_LOOKUP_SET: u16 = 1;
@@ -69,7 +69,7 @@ const NFT_CMP_LTE: u32 = 3;
 const NFT_CMP_GTE: u32 = 5;
 /// nft's datatypes, for `nft list` only: ipv4_addr, inet_proto, inet_service, and their
 /// concatenation (6 bits a field).
-const TYPE_IPV4: u32 = 7;
+pub(super) const TYPE_IPV4: u32 = 7;
 const TYPE_SERVICE_TUPLE: u32 = (((7 << 6) | 12) << 6) | 13;
 /// Elements per NEWSETELEM message: an attribute's length is 16 bits.
 const ELEMENTS_PER_MESSAGE: usize = 256;
@@ -112,7 +112,7 @@ impl Ids {
     }
 }
 
-type Message = (u16, u16, Attrs);
+pub(super) type Message = (u16, u16, Attrs);
 
 /// How the table treats what the policies do not say.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -301,7 +301,7 @@ fn addr_offset(d: Direction, own: bool) -> u32 {
     }
 }
 
-fn ipv4() -> Vec<Expr> {
+pub(super) fn ipv4() -> Vec<Expr> {
     vec![meta_load(META_NFPROTO), cmp_raw(NFT_REG_1, NFT_CMP_EQ, &[NFPROTO_IPV4])]
 }
 
@@ -379,7 +379,7 @@ fn load_into(mut e: Expr, reg: u32) -> Expr {
 
 /// `lookup` of register 1 in a set; in a map, the value goes to `dreg` (the verdict register
 /// for a verdict map).
-fn lookup(set: &str, id: u32, dreg: Option<u32>) -> Expr {
+pub(super) fn lookup(set: &str, id: u32, dreg: Option<u32>) -> Expr {
     let mut a = Attrs::default();
     a.str(NFTA_LOOKUP_SET, set).u32(NFTA_LOOKUP_SREG, NFT_REG_1).u32(NFTA_LOOKUP_SET_ID, id);
     if let Some(reg) = dreg {
@@ -410,25 +410,40 @@ fn rule(chain: &str, exprs: Vec<Expr>) -> Attrs {
 }
 
 fn regular_chain(name: &str) -> Attrs {
+    regular_chain_in(TABLE, name)
+}
+
+pub(super) fn regular_chain_in(table: &str, name: &str) -> Attrs {
     let mut a = Attrs::default();
-    a.str(NFTA_CHAIN_TABLE, TABLE).str(NFTA_CHAIN_NAME, name);
+    a.str(NFTA_CHAIN_TABLE, table).str(NFTA_CHAIN_NAME, name);
     a
 }
 
 fn base_chain(name: &str, priority: i32) -> Attrs {
-    let chain = Chain {
-        name: name.to_owned(),
-        kind: ChainType::Filter,
-        hook: Hook::Forward,
-        priority,
-        rules: Vec::new(),
-    };
-    super::chain_attrs(TABLE, &chain)
+    base_chain_in(TABLE, name, Hook::Forward, priority)
+}
+
+/// A filter chain on `hook` (accepting by default, as all of weft's).
+pub(super) fn base_chain_in(table: &str, name: &str, hook: Hook, priority: i32) -> Attrs {
+    let chain =
+        Chain { name: name.to_owned(), kind: ChainType::Filter, hook, priority, rules: Vec::new() };
+    super::chain_attrs(table, &chain)
 }
 
 fn set_attrs(name: &str, id: u32, flags: u32, key_len: u32, key_type: u32) -> Attrs {
+    set_attrs_in(TABLE, name, id, flags, key_len, key_type)
+}
+
+pub(super) fn set_attrs_in(
+    table: &str,
+    name: &str,
+    id: u32,
+    flags: u32,
+    key_len: u32,
+    key_type: u32,
+) -> Attrs {
     let mut a = Attrs::default();
-    a.str(NFTA_SET_TABLE, TABLE)
+    a.str(NFTA_SET_TABLE, table)
         .str(NFTA_SET_NAME, name)
         .u32(NFTA_SET_FLAGS, flags)
         .u32(NFTA_SET_KEY_TYPE, key_type)
@@ -437,7 +452,7 @@ fn set_attrs(name: &str, id: u32, flags: u32, key_len: u32, key_type: u32) -> At
     a
 }
 
-fn element(key: &[u8], jump_to: Option<&str>, interval_end: bool) -> Attrs {
+pub(super) fn element(key: &[u8], jump_to: Option<&str>, interval_end: bool) -> Attrs {
     let mut k = Attrs::default();
     k.raw(NFTA_DATA_VALUE, key);
     let mut e = Attrs::default();
@@ -458,6 +473,17 @@ fn elements(set: &str, id: u32, elems: Vec<Attrs>) -> Vec<Message> {
 }
 
 fn element_messages(kind: u16, set: &str, id: Option<u32>, elems: Vec<Attrs>) -> Vec<Message> {
+    element_messages_in(TABLE, kind, set, id, elems)
+}
+
+/// Element messages for `set` of `table`, a bounded number of elements each.
+pub(super) fn element_messages_in(
+    table: &str,
+    kind: u16,
+    set: &str,
+    id: Option<u32>,
+    elems: Vec<Attrs>,
+) -> Vec<Message> {
     elems
         .chunks(ELEMENTS_PER_MESSAGE)
         .map(|chunk| {
@@ -466,7 +492,7 @@ fn element_messages(kind: u16, set: &str, id: Option<u32>, elems: Vec<Attrs>) ->
                 list.nested(NFTA_LIST_ELEM, e);
             }
             let mut a = Attrs::default();
-            a.str(NFTA_SET_ELEM_LIST_TABLE, TABLE).str(NFTA_SET_ELEM_LIST_SET, set);
+            a.str(NFTA_SET_ELEM_LIST_TABLE, table).str(NFTA_SET_ELEM_LIST_SET, set);
             if let Some(id) = id {
                 a.u32(NFTA_SET_ELEM_LIST_SET_ID, id);
             }
