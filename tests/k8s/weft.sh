@@ -333,12 +333,25 @@ phase_apply() {
   echo "    as documented: conflist, weft-cni and /var/lib/weft stay on every node"
 }
 
+# the map page of a weft pod at 127.0.0.1:16782, through the port-forward NOTES.txt tells of
+map_page_forwarded() {
+  python3 -c "import urllib.request,sys; sys.stdout.write(urllib.request.urlopen('http://127.0.0.1:16782/', timeout=3).read().decode())" 2>/dev/null \
+    | grep -q "<title>weft map</title>"
+}
+
 phase_helm() {
   step "helm: helm install weft helm/weft"
   local t0; t0=$(date +%s)
   helm install weft "$ROOT/helm/weft" --namespace $SYS
   wait_weft "helm install" "$t0"
   net_checks helm
+  step "helm: the map page through kubectl port-forward, as the chart's notes say"
+  local pod; pod=$(kubectl -n $SYS get pods -l app.kubernetes.io/name=weft -o jsonpath='{.items[0].metadata.name}')
+  kubectl -n $SYS port-forward "pod/$pod" 16782:6782 >/dev/null 2>&1 &
+  local pf=$!
+  poll "the map page of $pod through kubectl port-forward" 30 map_page_forwarded
+  kill $pf 2>/dev/null || true
+  wait $pf 2>/dev/null || true
 }
 
 # the pods' addresses now equal those in FILE ("ns/name ip" lines)

@@ -42,6 +42,36 @@ fn in_chain(peer: Ipv4Addr) -> String {
     format!("from-{peer}")
 }
 
+/// One direction: its map (and set id in the batch), base chain and hook, the offset of the
+/// peer's address in the IPv4 header, and the name of a peer's counting chain.
+struct Side {
+    map: &'static str,
+    id: u32,
+    base: &'static str,
+    hook: Hook,
+    offset: u32,
+    chain_of: fn(Ipv4Addr) -> String,
+}
+
+impl Side {
+    const OUT: Side = Side {
+        map: OUT_MAP,
+        id: 1,
+        base: "output",
+        hook: Hook::Output,
+        offset: 16,
+        chain_of: out_chain,
+    };
+    const IN: Side = Side {
+        map: IN_MAP,
+        id: 2,
+        base: "input",
+        hook: Hook::Input,
+        offset: 12,
+        chain_of: in_chain,
+    };
+}
+
 /// The table's batch: replaced as a whole.
 fn batch(table: &str, port: u16, peers: &[Ipv4Addr]) -> Vec<Message> {
     let mut out: Vec<Message> = vec![
@@ -63,12 +93,8 @@ fn batch(table: &str, port: u16, peers: &[Ipv4Addr]) -> Vec<Message> {
             out.push((NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, rule));
         }
     }
-    // (map, set id, base chain, hook, address offset in the IPv4 header, chain of a peer)
-    let sides: [(&str, u32, &str, Hook, u32, fn(Ipv4Addr) -> String); 2] = [
-        (OUT_MAP, 1, "output", Hook::Output, 16, out_chain),
-        (IN_MAP, 2, "input", Hook::Input, 12, in_chain),
-    ];
-    for (map, id, base, hook, offset, chain_of) in sides {
+    for side in [Side::OUT, Side::IN] {
+        let Side { map, id, base, hook, offset, chain_of } = side;
         let mut a = set_attrs_in(table, map, id, NFT_SET_MAP, 4, TYPE_IPV4);
         a.u32(NFTA_SET_DATA_TYPE, NFT_DATA_VERDICT);
         out.push((NFT_MSG_NEWSET, NLM_F_CREATE, a));
