@@ -53,7 +53,10 @@ impl Totals {
                 (*p, add(base, current.get(p).copied().unwrap_or_default()))
             })
             .collect();
-        if self.installed.as_ref() == Some(wanted) {
+        // A peer the table should count but does not: the table went (or was changed)
+        // behind us; write it again.
+        let intact = installed.iter().all(|p| current.contains_key(p));
+        if intact && self.installed.as_ref() == Some(wanted) {
             return false;
         }
         self.totals.retain(|p, _| wanted.contains(p));
@@ -171,5 +174,9 @@ mod tests {
         );
         assert_eq!(t.totals.keys().copied().collect::<Vec<_>>(), vec![b]);
         assert_eq!(t.base[&b].tx_packets, 3);
+        // The table deleted behind us: written again, b's count so far kept.
+        t.installed = Some(BTreeSet::from([b]));
+        assert!(t.account(&BTreeMap::new(), &BTreeSet::from([b])), "a missing table is rewritten");
+        assert_eq!(t.totals[&b].tx_packets, 3);
     }
 }

@@ -341,13 +341,48 @@ mod tests {
     }
 
     #[test]
+    fn the_grafana_dashboard_queries_only_documented_metrics() {
+        let dashboard = include_str!("../../../helm/weft/dashboards/weft.json");
+        let json: serde_json::Value =
+            serde_json::from_str(dashboard).expect("the dashboard is JSON");
+        assert!(json["panels"].as_array().is_some_and(|p| p.len() > 10), "panels");
+        let docs = documented();
+        let mut used = 0;
+        for expr in json["panels"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+            .filter_map(|t| t["expr"].as_str().map(str::to_owned))
+        {
+            for at in expr.match_indices("weft_").map(|(i, _)| i) {
+                let name: String = expr[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                let base = name.strip_suffix("_bucket").unwrap_or(&name);
+                assert!(
+                    docs.iter().any(|d| d == base),
+                    "{name} in the dashboard is not documented"
+                );
+                used += 1;
+            }
+        }
+        assert!(used > 20, "the dashboard queries weft's metrics ({used})");
+    }
+
+    #[test]
     fn per_link_series_follow_the_links() {
         let m = Metrics::new();
         let mut r = full_report();
         let peer = r.overlay.links[0].peer.clone();
         let text = render(&m, &r);
         let sent = format!("weft_overlay_bytes_total{{peer=\"{peer}\"");
-        let line = text.lines().find(|l| l.starts_with(&sent) && l.contains("direction=\"sent\""));
+        let line = text.lines().find(|l| {
+            l.starts_with(&sent)
+                && l.contains("mode=\"sleeve\"")
+                && l.contains("direction=\"sent\"")
+        });
         assert!(line.is_some_and(|l| l.ends_with(" 4096")), "{text}");
         r.overlay.links.remove(0);
         assert!(!render(&m, &r).contains(&sent), "a link that went takes its series with it");
