@@ -9,7 +9,8 @@ use crate::dataplane::fastdp::{self, FdbChanges, FdbSpec, VxlanSpec};
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
-use crate::dataplane::nft::traffic::{self, PeerCounters};
+use crate::dataplane::Traffic;
+use crate::dataplane::nft::traffic;
 use crate::dataplane::nft::{Family, NftSocket, Table};
 
 /// What the overlay asks of the kernel.
@@ -35,10 +36,7 @@ pub trait OverlayKernel: Send + Sync + 'static {
         peers: &[Ipv4Addr],
     ) -> Result<(), KernelError>;
     /// That table's counters by peer (none while there is no table).
-    fn read_traffic_table(
-        &self,
-        table: &str,
-    ) -> Result<BTreeMap<Ipv4Addr, PeerCounters>, KernelError>;
+    fn read_traffic_table(&self, table: &str) -> Result<BTreeMap<Ipv4Addr, Traffic>, KernelError>;
 }
 
 impl std::fmt::Debug for dyn OverlayKernel {
@@ -96,10 +94,7 @@ impl OverlayKernel for LinuxOverlay {
         Ok(traffic::install(&mut NftSocket::open()?, table, port, peers)?)
     }
 
-    fn read_traffic_table(
-        &self,
-        table: &str,
-    ) -> Result<BTreeMap<Ipv4Addr, PeerCounters>, KernelError> {
+    fn read_traffic_table(&self, table: &str) -> Result<BTreeMap<Ipv4Addr, Traffic>, KernelError> {
         Ok(traffic::read(&mut NftSocket::open()?, table)?)
     }
 }

@@ -31,10 +31,8 @@ use self::macs::MacTable;
 use self::pmtu::PathMtu;
 use crate::dataplane::fastdp::{FdbSpec, FrameSocket, HEARTBEAT_ETHERTYPE, Port, VxlanSpec};
 use crate::dataplane::sleeve::codec::Cipher;
-use crate::dataplane::sleeve::{
-    Hop, MIN_DATAGRAM, Sleeve, SleeveEvent, StatsReport, Table, Traffic,
-};
-use crate::dataplane::{Mac, VXLAN_OVERHEAD, on_blocking_thread};
+use crate::dataplane::sleeve::{Hop, MIN_DATAGRAM, Sleeve, SleeveEvent, StatsReport, Table};
+use crate::dataplane::{Mac, Traffic, VXLAN_OVERHEAD, on_blocking_thread};
 use crate::endpoints::record::EndpointFeed;
 use crate::identity::PeerName;
 use crate::mesh::gossip::{GossipChannel, GossipEvent};

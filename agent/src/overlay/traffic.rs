@@ -11,9 +11,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use tracing::warn;
 
 use super::kernel::OverlayKernel;
-use crate::dataplane::nft::traffic::PeerCounters;
-use crate::dataplane::on_blocking_thread;
-use crate::dataplane::sleeve::Traffic;
+use crate::dataplane::{Traffic, on_blocking_thread};
 
 /// The totals, and what the kernel's table holds.
 #[derive(Debug, Default)]
@@ -21,20 +19,11 @@ struct Totals {
     /// The peers the table was last written for; `None` before the first write.
     installed: Option<BTreeSet<Ipv4Addr>>,
     /// Counts of each peer from before the table's last rewrite.
-    base: BTreeMap<Ipv4Addr, PeerCounters>,
+    base: BTreeMap<Ipv4Addr, Traffic>,
     /// Base plus the table's counters, as last read.
-    totals: BTreeMap<Ipv4Addr, PeerCounters>,
+    totals: BTreeMap<Ipv4Addr, Traffic>,
     /// The last failure logged (logged again only when it changes).
     error: String,
-}
-
-fn add(a: PeerCounters, b: PeerCounters) -> PeerCounters {
-    PeerCounters {
-        tx_packets: a.tx_packets + b.tx_packets,
-        tx_bytes: a.tx_bytes + b.tx_bytes,
-        rx_packets: a.rx_packets + b.rx_packets,
-        rx_bytes: a.rx_bytes + b.rx_bytes,
-    }
 }
 
 impl Totals {
@@ -42,7 +31,7 @@ impl Totals {
     /// for `wanted`, having then kept the totals of the peers that stay.
     fn account(
         &mut self,
-        current: &BTreeMap<Ipv4Addr, PeerCounters>,
+        current: &BTreeMap<Ipv4Addr, Traffic>,
         wanted: &BTreeSet<Ipv4Addr>,
     ) -> bool {
         let installed = self.installed.clone().unwrap_or_default();
@@ -50,7 +39,7 @@ impl Totals {
             .iter()
             .map(|p| {
                 let base = self.base.get(p).copied().unwrap_or_default();
-                (*p, add(base, current.get(p).copied().unwrap_or_default()))
+                (*p, base + current.get(p).copied().unwrap_or_default())
             })
             .collect();
         // A peer the table should count but does not: the table went (or was changed)
@@ -129,13 +118,7 @@ impl FastdpTraffic {
 
     /// The fastdp traffic exchanged with the peer at `addr`, as last read.
     pub fn of(&self, addr: Ipv4Addr) -> Traffic {
-        let c = self.lock().totals.get(&addr).copied().unwrap_or_default();
-        Traffic {
-            tx_packets: c.tx_packets,
-            tx_bytes: c.tx_bytes,
-            rx_packets: c.rx_packets,
-            rx_bytes: c.rx_bytes,
-        }
+        self.lock().totals.get(&addr).copied().unwrap_or_default()
     }
 }
 
@@ -147,8 +130,8 @@ mod tests {
         s.parse().expect("address")
     }
 
-    fn counters(tx: u64) -> PeerCounters {
-        PeerCounters { tx_packets: tx, tx_bytes: 100 * tx, rx_packets: 0, rx_bytes: 0 }
+    fn counters(tx: u64) -> Traffic {
+        Traffic { tx_packets: tx, tx_bytes: 100 * tx, rx_packets: 0, rx_bytes: 0 }
     }
 
     #[test]

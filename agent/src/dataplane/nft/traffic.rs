@@ -9,6 +9,8 @@
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
+use crate::dataplane::Traffic;
+
 use super::policy::{
     Message, NFT_DATA_VERDICT, NFT_MSG_NEWSETELEM, NFT_SET_MAP, NFTA_COUNTER_BYTES,
     NFTA_COUNTER_PACKETS, NFTA_SET_DATA_TYPE, TYPE_IPV4, base_chain_in, element,
@@ -20,16 +22,6 @@ use super::{
     NftError, NftSocket, PAYLOAD_NETWORK, PAYLOAD_TRANSPORT, cmp, meta_load, payload_load,
     table_attrs,
 };
-
-/// The counters of one peer: VXLAN datagrams (and their bytes, outer headers included) sent to
-/// it and received from it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PeerCounters {
-    pub tx_packets: u64,
-    pub tx_bytes: u64,
-    pub rx_packets: u64,
-    pub rx_bytes: u64,
-}
 
 const OUT_MAP: &str = "fastdp-out";
 const IN_MAP: &str = "fastdp-in";
@@ -126,12 +118,10 @@ pub fn install(
     sock.send_batch(Family::Inet as u8, &batch(table, port, peers))
 }
 
-/// The counters of every peer in the table (none when there is no table).
-pub fn read(
-    sock: &mut NftSocket,
-    table: &str,
-) -> Result<BTreeMap<Ipv4Addr, PeerCounters>, NftError> {
-    let mut out: BTreeMap<Ipv4Addr, PeerCounters> = BTreeMap::new();
+/// The counters of every peer in the table: VXLAN datagrams and their bytes (outer headers
+/// included) sent to and received from it; none when there is no table.
+pub fn read(sock: &mut NftSocket, table: &str) -> Result<BTreeMap<Ipv4Addr, Traffic>, NftError> {
+    let mut out: BTreeMap<Ipv4Addr, Traffic> = BTreeMap::new();
     for (chain, packets, bytes) in sock.counters(Family::Inet, table)? {
         if let Some(p) = chain.strip_prefix("to-").and_then(|a| a.parse().ok()) {
             let c = out.entry(p).or_default();

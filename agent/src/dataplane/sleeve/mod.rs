@@ -28,7 +28,7 @@ use self::codec::{
     chunk_into, too_big,
 };
 use self::io::{Tap, Udp};
-use super::Mac;
+use super::{Mac, Traffic};
 use crate::identity::PeerName;
 
 /// A next hop: a directly connected peer's sleeve address, the link's keys and the size of
@@ -56,15 +56,6 @@ pub struct HopTraffic {
     pub tx_bytes: AtomicU64,
     pub rx_packets: AtomicU64,
     pub rx_bytes: AtomicU64,
-}
-
-/// A snapshot of [`HopTraffic`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Traffic {
-    pub tx_packets: u64,
-    pub tx_bytes: u64,
-    pub rx_packets: u64,
-    pub rx_bytes: u64,
 }
 
 impl HopTraffic {
