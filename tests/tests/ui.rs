@@ -238,6 +238,7 @@ fn scrape_has_every_documented_metric(h1: &Agent) {
     let to_h2 = text.lines().find(|l| {
         l.starts_with("weft_overlay_bytes_total{")
             && l.contains("nickname=\"h2\"")
+            && l.contains("mode=\"sleeve\"")
             && l.contains("direction=\"sent\"")
     });
     let sent: f64 = to_h2.and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(0.0);
